@@ -1,0 +1,56 @@
+//! Command line of `labforge-agent`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::{config, daemon, inventory, status};
+
+#[derive(Debug, Parser)]
+#[command(name = "labforge-agent", version, about = "labforge node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (what the systemd unit starts at boot).
+    Run {
+        /// Node config baked into the image.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Show what the running agent reports.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Agent to ask.
+        #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
+        addr: String,
+    },
+    /// Take the node inventory once and print it as JSON.
+    Inventory,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config } => daemon::run(&config),
+        Command::Status { json, addr } => {
+            let s = status::fetch(&addr)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{s}");
+            }
+            Ok(())
+        }
+        Command::Inventory => {
+            let inv = inventory::Inventory::take(&inventory::Roots::default(), &|_| Vec::new())?;
+            println!("{}", serde_json::to_string_pretty(&inv)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! labforge-agent: runs on every node at boot.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod inventory;
+pub mod status;
+
+/// The systemd unit the builder installs for the agent.
+pub const SYSTEMD_UNIT: &str = include_str!("../labforge-agent.service");

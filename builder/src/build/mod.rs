@@ -1,0 +1,257 @@
+//! `labforge build`: spec → rootfs → overlays → agent → system → boot → disk → outputs →
+//! manifest. Work happens in a temporary directory under the cache dir and a staging directory
+//! inside `--out`; artifacts are renamed into `--out` only when everything succeeded, manifest
+//! last, so a failed or interrupted build leaves nothing half-written there.
+
+pub mod agent;
+pub mod boot;
+pub mod disk;
+pub mod fsutil;
+pub mod manifest;
+pub mod outputs;
+pub mod overlays;
+pub mod rootfs;
+pub mod system;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::spec::{self, OutputFormat, Spec};
+use crate::{bmap, hostcheck, interrupt};
+use fsutil::WorkDir;
+use manifest::{Manifest, StageTiming};
+
+/// Bump when the pipeline changes what it produces from the same inputs.
+const PIPELINE_VERSION: &str = "pipeline-v1";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub spec: PathBuf,
+    pub out: PathBuf,
+    pub cache_dir: PathBuf,
+    pub mirror: Option<String>,
+    /// labforge-agent binary to install; default: beside the labforge executable.
+    pub agent: Option<PathBuf>,
+    /// Rebuild even if `--out` already holds this exact build.
+    pub force: bool,
+}
+
+/// Default cache dir: `$XDG_CACHE_HOME/labforge` or `~/.cache/labforge`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("labforge")
+}
+
+/// The resolved spec and everything derived from it before any work is done.
+pub struct Plan {
+    pub spec: Spec,
+    pub rootfs: rootfs::RootfsPlan,
+    pub agent: PathBuf,
+    pub input_hash: String,
+    pub rootfs_key: String,
+}
+
+impl Plan {
+    pub fn new(opts: &BuildOptions) -> Result<Self> {
+        let mut spec = spec::load(&opts.spec)?;
+        if let Some(m) = &opts.mirror {
+            spec.base.mirror = Some(m.clone());
+        }
+        let rootfs = rootfs::RootfsPlan::new(&spec);
+        rootfs.preflight()?;
+        let agent = agent::locate_binary(opts.agent.as_deref())?;
+        let rootfs_key = rootfs.cache_key()?;
+        let mut h = Sha256::new();
+        h.update(format!("{PIPELINE_VERSION}\0{}\0{rootfs_key}\0", env!("CARGO_PKG_VERSION")));
+        h.update(serde_json::to_vec(&spec)?);
+        h.update(overlays::hash_overlays(&spec.overlays)?);
+        h.update(fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?);
+        h.update(fs::read(hostcheck::EFI_STUB).unwrap_or_default());
+        Ok(Plan { spec, rootfs, agent, input_hash: hex::encode(h.finalize()), rootfs_key })
+    }
+
+    fn file(&self, format: OutputFormat) -> String {
+        let n = &self.spec.name;
+        match format {
+            OutputFormat::Raw => format!("{n}.img"),
+            OutputFormat::Zst => format!("{n}.img.zst"),
+            OutputFormat::Bmap => format!("{n}.img.bmap"),
+            OutputFormat::Qcow2 => format!("{n}.qcow2"),
+        }
+    }
+
+    pub fn manifest_file(&self) -> String {
+        format!("{}.manifest.json", self.spec.name)
+    }
+}
+
+/// Times stages, and shows a spinner on a terminal or plain lines otherwise.
+struct Stages {
+    timings: Vec<StageTiming>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Stages {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("template"));
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Stages { timings: Vec::new(), bar }
+    }
+
+    fn run<T>(&mut self, name: &'static str, what: &str, f: impl FnOnce() -> Result<(T, bool)>) -> Result<T> {
+        interrupt::check()?;
+        match &self.bar {
+            Some(b) => b.set_message(format!("{name}: {what}")),
+            None => tracing::info!("{name}: {what}"),
+        }
+        let start = Instant::now();
+        let (value, cached) = f().with_context(|| format!("stage {name}"))?;
+        let seconds = start.elapsed().as_secs_f64();
+        let note = if cached { " (cached)" } else { "" };
+        match &self.bar {
+            Some(b) => b.println(format!("  {name:<9} {seconds:>6.1}s{note}")),
+            None => tracing::info!("{name}: done in {seconds:.1}s{note}"),
+        }
+        self.timings.push(StageTiming { stage: name.into(), seconds, cached });
+        Ok(value)
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// What a build produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    /// True when `--out` already held this exact build and nothing was done.
+    pub up_to_date: bool,
+}
+
+pub fn build(opts: &BuildOptions) -> Result<Outcome> {
+    let plan = Plan::new(opts)?;
+    let needs: Vec<&str> = if plan.spec.outputs.contains(&OutputFormat::Qcow2) { vec!["qemu-img"] } else { vec![] };
+    hostcheck::require_for_build(&needs)?;
+    if nix::unistd::geteuid().as_raw() != 0 {
+        anyhow::bail!("labforge build must run as root (it installs packages into a tree and sets file owners); run it with sudo");
+    }
+
+    fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    let manifest_path = opts.out.join(plan.manifest_file());
+    if !opts.force {
+        if let Some(m) = manifest::existing(&manifest_path, &plan.input_hash, &opts.out) {
+            tracing::info!("{} is up to date (input hash {})", manifest_path.display(), &plan.input_hash[..12]);
+            return Ok(Outcome { manifest: m, manifest_path, up_to_date: true });
+        }
+    }
+    let staging = WorkDir::new_in(&opts.out, ".labforge-staging-").map_err(|e| {
+        e.context(format!("output directory {} is not writable", opts.out.display()))
+    })?;
+    let work = WorkDir::new_in(&opts.cache_dir.join("tmp"), "build-")?;
+    let started = Instant::now();
+    let mut stages = Stages::new();
+    let spec = &plan.spec;
+
+    let tar = stages.run("rootfs", "installing packages", || {
+        rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path())
+    })?;
+    let root = work.path().join("root");
+    stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root).map(|()| ((), false)))?;
+    let packages = rootfs::installed_packages(&root)?;
+    stages.run("overlays", "applying overlays", || overlays::apply(spec, &root).map(|n| (n, false)))?;
+    stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent).map(|()| ((), false)))?;
+    stages.run("system", "users, fstab, security checks", || system::configure(spec, &root).map(|()| ((), false)))?;
+
+    let layout = disk::Layout::new(spec, &plan.input_hash);
+    let kernel = boot::find_kernel(&root)?;
+    let uki = work.path().join("uki.efi");
+    stages.run("boot", "assembling the UKI", || {
+        boot::build_uki(&root, &kernel, &disk::cmdline(&layout, spec), work.path(), &uki).map(|()| ((), false))
+    })?;
+    let raw = staging.path().join(plan.file(OutputFormat::Raw));
+    stages.run("disk", "making filesystems and the GPT disk", || {
+        disk::check_root_fits(&root, &layout)?;
+        disk::assemble(&layout, &root, &uki, work.path(), &raw).map(|()| ((), false))
+    })?;
+    // The unpacked tree is no longer needed; free the space before writing outputs.
+    drop(fs::remove_dir_all(&root));
+
+    let mut files = Vec::new();
+    stages.run("outputs", "compressing and mapping", || {
+        let wants = |f| spec.outputs.contains(&f);
+        std::thread::scope(|s| -> Result<()> {
+            let zst = wants(OutputFormat::Zst).then(|| {
+                let dst = staging.path().join(plan.file(OutputFormat::Zst));
+                let raw = &raw;
+                (dst.clone(), s.spawn(move || outputs::zstd(raw, &dst)))
+            });
+            if wants(OutputFormat::Bmap) {
+                let dst = staging.path().join(plan.file(OutputFormat::Bmap));
+                fs::write(&dst, bmap::create(&raw)?)?;
+                files.push(dst);
+            }
+            if wants(OutputFormat::Qcow2) {
+                let dst = staging.path().join(plan.file(OutputFormat::Qcow2));
+                outputs::qcow2(&raw, &dst)?;
+                files.push(dst);
+            }
+            if let Some((dst, h)) = zst {
+                h.join().expect("zstd thread")?;
+                files.push(dst);
+            }
+            Ok(())
+        })?;
+        if wants(OutputFormat::Raw) {
+            files.insert(0, raw.clone());
+        } else {
+            fs::remove_file(&raw)?;
+        }
+        Ok(((), false))
+    })?;
+    let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files).map(|a| (a, false)))?;
+
+    let manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
+    let staged_manifest = staging.path().join(plan.manifest_file());
+    fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
+    interrupt::check()?;
+    promote(&files, &staged_manifest, &opts.out)?;
+    Ok(Outcome { manifest, manifest_path, up_to_date: false })
+}
+
+/// Moves the staged artifacts into `out`, the manifest last: a manifest in `out` means every
+/// artifact it lists is complete. An older manifest is removed first, so an interruption in
+/// the middle never leaves a manifest that describes other files.
+fn promote(files: &[PathBuf], manifest: &Path, out: &Path) -> Result<()> {
+    let final_manifest = out.join(manifest.file_name().expect("file"));
+    if final_manifest.exists() {
+        fs::remove_file(&final_manifest)?;
+    }
+    for f in files {
+        let dest = out.join(f.file_name().expect("file"));
+        fs::rename(f, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+    }
+    fs::rename(manifest, &final_manifest)
+        .with_context(|| format!("moving {} into place", final_manifest.display()))?;
+    // Make the renames durable.
+    fs::File::open(out).and_then(|d| d.sync_all()).ok();
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Command line of `labforge`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::build::{self, BuildOptions};
+use crate::hostcheck;
+
+#[derive(Debug, Parser)]
+#[command(name = "labforge", version, about = "Build bootable lab-cluster images from a TOML spec")]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SpecArgs {
+    /// Image spec (TOML).
+    pub spec: PathBuf,
+    /// Package mirror to use instead of the spec's.
+    #[arg(long)]
+    pub mirror: Option<String>,
+    /// labforge-agent binary to install (default: the one beside this labforge).
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Cache for root filesystems and temporary files.
+    #[arg(long, env = "LABFORGE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the disk image and its outputs.
+    Build {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Output directory.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Rebuild even if the output directory already holds this exact build.
+        #[arg(long)]
+        force: bool,
+        /// Print the manifest as JSON on stdout when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve and check a spec and show what a build would do, without building.
+    Plan {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List missing host tools and the Debian package that provides each.
+    Doctor {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print only the names of packages to install, one per line.
+        #[arg(long, conflicts_with = "json")]
+        packages: bool,
+    },
+    /// Show what a built image holds (from its manifest).
+    Inspect {
+        /// The image (`.img`, `.img.zst`, `.qcow2`) or its manifest.
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .without_time()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn options(spec: SpecArgs, out: PathBuf, force: bool) -> BuildOptions {
+    BuildOptions {
+        spec: spec.spec,
+        out,
+        cache_dir: spec.cache_dir.unwrap_or_else(build::default_cache_dir),
+        mirror: spec.mirror,
+        agent: spec.agent,
+        force,
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Build { spec, out, force, json } => {
+            let outcome = build::build(&options(spec, out, force))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome.manifest)?);
+            } else {
+                let m = &outcome.manifest;
+                let verb = if outcome.up_to_date { "up to date" } else { "built" };
+                eprintln!("{} {verb} ({})", m.name, outcome.manifest_path.display());
+                for a in &m.artifacts {
+                    eprintln!("  {:<24} {:>8} MiB  sha256:{}", a.file, a.size_bytes >> 20, &a.sha256[..16]);
+                }
+            }
+            Ok(())
+        }
+        Command::Plan { spec, json } => {
+            let opts = options(spec, PathBuf::from("out"), false);
+            let plan = build::Plan::new(&opts)?;
+            let layout = build::disk::Layout::new(&plan.spec, &plan.input_hash);
+            let cmd = plan.rootfs.command(std::path::Path::new("<rootfs.tar>"), std::path::Path::new("<tmp>"));
+            let cached = opts.cache_dir.join("rootfs").join(format!("{}.tar", plan.rootfs_key)).is_file();
+            let value = serde_json::json!({
+                "name": plan.spec.name,
+                "input-hash": plan.input_hash,
+                "rootfs": { "cache-key": plan.rootfs_key, "cached": cached, "command": cmd.display(),
+                            "packages": plan.rootfs.packages, "keyring": plan.rootfs.keyring },
+                "overlays": plan.spec.overlays,
+                "agent": plan.agent,
+                "disk": layout,
+                "kernel-cmdline": build::disk::cmdline(&layout, &plan.spec),
+                "outputs": plan.spec.outputs,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("image      {}", plan.spec.name);
+                println!("input hash {}", plan.input_hash);
+                println!("rootfs     {} ({})", &plan.rootfs_key[..16], if cached { "cached" } else { "will run mmdebstrap" });
+                println!("           {}", cmd.display());
+                for o in &plan.spec.overlays {
+                    println!("overlay    {}", o.display());
+                }
+                for p in &layout.partitions {
+                    println!("partition  {:<15} {:>6} MiB", p.label, p.size_bytes >> 20);
+                }
+                println!("cmdline    {}", build::disk::cmdline(&layout, &plan.spec));
+            }
+            Ok(())
+        }
+        Command::Doctor { json, packages } => {
+            let checks = hostcheck::check_all();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else if packages {
+                let mut pkgs: Vec<&str> = checks.iter().filter(|c| c.found.is_none()).map(|c| c.package).collect();
+                pkgs.dedup();
+                for p in pkgs {
+                    println!("{p}");
+                }
+                return Ok(());
+            } else {
+                for c in &checks {
+                    let state = match &c.found {
+                        Some(p) => format!("ok      {}", p.display()),
+                        None => format!("MISSING apt-get install {}", c.package),
+                    };
+                    println!("{:<48} {state}  ({})", c.what, c.purpose);
+                }
+            }
+            let missing: Vec<_> = checks.iter().filter(|c| c.required && c.found.is_none()).collect();
+            if !missing.is_empty() {
+                anyhow::bail!("{} required host tool(s) missing; install the packages listed above", missing.len());
+            }
+            Ok(())
+        }
+        Command::Inspect { image, json } => {
+            let manifest = crate::inspect::find_manifest(&image)?;
+            let text = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+            let m: build::manifest::Manifest = serde_json::from_slice(&text)
+                .with_context(|| format!("parsing {}", manifest.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                crate::inspect::print(&m, &manifest)?;
+            }
+            Ok(())
+        }
+    }
+}

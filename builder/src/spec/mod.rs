@@ -1,0 +1,253 @@
+//! The image spec: what `labforge build` reads.
+//!
+//! A spec file is TOML with kebab-case keys; unknown keys are errors. Every key is optional in
+//! a single file so that a spec can `extends` another and set only what differs; the merged
+//! result is then checked for the keys an image needs (see [`load`]).
+
+mod load;
+pub mod size;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use load::{load, SpecError};
+pub use size::Size;
+
+/// The only schema version this labforge understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// An image spec after `extends` has been resolved. Paths are absolute.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Spec {
+    /// Spec format version; must be 1.
+    #[serde(default = "default_schema_version")]
+    pub schema_version: u32,
+    /// Another spec (path relative to this file) whose settings this one starts from.
+    /// Tables merge key by key; `packages`, `overlays` and `users` are appended.
+    #[serde(default, skip_serializing)]
+    pub extends: Option<String>,
+    /// Image name: lowercase letters, digits and `-`; names the output files.
+    #[serde(default)]
+    pub name: String,
+    /// Hostname pattern each node renders at boot. Placeholders: `{mac}` (last 6 hex digits of
+    /// the first wired NIC), `{machine-id}` (first 8 hex digits of /etc/machine-id).
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Distribution to install.
+    #[serde(default)]
+    pub base: Base,
+    /// Packages to install on top of the distribution's required set.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// File trees laid onto the root filesystem in order (paths relative to the spec that names
+    /// them). `*.j2` files are rendered with the spec as context and lose the suffix.
+    #[serde(default)]
+    pub overlays: Vec<PathBuf>,
+    /// Mode and owner of individual files after the overlays are applied, keyed by path in the
+    /// image (e.g. `"/etc/ssh/sshd_config.d/lab.conf"`).
+    #[serde(default)]
+    pub files: BTreeMap<String, FileAttrs>,
+    /// Login users. No passwords: SSH public keys only.
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub kernel: Kernel,
+    /// Partition sizes.
+    #[serde(default)]
+    pub disk: Disk,
+    /// Which artifacts to write.
+    #[serde(default = "default_outputs")]
+    pub outputs: Vec<OutputFormat>,
+}
+
+fn default_schema_version() -> u32 {
+    SCHEMA_VERSION
+}
+fn default_hostname() -> String {
+    "labforge-{mac}".into()
+}
+fn default_outputs() -> Vec<OutputFormat> {
+    vec![OutputFormat::Raw, OutputFormat::Zst, OutputFormat::Bmap]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distro {
+    #[default]
+    Debian,
+    Ubuntu,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Base {
+    /// `debian` or `ubuntu`.
+    #[serde(default)]
+    pub distro: Distro,
+    /// Release codename, e.g. `bookworm` or `noble`. Required.
+    #[serde(default)]
+    pub suite: String,
+    /// Archive URL. Default: the distribution's main archive. `labforge build --mirror` overrides.
+    #[serde(default)]
+    pub mirror: Option<String>,
+    /// Archive components. Default `["main"]`.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// OpenPGP keyring that signs the archive. Default: the distribution's keyring under
+    /// /usr/share/keyrings.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// Extra apt repositories (e.g. the Kubernetes packages).
+    #[serde(default)]
+    pub repositories: Vec<Repository>,
+}
+
+impl Base {
+    pub fn mirror(&self) -> &str {
+        self.mirror.as_deref().unwrap_or(match self.distro {
+            Distro::Debian => "http://deb.debian.org/debian",
+            Distro::Ubuntu => "http://archive.ubuntu.com/ubuntu",
+        })
+    }
+    pub fn components(&self) -> Vec<String> {
+        if self.components.is_empty() {
+            vec!["main".into()]
+        } else {
+            self.components.clone()
+        }
+    }
+    pub fn keyring(&self) -> PathBuf {
+        self.keyring.clone().unwrap_or_else(|| {
+            PathBuf::from(match self.distro {
+                Distro::Debian => "/usr/share/keyrings/debian-archive-keyring.gpg",
+                Distro::Ubuntu => "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+            })
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Repository {
+    /// Repository URL, e.g. `https://pkgs.k8s.io/core:/stable:/v1.31/deb/`.
+    pub uri: String,
+    /// Suite; `/` for flat repositories.
+    pub suite: String,
+    /// Components; empty for flat repositories.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// Keyring file (binary or ASCII-armoured) that signs this repository, relative to the spec.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileAttrs {
+    /// Octal mode as a string, e.g. `"0600"`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Owning user name (must exist in the image).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Owning group name (must exist in the image).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// SSH public keys allowed to log in as this user. At least one.
+    pub ssh_authorized_keys: Vec<String>,
+    /// Supplementary groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Allow passwordless sudo (needs the `sudo` package).
+    #[serde(default)]
+    pub sudo: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Kernel {
+    /// Extra kernel arguments, appended after labforge's own (`root=`, `rw`).
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Disk {
+    /// EFI system partition size (holds the UKI). At least 64MiB.
+    #[serde(default = "default_esp")]
+    pub esp_size: Size,
+    /// Root filesystem partition size. At least 512MiB and big enough for the packages.
+    #[serde(default = "default_root")]
+    pub root_size: Size,
+    /// Initial size of the state partition, which the booted system grows to fill the disk.
+    /// At least 32MiB.
+    #[serde(default = "default_state")]
+    pub state_size: Size,
+}
+
+fn default_esp() -> Size {
+    Size::mib(256)
+}
+fn default_root() -> Size {
+    Size::mib(2048)
+}
+fn default_state() -> Size {
+    Size::mib(64)
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk { esp_size: default_esp(), root_size: default_root(), state_size: default_state() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// `<name>.img`: the raw GPT disk image.
+    Raw,
+    /// `<name>.img.zst`: zstd-compressed raw image.
+    Zst,
+    /// `<name>.img.bmap`: bmaptool block map of the raw image.
+    Bmap,
+    /// `<name>.qcow2`: QEMU copy-on-write image.
+    Qcow2,
+}
+
+impl Spec {
+    /// The full package list handed to the distribution installer: what labforge needs in
+    /// every image (kernel, systemd, udev, filesystems tools), what the users need (ssh, sudo)
+    /// and the spec's own packages; sorted and deduplicated.
+    pub fn install_packages(&self) -> Vec<String> {
+        let kernel = match self.base.distro {
+            Distro::Debian => "linux-image-amd64",
+            Distro::Ubuntu => "linux-image-generic",
+        };
+        let mut all: Vec<String> = [kernel, "systemd-sysv", "udev", "kmod", "e2fsprogs", "dbus"]
+            .iter()
+            .map(|p| p.to_string())
+            .chain(self.packages.iter().cloned())
+            .collect();
+        if !self.users.is_empty() {
+            all.push("openssh-server".into());
+        }
+        if self.users.iter().any(|u| u.sudo) {
+            all.push("sudo".into());
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+}
