@@ -13,6 +13,8 @@ use crate::cmd::Cmd;
 use crate::spec::Spec;
 
 pub const ESP_LABEL: &str = "LABFORGE_ESP";
+/// FAT labels hold at most 11 characters.
+pub const ESP_FS_LABEL: &str = "LABFORGEESP";
 pub const ROOT_LABEL: &str = "LABFORGE_ROOT";
 pub const STATE_LABEL: &str = "LABFORGE_STATE";
 
@@ -125,7 +127,7 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
     let esp = layout.part(ESP_LABEL);
     let esp_img = work.join("esp.img");
     Cmd::new("mkfs.vfat")
-        .args(["-F", "32", "-n", ESP_LABEL, "-i"])
+        .args(["-F", "32", "-n", ESP_FS_LABEL, "-i"])
         .arg(esp.fs_uuid.replace('-', "")[..8].to_string())
         .arg("-C")
         .arg(&esp_img)

@@ -1,0 +1,267 @@
+//! One QEMU virtual machine: UEFI (OVMF) firmware, disks as throw-away qcow2 overlays, the
+//! serial console captured line by line to a log file and to the test.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// `kvm` if a tiny firmware boot works with it here, else `tcg,thread=multi`. KVM exists on our
+/// CI machines but fails with emulation errors, so it is never assumed.
+/// `LABFORGE_QEMU_ACCEL` overrides the probe.
+pub fn accel() -> &'static str {
+    static ACCEL: OnceLock<String> = OnceLock::new();
+    ACCEL.get_or_init(|| {
+        if let Ok(a) = std::env::var("LABFORGE_QEMU_ACCEL") {
+            return a;
+        }
+        let ok = probe_kvm().unwrap_or(false);
+        let chosen = if ok { "kvm" } else { "tcg,thread=multi" };
+        eprintln!("qemu-tests: using accelerator {chosen}");
+        chosen.to_string()
+    })
+}
+
+fn probe_kvm() -> Result<bool> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(false);
+    }
+    let dir = tempfile::tempdir()?;
+    let vars = dir.path().join("vars.fd");
+    fs::copy(OVMF_VARS, &vars)?;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-M", "q35", "-m", "256", "-nodefaults", "-display", "none", "-serial", "stdio"])
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    let (tx, rx) = mpsc::channel();
+    for stream in [Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().expect("piped"))] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let verdict = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.contains("emulation failure") || l.contains("KVM internal error") || l.contains("failed to initialize kvm") => break false,
+            // OVMF's boot manager speaks once the firmware has run: KVM works.
+            Ok(l) if l.contains("BdsDxe") || l.contains("UEFI") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(verdict)
+}
+
+/// Where a scenario keeps its files: `target/qemu-tests/<scenario>/`.
+pub fn scenario_dir(name: &str) -> Result<PathBuf> {
+    let dir = crate::workspace_root().join("target/qemu-tests").join(name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+pub struct VmConfig {
+    pub name: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Base images; each gets a fresh qcow2 overlay, so the base is never written.
+    pub disks: Vec<PathBuf>,
+    /// Grow the first disk's overlay by this much (the state partition should fill it).
+    pub grow_first_disk: Option<u64>,
+    /// One user-mode NIC with no route out (`restrict=on`).
+    pub isolated_nic: bool,
+}
+
+impl VmConfig {
+    pub fn new(name: &str, image: &Path) -> Self {
+        VmConfig {
+            name: name.to_string(),
+            memory_mib: 1536,
+            cpus: 2,
+            disks: vec![image.to_path_buf()],
+            grow_first_disk: None,
+            isolated_nic: true,
+        }
+    }
+}
+
+/// A running VM. Killed, and its disk overlays removed, when dropped; the console log stays.
+pub struct Vm {
+    child: Child,
+    lines: Receiver<String>,
+    recent: VecDeque<String>,
+    seen: Vec<String>,
+    pub log: PathBuf,
+    scratch: Vec<PathBuf>,
+}
+
+impl Vm {
+    pub fn start(cfg: &VmConfig, dir: &Path) -> Result<Self> {
+        let mut scratch = Vec::new();
+        let vars = dir.join(format!("{}-vars.fd", cfg.name));
+        fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+        scratch.push(vars.clone());
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", accel(), "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
+            .args(["-serial", "stdio"])
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+        for (i, base) in cfg.disks.iter().enumerate() {
+            let overlay = dir.join(format!("{}-disk{i}.qcow2", cfg.name));
+            let base = fs::canonicalize(base).with_context(|| format!("image {}", base.display()))?;
+            let fmt = if base.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+            let mut img = Command::new("qemu-img");
+            img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&base).arg(&overlay);
+            if i == 0 {
+                if let Some(extra) = cfg.grow_first_disk {
+                    let size = fs::metadata(&base)?.len() + extra;
+                    img.arg(size.to_string());
+                }
+            }
+            run(&mut img)?;
+            scratch.push(overlay.clone());
+            cmd.arg("-drive").arg(format!("if=virtio,format=qcow2,file={}", overlay.display()));
+        }
+        if cfg.isolated_nic {
+            cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
+        }
+        let log = dir.join(format!("{}-console.log", cfg.name));
+        let mut logfile = fs::File::create(&log)?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                let _ = writeln!(logfile, "{line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("qemu: {line}"));
+            }
+        });
+        Ok(Vm { child, lines: rx, recent: VecDeque::new(), seen: Vec::new(), log, scratch })
+    }
+
+    /// Waits for a console line containing `needle` and returns it.
+    pub fn wait_for(&mut self, needle: &str, within: Duration) -> Result<String> {
+        self.wait_for_match(|l| l.contains(needle), needle, within)
+    }
+
+    pub fn wait_for_match(&mut self, pred: impl Fn(&str) -> bool, what: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.recent.push_back(line.clone());
+                    if self.recent.len() > 40 {
+                        self.recent.pop_front();
+                    }
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "no console line with {what:?} within {within:?}; last lines:\n{}\n(full log: {})",
+                    self.tail(),
+                    self.log.display()
+                ),
+                Err(RecvTimeoutError::Disconnected) => bail!(
+                    "VM stopped before printing {what:?}; last lines:\n{}\n(full log: {})",
+                    self.tail(),
+                    self.log.display()
+                ),
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.recent.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Every console line seen so far.
+    pub fn console(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Fails if the console shows a kernel oops/panic or a failed systemd unit (checked after
+    /// every scenario, as a user reading the console would).
+    pub fn check_console_health(&self) -> Result<()> {
+        const BAD: &[&str] = &["Kernel panic", "Oops:", "BUG:", "Call Trace:", "[FAILED]", "segfault at"];
+        let bad: Vec<&String> = self.seen.iter().filter(|l| BAD.iter().any(|b| l.contains(b))).collect();
+        if !bad.is_empty() {
+            bail!(
+                "console shows problems:\n{}\n(full log: {})",
+                bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Cuts the power: kills QEMU without any shutdown.
+    pub fn power_cut(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for f in &self.scratch {
+            let _ = fs::remove_file(f);
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
