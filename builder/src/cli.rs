@@ -124,7 +124,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = options(spec, PathBuf::from("out"), false);
             let plan = build::Plan::new(&opts)?;
             let layout = build::disk::Layout::new(&plan.spec, &plan.input_hash);
-            let cmd = plan.rootfs.command(std::path::Path::new("<rootfs.tar>"), std::path::Path::new("<tmp>"));
+            let cmd = plan.rootfs.command(std::path::Path::new("<rootfs.tar>"), std::path::Path::new("<tmp>"), &[]);
             let cached = opts.cache_dir.join("rootfs").join(format!("{}.tar", plan.rootfs_key)).is_file();
             let value = serde_json::json!({
                 "name": plan.spec.name,

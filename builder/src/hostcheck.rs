@@ -32,6 +32,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement { what: "systemctl", package: "systemd", purpose: "enabling units in the image", always: true },
     Requirement { what: "useradd", package: "passwd", purpose: "creating users in the image", always: true },
     Requirement { what: "tar", package: "tar", purpose: "unpacking the cached root filesystem", always: true },
+    Requirement { what: "gpg", package: "gpg", purpose: "checking fingerprints of repository keys", always: false },
+    Requirement { what: "curl", package: "curl", purpose: "fetching repository keys named by URL", always: false },
     Requirement { what: "qemu-img", package: "qemu-utils", purpose: "qcow2 output", always: false },
     Requirement { what: "qemu-system-x86_64", package: "qemu-system-x86", purpose: "booting images (make demo, tests)", always: false },
     Requirement { what: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", purpose: "UEFI firmware for QEMU", always: false },

@@ -39,6 +39,9 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path) -> Result<()> {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
+        if dest.symlink_metadata().is_ok() {
+            fs::remove_file(&dest)?;
+        }
         fs::write(&dest, contents).with_context(|| format!("writing {}", dest.display()))?;
         fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
         Ok(())

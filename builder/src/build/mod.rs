@@ -64,6 +64,7 @@ impl Plan {
         if let Some(m) = &opts.mirror {
             spec.base.mirror = Some(m.clone());
         }
+        overlays::check_templates(&spec)?;
         let rootfs = rootfs::RootfsPlan::new(&spec);
         rootfs.preflight()?;
         let agent = agent::locate_binary(opts.agent.as_deref())?;
@@ -148,7 +149,16 @@ pub struct Outcome {
 
 pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let plan = Plan::new(opts)?;
-    let needs: Vec<&str> = if plan.spec.outputs.contains(&OutputFormat::Qcow2) { vec!["qemu-img"] } else { vec![] };
+    let mut needs: Vec<&str> = Vec::new();
+    if plan.spec.outputs.contains(&OutputFormat::Qcow2) {
+        needs.push("qemu-img");
+    }
+    if plan.spec.base.repositories.iter().any(|r| r.key_fingerprint.is_some()) {
+        needs.push("gpg");
+    }
+    if plan.spec.base.repositories.iter().any(|r| r.key_url.is_some()) {
+        needs.push("curl");
+    }
     hostcheck::require_for_build(&needs)?;
     if nix::unistd::geteuid().as_raw() != 0 {
         anyhow::bail!("labforge build must run as root (it installs packages into a tree and sets file owners); run it with sudo");

@@ -44,6 +44,23 @@ pub fn hash_overlays(overlays: &[PathBuf]) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Renders every template of every overlay without writing anything, so a template error is
+/// reported before any package is downloaded.
+pub fn check_templates(spec: &Spec) -> Result<()> {
+    let (env, ctx) = template_env(spec);
+    for dir in &spec.overlays {
+        for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+            let e = e.with_context(|| format!("reading overlay {}", dir.display()))?;
+            if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "j2") {
+                let source = fs::read_to_string(e.path())
+                    .with_context(|| format!("reading template {}", e.path().display()))?;
+                env.render_str(&source, ctx.clone()).map_err(|err| template_error(e.path(), &err))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies every overlay of the spec onto `root`, then the `[files]` attributes.
 pub fn apply(spec: &Spec, root: &Path) -> Result<usize> {
     let (env, ctx) = template_env(spec);

@@ -9,10 +9,27 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::cmd::Cmd;
-use crate::spec::Spec;
+use crate::spec::{Pin, Spec};
 
 /// Bump when the way the rootfs is produced changes, so old cache entries are not reused.
-const STAGE_VERSION: &str = "rootfs-v1";
+const STAGE_VERSION: &str = "rootfs-v2";
+
+/// Where a repository's signing key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    File(PathBuf),
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RepoPlan {
+    /// `deb [signed-by=…] uri suite components`
+    pub line: String,
+    pub key: KeySource,
+    pub fingerprint: Option<String>,
+    /// Where the key lives in the image.
+    pub key_in_image: String,
+}
 
 /// What goes into the rootfs, and nothing else: the cache key is the hash of this.
 pub struct RootfsPlan {
@@ -21,8 +38,8 @@ pub struct RootfsPlan {
     pub components: Vec<String>,
     pub keyring: PathBuf,
     pub packages: Vec<String>,
-    /// `deb [signed-by=...] uri suite components` lines for extra repositories, with key paths.
-    pub repositories: Vec<(String, PathBuf)>,
+    pub repositories: Vec<RepoPlan>,
+    pub pins: Vec<Pin>,
 }
 
 impl RootfsPlan {
@@ -33,14 +50,23 @@ impl RootfsPlan {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let key_in_image = format!("/etc/apt/keyrings/labforge-repo-{i}.{}", key_ext(&r.key));
-                let line = format!(
-                    "deb [signed-by={key_in_image}] {} {} {}",
-                    r.uri,
-                    r.suite,
-                    r.components.join(" ")
-                );
-                (line.trim_end().to_string(), r.key.clone())
+                let key = match (&r.key, &r.key_url) {
+                    (Some(p), _) => KeySource::File(p.clone()),
+                    (None, Some(u)) => KeySource::Url(u.clone()),
+                    (None, None) => unreachable!("validated at load: a repository has a key"),
+                };
+                let armored = match &key {
+                    KeySource::File(p) => p.extension().is_some_and(|e| e == "asc"),
+                    KeySource::Url(_) => true,
+                };
+                let key_in_image = format!("/etc/apt/keyrings/labforge-repo-{i}.{}", if armored { "asc" } else { "gpg" });
+                let line = format!("deb [signed-by={key_in_image}] {} {} {}", r.uri, r.suite, r.components.join(" "));
+                RepoPlan {
+                    line: line.trim_end().to_string(),
+                    key,
+                    fingerprint: r.key_fingerprint.as_ref().map(|f| f.replace(' ', "").to_uppercase()),
+                    key_in_image,
+                }
             })
             .collect();
         RootfsPlan {
@@ -50,6 +76,7 @@ impl RootfsPlan {
             keyring: spec.base.keyring(),
             packages: spec.install_packages(),
             repositories,
+            pins: spec.pins.clone(),
         }
     }
 
@@ -61,11 +88,6 @@ impl RootfsPlan {
                  (debian-archive-keyring or ubuntu-keyring) or set base.keyring in the spec",
                 self.keyring.display()
             );
-        }
-        for (_, key) in &self.repositories {
-            if !key.is_file() {
-                bail!("repository key {} does not exist", key.display());
-            }
         }
         Ok(())
     }
@@ -79,15 +101,61 @@ impl RootfsPlan {
         for p in &self.packages {
             h.update(format!("\0pkg {p}"));
         }
-        for (line, key) in &self.repositories {
-            h.update(format!("\0repo {line}\0"));
-            h.update(fs::read(key).with_context(|| format!("reading repository key {}", key.display()))?);
+        for pin in &self.pins {
+            h.update(format!("\0pin {} {}", pin.packages.join(","), pin.version));
+        }
+        for r in &self.repositories {
+            h.update(format!("\0repo {}\0{:?}\0", r.line, r.fingerprint));
+            match &r.key {
+                KeySource::File(p) => h.update(fs::read(p).with_context(|| format!("reading repository key {}", p.display()))?),
+                // A fetched key is identified by its URL and pinned fingerprint.
+                KeySource::Url(u) => h.update(u.as_bytes()),
+            }
         }
         Ok(hex::encode(h.finalize()))
     }
 
+    /// Fetches and checks the repository keys and writes the apt files the install needs into
+    /// `dir`. Returns `(file outside, path inside the image)` pairs for mmdebstrap to upload.
+    pub fn prepare(&self, dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+        let mut uploads = Vec::new();
+        for (i, r) in self.repositories.iter().enumerate() {
+            let local = match &r.key {
+                KeySource::File(p) => p.clone(),
+                KeySource::Url(url) => {
+                    let dest = dir.join(format!("repo-key-{i}"));
+                    Cmd::new("curl")
+                        .args(["--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--proto", "=https,http", "-o"])
+                        .arg(&dest)
+                        .arg(url)
+                        .run()
+                        .with_context(|| format!("fetching repository key {url}"))?;
+                    dest
+                }
+            };
+            if let Some(fp) = &r.fingerprint {
+                verify_fingerprint(&local, fp, dir)?;
+            }
+            uploads.push((local, r.key_in_image.clone()));
+            let list = dir.join(format!("labforge-repo-{i}.list"));
+            fs::write(&list, format!("{}\n", r.line))?;
+            uploads.push((list, format!("/etc/apt/sources.list.d/labforge-repo-{i}.list")));
+        }
+        if !self.pins.is_empty() {
+            let prefs = dir.join("labforge-pins");
+            let text: String = self
+                .pins
+                .iter()
+                .map(|p| format!("Package: {}\nPin: version {}\nPin-Priority: 1001\n\n", p.packages.join(" "), p.version))
+                .collect();
+            fs::write(&prefs, text)?;
+            uploads.push((prefs, "/etc/apt/preferences.d/labforge-pins".into()));
+        }
+        Ok(uploads)
+    }
+
     /// The mmdebstrap invocation that writes the rootfs tarball to `out`.
-    pub fn command(&self, out: &Path, tmp: &Path) -> Cmd {
+    pub fn command(&self, out: &Path, tmp: &Path, uploads: &[(PathBuf, String)]) -> Cmd {
         let mut cmd = Cmd::new("mmdebstrap")
             .env("TMPDIR", tmp)
             .arg("--mode=root")
@@ -96,22 +164,54 @@ impl RootfsPlan {
             .arg(format!("--keyring={}", self.keyring.display()))
             .arg(format!("--components={}", self.components.join(",")))
             .arg(format!("--include={}", self.packages.join(",")));
-        for (i, (line, key)) in self.repositories.iter().enumerate() {
-            let dest = format!("/etc/apt/keyrings/labforge-repo-{i}.{}", key_ext(key));
-            cmd = cmd
-                .arg(format!("--setup-hook=mkdir -p \"$1/etc/apt/keyrings\" && cp {} \"$1{dest}\"", shell_quote(&key.to_string_lossy())))
-                .arg(format!("--setup-hook=echo {} >> \"$1/etc/apt/sources.list\"", shell_quote(line)));
+        if !uploads.is_empty() {
+            cmd = cmd.arg("--setup-hook=mkdir -p \"$1/etc/apt/keyrings\" \"$1/etc/apt/preferences.d\" \"$1/etc/apt/sources.list.d\"");
+        }
+        for (local, inside) in uploads {
+            cmd = cmd.arg(format!("--setup-hook=upload {} {inside}", local.display()));
+        }
+        let held: Vec<&str> = self.pins.iter().flat_map(|p| p.packages.iter().map(String::as_str)).collect();
+        if !held.is_empty() {
+            // Names are validated Debian package names, safe in a hook's shell line.
+            cmd = cmd.arg(format!("--customize-hook=chroot \"$1\" apt-mark hold {}", held.join(" ")));
         }
         cmd.arg(&self.suite).arg(out).arg(&self.mirror)
     }
 }
 
-fn key_ext(p: &Path) -> &'static str {
-    if p.extension().is_some_and(|e| e == "asc") { "asc" } else { "gpg" }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+/// Checks that `key` holds a primary key with fingerprint `want` (and nothing else).
+pub fn verify_fingerprint(key: &Path, want: &str, scratch: &Path) -> Result<()> {
+    let home = scratch.join("gnupg");
+    fs::create_dir_all(&home)?;
+    fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let listing = Cmd::new("gpg")
+        .arg("--homedir")
+        .arg(&home)
+        .args(["--batch", "--with-colons", "--show-keys"])
+        .arg(key)
+        .run()
+        .with_context(|| format!("reading OpenPGP key {}", key.display()))?;
+    let mut primaries = Vec::new();
+    let mut after_pub = false;
+    for line in listing.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        match f.first() {
+            Some(&"pub") => after_pub = true,
+            Some(&"fpr") if after_pub => {
+                primaries.push(f.get(9).copied().unwrap_or_default().to_uppercase());
+                after_pub = false;
+            }
+            _ => {}
+        }
+    }
+    if primaries.len() != 1 || primaries[0] != want {
+        bail!(
+            "repository key {} has fingerprint(s) {:?}, but the spec pins {want}; refusing to trust it",
+            key.display(),
+            primaries
+        );
+    }
+    Ok(())
 }
 
 /// Returns the cached tarball for `plan`, running mmdebstrap on a miss.
@@ -119,20 +219,26 @@ pub fn ensure(plan: &RootfsPlan, cache_dir: &Path, work: &Path) -> Result<(PathB
     let key = plan.cache_key()?;
     let dir = cache_dir.join("rootfs");
     let tar = dir.join(format!("{key}.tar"));
+    fs::create_dir_all(&dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
+    // Concurrent builds of the same rootfs wait for the first instead of running mmdebstrap twice.
+    let lock = fs::File::create(dir.join(format!("{key}.lock")))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("locking the rootfs cache entry")?;
     if tar.is_file() {
         tracing::info!(cache = %tar.display(), "rootfs: reusing cached root filesystem");
         return Ok((tar, true));
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
     let tmp = work.join("mmdebstrap-tmp");
     fs::create_dir_all(&tmp)?;
+    let uploads = plan.prepare(work)?;
     let partial = tempfile::Builder::new()
         .prefix(".partial-")
         .suffix(".tar")
         .tempfile_in(&dir)
         .with_context(|| format!("creating a file in cache dir {}", dir.display()))?;
     tracing::info!(suite = %plan.suite, mirror = %plan.mirror, packages = plan.packages.len(), "rootfs: installing packages with mmdebstrap");
-    let result = plan.command(partial.path(), &tmp).run();
+    let result = plan.command(partial.path(), &tmp, &uploads).run();
     crate::build::fsutil::unmount_below(&tmp)?;
     result.map_err(|e| explain_mmdebstrap_failure(e, plan))?;
     partial.persist(&tar).with_context(|| format!("storing {}", tar.display()))?;
@@ -140,8 +246,12 @@ pub fn ensure(plan: &RootfsPlan, cache_dir: &Path, work: &Path) -> Result<(PathB
 }
 
 fn explain_mmdebstrap_failure(e: anyhow::Error, plan: &RootfsPlan) -> anyhow::Error {
+    if crate::interrupt::is_interrupted(&e) {
+        return e;
+    }
     let text = format!("{e:#}");
-    if text.contains("Failed to fetch") || text.contains("Could not connect") || text.contains("Temporary failure resolving") || text.contains("Unable to connect") || text.contains("apt-get update") && text.contains("failed") {
+    let unreachable = ["Failed to fetch", "Could not connect", "Temporary failure resolving", "Unable to connect", "Connection refused", "apt-get update failed"];
+    if unreachable.iter().any(|s| text.contains(s)) {
         e.context(format!(
             "the package mirror {} could not be reached or lacks suite {}; check the URL and the network, or pass --mirror",
             plan.mirror, plan.suite
@@ -189,34 +299,4 @@ fn parse_dpkg_status(text: &str) -> BTreeMap<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dpkg_status_lists_installed_packages_only() {
-        let text = "Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b2\n\n\
-                    Package: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n\n\
-                    Package: zstd\nVersion: 1.5.4+dfsg2-5\nStatus: install ok installed\n";
-        let p = parse_dpkg_status(text);
-        assert_eq!(p.len(), 2);
-        assert_eq!(p["bash"], "5.2.15-2+b2");
-        assert_eq!(p["zstd"], "1.5.4+dfsg2-5");
-    }
-
-    #[test]
-    fn cache_key_changes_with_packages_not_with_order() {
-        let d = tempfile::tempdir().unwrap();
-        let keyring = d.path().join("k.gpg");
-        fs::write(&keyring, b"key").unwrap();
-        let plan = |pk: &[&str]| RootfsPlan {
-            suite: "bookworm".into(),
-            mirror: "http://m".into(),
-            components: vec!["main".into()],
-            keyring: keyring.clone(),
-            packages: { let mut v: Vec<String> = pk.iter().map(|s| s.to_string()).collect(); v.sort(); v },
-            repositories: vec![],
-        };
-        assert_eq!(plan(&["a", "b"]).cache_key().unwrap(), plan(&["b", "a"]).cache_key().unwrap());
-        assert_ne!(plan(&["a"]).cache_key().unwrap(), plan(&["a", "b"]).cache_key().unwrap());
-    }
-}
+mod tests;

@@ -170,7 +170,7 @@ fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
         }
         if let Some(toml::Value::Array(repos)) = base.get_mut("repositories") {
             for (i, r) in repos.iter_mut().enumerate() {
-                if let Some(k) = r.get_mut("key") {
+                if let Some(k) = r.get_mut("key").filter(|k| k.is_str()) {
                     fix(k, vec!["base".into(), "repositories".into(), i.to_string(), "key".into()], false);
                 }
             }
@@ -190,7 +190,7 @@ fn merge(base: &mut toml::Table, child: toml::Table) {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(c)) => merge(b, c),
             (Some(toml::Value::Array(b)), toml::Value::Array(c))
-                if matches!(k.as_str(), "packages" | "overlays" | "users") =>
+                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users") =>
             {
                 b.extend(c)
             }
@@ -239,6 +239,40 @@ fn validate(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
     if total > (2u64 << 40) {
         return Err(invalid(&["disk"], "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick".into()));
     }
+    for (i, r) in spec.base.repositories.iter().enumerate() {
+        let idx = i.to_string();
+        let at = |k: &str| vec!["base", "repositories", &idx, k].into_iter().map(String::from).collect::<Vec<_>>();
+        let here = |k: &str, m: String| {
+            let p = at(k);
+            let p: Vec<&str> = p.iter().map(String::as_str).collect();
+            invalid(&p, m)
+        };
+        match (&r.key, &r.key_url) {
+            (Some(_), Some(_)) => return Err(here("key-url", "give either `key` or `key-url`, not both".into())),
+            (None, None) => return Err(here("uri", format!("repository {} needs a signing key: set `key` (a file) or `key-url` with `key-fingerprint`", r.uri))),
+            (None, Some(_)) if r.key_fingerprint.is_none() => return Err(here("key-url", "a key fetched from a URL needs `key-fingerprint`, so a replaced key is refused".into())),
+            _ => {}
+        }
+        if let Some(fp) = &r.key_fingerprint {
+            let clean: String = fp.chars().filter(|c| !c.is_whitespace()).collect();
+            if clean.len() != 40 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(here("key-fingerprint", format!("{fp:?} is not an OpenPGP v4 fingerprint (40 hex digits)")));
+            }
+        }
+    }
+    for (i, p) in spec.packages.iter().enumerate() {
+        if !valid_package(p) {
+            return Err(invalid(&["packages", &i.to_string()], format!("{p:?} is not a Debian package name")));
+        }
+    }
+    for (i, pin) in spec.pins.iter().enumerate() {
+        if let Some(p) = pin.packages.iter().find(|p| !valid_package(p)) {
+            return Err(invalid(&["pins", &i.to_string(), "packages"], format!("{p:?} is not a Debian package name")));
+        }
+        if pin.packages.is_empty() || pin.version.trim().is_empty() {
+            return Err(invalid(&["pins", &i.to_string()], "a pin needs at least one package and a version".into()));
+        }
+    }
     if spec.outputs.is_empty() {
         return Err(invalid(&["outputs"], "at least one output format is needed".into()));
     }
@@ -276,6 +310,14 @@ fn valid_name(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// Debian policy: lowercase letters, digits, `+ - .`, at least two characters, starting
+/// alphanumeric.
+fn valid_package(s: &str) -> bool {
+    s.len() >= 2
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
 }
 
 fn valid_user_name(s: &str) -> bool {

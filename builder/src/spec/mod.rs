@@ -27,7 +27,7 @@ pub struct Spec {
     #[serde(default = "default_schema_version")]
     pub schema_version: u32,
     /// Another spec (path relative to this file) whose settings this one starts from.
-    /// Tables merge key by key; `packages`, `overlays` and `users` are appended.
+    /// Tables merge key by key; `packages`, `pins`, `overlays` and `users` are appended.
     #[serde(default, skip_serializing)]
     pub extends: Option<String>,
     /// Image name: lowercase letters, digits and `-`; names the output files.
@@ -43,6 +43,9 @@ pub struct Spec {
     /// Packages to install on top of the distribution's required set.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Version pins for packages (e.g. kubeadm, kubelet, kubectl).
+    #[serde(default)]
+    pub pins: Vec<Pin>,
     /// File trees laid onto the root filesystem in order (paths relative to the spec that names
     /// them). `*.j2` files are rendered with the spec as context and lose the suffix.
     #[serde(default)]
@@ -142,7 +145,26 @@ pub struct Repository {
     #[serde(default)]
     pub components: Vec<String>,
     /// Keyring file (binary or ASCII-armoured) that signs this repository, relative to the spec.
-    pub key: PathBuf,
+    /// Give either `key` or `key-url`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// URL of the signing key, fetched at build time; `key-fingerprint` is then required.
+    #[serde(default)]
+    pub key_url: Option<String>,
+    /// OpenPGP fingerprint (40 hex digits) the key must have; checked before it is trusted.
+    #[serde(default)]
+    pub key_fingerprint: Option<String>,
+}
+
+/// Holds packages at a version: written as apt preferences before installation and marked
+/// held in the image, so an upgrade never moves them.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Pin {
+    /// Package names.
+    pub packages: Vec<String>,
+    /// Version pattern in apt's pin syntax, e.g. `1.31.*`.
+    pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

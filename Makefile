@@ -1,0 +1,36 @@
+# labforge — see README.md. `make demo` and `make test` are the whole quick start.
+
+# Debian packages the build host needs; a test checks this list against `labforge doctor`.
+HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools fdisk binutils systemd-boot-efi systemd passwd tar gpg curl qemu-utils qemu-system-x86 ovmf bmap-tools zstd ca-certificates
+
+CARGO    ?= cargo
+OUT      ?= out
+LABFORGE := target/release/labforge
+
+.PHONY: all host-deps build demo test bench clean
+
+all: build
+
+host-deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install a Rust toolchain (https://rustup.rs) first" >&2; exit 1; }
+	@scripts/install-host-deps.sh $(HOST_PACKAGES)
+
+build:
+	$(CARGO) build --release --workspace
+
+# Build images/demo.toml, boot it in QEMU and show what the agent reports.
+demo: host-deps build
+	$(LABFORGE) doctor
+	$(LABFORGE) build images/demo.toml --out $(OUT)
+	target/release/labforge-vm $(OUT)/demo.img
+
+# The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
+test: host-deps build
+	$(CARGO) test --release --workspace
+
+# Speed figures as JSON (target/bench/results.json).
+bench: host-deps build
+	scripts/bench.sh
+
+clean:
+	rm -rf $(OUT) target/qemu-tests

@@ -1,0 +1,32 @@
+//! `labforge-vm IMAGE`: boots a labforge image in QEMU (UEFI, no network route out), waits for
+//! the agent's status line and prints what it reports. `make demo` uses it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use labforge_agent::status::{Status, CONSOLE_PREFIX};
+use qemu_tests::vm;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("labforge-vm: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let image = std::env::args_os().nth(1).context("usage: labforge-vm IMAGE")?;
+    let image = std::path::PathBuf::from(image);
+    let dir = vm::scenario_dir("labforge-vm")?;
+    eprintln!("booting {} in QEMU (console log: {})", image.display(), dir.join("node-console.log").display());
+    let mut node = vm::Vm::start(&vm::VmConfig::new("node", &image), &dir)?;
+    let line = node.wait_for(CONSOLE_PREFIX, Duration::from_secs(600))?;
+    let json = &line[line.find(CONSOLE_PREFIX).expect("prefix") + CONSOLE_PREFIX.len()..];
+    let status: Status = serde_json::from_str(json).context("parsing the agent's status line")?;
+    println!("The agent on the booted node reports:\n");
+    print!("{status}");
+    node.wait_for("Multi-User System", Duration::from_secs(300))?;
+    node.check_console_health()?;
+    println!("\nThe node reached multi-user with no failed unit; powering it off.");
+    Ok(())
+}
