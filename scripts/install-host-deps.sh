@@ -30,7 +30,7 @@ if [ ! -f /usr/share/keyrings/ubuntu-archive-keyring.gpg ]; then
         trap 'rm -rf "$tmp"' EXIT
         mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
         echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" > "$tmp/sources.list"
-        opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
+        opts=(-o "APT::Sandbox::User=root" -o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
               -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache")
         if apt-get -qq "${opts[@]}" update && (cd "$tmp" && apt-get -qq "${opts[@]}" download ubuntu-keyring); then
             dpkg -i "$tmp"/ubuntu-keyring_*.deb >/dev/null

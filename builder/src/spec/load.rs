@@ -110,7 +110,7 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
     let spec: Spec = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
         SpecError::whole_file(&top.file, None, format!("merging extended specs: {}", e.message()))
     })?;
-    validate(&spec, top)?;
+    validate_merged(&spec, top)?;
     Ok(spec)
 }
 
@@ -121,10 +121,13 @@ fn read_layer(path: &Path) -> Result<Layer, SpecError> {
     let mut layer = Layer { file: path.to_path_buf(), text, table: toml::Table::new() };
     // Check this file on its own first: unknown keys and wrong types are reported with the
     // file, line and column where they were written.
-    if let Err(e) = toml::from_str::<Spec>(&layer.text) {
-        let offset = e.span().map(|s| s.start).unwrap_or(0);
-        return Err(layer.error_at(offset, e.message().trim_end().to_string()));
-    }
+    let own: Spec = match toml::from_str(&layer.text) {
+        Ok(s) => s,
+        Err(e) => {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            return Err(layer.error_at(offset, e.message().trim_end().to_string()));
+        }
+    };
     layer.table = toml::from_str(&layer.text).expect("already parsed as a spec");
     if let Some(v) = layer.table.get("schema-version").and_then(|v| v.as_integer()) {
         if v != i64::from(SCHEMA_VERSION) {
@@ -134,6 +137,7 @@ fn read_layer(path: &Path) -> Result<Layer, SpecError> {
             ));
         }
     }
+    validate_layer(&own, &layer)?;
     resolve_paths(&mut layer)?;
     Ok(layer)
 }
@@ -201,7 +205,8 @@ fn merge(base: &mut toml::Table, child: toml::Table) {
     }
 }
 
-fn validate(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
+/// Checks what only the merged spec can tell: required keys, and sizes that add up.
+fn validate_merged(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
     let missing = |field: &str, what: &str| {
         SpecError::whole_file(
             &top.file,
@@ -209,19 +214,27 @@ fn validate(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
             format!("{what} is required; set it in this spec or in the spec it extends"),
         )
     };
-    let invalid = |path: &[&str], message: String| top.error_at_key(path, message);
-
     if spec.name.is_empty() {
         return Err(missing("name", "an image name"));
     }
-    if !valid_name(&spec.name) {
+    if spec.base.suite.is_empty() {
+        return Err(missing("base.suite", "the distribution suite (e.g. \"bookworm\")"));
+    }
+    let total = spec.disk.esp_size.bytes() + spec.disk.root_size.bytes() + spec.disk.state_size.bytes();
+    if total > (2u64 << 40) {
+        return Err(top.error_at_key(&["disk"], "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick"));
+    }
+    Ok(())
+}
+
+/// Checks the values one file sets, so an error points into the file that wrote the value.
+fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
+    let invalid = |path: &[&str], message: String| layer.error_at_key(path, message);
+    if !spec.name.is_empty() && !valid_name(&spec.name) {
         return Err(invalid(
             &["name"],
             format!("{:?} is not a valid image name: use 1-63 lowercase letters, digits and '-'", spec.name),
         ));
-    }
-    if spec.base.suite.is_empty() {
-        return Err(missing("base.suite", "the distribution suite (e.g. \"bookworm\")"));
     }
     if let Err(e) = check_hostname_pattern(&spec.hostname) {
         return Err(invalid(&["hostname"], e));

@@ -28,7 +28,7 @@ fn minimal_spec_gets_defaults() {
 #[case::impossible_size("name = \"t\"\n[disk]\nroot-size = \"1.5MiB\"\n", 3, Some("disk.root-size"), "whole number of MiB")]
 #[case::unitless_size("name = \"t\"\n[disk]\nesp-size = \"64\"\n", 3, Some("disk.esp-size"), "unit is required")]
 #[case::wrong_type("name = \"t\"\npackages = \"vim\"\n", 2, Some("packages"), "invalid type")]
-#[case::bad_output("name = \"t\"\noutputs = [\"iso\"]\n", 2, Some("outputs"), "unknown variant")]
+#[case::bad_output("name = \"t\"\noutputs = [\"iso\"]\n", 2, Some("outputs[0]"), "unknown variant")]
 fn bad_files_are_located(
     #[case] text: &str,
     #[case] line: usize,
@@ -98,16 +98,16 @@ fn extends_merges_tables_and_appends_lists() {
     write(
         &d.path().join("base"),
         "parent.toml",
-        "name = \"parent\"\npackages = [\"a\"]\noverlays = [\"ov\"]\n[base]\nsuite = \"bookworm\"\n[disk]\nroot-size = \"1GiB\"\n",
+        "name = \"parent\"\npackages = [\"vim\"]\noverlays = [\"ov\"]\n[base]\nsuite = \"bookworm\"\n[disk]\nroot-size = \"1GiB\"\n",
     );
     let child = write(
         &d.path().join("child"),
         "child.toml",
-        "extends = \"../base/parent.toml\"\nname = \"child\"\npackages = [\"b\"]\noverlays = [\"ov\"]\n[disk]\nstate-size = \"128MiB\"\n",
+        "extends = \"../base/parent.toml\"\nname = \"child\"\npackages = [\"git\"]\noverlays = [\"ov\"]\n[disk]\nstate-size = \"128MiB\"\n",
     );
     let spec = load(&child).unwrap();
     assert_eq!(spec.name, "child");
-    assert_eq!(spec.packages, vec!["a", "b"]);
+    assert_eq!(spec.packages, vec!["vim", "git"]);
     assert_eq!(spec.disk.root_size.as_mib(), 1024);
     assert_eq!(spec.disk.state_size.as_mib(), 128);
     // Each overlay is resolved relative to the file that named it.
@@ -122,6 +122,16 @@ fn extends_loop_is_an_error() {
     let b = write(d.path(), "b.toml", "extends = \"a.toml\"\n");
     let err = load(&b).unwrap_err();
     assert!(err.message.contains("loops"), "{err}");
+}
+
+#[test]
+fn a_bad_value_in_the_parent_is_located_in_the_parent() {
+    let d = tempfile::tempdir().unwrap();
+    let parent = write(d.path(), "p.toml", "name = \"p\"\npackages = [\"vim\", \"Bad Name\"]\n[base]\nsuite = \"bookworm\"\n");
+    let child = write(d.path(), "c.toml", "extends = \"p.toml\"\npackages = [\"git\"]\n");
+    let err = load(&child).unwrap_err();
+    assert_eq!(err.file, parent, "{err}");
+    assert_eq!(err.field.as_deref(), Some("packages[1]"), "{err}");
 }
 
 #[test]
