@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# `make bench`: build-speed figures as JSON in target/bench/results.json.
+#
+#   cold_build_s            labforge build of images/demo.toml with an empty cache
+#   mmdebstrap_alone_s      mmdebstrap of the same package set from the same mirror, same run:
+#                           the floor any cold build of this package set stands on
+#   cold_vs_mmdebstrap      ratio of the two (1.0 would mean labforge adds nothing)
+#   warm_overlay_rebuild_s  rebuild after changing one overlay file (target: <= 20 s)
+#   image_bytes, zst_bytes  sizes of demo.img and demo.img.zst
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
+
+B=target/bench
+rm -rf "$B"
+mkdir -p "$B/overlay/etc"
+LF=target/release/labforge
+MIRROR=${LABFORGE_MIRROR:-}
+mirror_args=()
+[ -n "$MIRROR" ] && mirror_args=(--mirror "$MIRROR")
+
+now() { date +%s.%N; }
+elapsed() { echo "$2 - $1" | bc -l | xargs printf '%.1f'; }
+command -v bc >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq bc >/dev/null; }
+
+echo "bench: cold build (empty cache)" >&2
+t0=$(now)
+"$LF" build images/demo.toml --out "$B/out" --cache-dir "$B/cache" "${mirror_args[@]}" >&2
+t1=$(now)
+cold=$(elapsed "$t0" "$t1")
+
+echo "bench: mmdebstrap alone, same package set" >&2
+cmd=$("$LF" plan images/demo.toml --json --cache-dir "$B/cache" "${mirror_args[@]}" | jq -r '.rootfs.command')
+mkdir -p "$B/mm-tmp"
+# The plan prints the exact argv labforge runs; only the output path is a placeholder.
+read -r -a argv <<<"${cmd/<rootfs.tar>/$B/mm.tar}"
+t0=$(now)
+TMPDIR="$B/mm-tmp" "${argv[@]}" >/dev/null 2>&1
+t1=$(now)
+mm=$(elapsed "$t0" "$t1")
+rm -f "$B/mm.tar"
+
+echo "bench: warm rebuild after an overlay change" >&2
+cat > "$B/spec.toml" <<SPEC
+extends = "$(pwd)/images/demo.toml"
+overlays = ["overlay"]
+SPEC
+echo one > "$B/overlay/etc/bench-note"
+"$LF" build "$B/spec.toml" --out "$B/out-warm" --cache-dir "$B/cache" "${mirror_args[@]}" >&2
+echo two > "$B/overlay/etc/bench-note"
+t0=$(now)
+"$LF" build "$B/spec.toml" --out "$B/out-warm" --cache-dir "$B/cache" "${mirror_args[@]}" >&2
+t1=$(now)
+warm=$(elapsed "$t0" "$t1")
+
+img=$(stat -c %s "$B/out/demo.img")
+zst=$(stat -c %s "$B/out/demo.img.zst")
+stages=$(jq -c '[.stages[] | {(.stage): .seconds}] | add' "$B/out-warm/demo.manifest.json")
+ratio=$(echo "$cold / $mm" | bc -l | xargs printf '%.2f')
+cat > "$B/results.json" <<JSON
+{
+  "machine": {"cores": $(nproc), "mem_gib": $(free -g | awk '/Mem:/{print $2}')},
+  "cold_build_s": $cold,
+  "mmdebstrap_alone_s": $mm,
+  "cold_vs_mmdebstrap": $ratio,
+  "mkosi25_reference_s": {"low": 70, "high": 100, "note": "mkosi 25 is not installable on these hosts (Debian 12 ships mkosi 14, which needs mounts); figure from the issue"},
+  "warm_overlay_rebuild_s": $warm,
+  "warm_overlay_rebuild_target_s": 20,
+  "warm_stages_s": $stages,
+  "image_bytes": $img,
+  "zst_bytes": $zst
+}
+JSON
+rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp"
+cat "$B/results.json"
