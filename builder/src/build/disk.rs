@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::fsutil::{copy_sparse_into, tree_usage};
+use super::fsutil::tree_usage;
 use crate::cmd::Cmd;
 use crate::spec::Spec;
 
@@ -122,22 +122,42 @@ pub fn check_root_fits(root: &Path, layout: &Layout) -> Result<u64> {
     Ok(need)
 }
 
-/// Builds the filesystems in `work` and assembles the disk image at `image`.
+/// Writes the disk image at `image`: the GPT first, then each filesystem made directly inside
+/// its partition (`mkfs.vfat --offset`, `mkfs.ext4 -E offset=`, mtools `image@@offset`), so no
+/// partition is ever copied and the image stays sparse.
 pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &Path) -> Result<()> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("creating {}", image.display()))?;
+    file.set_len(layout.size_bytes)?;
+    drop(file);
+    let script = work.join("gpt.sfdisk");
+    fs::write(&script, layout.sfdisk_script())?;
+    Cmd::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(image)
+        .stdin_file(&script)
+        .run()
+        .context("writing the GPT")?;
+
     let esp = layout.part(ESP_LABEL);
-    let esp_img = work.join("esp.img");
     Cmd::new("mkfs.vfat")
-        .args(["-F", "32", "-n", ESP_FS_LABEL, "-i"])
+        .args(["-F", "32", "-n", ESP_FS_LABEL, "-S", "512", "-s"])
+        .arg(fat32_sectors_per_cluster(esp.size_bytes).to_string())
+        .arg("-i")
         .arg(esp.fs_uuid.replace('-', "")[..8].to_string())
-        .arg("-C")
-        .arg(&esp_img)
+        .arg(format!("--offset={}", esp.start_bytes / 512))
+        .arg(image)
         .arg((esp.size_bytes / 1024).to_string())
         .run()
         .context("making the EFI system partition")?;
-    Cmd::new("mmd").arg("-i").arg(&esp_img).args(["::/EFI", "::/EFI/BOOT"]).run()?;
+    let esp_at = format!("{}@@{}", image.display(), esp.start_bytes);
+    Cmd::new("mmd").arg("-i").arg(&esp_at).args(["::/EFI", "::/EFI/BOOT"]).run()?;
     Cmd::new("mcopy")
         .arg("-i")
-        .arg(&esp_img)
+        .arg(&esp_at)
         .arg(uki)
         .arg("::/EFI/BOOT/BOOTX64.EFI")
         .run()
@@ -149,47 +169,34 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
             }
         })?;
 
-    let root_img = work.join("root.img");
-    mkfs_ext4(&root_img, layout.part(ROOT_LABEL), Some(root)).map_err(|e| {
-        if format!("{e:#}").contains("Could not allocate") || format!("{e:#}").contains("No space") {
+    mkfs_ext4(image, layout.part(ROOT_LABEL), Some(root)).map_err(|e| {
+        let text = format!("{e:#}");
+        if text.contains("Could not allocate") || text.contains("No space") {
             e.context("disk.root-size is too small for the root filesystem; raise it in the spec")
         } else {
             e
         }
     })?;
-    let state_img = work.join("state.img");
-    mkfs_ext4(&state_img, layout.part(STATE_LABEL), None)?;
-
-    let file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(image)
-        .with_context(|| format!("creating {}", image.display()))?;
-    file.set_len(layout.size_bytes)?;
-    let script = work.join("gpt.sfdisk");
-    fs::write(&script, layout.sfdisk_script())?;
-    Cmd::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(image)
-        .stdin_file(&script)
-        .run()
-        .context("writing the GPT")?;
-    for (img, label) in [(&esp_img, ESP_LABEL), (&root_img, ROOT_LABEL), (&state_img, STATE_LABEL)] {
-        copy_sparse_into(img, &file, layout.part(label).start_bytes)
-            .with_context(|| format!("copying partition {label} into the image"))?;
-    }
-    file.sync_all()?;
+    mkfs_ext4(image, layout.part(STATE_LABEL), None)?;
+    fs::File::open(image)?.sync_all()?;
     Ok(())
 }
 
-fn mkfs_ext4(path: &Path, part: &Partition, contents: Option<&Path>) -> Result<()> {
+/// FAT32 needs at least 65525 clusters; firmware and mtools reject a volume with fewer. Pick
+/// the largest cluster (up to 4 KiB) that keeps a safe margin above that.
+fn fat32_sectors_per_cluster(size_bytes: u64) -> u64 {
+    [8, 4, 2, 1].into_iter().find(|s| size_bytes / (s * 512) >= 70_000).unwrap_or(1)
+}
+
+/// Makes an ext4 filesystem inside `image` at the partition's offset.
+fn mkfs_ext4(image: &Path, part: &Partition, contents: Option<&Path>) -> Result<()> {
     let mut cmd = Cmd::new("mkfs.ext4")
         .args(["-q", "-F", "-t", "ext4", "-L", part.label, "-U", &part.fs_uuid, "-E"])
-        .arg(format!("root_owner=0:0,hash_seed={}", part.fs_uuid));
+        .arg(format!("offset={},nodiscard,root_owner=0:0,hash_seed={}", part.start_bytes, part.fs_uuid));
     if let Some(dir) = contents {
         cmd = cmd.arg("-d").arg(dir);
     }
-    cmd.arg(path)
+    cmd.arg(image)
         .arg(format!("{}k", part.size_bytes / 1024))
         .run()
         .with_context(|| format!("making the {} filesystem", part.label))?;
@@ -199,6 +206,15 @@ fn mkfs_ext4(path: &Path, part: &Partition, contents: Option<&Path>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fat32_always_has_enough_clusters() {
+        for mib in [64u64, 128, 256, 512, 1024] {
+            let s = fat32_sectors_per_cluster(mib * MIB);
+            assert!(mib * MIB / (s * 512) >= 70_000, "{mib} MiB with {s} sectors per cluster");
+        }
+        assert_eq!(fat32_sectors_per_cluster(1024 * MIB), 8);
+    }
 
     #[test]
     fn layout_is_aligned_and_deterministic() {

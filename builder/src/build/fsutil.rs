@@ -1,13 +1,10 @@
 //! Filesystem helpers shared by the stages.
 
-use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::interrupt;
 
 /// Resolves `rel` inside the tree at `root` the way the booted system would: symlinks are
 /// followed with `root` as `/`, so nothing an image contains can redirect a write to the build
@@ -76,25 +73,53 @@ pub fn unmount_below(dir: &Path) -> Result<()> {
 }
 
 /// A work directory that is unmounted-below and removed when dropped, whatever happened.
-pub struct WorkDir(Option<tempfile::TempDir>);
+/// It holds a lock on itself while in use, so [`WorkDir::sweep_stale`] can tell the leftovers
+/// of a killed build (no lock holder) from the directory of a build still running.
+pub struct WorkDir {
+    dir: Option<tempfile::TempDir>,
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
+}
 
 impl WorkDir {
     pub fn new_in(parent: &Path, prefix: &str) -> Result<Self> {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        Self::sweep_stale(parent, prefix);
         let t = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(parent)
             .with_context(|| format!("creating a work directory in {}", parent.display()))?;
-        Ok(WorkDir(Some(t)))
+        let lock = fs::File::open(t.path())
+            .ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok());
+        Ok(WorkDir { dir: Some(t), _lock: lock })
     }
+
     pub fn path(&self) -> &Path {
-        self.0.as_ref().expect("present until drop").path()
+        self.dir.as_ref().expect("present until drop").path()
+    }
+
+    /// Removes directories named `prefix*` in `parent` that no running build holds: what a
+    /// build killed with SIGKILL (or a power cut) left behind.
+    pub fn sweep_stale(parent: &Path, prefix: &str) {
+        let Ok(entries) = fs::read_dir(parent) else { return };
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(prefix) || !e.path().is_dir() {
+                continue;
+            }
+            let Ok(f) = fs::File::open(e.path()) else { continue };
+            if let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                tracing::info!(dir = %e.path().display(), "removing what an interrupted build left behind");
+                if unmount_below(&e.path()).is_ok() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
+        if let Some(t) = self.dir.take() {
             match unmount_below(t.path()) {
                 Ok(()) => {
                     if let Err(e) = t.close() {
@@ -111,35 +136,27 @@ impl Drop for WorkDir {
     }
 }
 
-/// Copies `src` into `dst` at byte `offset`, skipping holes so the result stays sparse.
-pub fn copy_sparse_into(src: &Path, dst: &File, offset: u64) -> Result<()> {
-    let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    let len = f.metadata()?.len();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut pos: u64 = 0;
-    while pos < len {
-        interrupt::check()?;
-        let data = match lseek(&f, pos, nix::unistd::Whence::SeekData) {
-            Some(d) => d,
-            None => break, // only a hole remains
-        };
-        let hole = lseek(&f, data, nix::unistd::Whence::SeekHole).unwrap_or(len);
-        f.seek(SeekFrom::Start(data))?;
-        let mut at = data;
-        while at < hole {
-            let n = ((hole - at) as usize).min(buf.len());
-            f.read_exact(&mut buf[..n])?;
-            dst.write_all_at(&buf[..n], offset + at)?;
-            at += n as u64;
-        }
-        pos = hole;
+/// A tmpfs with room for `bytes` more (and memory to back it), for trees that are written
+/// and read once per build: unpacking and mkfs run several times faster there than on disk.
+/// `LABFORGE_NO_TMPFS=1` turns this off.
+pub fn fast_scratch(bytes: u64) -> Option<PathBuf> {
+    if std::env::var_os("LABFORGE_NO_TMPFS").is_some() {
+        return None;
     }
-    Ok(())
-}
-
-fn lseek(f: &File, pos: u64, whence: nix::unistd::Whence) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    nix::unistd::lseek(f.as_raw_fd(), pos as i64, whence).ok().map(|p| p as u64)
+    let shm = Path::new("/dev/shm");
+    let st = nix::sys::statvfs::statvfs(shm).ok()?;
+    let free = st.blocks_available() * st.fragment_size();
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    let available_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let margin = 2 << 30;
+    (free > bytes + margin && available_kib * 1024 > bytes + 2 * margin).then(|| shm.to_path_buf())
 }
 
 /// Bytes a tree needs on an ext4 filesystem, roughly: file data in 4 KiB blocks plus one inode
@@ -159,19 +176,26 @@ pub fn tree_usage(root: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// Writes `contents` to `path` via a temporary file and rename.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut t = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
-    t.write_all(contents)?;
-    t.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn stale_work_dirs_are_swept_but_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let live = WorkDir::new_in(d.path(), "build-").unwrap();
+        // What a SIGKILLed build leaves: a directory nobody holds.
+        let stale = d.path().join("build-stale");
+        fs::create_dir_all(stale.join("root/etc")).unwrap();
+        fs::write(stale.join("root/etc/x"), "x").unwrap();
+        WorkDir::sweep_stale(d.path(), "build-");
+        assert!(!stale.exists(), "stale dir removed");
+        assert!(live.path().exists(), "a running build's dir is kept");
+        let p = live.path().to_path_buf();
+        drop(live);
+        assert!(!p.exists(), "removed on drop");
+    }
 
     #[test]
     fn symlinks_resolve_inside_the_root() {
@@ -187,24 +211,5 @@ mod tests {
         assert_eq!(resolve_in_root(root, Path::new("escape/passwd")).unwrap(), root.join("etc/passwd"));
         // The last component is not followed.
         assert_eq!(resolve_in_root(root, Path::new("lib")).unwrap(), root.join("lib"));
-    }
-
-    #[test]
-    fn sparse_copy_keeps_data_and_holes() {
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("src");
-        let f = File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.write_all_at(b"head", 0).unwrap();
-        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-        let dst_path = d.path().join("dst");
-        let dst = File::create(&dst_path).unwrap();
-        dst.set_len(80 << 20).unwrap();
-        copy_sparse_into(&src, &dst, 1 << 20).unwrap();
-        let data = fs::read(&dst_path).unwrap();
-        assert_eq!(&data[1 << 20..(1 << 20) + 4], b"head");
-        assert_eq!(&data[(65 << 20) - 4..65 << 20], b"tail");
-        use std::os::unix::fs::MetadataExt;
-        assert!(fs::metadata(&dst_path).unwrap().blocks() * 512 < 8 << 20, "destination stayed sparse");
     }
 }

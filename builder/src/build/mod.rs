@@ -173,6 +173,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
             return Ok(Outcome { manifest: m, manifest_path, up_to_date: true });
         }
     }
+    // Only one build writes into an output directory at a time.
+    let out_lock = fs::File::open(&opts.out)
+        .with_context(|| format!("opening output directory {}", opts.out.display()))?;
+    let _out_lock = nix::fcntl::Flock::lock(out_lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("another labforge build is writing to {}; wait for it or use another --out", opts.out.display()))?;
     let staging = WorkDir::new_in(&opts.out, ".labforge-staging-").map_err(|e| {
         e.context(format!("output directory {} is not writable", opts.out.display()))
     })?;
@@ -184,7 +189,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let tar = stages.run("rootfs", "installing packages", || {
         rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path())
     })?;
-    let root = work.path().join("root");
+    // The unpacked tree is written once and read once: keep it in memory when there is room.
+    let fast = fsutil::fast_scratch(fs::metadata(&tar)?.len() + spec.disk.root_size.bytes())
+        .map(|dir| WorkDir::new_in(&dir, "labforge-root-"))
+        .transpose()?;
+    let root = fast.as_ref().map(|w| w.path()).unwrap_or(work.path()).join("root");
     stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root).map(|()| ((), false)))?;
     let packages = rootfs::installed_packages(&root)?;
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root).map(|n| (n, false)))?;
@@ -205,7 +214,10 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     // The unpacked tree is no longer needed; free the space before writing outputs.
     drop(fs::remove_dir_all(&root));
 
+    drop(fast);
+
     let mut files = Vec::new();
+    let mut known = Vec::new();
     stages.run("outputs", "compressing and mapping", || {
         let wants = |f| spec.outputs.contains(&f);
         std::thread::scope(|s| -> Result<()> {
@@ -225,7 +237,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
                 files.push(dst);
             }
             if let Some((dst, h)) = zst {
-                h.join().expect("zstd thread")?;
+                let (raw_sum, zst_sum) = h.join().expect("zstd thread")?;
+                known.push((raw.clone(), raw_sum));
+                known.push((dst.clone(), zst_sum));
                 files.push(dst);
             }
             Ok(())
@@ -237,7 +251,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         }
         Ok(((), false))
     })?;
-    let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files).map(|a| (a, false)))?;
+    let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known).map(|a| (a, false)))?;
 
     let manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
     let staged_manifest = staging.path().join(plan.manifest_file());

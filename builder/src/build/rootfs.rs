@@ -227,6 +227,8 @@ pub fn ensure(plan: &RootfsPlan, cache_dir: &Path, work: &Path) -> Result<(PathB
         .context("locking the rootfs cache entry")?;
     if tar.is_file() {
         tracing::info!(cache = %tar.display(), "rootfs: reusing cached root filesystem");
+        // The modification time records the last use, for pruning.
+        let _ = fs::File::options().append(true).open(&tar).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok((tar, true));
     }
     let tmp = work.join("mmdebstrap-tmp");
@@ -242,7 +244,33 @@ pub fn ensure(plan: &RootfsPlan, cache_dir: &Path, work: &Path) -> Result<(PathB
     crate::build::fsutil::unmount_below(&tmp)?;
     result.map_err(|e| explain_mmdebstrap_failure(e, plan))?;
     partial.persist(&tar).with_context(|| format!("storing {}", tar.display()))?;
+    prune(&dir, KEEP_ROOTFS);
     Ok((tar, false))
+}
+
+/// Root filesystems kept in the cache (each ~1 GB); the least recently used go first.
+const KEEP_ROOTFS: usize = 4;
+
+/// Removes all but the `keep` most recently used rootfs tarballs that no build is using.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut tars: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tar") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    tars.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, tar) in tars.into_iter().skip(keep) {
+        let lock = tar.with_extension("lock");
+        let Ok(f) = fs::File::create(&lock) else { continue };
+        // A build holding this entry's lock is using it: keep it.
+        if let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            tracing::info!(entry = %tar.display(), "pruning least recently used rootfs from the cache");
+            let _ = fs::remove_file(&tar);
+            let _ = fs::remove_file(&lock);
+        }
+    }
 }
 
 fn explain_mmdebstrap_failure(e: anyhow::Error, plan: &RootfsPlan) -> anyhow::Error {

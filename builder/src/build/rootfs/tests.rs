@@ -82,3 +82,20 @@ fn pins_become_apt_preferences_and_holds() {
     let cmd = p.command(Path::new("out.tar"), d.path(), &uploads).display();
     assert!(cmd.contains("apt-mark hold kubeadm kubelet"), "{cmd}");
 }
+
+#[test]
+fn prune_keeps_the_most_recently_used() {
+    let d = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now();
+    for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+        let p = d.path().join(format!("{name}.tar"));
+        fs::write(&p, name).unwrap();
+        let f = fs::File::options().append(true).open(&p).unwrap();
+        f.set_modified(now - std::time::Duration::from_secs(1000 * (3 - i as u64))).unwrap();
+    }
+    fs::write(d.path().join(".partial-x.tar"), "in progress").unwrap();
+    prune(d.path(), 2);
+    assert!(!d.path().join("old.tar").exists());
+    assert!(d.path().join("mid.tar").exists() && d.path().join("new.tar").exists());
+    assert!(d.path().join(".partial-x.tar").exists(), "another build's partial file is not touched");
+}
