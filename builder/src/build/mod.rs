@@ -111,7 +111,12 @@ impl Stages {
         Stages { timings: Vec::new(), bar }
     }
 
-    fn run<T>(&mut self, name: &'static str, what: &str, f: impl FnOnce() -> Result<(T, bool)>) -> Result<T> {
+    fn run<T>(&mut self, name: &'static str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.run_cached(name, what, || f().map(|v| (v, false)))
+    }
+
+    /// Like `run`, for a stage that may be served from the cache (`f` says whether it was).
+    fn run_cached<T>(&mut self, name: &'static str, what: &str, f: impl FnOnce() -> Result<(T, bool)>) -> Result<T> {
         interrupt::check()?;
         match &self.bar {
             Some(b) => b.set_message(format!("{name}: {what}")),
@@ -186,7 +191,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let mut stages = Stages::new();
     let spec = &plan.spec;
 
-    let tar = stages.run("rootfs", "installing packages", || {
+    let tar = stages.run_cached("rootfs", "installing packages", || {
         rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path())
     })?;
     // The unpacked tree is written once and read once: keep it in memory when there is room.
@@ -194,22 +199,22 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         .map(|dir| WorkDir::new_in(&dir, "labforge-root-"))
         .transpose()?;
     let root = fast.as_ref().map(|w| w.path()).unwrap_or(work.path()).join("root");
-    stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root).map(|()| ((), false)))?;
+    stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root))?;
     let packages = rootfs::installed_packages(&root)?;
-    stages.run("overlays", "applying overlays", || overlays::apply(spec, &root).map(|n| (n, false)))?;
-    stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent).map(|()| ((), false)))?;
-    stages.run("system", "users, fstab, security checks", || system::configure(spec, &root).map(|()| ((), false)))?;
+    stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
+    stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent))?;
+    stages.run("system", "users, fstab, security checks", || system::configure(spec, &root))?;
 
     let layout = disk::Layout::new(spec, &plan.input_hash);
     let kernel = boot::find_kernel(&root)?;
     let uki = work.path().join("uki.efi");
     stages.run("boot", "assembling the UKI", || {
-        boot::build_uki(&root, &kernel, &disk::cmdline(&layout, spec), work.path(), &uki).map(|()| ((), false))
+        boot::build_uki(&root, &kernel, &disk::cmdline(&layout, spec), work.path(), &uki)
     })?;
     let raw = staging.path().join(plan.file(OutputFormat::Raw));
     stages.run("disk", "making filesystems and the GPT disk", || {
         disk::check_root_fits(&root, &layout)?;
-        disk::assemble(&layout, &root, &uki, work.path(), &raw).map(|()| ((), false))
+        disk::assemble(&layout, &root, &uki, work.path(), &raw)
     })?;
     // The unpacked tree is no longer needed; free the space before writing outputs.
     drop(fs::remove_dir_all(&root));
@@ -249,9 +254,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         } else {
             fs::remove_file(&raw)?;
         }
-        Ok(((), false))
+        Ok(())
     })?;
-    let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known).map(|a| (a, false)))?;
+    let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known))?;
 
     let manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
     let staged_manifest = staging.path().join(plan.manifest_file());
