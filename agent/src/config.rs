@@ -1,19 +1,29 @@
-//! The node config baked into every image at `/etc/labforge/cluster.toml`.
+//! The node config baked into every image at `/etc/labforge/cluster.toml`, and the layers that
+//! override it on a node: defaults ← baked file ← kernel command line (`labforge.*`) ← the
+//! optional config partition labelled `LABFORGE` on the boot media.
 //!
-//! The builder writes it from the image spec; the agent reads it at boot. This module owns the
-//! schema so both sides agree on it.
+//! The builder writes the baked file from the image spec; the agent reads it at boot. This
+//! module owns the schema so both sides agree on it; the spec's `[cluster]` and `[kubernetes]`
+//! tables are these types.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::election::RolePolicy;
 
 /// Where the builder bakes the node config and the agent reads it.
 pub const DEFAULT_PATH: &str = "/etc/labforge/cluster.toml";
+/// Where the builder bakes the cluster secret (mode 0600).
+pub const SECRET_PATH: &str = "/etc/labforge/cluster.secret";
 /// The only config schema version this agent reads.
 pub const SCHEMA_VERSION: u32 = 1;
-/// TCP port of `GET /status` and `GET /metrics`.
+/// TCP port of `GET /status`, `GET /metrics` and the join-info exchange.
 pub const STATUS_PORT: u16 = 9743;
+/// UDP port of discovery beacons.
+pub const BEACON_PORT: u16 = 9744;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -30,6 +40,55 @@ pub struct NodeConfig {
     /// Directory holding the agent's state (the state partition is mounted here).
     #[serde(default = "default_state_dir")]
     pub state_dir: String,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// How nodes find each other and choose a master. The spec's `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// Cluster name (kubeadm `clusterName`, and the API endpoint's host name prefix).
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// NIC that carries the cluster LAN: `auto` (first wired NIC with an IPv4 address) or a name.
+    #[serde(default = "default_auto")]
+    pub lan_interface: String,
+    /// `auto`, `master` or `worker`. Usually set per node on the kernel command line
+    /// (`labforge.role=master`) or the config partition.
+    #[serde(default)]
+    pub role: RolePolicy,
+    /// Nodes that must be seen before a master is elected.
+    #[serde(default = "default_minimum_nodes")]
+    pub minimum_nodes: usize,
+    /// Seconds to listen for peers after boot before electing (at least twice the beacon
+    /// interval plus network delay).
+    #[serde(default = "default_settle")]
+    pub settle_seconds: u64,
+    /// Nodes preferred as master, best first, by MAC address or `/dev/disk/by-id/...` path.
+    #[serde(default)]
+    pub master_priority: Vec<String>,
+    /// Pod network CIDR.
+    #[serde(default = "default_pod_cidr")]
+    pub pod_cidr: String,
+    /// Service network CIDR.
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+}
+
+/// Whether this image runs kubeadm. The spec's `[kubernetes]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KubernetesConfig {
+    /// Run kubeadm init/join. `false` for images without kubeadm: the node still discovers,
+    /// elects and reports `kubernetes: disabled`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `kubernetesVersion` for kubeadm (e.g. `v1.31.4`); empty: kubeadm's own version.
+    #[serde(default)]
+    pub version: String,
 }
 
 fn default_hostname() -> String {
@@ -41,6 +100,69 @@ fn default_port() -> u16 {
 fn default_state_dir() -> String {
     "/var/lib/labforge".into()
 }
+fn default_cluster_name() -> String {
+    "labforge".into()
+}
+fn default_auto() -> String {
+    "auto".into()
+}
+fn default_minimum_nodes() -> usize {
+    1
+}
+fn default_settle() -> u64 {
+    20
+}
+fn default_pod_cidr() -> String {
+    "10.244.0.0/16".into()
+}
+fn default_service_cidr() -> String {
+    "10.96.0.0/12".into()
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig { enabled: false, version: String::new() }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks values a typo could break; used by the builder on the spec and by the agent on
+    /// every layer.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty()
+            || self.name.len() > 40
+            || !self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            bail!("cluster name {:?} must be 1-40 lowercase letters, digits or '-'", self.name);
+        }
+        if self.minimum_nodes == 0 {
+            bail!("minimum-nodes must be at least 1");
+        }
+        if self.settle_seconds < 3 {
+            bail!("settle-seconds must be at least 3 (two beacon intervals and then some)");
+        }
+        for cidr in [&self.pod_cidr, &self.service_cidr] {
+            parse_cidr(cidr)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8)> {
+    let (ip, len) = s.split_once('/').with_context(|| format!("{s:?} is not a CIDR such as 10.244.0.0/16"))?;
+    let ip: std::net::IpAddr = ip.parse().with_context(|| format!("{s:?} is not a CIDR"))?;
+    let len: u8 = len.parse().with_context(|| format!("{s:?} is not a CIDR"))?;
+    if len > if ip.is_ipv4() { 32 } else { 128 } {
+        bail!("{s:?} has a prefix length out of range");
+    }
+    Ok((ip, len))
+}
 
 impl NodeConfig {
     pub fn new(image: &str, hostname: &str) -> Self {
@@ -50,6 +172,8 @@ impl NodeConfig {
             hostname: hostname.to_string(),
             status_port: STATUS_PORT,
             state_dir: default_state_dir(),
+            cluster: ClusterConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 
@@ -68,11 +192,78 @@ impl NodeConfig {
         }
         render_hostname(&cfg.hostname, "000000000000", "00000000000000000000000000000000")
             .with_context(|| format!("checking hostname pattern in {}", path.display()))?;
+        cfg.cluster.validate().with_context(|| format!("checking [cluster] in {}", path.display()))?;
         Ok(cfg)
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("node config serialises")
+    }
+
+    /// Applies `labforge.*` keys from a kernel command line. Unknown keys and bad values are
+    /// reported (one warning each) and ignored: a typo on one node's command line must not
+    /// stop it from booting.
+    pub fn apply_cmdline(&mut self, cmdline: &str) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for word in cmdline.split_whitespace() {
+            let Some(kv) = word.strip_prefix("labforge.") else { continue };
+            let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+            if let Err(e) = self.set(key, value) {
+                warnings.push(format!("ignoring kernel command line option labforge.{kv}: {e:#}"));
+            }
+        }
+        warnings
+    }
+
+    /// Applies a config-partition `labforge.toml`: the same keys as `[cluster]`, plus
+    /// `hostname`. Errors name the problem; the caller ignores the whole file on error.
+    pub fn apply_partition_toml(&mut self, text: &str) -> Result<()> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        struct Overlay {
+            hostname: Option<String>,
+            #[serde(default)]
+            cluster: toml::Table,
+        }
+        let o: Overlay = toml::from_str(text).context("parsing labforge.toml")?;
+        let mut merged = self.clone();
+        if let Some(h) = o.hostname {
+            render_hostname(&h, "000000000000", "0")?;
+            merged.hostname = h;
+        }
+        let mut table = toml::Table::try_from(&merged.cluster).expect("serialises");
+        table.extend(o.cluster);
+        merged.cluster = table.try_into().context("reading [cluster] in labforge.toml")?;
+        merged.cluster.validate()?;
+        *self = merged;
+        Ok(())
+    }
+
+    /// Sets one `labforge.<key>` value.
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let mut next = self.clone();
+        match key {
+            "role" => {
+                next.cluster.role = match value {
+                    "auto" => RolePolicy::Auto,
+                    "master" => RolePolicy::Master,
+                    "worker" => RolePolicy::Worker,
+                    _ => bail!("role must be auto, master or worker"),
+                }
+            }
+            "minimum-nodes" => next.cluster.minimum_nodes = value.parse().context("not a number")?,
+            "settle-seconds" => next.cluster.settle_seconds = value.parse().context("not a number")?,
+            "lan-interface" => next.cluster.lan_interface = value.to_string(),
+            "cluster-name" => next.cluster.name = value.to_string(),
+            "hostname" => {
+                render_hostname(value, "000000000000", "0")?;
+                next.hostname = value.to_string();
+            }
+            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname"),
+        }
+        next.cluster.validate()?;
+        *self = next;
+        Ok(())
     }
 }
 
@@ -128,8 +319,36 @@ mod tests {
         let cfg = NodeConfig::new("demo", "lab-{mac}");
         std::fs::write(&p, cfg.to_toml()).unwrap();
         assert_eq!(NodeConfig::load(&p).unwrap(), cfg);
-        std::fs::write(&p, format!("{}colour = 1\n", cfg.to_toml())).unwrap();
+        std::fs::write(&p, format!("colour = 1\n{}", cfg.to_toml())).unwrap();
         let err = format!("{:#}", NodeConfig::load(&p).unwrap_err());
         assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn cmdline_overrides_and_bad_keys_are_reported_not_fatal() {
+        let mut cfg = NodeConfig::new("demo", "lab-{mac}");
+        let warnings = cfg.apply_cmdline(
+            "root=PARTUUID=x quiet labforge.role=master labforge.minimum-nodes=3 labforge.colour=red labforge.role=boss labforge.settle-seconds=1",
+        );
+        assert_eq!(cfg.cluster.role, RolePolicy::Master);
+        assert_eq!(cfg.cluster.minimum_nodes, 3);
+        assert_eq!(cfg.cluster.settle_seconds, 20, "an invalid value leaves the old one");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].contains("labforge.colour=red") && warnings[0].contains("unknown option"));
+        assert!(warnings[1].contains("auto, master or worker"));
+        assert!(warnings[2].contains("at least 3"));
+    }
+
+    #[test]
+    fn config_partition_overrides_cluster_keys() {
+        let mut cfg = NodeConfig::new("demo", "lab-{mac}");
+        cfg.apply_partition_toml("hostname = \"room1-{mac}\"\n[cluster]\nrole = \"worker\"\nminimum-nodes = 4\n").unwrap();
+        assert_eq!(cfg.hostname, "room1-{mac}");
+        assert_eq!(cfg.cluster.role, RolePolicy::Worker);
+        assert_eq!(cfg.cluster.minimum_nodes, 4);
+        let before = cfg.clone();
+        assert!(cfg.apply_partition_toml("[cluster]\nminimum-nodes = 0\n").is_err());
+        assert!(cfg.apply_partition_toml("[cluster]\nbogus = 1\n").is_err());
+        assert_eq!(cfg, before, "a bad file changes nothing");
     }
 }

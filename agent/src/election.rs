@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub type NodeId = String;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RolePolicy {
     #[default]

@@ -3,8 +3,13 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod election;
 pub mod inventory;
+pub mod join;
+pub mod kubeadm;
+pub mod secret;
+pub mod state;
 pub mod status;
 
 /// The systemd unit the builder installs for the agent.

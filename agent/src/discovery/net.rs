@@ -1,0 +1,123 @@
+//! Beacons on the wire: one UDP socket bound to the LAN interface, a sender that broadcasts
+//! this node's beacon every interval, a receiver that verifies datagrams and keeps the peers.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::net::UdpSocket;
+
+use super::beacon::{encode, Beacon, Rejection, Verifier, MAX_DATAGRAM};
+use crate::secret::Secret;
+
+/// Counters exported on /metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub malformed: AtomicU64,
+    pub bad_mac: AtomicU64,
+    pub stale: AtomicU64,
+    pub replay: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+impl Counters {
+    fn reject(&self, r: Rejection) {
+        let c = match r {
+            Rejection::Malformed => &self.malformed,
+            Rejection::BadMac => &self.bad_mac,
+            Rejection::Stale => &self.stale,
+            Rejection::Replay => &self.replay,
+            Rejection::Own => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A peer as last heard.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub beacon: Beacon,
+    /// Where its beacon came from: the address to reach it at.
+    pub from: IpAddr,
+    pub heard: Instant,
+}
+
+pub type Peers = Arc<Mutex<HashMap<String, Peer>>>;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Binds the beacon socket: broadcast allowed, address shared (several agents in tests), and
+/// tied to `interface` when given so beacons stay on the cluster LAN.
+pub fn bind(addr: SocketAddr, interface: Option<&str>) -> Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("creating beacon socket")?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_broadcast(true)?;
+    if let Some(i) = interface {
+        s.bind_device(Some(i.as_bytes())).with_context(|| format!("binding beacon socket to {i}"))?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).with_context(|| format!("binding beacon socket on {addr}"))?;
+    UdpSocket::from_std(s.into()).context("registering beacon socket")
+}
+
+/// Receives beacons until the task is dropped.
+pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers, counters: Arc<Counters>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut last_warn = Instant::now() - Duration::from_secs(60);
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+        match verifier.check(&buf[..n], now_ms()) {
+            Ok(b) => {
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                let id = b.node.id.clone();
+                peers.lock().expect("peers lock").insert(id, Peer { beacon: b, from: from.ip(), heard: Instant::now() });
+            }
+            Err(r) => {
+                counters.reject(r);
+                // One line per 10 s at most: a flood must not flood the journal too.
+                if r != Rejection::Own && last_warn.elapsed() >= Duration::from_secs(10) {
+                    tracing::warn!(%from, reason = r.label(), "dropped a beacon");
+                    last_warn = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Sends `beacon()` to `dest` every `interval` until the task is dropped.
+pub async fn send(
+    sock: Arc<UdpSocket>,
+    dest: SocketAddr,
+    secret: Secret,
+    interval: Duration,
+    counters: Arc<Counters>,
+    beacon: impl Fn() -> Beacon,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let wire = encode(&beacon(), &secret);
+        match sock.send_to(&wire, dest).await {
+            Ok(_) => {
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(%dest, "sending beacon: {e}"),
+        }
+    }
+}
+
+/// Peers heard within `max_age`.
+pub fn fresh(peers: &Peers, max_age: Duration) -> Vec<Peer> {
+    let mut out: Vec<Peer> =
+        peers.lock().expect("peers lock").values().filter(|p| p.heard.elapsed() <= max_age).cloned().collect();
+    out.sort_by(|a, b| a.beacon.node.id.cmp(&b.beacon.node.id));
+    out
+}

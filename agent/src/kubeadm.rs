@@ -1,0 +1,217 @@
+//! Everything the agent asks of kubeadm: the config files it generates (kubeadm.k8s.io/v1beta4,
+//! written as JSON, which YAML parsers read as YAML), the argv it runs, and what it reads back
+//! (the CA public-key hash). The `kubeadm` program is found on PATH.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::ClusterConfig;
+
+pub const API_PORT: u16 = 6443;
+pub const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
+pub const CA_CERT: &str = "/etc/kubernetes/pki/ca.crt";
+/// Present once kubelet is configured (after init or join).
+pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+pub const TOKEN_TTL_SECS: u64 = 24 * 3600;
+
+/// The stable name of the API endpoint; every node maps it to the master in /etc/hosts.
+pub fn endpoint_host(cluster: &ClusterConfig) -> String {
+    format!("{}-api", cluster.name)
+}
+
+pub fn endpoint(cluster: &ClusterConfig) -> String {
+    format!("{}:{API_PORT}", endpoint_host(cluster))
+}
+
+/// A fresh bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}`.
+pub fn new_token() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut b = [0u8; 22];
+    getrandom::getrandom(&mut b).expect("random bytes");
+    let s: String = b.iter().map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char).collect();
+    format!("{}.{}", &s[..6], &s[6..])
+}
+
+pub struct InitParams<'a> {
+    pub cluster: &'a ClusterConfig,
+    pub kubernetes_version: &'a str,
+    pub node_name: &'a str,
+    pub node_ip: &'a str,
+    pub token: &'a str,
+}
+
+/// `InitConfiguration` + `ClusterConfiguration` + `KubeletConfiguration`, as a multi-document
+/// file.
+pub fn init_config(p: &InitParams) -> String {
+    let init = json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "InitConfiguration",
+        "bootstrapTokens": [{
+            "token": p.token,
+            "ttl": format!("{}h0m0s", TOKEN_TTL_SECS / 3600),
+            "usages": ["signing", "authentication"],
+            "groups": ["system:bootstrappers:kubeadm:default-node-token"],
+        }],
+        "nodeRegistration": {
+            "name": p.node_name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": p.node_ip}],
+        },
+        "localAPIEndpoint": {"advertiseAddress": p.node_ip, "bindPort": API_PORT},
+    });
+    let mut cluster = json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "clusterName": p.cluster.name,
+        "controlPlaneEndpoint": endpoint(p.cluster),
+        "networking": {"podSubnet": p.cluster.pod_cidr, "serviceSubnet": p.cluster.service_cidr},
+        "apiServer": {"certSANs": [endpoint_host(p.cluster), p.node_ip]},
+    });
+    if !p.kubernetes_version.is_empty() {
+        cluster["kubernetesVersion"] = Value::from(p.kubernetes_version);
+    }
+    let kubelet = json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "cgroupDriver": "systemd",
+    });
+    [init, cluster, kubelet]
+        .iter()
+        .map(|d| serde_json::to_string_pretty(d).expect("json"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        + "\n"
+}
+
+pub fn init_argv(config: &Path) -> Vec<String> {
+    vec!["init".into(), "--config".into(), config.display().to_string()]
+}
+
+pub fn join_argv(endpoint: &str, token: &str, ca_hash: &str, node_name: &str) -> Vec<String> {
+    [
+        "join", endpoint, "--token", token, "--discovery-token-ca-cert-hash", ca_hash, "--node-name", node_name,
+        "--cri-socket", CRI_SOCKET,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+pub fn token_create_argv(token: &str) -> Vec<String> {
+    ["token", "create", token, "--ttl", &format!("{TOKEN_TTL_SECS}s")].iter().map(|s| s.to_string()).collect()
+}
+
+/// `sha256:<hex>` of the CA certificate's SubjectPublicKeyInfo, the value kubeadm's
+/// `--discovery-token-ca-cert-hash` pins.
+pub fn ca_cert_hash(pem: &[u8]) -> Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow::anyhow!("reading CA certificate PEM: {e}"))?;
+    let cert = pem.parse_x509().map_err(|e| anyhow::anyhow!("parsing CA certificate: {e}"))?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(cert.public_key().raw))))
+}
+
+/// Runs `kubeadm` with `argv`, returning stdout; the error carries the tail of stderr.
+pub fn run(argv: &[String]) -> Result<String> {
+    tracing::info!(argv = %argv.join(" "), "running kubeadm");
+    let out = Command::new(kubeadm_path()).args(argv).output().context("starting kubeadm")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("`kubeadm {}` failed ({}):\n{}", argv.join(" "), out.status, tail.join("\n"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubeadm_path() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("kubeadm")).find(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/kubeadm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(text: &str) -> Vec<Value> {
+        text.split("\n---\n").map(|d| serde_json::from_str(d).unwrap()).collect()
+    }
+
+    #[test]
+    fn init_config_fields() {
+        let mut cluster = ClusterConfig::default();
+        cluster.name = "lab".into();
+        let text = init_config(&InitParams {
+            cluster: &cluster,
+            kubernetes_version: "v1.31.4",
+            node_name: "lab-123456",
+            node_ip: "10.77.0.11",
+            token: "abcdef.0123456789abcdef",
+        });
+        let d = docs(&text);
+        assert_eq!(d.len(), 3);
+        let init = &d[0];
+        assert_eq!(init["apiVersion"], "kubeadm.k8s.io/v1beta4");
+        assert_eq!(init["kind"], "InitConfiguration");
+        assert_eq!(init["bootstrapTokens"][0]["token"], "abcdef.0123456789abcdef");
+        assert_eq!(init["bootstrapTokens"][0]["ttl"], "24h0m0s");
+        assert_eq!(init["nodeRegistration"]["name"], "lab-123456");
+        assert_eq!(init["nodeRegistration"]["criSocket"], CRI_SOCKET);
+        assert_eq!(init["nodeRegistration"]["kubeletExtraArgs"][0]["name"], "node-ip");
+        assert_eq!(init["nodeRegistration"]["kubeletExtraArgs"][0]["value"], "10.77.0.11");
+        assert_eq!(init["localAPIEndpoint"]["advertiseAddress"], "10.77.0.11");
+        assert_eq!(init["localAPIEndpoint"]["bindPort"], 6443);
+        let cc = &d[1];
+        assert_eq!(cc["kind"], "ClusterConfiguration");
+        assert_eq!(cc["clusterName"], "lab");
+        assert_eq!(cc["controlPlaneEndpoint"], "lab-api:6443");
+        assert_eq!(cc["kubernetesVersion"], "v1.31.4");
+        assert_eq!(cc["networking"]["podSubnet"], "10.244.0.0/16");
+        assert_eq!(cc["networking"]["serviceSubnet"], "10.96.0.0/12");
+        assert_eq!(cc["apiServer"]["certSANs"][0], "lab-api");
+        assert_eq!(d[2]["kind"], "KubeletConfiguration");
+        assert_eq!(d[2]["cgroupDriver"], "systemd");
+    }
+
+    #[test]
+    fn tokens_have_kubeadms_shape() {
+        let t = new_token();
+        let (a, b) = t.split_once('.').unwrap();
+        assert_eq!((a.len(), b.len()), (6, 16));
+        assert!(t.chars().all(|c| c == '.' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_ne!(new_token(), t);
+    }
+
+    #[test]
+    fn join_argv_pins_the_ca() {
+        let argv = join_argv("lab-api:6443", "abcdef.0123456789abcdef", "sha256:ab", "w1");
+        assert_eq!(argv[..2], ["join".to_string(), "lab-api:6443".to_string()]);
+        let pos = argv.iter().position(|a| a == "--discovery-token-ca-cert-hash").unwrap();
+        assert_eq!(argv[pos + 1], "sha256:ab");
+    }
+
+    #[test]
+    fn ca_hash_matches_openssl() {
+        // A CA made by openssl, hashed the way kubeadm's docs do it with openssl.
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("ca.key");
+        let crt = d.path().join("ca.crt");
+        let ok = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kubernetes", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        let pipeline = format!(
+            "openssl x509 -pubkey -in {} | openssl pkey -pubin -outform der | sha256sum",
+            crt.display()
+        );
+        let out = Command::new("sh").arg("-c").arg(&pipeline).output().unwrap();
+        let want = format!("sha256:{}", &String::from_utf8_lossy(&out.stdout)[..64]);
+        assert_eq!(ca_cert_hash(&std::fs::read(&crt).unwrap()).unwrap(), want);
+    }
+}
