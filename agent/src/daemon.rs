@@ -1,59 +1,503 @@
-//! `labforge-agent run`: the boot-time daemon.
+//! `labforge-agent run`: the boot-time daemon. Reads its config layers, takes the inventory,
+//! then discovers peers, takes part in the election and brings the node into the cluster,
+//! printing a `labforge-status` console line at every phase change.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
 use tokio::sync::RwLock;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::{render_hostname, NodeConfig};
+use crate::config::{render_hostname, NodeConfig, BEACON_PORT, SECRET_PATH};
+use crate::discovery::beacon::{Beacon, DiskSummary};
+use crate::discovery::net::{self, Counters, Peers};
+use crate::election::{self, Allegiance, Decision, NodeView, Params};
 use crate::inventory::{Inventory, Roots};
-use crate::status::{self, Status, StateVolume};
+use crate::join::{self, JoinInfo};
+use crate::kubeadm;
+use crate::node;
+use crate::secret::Secret;
+use crate::state::{State, Store};
+use crate::status::{self, PeerStatus, Shared, StateVolume, Status};
+
+/// How often beacons go out and the election is re-evaluated.
+const TICK: Duration = Duration::from_secs(1);
+/// Peers not heard for this long drop out of the view.
+const PEER_TIMEOUT: Duration = Duration::from_secs(6);
 
 pub fn run(config_path: &Path) -> Result<()> {
-    let cfg = NodeConfig::load(config_path)?;
+    let mut cfg = NodeConfig::load(config_path)?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for w in cfg.apply_cmdline(&cmdline) {
+        warn!("{w}");
+    }
+    let mut partition_secret = None;
+    match node::read_config_partition() {
+        Ok(Some(p)) => {
+            info!(device = %p.device, "found config partition");
+            if let Some(t) = &p.labforge_toml {
+                if let Err(e) = cfg.apply_partition_toml(t) {
+                    error!("ignoring labforge.toml on {}: {e:#}", p.device);
+                }
+            }
+            partition_secret = p.cluster_secret;
+        }
+        Ok(None) => {}
+        Err(e) => warn!("reading the config partition: {e:#}"),
+    }
+    // The config partition's secret wins (a stick can carry a site-wide secret); the baked
+    // one is the default. Without either, the node will not form a cluster.
+    let secret = match partition_secret {
+        Some(text) => Secret::parse(&text).context("cluster.secret on the config partition"),
+        None => Secret::load(Path::new(SECRET_PATH)),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting async runtime")?;
-    runtime.block_on(run_async(cfg))
+    runtime.block_on(Agent::start(cfg, secret)?.run())
 }
 
-async fn run_async(cfg: NodeConfig) -> Result<()> {
-    let roots = Roots::default();
-    let inventory = Inventory::take(&roots, &kernel_addresses)?;
-    apply_hostname(&cfg, &inventory);
-    // Take it again so the reported hostname is the one just set.
-    let inventory = Inventory::take(&roots, &kernel_addresses)?;
-    info!(nics = inventory.nics.len(), disks = inventory.disks.len(), "took inventory");
+struct Agent {
+    cfg: NodeConfig,
+    secret: Option<Secret>,
+    store: Store,
+    state: State,
+    shared: Arc<Shared>,
+    /// What our beacons say about us; updated only after the state holding it is saved.
+    announced: Arc<Mutex<Allegiance>>,
+    peers: Peers,
+    counters: Arc<Counters>,
+    inventory: Inventory,
+    started: Instant,
+    lan: Option<node::Lan>,
+    phase: String,
+}
 
-    let status = Status {
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        image: cfg.image.clone(),
-        phase: "inventoried".into(),
-        node: inventory,
-        state: state_volume(&cfg.state_dir),
-    };
-    let shared = Arc::new(RwLock::new(status.clone()));
-    let addr = SocketAddr::from(([0, 0, 0, 0], cfg.status_port));
-    let server = tokio::spawn(status::serve(addr, shared.clone()));
-    status.announce();
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        warn!("telling systemd we are ready: {e}");
+impl Agent {
+    fn start(cfg: NodeConfig, secret: Result<Secret>) -> Result<Self> {
+        let store = Store::new(Path::new(&cfg.state_dir));
+        let mut state = store.load()?;
+        state.boots += 1;
+        store.save(&state)?;
+        let roots = Roots::default();
+        let inventory = Inventory::take(&roots, &kernel_addresses)?;
+        apply_hostname(&cfg, &inventory);
+        let inventory = Inventory::take(&roots, &kernel_addresses)?;
+        info!(nics = inventory.nics.len(), disks = inventory.disks.len(), boots = state.boots, "took inventory");
+        let (secret, message) = match secret {
+            Ok(s) => (Some(s), String::new()),
+            Err(e) => (
+                None,
+                format!(
+                    "{e:#}. This node will not form or join a cluster: put a secret made with `labforge secret new` in {SECRET_PATH} (mode 0600) or as cluster.secret on a FAT partition labelled LABFORGE"
+                ),
+            ),
+        };
+        let status = Status {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            image: cfg.image.clone(),
+            node_id: inventory.machine_id.clone(),
+            phase: "starting".into(),
+            role: "undecided".into(),
+            cluster_uid: None,
+            master_address: None,
+            kubernetes: if cfg.kubernetes.enabled { "enabled" } else { "disabled" }.into(),
+            join_info_sha256: None,
+            message,
+            peers: Vec::new(),
+            node: inventory.clone(),
+            state: state_volume(&cfg.state_dir),
+            counters: Default::default(),
+        };
+        let shared = Arc::new(Shared {
+            status: RwLock::new(status),
+            join_info: RwLock::new(None),
+            join_server: join::Server::default(),
+            secret: secret.clone(),
+            join_served: Default::default(),
+            join_rejected: Default::default(),
+        });
+        Ok(Agent {
+            announced: Arc::new(Mutex::new(state.allegiance.clone())),
+            cfg,
+            secret,
+            store,
+            state,
+            shared,
+            peers: Default::default(),
+            counters: Default::default(),
+            inventory,
+            started: Instant::now(),
+            lan: None,
+            phase: String::new(),
+        })
     }
-    info!(%addr, "serving status");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = server => r.context("status server task")??,
-        _ = term.recv() => info!("stopping on SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("stopping on SIGINT"),
+    async fn run(mut self) -> Result<()> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], self.cfg.status_port));
+        let server = tokio::spawn(status::serve(addr, self.shared.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing SIGTERM handler")?;
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            warn!("telling systemd we are ready: {e}");
+        }
+        if self.secret.is_none() {
+            let msg = self.shared.status.read().await.message.clone();
+            error!("{msg}");
+            self.set_phase("needs-secret", &msg).await;
+        } else {
+            self.set_phase("discovering", "waiting for the LAN").await;
+        }
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = term.recv() => { info!("stopping on SIGTERM"); break; }
+            }
+            if server.is_finished() {
+                return server.await.context("status server task")?;
+            }
+            if self.secret.is_none() {
+                continue;
+            }
+            if let Err(e) = self.step().await {
+                error!("{e:#}");
+                self.set_phase("error", &format!("{e:#}")).await;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// One round: make sure discovery runs, then decide and act.
+    async fn step(&mut self) -> Result<()> {
+        if self.lan.is_none() {
+            let Some(lan) = node::lan(&self.cfg.cluster.lan_interface, &self.inventory) else {
+                return Ok(()); // no address yet (DHCP still running)
+            };
+            self.start_discovery(&lan)?;
+            info!(interface = %lan.interface, address = %lan.address, "cluster LAN is up");
+            self.started = Instant::now();
+            self.lan = Some(lan);
+        }
+        self.refresh_status().await;
+        let peers = net::fresh(&self.peers, PEER_TIMEOUT);
+        let me = self.view();
+        let views: Vec<NodeView> = peers.iter().map(|p| p.beacon.node.clone()).collect();
+        let params = Params {
+            minimum_nodes: self.cfg.cluster.minimum_nodes,
+            settle: Duration::from_secs(self.cfg.cluster.settle_seconds),
+        };
+        let decision = election::decide(&me, &views, self.started.elapsed(), &params);
+        let address_of = |id: &str| {
+            peers.iter().find(|p| p.beacon.node.id == id).map(|p| format!("{}:{}", p.from, p.beacon.port))
+        };
+        match decision {
+            Decision::Wait { reason } => {
+                let phase = if self.started.elapsed() < params.settle { "discovering" } else { "electing" };
+                self.set_phase(phase, &reason).await;
+            }
+            Decision::Claim => {
+                let uid = random_uid();
+                info!(%uid, "claiming mastership");
+                self.persist(Allegiance::Master { uid, committed: false })?;
+                self.set_phase("electing", "claimed mastership; waiting for followers").await;
+            }
+            Decision::Commit => {
+                let uid = self.state.allegiance.uid().expect("a claim").to_string();
+                info!(%uid, "committing: this node is the master");
+                self.persist(Allegiance::Master { uid, committed: true })?;
+                self.lead().await?;
+            }
+            Decision::Lead => self.lead().await?,
+            Decision::Yield { uid, master } => {
+                warn!(%uid, %master, "giving up our uncommitted claim for a better one");
+                self.persist(Allegiance::Follower { uid, master })?;
+            }
+            Decision::Follow { uid, master, ready } => {
+                let want = Allegiance::Follower { uid: uid.clone(), master: master.clone() };
+                if self.state.allegiance != want {
+                    info!(%uid, %master, "following");
+                    self.persist(want)?;
+                }
+                match (ready, address_of(&master)) {
+                    (true, Some(addr)) => self.follow(&uid, &addr).await?,
+                    _ if self.state.joined => self.set_phase("ready", "joined; master not in sight").await,
+                    _ => self.set_phase("waiting-for-master", &format!("waiting for {master} to lead cluster {uid}")).await,
+                }
+            }
+            Decision::Conflict { uid, master, reason } => {
+                if self.phase != "conflict" {
+                    error!("{reason}");
+                }
+                self.persist(Allegiance::Refused { uid, master })?;
+                self.set_phase("conflict", &reason).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_discovery(&self, lan: &node::Lan) -> Result<()> {
+        let secret = self.secret.clone().expect("checked");
+        let sock = Arc::new(net::bind(SocketAddr::from(([0, 0, 0, 0], BEACON_PORT)), Some(&lan.interface))?);
+        let verifier = crate::discovery::Verifier::new(secret.clone(), &self.inventory.machine_id);
+        tokio::spawn(net::receive(sock.clone(), verifier, self.peers.clone(), self.counters.clone()));
+        let dest = SocketAddr::from((lan.broadcast, BEACON_PORT));
+        let announced = self.announced.clone();
+        let base = Beacon {
+            node: self.view(),
+            hostname: self.inventory.hostname.clone(),
+            addresses: vec![lan.address.to_string()],
+            term: self.state.boots,
+            disks: DiskSummary {
+                count: self.inventory.disks.len(),
+                total_bytes: self.inventory.disks.iter().map(|d| d.size_bytes).sum(),
+            },
+            port: self.cfg.status_port,
+            ts_ms: 0,
+            nonce: String::new(),
+        };
+        tokio::spawn(net::send(sock, dest, secret, TICK, self.counters.clone(), move || {
+            let mut b = base.clone();
+            b.node.allegiance = announced.lock().expect("announced lock").clone();
+            b.ts_ms = net::now_ms();
+            b.nonce = random_uid();
+            b
+        }));
+        Ok(())
+    }
+
+    fn view(&self) -> NodeView {
+        NodeView {
+            id: self.inventory.machine_id.clone(),
+            priority: priority(&self.cfg.cluster.master_priority, &self.inventory),
+            policy: self.cfg.cluster.role,
+            allegiance: self.state.allegiance.clone(),
+        }
+    }
+
+    /// Saves the new allegiance, then lets the beacons announce it (never the other way
+    /// round: a power cut must not lose what peers were told).
+    fn persist(&mut self, allegiance: Allegiance) -> Result<()> {
+        if self.state.allegiance == allegiance {
+            return Ok(());
+        }
+        self.state.allegiance = allegiance.clone();
+        self.store.save(&self.state)?;
+        *self.announced.lock().expect("announced lock") = allegiance;
+        Ok(())
+    }
+
+    /// Master: run kubeadm init once, mint join info, keep the token fresh, serve it.
+    async fn lead(&mut self) -> Result<()> {
+        let lan = self.lan.clone().expect("discovery runs");
+        let uid = self.state.allegiance.uid().expect("committed").to_string();
+        let endpoint_host = kubeadm::endpoint_host(&self.cfg.cluster);
+        node::set_hosts_entry(Path::new("/etc/hosts"), &endpoint_host, &lan.address.to_string())?;
+        if self.state.join_info.is_none() || !self.state.initialised {
+            self.set_phase("initialising", "this node is the master").await;
+            let mut info = JoinInfo {
+                cluster_uid: uid.clone(),
+                endpoint: kubeadm::endpoint(&self.cfg.cluster),
+                master_address: lan.address.to_string(),
+                token: String::new(),
+                ca_cert_hash: String::new(),
+                token_expires: 0,
+            };
+            if self.cfg.kubernetes.enabled {
+                let token = self.state.join_info.as_ref().map(|j| j.token.clone()).filter(|t| !t.is_empty()).unwrap_or_else(kubeadm::new_token);
+                info.token = token.clone();
+                info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
+                // Remember the token before kubeadm sees it, so a power cut mid-init resumes
+                // with the same one.
+                self.state.join_info = Some(info.clone());
+                self.store.save(&self.state)?;
+                let dir = PathBuf::from(&self.cfg.state_dir).join("kubeadm");
+                std::fs::create_dir_all(&dir)?;
+                let config = dir.join("init.yaml");
+                std::fs::write(
+                    &config,
+                    kubeadm::init_config(&kubeadm::InitParams {
+                        cluster: &self.cfg.cluster,
+                        kubernetes_version: &self.cfg.kubernetes.version,
+                        node_name: &self.inventory.hostname,
+                        node_ip: &lan.address.to_string(),
+                        token: &token,
+                    }),
+                )?;
+                if Path::new(kubeadm::KUBELET_CONF).exists() && Path::new(kubeadm::CA_CERT).exists() {
+                    info!("kubeadm init already ran on this node (power cut after it finished); not running it again");
+                } else {
+                    blocking(move || kubeadm::run(&kubeadm::init_argv(&config))).await?;
+                }
+                let pem = std::fs::read(kubeadm::CA_CERT).with_context(|| format!("reading {}", kubeadm::CA_CERT))?;
+                info.ca_cert_hash = kubeadm::ca_cert_hash(&pem)?;
+            }
+            self.state.join_info = Some(info);
+            self.state.initialised = true;
+            self.store.save(&self.state)?;
+        }
+        self.refresh_token().await?;
+        let info = self.state.join_info.clone().expect("minted");
+        *self.shared.join_info.write().await = Some(info.clone());
+        let msg = if self.cfg.kubernetes.enabled {
+            "leading the cluster".to_string()
+        } else {
+            "leading the cluster (kubernetes disabled in this image: no kubeadm was run)".to_string()
+        };
+        self.set_join_info(&info).await;
+        self.set_phase("ready", &msg).await;
+        Ok(())
+    }
+
+    /// Mints a new bootstrap token when the current one has less than two hours left.
+    async fn refresh_token(&mut self) -> Result<()> {
+        let Some(info) = self.state.join_info.clone() else { return Ok(()) };
+        if !self.cfg.kubernetes.enabled || info.token_expires > now_secs() + 2 * 3600 {
+            return Ok(());
+        }
+        let token = kubeadm::new_token();
+        let argv = kubeadm::token_create_argv(&token);
+        blocking(move || kubeadm::run(&argv)).await?;
+        let mut info = info;
+        info.token = token;
+        info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
+        info!("minted a fresh bootstrap token");
+        self.state.join_info = Some(info);
+        self.store.save(&self.state)
+    }
+
+    /// Worker: fetch join info from the master and run kubeadm join once.
+    async fn follow(&mut self, uid: &str, master_addr: &str) -> Result<()> {
+        if self.state.joined {
+            if let Some(info) = self.state.join_info.clone() {
+                node::set_hosts_entry(Path::new("/etc/hosts"), &kubeadm::endpoint_host(&self.cfg.cluster), &info.master_address)?;
+                self.set_join_info(&info).await;
+            }
+            self.set_phase("ready", "joined").await;
+            return Ok(());
+        }
+        self.set_phase("joining", &format!("fetching join info from {master_addr}")).await;
+        let secret = self.secret.clone().expect("checked");
+        let (addr, id) = (master_addr.to_string(), self.inventory.machine_id.clone());
+        let info = match blocking(move || join::fetch(&addr, &secret, &id, net::now_ms())).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!("{e:#}; will retry");
+                return Ok(());
+            }
+        };
+        anyhow::ensure!(info.cluster_uid == uid, "the master answered for cluster {}, expected {uid}", info.cluster_uid);
+        node::set_hosts_entry(Path::new("/etc/hosts"), &kubeadm::endpoint_host(&self.cfg.cluster), &info.master_address)?;
+        self.state.join_info = Some(info.clone());
+        self.store.save(&self.state)?;
+        if self.cfg.kubernetes.enabled {
+            if Path::new(kubeadm::KUBELET_CONF).exists() {
+                info!("kubelet is already configured on this node; not running kubeadm join again");
+            } else {
+                let argv = kubeadm::join_argv(&info.endpoint, &info.token, &info.ca_cert_hash, &self.inventory.hostname);
+                blocking(move || kubeadm::run(&argv)).await?;
+            }
+        }
+        self.state.joined = true;
+        self.store.save(&self.state)?;
+        self.set_join_info(&info).await;
+        let msg = if self.cfg.kubernetes.enabled { "joined" } else { "joined (kubernetes disabled in this image: no kubeadm was run)" };
+        self.set_phase("ready", msg).await;
+        Ok(())
+    }
+
+    async fn set_join_info(&self, info: &JoinInfo) {
+        let digest = hex::encode(Sha256::digest(serde_json::to_vec(info).expect("json")));
+        let mut s = self.shared.status.write().await;
+        s.join_info_sha256 = Some(digest);
+        s.master_address = Some(info.master_address.clone());
+    }
+
+    /// Brings the shared status up to date with state, peers and counters.
+    async fn refresh_status(&self) {
+        let peers = net::fresh(&self.peers, PEER_TIMEOUT);
+        let mut s = self.shared.status.write().await;
+        s.role = role_name(&self.state.allegiance).into();
+        s.cluster_uid = self.state.allegiance.uid().map(str::to_string);
+        s.peers = peers
+            .iter()
+            .map(|p| PeerStatus {
+                id: p.beacon.node.id.clone(),
+                hostname: p.beacon.hostname.clone(),
+                address: p.from.to_string(),
+                role: role_name(&p.beacon.node.allegiance).into(),
+            })
+            .collect();
+        let c = &self.counters;
+        s.counters.beacons_sent = c.sent.load(Ordering::Relaxed);
+        s.counters.beacons_received = c.received.load(Ordering::Relaxed);
+        s.counters.beacons_rejected_malformed = c.malformed.load(Ordering::Relaxed);
+        s.counters.beacons_rejected_bad_mac = c.bad_mac.load(Ordering::Relaxed);
+        s.counters.beacons_rejected_stale = c.stale.load(Ordering::Relaxed);
+        s.counters.beacons_rejected_replay = c.replay.load(Ordering::Relaxed);
+        s.counters.join_served = self.shared.join_served.load(Ordering::Relaxed);
+        s.counters.join_rejected = self.shared.join_rejected.load(Ordering::Relaxed);
+        if let (Some(lan), None) = (&self.lan, &s.master_address) {
+            if matches!(self.state.allegiance, Allegiance::Master { committed: true, .. }) {
+                s.master_address = Some(lan.address.to_string());
+            }
+        }
+    }
+
+    /// Records the phase; prints the console line when the phase (or role) changes.
+    async fn set_phase(&mut self, phase: &str, message: &str) {
+        self.refresh_status().await;
+        let mut s = self.shared.status.write().await;
+        s.message = message.to_string();
+        let key = format!("{phase}/{}", s.role);
+        if s.phase != phase || self.phase != key {
+            s.phase = phase.to_string();
+            self.phase = key;
+            s.announce();
+        }
+    }
+}
+
+fn role_name(a: &Allegiance) -> &'static str {
+    match a {
+        Allegiance::None => "undecided",
+        Allegiance::Master { .. } => "master",
+        Allegiance::Follower { .. } => "worker",
+        Allegiance::Refused { .. } => "refused",
+    }
+}
+
+/// Index in `master-priority` of this node's MAC or by-id path (lower is preferred).
+fn priority(list: &[String], inv: &Inventory) -> u32 {
+    list.iter()
+        .position(|entry| {
+            let e = entry.to_ascii_lowercase();
+            inv.nics.iter().any(|n| n.mac.to_ascii_lowercase() == e)
+                || inv.disks.iter().any(|d| d.by_id.as_deref() == Some(entry.as_str()))
+        })
+        .map(|i| i as u32)
+        .unwrap_or(u32::MAX)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("worker thread")?
+}
+
+fn random_uid() -> String {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).expect("random bytes");
+    hex::encode(b)
+}
+
+fn now_secs() -> u64 {
+    net::now_ms() / 1000
 }
 
 fn apply_hostname(cfg: &NodeConfig, inv: &Inventory) {

@@ -8,6 +8,7 @@ pub mod election;
 pub mod inventory;
 pub mod join;
 pub mod kubeadm;
+pub mod node;
 pub mod secret;
 pub mod state;
 pub mod status;

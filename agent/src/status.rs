@@ -6,13 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::extract::State;
-use axum::routing::get;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use crate::inventory::Inventory;
+use crate::join::{self, JoinInfo};
+use crate::secret::Secret;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
@@ -21,10 +26,48 @@ pub const CONSOLE_PREFIX: &str = "labforge-status ";
 pub struct Status {
     pub agent_version: String,
     pub image: String,
-    /// What the agent is doing: `starting`, then `inventoried`.
+    /// This node's id (its machine id).
+    pub node_id: String,
+    /// `discovering` → `electing` → `initialising` | `joining` → `ready`; or `needs-secret`,
+    /// `waiting-for-master`, `conflict`, `error`.
     pub phase: String,
+    /// `master`, `worker`, `undecided` or `refused`.
+    pub role: String,
+    pub cluster_uid: Option<String>,
+    pub master_address: Option<String>,
+    /// `enabled` or `disabled` (an image without kubeadm never pretends).
+    pub kubernetes: String,
+    /// sha256 of the join info this node minted (master) or received (worker).
+    pub join_info_sha256: Option<String>,
+    /// Why the node is in this phase, in words.
+    pub message: String,
+    /// Peers heard recently (authenticated beacons only).
+    pub peers: Vec<PeerStatus>,
     pub node: Inventory,
     pub state: StateVolume,
+    #[serde(default)]
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub hostname: String,
+    pub address: String,
+    pub role: String,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub beacons_sent: u64,
+    pub beacons_received: u64,
+    pub beacons_rejected_malformed: u64,
+    pub beacons_rejected_bad_mac: u64,
+    pub beacons_rejected_stale: u64,
+    pub beacons_rejected_replay: u64,
+    pub join_served: u64,
+    pub join_rejected: u64,
 }
 
 /// The state partition as mounted on this node.
@@ -50,7 +93,8 @@ impl Status {
 
     pub fn metrics(&self) -> String {
         let up = self.node.nics.iter().filter(|n| n.up).count();
-        format!(
+        let c = &self.counters;
+        let mut m = format!(
             "# HELP labforge_up 1 while the agent is running.\n# TYPE labforge_up gauge\nlabforge_up 1\n\
              # HELP labforge_nics Physical network interfaces, by link state.\n# TYPE labforge_nics gauge\n\
              labforge_nics{{state=\"up\"}} {up}\nlabforge_nics{{state=\"down\"}} {}\n\
@@ -59,25 +103,84 @@ impl Status {
             self.node.nics.len() - up,
             self.node.disks.len(),
             self.state.size_bytes,
-        )
+        );
+        m.push_str(&format!(
+            "# HELP labforge_peers Peers heard recently.\n# TYPE labforge_peers gauge\nlabforge_peers {}\n\
+             # HELP labforge_beacons_sent_total Beacons sent.\n# TYPE labforge_beacons_sent_total counter\nlabforge_beacons_sent_total {}\n\
+             # HELP labforge_beacons_received_total Authentic beacons received.\n# TYPE labforge_beacons_received_total counter\nlabforge_beacons_received_total {}\n\
+             # HELP labforge_beacons_rejected_total Datagrams dropped, by reason.\n# TYPE labforge_beacons_rejected_total counter\n\
+             labforge_beacons_rejected_total{{reason=\"malformed\"}} {}\nlabforge_beacons_rejected_total{{reason=\"bad_mac\"}} {}\n\
+             labforge_beacons_rejected_total{{reason=\"stale\"}} {}\nlabforge_beacons_rejected_total{{reason=\"replay\"}} {}\n\
+             # HELP labforge_join_requests_total Join-info requests, by result.\n# TYPE labforge_join_requests_total counter\n\
+             labforge_join_requests_total{{result=\"served\"}} {}\nlabforge_join_requests_total{{result=\"rejected\"}} {}\n\
+             # HELP labforge_phase Current phase (1 for the current one).\n# TYPE labforge_phase gauge\nlabforge_phase{{phase=\"{}\"}} 1\n",
+            self.peers.len(),
+            c.beacons_sent,
+            c.beacons_received,
+            c.beacons_rejected_malformed,
+            c.beacons_rejected_bad_mac,
+            c.beacons_rejected_stale,
+            c.beacons_rejected_replay,
+            c.join_served,
+            c.join_rejected,
+            self.phase,
+        ));
+        m
     }
 }
 
-pub type Shared = Arc<RwLock<Status>>;
-
-pub fn router(status: Shared) -> Router {
-    Router::new()
-        .route("/status", get(|State(s): State<Shared>| async move { Json(s.read().await.clone()) }))
-        .route("/metrics", get(|State(s): State<Shared>| async move { s.read().await.metrics() }))
-        .with_state(status)
+/// What the HTTP endpoints share with the daemon.
+pub struct Shared {
+    pub status: RwLock<Status>,
+    /// Join info to hand out (set on the master once minted).
+    pub join_info: RwLock<Option<JoinInfo>>,
+    pub join_server: join::Server,
+    pub secret: Option<Secret>,
+    pub join_served: AtomicU64,
+    pub join_rejected: AtomicU64,
 }
 
-/// Serves the status endpoints until the future is dropped.
-pub async fn serve(addr: SocketAddr, status: Shared) -> Result<()> {
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/status", get(|State(s): State<Arc<Shared>>| async move { Json(s.status.read().await.clone()) }))
+        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.status.read().await.metrics() }))
+        .route("/join-info", post(join_info))
+        .with_state(shared)
+}
+
+async fn join_info(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(req): Json<join::Request>,
+) -> Result<Json<join::Response>, (StatusCode, String)> {
+    let Some(secret) = &s.secret else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "this node has no cluster secret".into()));
+    };
+    let Some(info) = s.join_info.read().await.clone() else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "this node has no join info (not a ready master)".into()));
+    };
+    match s.join_server.answer(secret, &req, &info, crate::discovery::net::now_ms()) {
+        Ok(resp) => {
+            s.join_served.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, node = %req.node, "served join info");
+            Ok(Json(resp))
+        }
+        Err(e) => {
+            s.join_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, node = %req.node, "rejected join-info request: {e:#}");
+            Err((StatusCode::FORBIDDEN, "rejected".into()))
+        }
+    }
+}
+
+/// Serves the status and join endpoints until the future is dropped.
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding status endpoint on {addr}"))?;
-    axum::serve(listener, router(status)).await.context("serving status endpoint")
+    axum::serve(listener, router(shared).into_make_service_with_connect_info::<SocketAddr>())
+        .await
+        .context("serving status endpoint")
 }
 
 /// Fetches a node's status from its endpoint (used by `labforge-agent status`).
@@ -95,7 +198,12 @@ impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "node     {} ({})", self.node.hostname, self.node.machine_id)?;
         writeln!(f, "image    {} (agent {})", self.image, self.agent_version)?;
-        writeln!(f, "phase    {}", self.phase)?;
+        writeln!(f, "phase    {} ({})", self.phase, self.message)?;
+        writeln!(f, "role     {}", self.role)?;
+        writeln!(f, "cluster  {} (master {}, kubernetes {})", self.cluster_uid.as_deref().unwrap_or("-"), self.master_address.as_deref().unwrap_or("-"), self.kubernetes)?;
+        for p in &self.peers {
+            writeln!(f, "peer     {} {} {} {}", p.hostname, p.address, p.role, p.id)?;
+        }
         writeln!(f, "state    {} ({} MiB)", self.state.dir, self.state.size_bytes >> 20)?;
         for n in &self.node.nics {
             let state = if n.up { "up" } else { "down" };

@@ -131,6 +131,9 @@ impl Vm {
         cmd.args(["-accel", accel(), "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
             .args(["-serial", "stdio"])
+            // Real PCs have a hardware RNG (RDRAND, TPM); without one a TCG guest can wait
+            // minutes for the kernel's entropy pool, and everything calling getrandom() with it.
+            .args(["-device", "virtio-rng-pci"])
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
             .arg("-drive")
