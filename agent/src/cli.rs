@@ -33,6 +33,15 @@ pub enum Command {
     },
     /// Take the node inventory once and print it as JSON.
     Inventory,
+    /// Ask a master for join info with this node's secret (checks that the secret and the
+    /// exchange work; prints the info without the token).
+    JoinInfo {
+        /// The master's status endpoint, host:port.
+        #[arg(long)]
+        master: String,
+        #[arg(long, default_value = config::SECRET_PATH)]
+        secret_file: std::path::PathBuf,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -45,6 +54,16 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{s}");
             }
+            Ok(())
+        }
+        Command::JoinInfo { master, secret_file } => {
+            let secret = crate::secret::Secret::load(&secret_file)?;
+            let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_else(|_| "cli".into()).trim().to_string();
+            let mut info = crate::join::fetch(&master, &secret, &id, crate::discovery::net::now_ms())?;
+            if !info.token.is_empty() {
+                info.token = "<redacted>".into();
+            }
+            println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
         Command::Inventory => {

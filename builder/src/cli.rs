@@ -66,12 +66,25 @@ pub enum Command {
         #[arg(long, conflicts_with = "json")]
         packages: bool,
     },
+    /// Cluster secrets.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
     /// Show what a built image holds (from its manifest).
     Inspect {
         /// The image (`.img`, `.img.zst`, `.qcow2`) or its manifest.
         image: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Write a new cluster secret (32 random bytes as hex, mode 0600) to FILE.
+    New {
+        file: PathBuf,
     },
 }
 
@@ -178,6 +191,11 @@ pub fn run(cli: Cli) -> Result<()> {
             if !missing.is_empty() {
                 anyhow::bail!("{} required host tool(s) missing; install the packages listed above", missing.len());
             }
+            Ok(())
+        }
+        Command::Secret { command: SecretCommand::New { file } } => {
+            labforge_agent::secret::Secret::generate()?.write_new(&file)?;
+            eprintln!("wrote a new cluster secret to {} (mode 0600); name it in the spec as cluster-secret-file, or put it on a LABFORGE config partition as cluster.secret", file.display());
             Ok(())
         }
         Command::Inspect { image, json } => {

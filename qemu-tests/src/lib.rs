@@ -1,6 +1,7 @@
 //! Harness for booting labforge images in QEMU and checking what a user would see.
 
 pub mod images;
+pub mod lan;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -86,6 +86,7 @@ pub fn scenario_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+#[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
     pub memory_mib: u32,
@@ -94,8 +95,18 @@ pub struct VmConfig {
     pub disks: Vec<PathBuf>,
     /// Grow the first disk's overlay by this much (the state partition should fill it).
     pub grow_first_disk: Option<u64>,
+    /// The VM's network.
+    pub net: Net,
+}
+
+/// How a VM is networked.
+#[derive(Debug, Clone)]
+pub enum Net {
+    None,
     /// One user-mode NIC with no route out (`restrict=on`).
-    pub isolated_nic: bool,
+    Isolated,
+    /// A tap on a test LAN (see `lan::Lan`), with a fixed MAC.
+    Tap { ns: String, tap: String, mac: String },
 }
 
 impl VmConfig {
@@ -106,7 +117,7 @@ impl VmConfig {
             cpus: 2,
             disks: vec![image.to_path_buf()],
             grow_first_disk: None,
-            isolated_nic: true,
+            net: Net::Isolated,
         }
     }
 }
@@ -122,12 +133,31 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Boots a fresh VM: new firmware variables, new disk overlays.
     pub fn start(cfg: &VmConfig, dir: &Path) -> Result<Self> {
+        Self::boot(cfg, dir, true)
+    }
+
+    /// Boots again after a power cut, on the same disks and firmware variables.
+    pub fn restart(cfg: &VmConfig, dir: &Path) -> Result<Self> {
+        Self::boot(cfg, dir, false)
+    }
+
+    fn boot(cfg: &VmConfig, dir: &Path, fresh: bool) -> Result<Self> {
         let mut scratch = Vec::new();
         let vars = dir.join(format!("{}-vars.fd", cfg.name));
-        fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+        if fresh {
+            fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+        }
         scratch.push(vars.clone());
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &cfg.net {
+            Net::Tap { ns, .. } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            _ => Command::new("qemu-system-x86_64"),
+        };
         cmd.args(["-accel", accel(), "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
             .args(["-serial", "stdio"])
@@ -142,22 +172,33 @@ impl Vm {
             let overlay = dir.join(format!("{}-disk{i}.qcow2", cfg.name));
             let base = fs::canonicalize(base).with_context(|| format!("image {}", base.display()))?;
             let fmt = if base.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
-            let mut img = Command::new("qemu-img");
-            img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&base).arg(&overlay);
-            if i == 0 {
-                if let Some(extra) = cfg.grow_first_disk {
-                    let size = fs::metadata(&base)?.len() + extra;
-                    img.arg(size.to_string());
+            if fresh {
+                let mut img = Command::new("qemu-img");
+                img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&base).arg(&overlay);
+                if i == 0 {
+                    if let Some(extra) = cfg.grow_first_disk {
+                        let size = fs::metadata(&base)?.len() + extra;
+                        img.arg(size.to_string());
+                    }
                 }
+                run(&mut img)?;
             }
-            run(&mut img)?;
             scratch.push(overlay.clone());
             cmd.arg("-drive").arg(format!("if=virtio,format=qcow2,file={}", overlay.display()));
         }
-        if cfg.isolated_nic {
-            cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
+        match &cfg.net {
+            Net::None => {}
+            Net::Isolated => {
+                cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
+            }
+            Net::Tap { tap, mac, .. } => {
+                cmd.arg("-netdev")
+                    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+                    .arg("-device")
+                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            }
         }
-        let log = dir.join(format!("{}-console.log", cfg.name));
+        let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));
         let mut logfile = fs::File::create(&log)?;
         let mut child = cmd
             .stdin(Stdio::null())
@@ -186,12 +227,17 @@ impl Vm {
         Ok(Vm { child, lines: rx, recent: VecDeque::new(), seen: Vec::new(), log, scratch })
     }
 
-    /// Waits for a console line containing `needle` and returns it.
+    /// Waits until the console has shown a line containing `needle` (lines already seen count)
+    /// and returns it.
     pub fn wait_for(&mut self, needle: &str, within: Duration) -> Result<String> {
         self.wait_for_match(|l| l.contains(needle), needle, within)
     }
 
+    /// Like `wait_for`, with a predicate.
     pub fn wait_for_match(&mut self, pred: impl Fn(&str) -> bool, what: &str, within: Duration) -> Result<String> {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return Ok(l.clone());
+        }
         let deadline = Instant::now() + within;
         loop {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -243,10 +289,11 @@ impl Vm {
         Ok(())
     }
 
-    /// Cuts the power: kills QEMU without any shutdown.
+    /// Cuts the power: kills QEMU without any shutdown. The disks stay for `restart`.
     pub fn power_cut(mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
+        self.scratch.clear();
         Ok(())
     }
 }

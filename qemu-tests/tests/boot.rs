@@ -37,6 +37,15 @@ fn demo_image_boots() -> Result<()> {
         status.state.size_bytes
     );
 
+    // Alone on its LAN with minimum-nodes = 1, the node elects itself after the settle window;
+    // the demo image has no kubeadm and says so rather than pretending.
+    let ready = node.wait_for_match(|l| l.contains(CONSOLE_PREFIX) && l.contains("\"phase\":\"ready\""), "phase ready", BOOT)?;
+    let ready: Status = serde_json::from_str(&ready[ready.find(CONSOLE_PREFIX).unwrap() + CONSOLE_PREFIX.len()..])?;
+    assert_eq!(ready.role, "master");
+    assert_eq!(ready.kubernetes, "disabled");
+    assert!(ready.message.contains("kubernetes disabled"), "{}", ready.message);
+    assert!(ready.cluster_uid.is_some() && ready.join_info_sha256.is_some());
+
     node.wait_for("Multi-User System", BOOT)?;
     node.check_console_health()?;
     Ok(())

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use labforge_agent::config::NodeConfig;
+use labforge_agent::secret::Secret;
 
 use super::fsutil::resolve_in_root;
 use crate::cmd::Cmd;
@@ -33,7 +34,7 @@ pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
         .context("labforge-agent was not found beside labforge; build both with `cargo build --release` or pass --agent PATH")
 }
 
-pub fn install(spec: &Spec, root: &Path, binary: &Path) -> Result<()> {
+pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Result<()> {
     let put = |rel: &str, contents: &[u8], mode: u32| -> Result<()> {
         let dest = resolve_in_root(root, Path::new(rel))?;
         if let Some(parent) = dest.parent() {
@@ -49,8 +50,15 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path) -> Result<()> {
     let bin = fs::read(binary).with_context(|| format!("reading agent binary {}", binary.display()))?;
     put("usr/bin/labforge-agent", &bin, 0o755)?;
     put("etc/systemd/system/labforge-agent.service", labforge_agent::SYSTEMD_UNIT.as_bytes(), 0o644)?;
-    let cfg = NodeConfig::new(&spec.name, &spec.hostname);
+    let mut cfg = NodeConfig::new(&spec.name, &spec.hostname);
+    cfg.cluster = spec.cluster.clone();
+    cfg.kubernetes = spec.kubernetes.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
+    put(
+        labforge_agent::config::SECRET_PATH.trim_start_matches('/'),
+        format!("{}\n", secret.to_hex()).as_bytes(),
+        0o600,
+    )?;
     Cmd::new("systemctl")
         .arg(format!("--root={}", root.display()))
         .args(["enable", "labforge-agent.service", "systemd-networkd.service"])

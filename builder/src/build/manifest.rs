@@ -35,6 +35,8 @@ pub struct Manifest {
     pub packages: BTreeMap<String, String>,
     pub stages: Vec<StageTiming>,
     pub build_seconds: f64,
+    /// Where the cluster secret baked into the image came from (never its value).
+    pub cluster_secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +77,11 @@ impl Manifest {
             packages,
             stages,
             build_seconds,
+            cluster_secret: match &plan.secret_source {
+                super::SecretSource::Spec(p) => format!("spec: {}", p.display()),
+                super::SecretSource::Previous(p) => format!("kept from an earlier build: {}", p.display()),
+                super::SecretSource::Generated => format!("generated: {}", super::secret_file_name(&spec.name)),
+            },
         }
     }
 }

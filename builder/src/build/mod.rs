@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::spec::{self, OutputFormat, Spec};
+use labforge_agent::secret::Secret;
 use crate::{bmap, hostcheck, interrupt};
 use fsutil::WorkDir;
 use manifest::{Manifest, StageTiming};
@@ -40,6 +41,11 @@ pub struct BuildOptions {
     pub force: bool,
 }
 
+/// `<name>.cluster.secret`, written beside the outputs when the build generated the secret.
+pub fn secret_file_name(image: &str) -> String {
+    format!("{image}.cluster.secret")
+}
+
 /// Default cache dir: `$XDG_CACHE_HOME/labforge` or `~/.cache/labforge`.
 pub fn default_cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -49,9 +55,22 @@ pub fn default_cache_dir() -> PathBuf {
         .join("labforge")
 }
 
+/// Where the cluster secret baked into the image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `cluster-secret-file` in the spec.
+    Spec(PathBuf),
+    /// `<out>/<name>.cluster.secret` from an earlier build: rebuilt images keep their cluster.
+    Previous(PathBuf),
+    /// Made for this build, written to `<out>/<name>.cluster.secret`.
+    Generated,
+}
+
 /// The resolved spec and everything derived from it before any work is done.
 pub struct Plan {
     pub spec: Spec,
+    pub secret: Secret,
+    pub secret_source: SecretSource,
     pub rootfs: rootfs::RootfsPlan,
     pub agent: PathBuf,
     pub input_hash: String,
@@ -68,6 +87,12 @@ impl Plan {
         let rootfs = rootfs::RootfsPlan::new(&spec);
         rootfs.preflight()?;
         let agent = agent::locate_binary(opts.agent.as_deref())?;
+        let previous = opts.out.join(secret_file_name(&spec.name));
+        let (secret, secret_source) = match &spec.cluster_secret_file {
+            Some(p) => (Secret::load(p)?, SecretSource::Spec(p.clone())),
+            None if previous.is_file() => (Secret::load(&previous)?, SecretSource::Previous(previous)),
+            None => (Secret::generate()?, SecretSource::Generated),
+        };
         let rootfs_key = rootfs.cache_key()?;
         let mut h = Sha256::new();
         h.update(format!("{PIPELINE_VERSION}\0{}\0{rootfs_key}\0", env!("CARGO_PKG_VERSION")));
@@ -75,7 +100,8 @@ impl Plan {
         h.update(overlays::hash_overlays(&spec.overlays)?);
         h.update(fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?);
         h.update(fs::read(hostcheck::EFI_STUB).unwrap_or_default());
-        Ok(Plan { spec, rootfs, agent, input_hash: hex::encode(h.finalize()), rootfs_key })
+        h.update(Sha256::digest(secret.bytes()));
+        Ok(Plan { spec, secret, secret_source, rootfs, agent, input_hash: hex::encode(h.finalize()), rootfs_key })
     }
 
     fn file(&self, format: OutputFormat) -> String {
@@ -202,7 +228,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root))?;
     let packages = rootfs::installed_packages(&root)?;
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
-    stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent))?;
+    stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
     stages.run("system", "users, fstab, security checks", || system::configure(spec, &root))?;
 
     let layout = disk::Layout::new(spec, &plan.input_hash);
@@ -261,8 +287,20 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
+    let mut promoted = files.clone();
+    if plan.secret_source == SecretSource::Generated {
+        let f = staging.path().join(secret_file_name(&spec.name));
+        plan.secret.write_new(&f)?;
+        promoted.push(f);
+    }
     interrupt::check()?;
-    promote(&files, &staged_manifest, &opts.out)?;
+    promote(&promoted, &staged_manifest, &opts.out)?;
+    if plan.secret_source == SecretSource::Generated {
+        tracing::info!(
+            "generated a new cluster secret: {} (keep it: images built with it form one cluster)",
+            opts.out.join(secret_file_name(&spec.name)).display()
+        );
+    }
     Ok(Outcome { manifest, manifest_path, up_to_date: false })
 }
 

@@ -164,6 +164,9 @@ fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
             fix(v, vec!["overlays".into(), i.to_string()], true);
         }
     }
+    if let Some(v) = layer.table.get_mut("cluster-secret-file") {
+        fix(v, vec!["cluster-secret-file".into()], false);
+    }
     if let Some(toml::Value::Table(base)) = layer.table.get_mut("base") {
         if let Some(v) = base.get_mut("keyring") {
             // The default keyrings live on the host; a spec-named keyring is checked by
@@ -272,6 +275,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
                 return Err(here("key-fingerprint", format!("{fp:?} is not an OpenPGP v4 fingerprint (40 hex digits)")));
             }
         }
+    }
+    if let Err(e) = spec.cluster.validate() {
+        return Err(invalid(&["cluster"], format!("{e:#}")));
     }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {

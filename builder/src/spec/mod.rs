@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use labforge_agent::config::{ClusterConfig, KubernetesConfig};
 pub use load::{load, SpecError};
 pub use size::Size;
 
@@ -66,6 +67,16 @@ pub struct Spec {
     /// Which artifacts to write.
     #[serde(default = "default_outputs")]
     pub outputs: Vec<OutputFormat>,
+    /// How nodes find each other and elect a master (baked into /etc/labforge/cluster.toml).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    /// Whether nodes run kubeadm.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    /// Cluster secret file (64 hex digits, from `labforge secret new`). Without it, the build
+    /// reuses `<out>/<name>.cluster.secret` or generates one there.
+    #[serde(default)]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 fn default_schema_version() -> u32 {

@@ -1,0 +1,102 @@
+//! A private LAN for VMs: a network namespace made by the test, a bridge in it, one tap per
+//! VM and dnsmasq handing out DHCP leases on the bridge. Nothing leaves the namespace.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+pub const SUBNET: &str = "10.77.0";
+
+pub struct Lan {
+    pub ns: String,
+    dnsmasq: Option<Child>,
+    taps: usize,
+    pub dir: PathBuf,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (apt-get install iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Lan {
+    pub fn new(name: &str, dir: &Path) -> Result<Lan> {
+        let ns = format!("lf-{}-{}", std::process::id(), name.chars().take(12).collect::<String>());
+        ip(&["netns", "add", &ns])?;
+        let mut lan = Lan { ns: ns.clone(), dnsmasq: None, taps: 0, dir: dir.to_path_buf() };
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"])?;
+        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        let log = dir.join("dnsmasq.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0"])
+            .args(["--interface=br0", "--bind-interfaces", "--log-dhcp"])
+            .arg(format!("--dhcp-range={SUBNET}.10,{SUBNET}.200,255.255.255.0,12h"))
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .arg(format!("--log-facility={}", log.display()))
+            .arg("--pid-file")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
+        lan.dnsmasq = Some(child);
+        Ok(lan)
+    }
+
+    /// A new tap on the bridge, for one VM.
+    pub fn tap(&mut self) -> Result<String> {
+        let name = format!("tap{}", self.taps);
+        self.taps += 1;
+        ip(&["-n", &self.ns, "tuntap", "add", "dev", &name, "mode", "tap"])?;
+        ip(&["-n", &self.ns, "link", "set", &name, "master", "br0"])?;
+        ip(&["-n", &self.ns, "link", "set", &name, "up"])?;
+        Ok(name)
+    }
+
+    /// `cmd` run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A config partition as a user would put on a stick: FAT, label `LABFORGE`, with
+/// `labforge.toml` and/or `cluster.secret`.
+pub fn config_partition(path: &Path, labforge_toml: Option<&str>, secret: Option<&str>) -> Result<()> {
+    let _ = fs::remove_file(path);
+    let run = |c: &mut Command| -> Result<()> {
+        let out = c.output().with_context(|| format!("running {c:?}"))?;
+        if !out.status.success() {
+            bail!("{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(Command::new("mkfs.vfat").args(["-n", "LABFORGE", "-C"]).arg(path).arg("8192"))?;
+    let dir = tempfile::tempdir()?;
+    for (name, text) in [("labforge.toml", labforge_toml), ("cluster.secret", secret)] {
+        if let Some(t) = text {
+            let f = dir.path().join(name);
+            fs::write(&f, t)?;
+            run(Command::new("mcopy").arg("-i").arg(path).arg(&f).arg(format!("::{name}")))?;
+        }
+    }
+    Ok(())
+}

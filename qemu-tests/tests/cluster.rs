@@ -1,0 +1,279 @@
+//! Scenarios about several nodes on one LAN (the costly group: 3-4 VMs each). Every VM boots the
+//! same test image (the demo image plus the recording kubeadm double) on a LAN inside a network
+//! namespace made by the test, with DHCP from dnsmasq.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use labforge_agent::status::{Status, CONSOLE_PREFIX};
+use qemu_tests::lan::{self, Lan};
+use qemu_tests::vm::{Net, Vm, VmConfig};
+use qemu_tests::{images, workspace_root};
+use serde_json::Value;
+
+/// Several TCG guests share two cores: boots are slow, and the settle window adds to it.
+const FORM: Duration = Duration::from_secs(900);
+
+struct Node {
+    cfg: VmConfig,
+    vm: Option<Vm>,
+}
+
+struct Room {
+    lan: Lan,
+    dir: PathBuf,
+    image: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Room {
+    fn new(scenario: &str) -> Result<Room> {
+        let image = images::image("qemu-tests/images/cluster.toml")?;
+        let dir = qemu_tests::vm::scenario_dir(scenario)?;
+        let lan = Lan::new(scenario, &dir)?;
+        Ok(Room { lan, dir, image, nodes: Vec::new() })
+    }
+
+    /// Adds and boots a node; `config` goes on a LABFORGE config partition when given.
+    fn boot(&mut self, labforge_toml: Option<&str>, secret: Option<&str>) -> Result<usize> {
+        let i = self.nodes.len();
+        let tap = self.lan.tap()?;
+        let mut cfg = VmConfig::new(&format!("node{i}"), &self.image);
+        cfg.memory_mib = 1024;
+        cfg.cpus = 1;
+        cfg.net = Net::Tap { ns: self.lan.ns.clone(), tap, mac: format!("52:54:00:77:00:{:02x}", i + 1) };
+        if labforge_toml.is_some() || secret.is_some() {
+            let part = self.dir.join(format!("node{i}-config.img"));
+            lan::config_partition(&part, labforge_toml, secret)?;
+            cfg.disks.push(part);
+        }
+        let vm = Vm::start(&cfg, &self.dir)?;
+        self.nodes.push(Node { cfg, vm: Some(vm) });
+        Ok(i)
+    }
+
+    fn vm(&mut self, i: usize) -> &mut Vm {
+        self.nodes[i].vm.as_mut().expect("running")
+    }
+
+    /// Waits for node `i` to print a status line that satisfies `pred`.
+    fn wait_status(&mut self, i: usize, what: &str, pred: impl Fn(&Status) -> bool) -> Result<Status> {
+        let line = self.vm(i).wait_for_match(|l| parse(l).is_some_and(|s| pred(&s)), what, FORM)?;
+        Ok(parse(&line).expect("matched"))
+    }
+
+    fn wait_ready(&mut self, i: usize) -> Result<Status> {
+        self.wait_status(i, "phase ready", |s| s.phase == "ready")
+    }
+
+    /// Asks node `i`'s agent for its status over the test LAN.
+    fn query(&self, addr: &str) -> Result<Status> {
+        let out = self.agent_cli(&["status", "--json", "--addr", &format!("{addr}:9743")])?;
+        if !out.status.success() {
+            bail!("status query failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Runs the agent's CLI on the host, inside the LAN's namespace.
+    fn agent_cli(&self, args: &[&str]) -> Result<Output> {
+        let bin = workspace_root().join("target/release/labforge-agent");
+        Ok(self.lan.command(bin.to_str().unwrap()).args(args).output()?)
+    }
+
+    fn check_health(&self) -> Result<()> {
+        for n in &self.nodes {
+            if let Some(vm) = &n.vm {
+                vm.check_console_health()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster secret baked into the test image.
+    fn secret_file(&self) -> PathBuf {
+        self.image.with_file_name("cluster-test.cluster.secret")
+    }
+}
+
+fn parse(line: &str) -> Option<Status> {
+    let at = line.find(CONSOLE_PREFIX)?;
+    serde_json::from_str(&line[at + CONSOLE_PREFIX.len()..]).ok()
+}
+
+/// What the kubeadm double printed on a node's console: (argv, config) per call, and the CA
+/// hash of an init.
+struct KubeadmCalls {
+    argv: Vec<Vec<String>>,
+    configs: Vec<String>,
+    ca_hash: Option<String>,
+}
+
+fn kubeadm_calls(vm: &Vm) -> KubeadmCalls {
+    let b64 = |s: &str| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()).unwrap();
+    let mut calls = KubeadmCalls { argv: Vec::new(), configs: Vec::new(), ca_hash: None };
+    for l in vm.console() {
+        if let Some(r) = l.split("kubeadm-double argv ").nth(1) {
+            calls.argv.push(b64(r).lines().map(str::to_string).collect());
+        } else if let Some(r) = l.split("kubeadm-double config ").nth(1) {
+            calls.configs.push(b64(r));
+        } else if let Some(r) = l.split("kubeadm-double ca-hash ").nth(1) {
+            calls.ca_hash = Some(r.trim().to_string());
+        }
+    }
+    calls
+}
+
+fn docs(config: &str) -> Vec<Value> {
+    config.split("\n---\n").map(|d| serde_json::from_str(d).expect("JSON documents")).collect()
+}
+
+/// Boots `n` nodes and waits until all are ready; returns their ready statuses.
+fn form(room: &mut Room, n: usize) -> Result<Vec<Status>> {
+    for _ in 0..n {
+        room.boot(None, None)?;
+    }
+    (0..n).map(|i| room.wait_ready(i)).collect()
+}
+
+/// The master's init, as recorded by the double: (token, CA hash).
+fn master_init(room: &Room, master: usize, master_ip: &str) -> Result<(String, String)> {
+    let calls = kubeadm_calls(room.nodes[master].vm.as_ref().unwrap());
+    assert_eq!(calls.argv, vec![vec!["init".to_string(), "--config".into(), "/var/lib/labforge/kubeadm/init.yaml".into()]]);
+    let d = docs(calls.configs.first().context("init config recorded")?);
+    assert_eq!(d[0]["kind"], "InitConfiguration");
+    assert_eq!(d[0]["localAPIEndpoint"]["advertiseAddress"], master_ip, "node IP pinned");
+    assert_eq!(d[0]["nodeRegistration"]["kubeletExtraArgs"][0]["value"], master_ip);
+    assert_eq!(d[1]["controlPlaneEndpoint"], "lab-api:6443");
+    assert_eq!(d[1]["clusterName"], "lab");
+    let token = d[0]["bootstrapTokens"][0]["token"].as_str().unwrap().to_string();
+    Ok((token, calls.ca_hash.context("CA hash recorded")?))
+}
+
+fn assert_joined_with(room: &Room, worker: usize, token: &str, ca_hash: &str, hostname: &str) {
+    let calls = kubeadm_calls(room.nodes[worker].vm.as_ref().unwrap());
+    let want: Vec<String> = [
+        "join", "lab-api:6443", "--token", token, "--discovery-token-ca-cert-hash", ca_hash, "--node-name", hostname,
+        "--cri-socket", "unix:///run/containerd/containerd.sock",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(calls.argv, vec![want], "worker {worker} ran exactly one kubeadm join, pinned to the master's CA");
+}
+
+fn roles(statuses: &[Status]) -> (usize, Vec<usize>) {
+    let masters: Vec<usize> = (0..statuses.len()).filter(|&i| statuses[i].role == "master").collect();
+    assert_eq!(masters.len(), 1, "exactly one master: {:?}", statuses.iter().map(|s| &s.role).collect::<Vec<_>>());
+    let workers = (0..statuses.len()).filter(|&i| statuses[i].role == "worker").collect();
+    (masters[0], workers)
+}
+
+#[test]
+fn three_nodes_elect_one_master() -> Result<()> {
+    let mut room = Room::new("three_nodes")?;
+    let ready = form(&mut room, 3)?;
+    let (master, workers) = roles(&ready);
+    assert_eq!(workers.len(), 2);
+    let uid = ready[master].cluster_uid.clone().unwrap();
+    let join = ready[master].join_info_sha256.clone().unwrap();
+    for s in &ready {
+        assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()), "one cluster");
+        assert_eq!(s.join_info_sha256.as_deref(), Some(join.as_str()), "workers got the join info the master minted");
+        assert_eq!(s.kubernetes, "enabled");
+    }
+    let master_ip = ready[master].master_address.clone().unwrap();
+    assert!(master_ip.starts_with(lan::SUBNET), "{master_ip}");
+    let (token, ca_hash) = master_init(&room, master, &master_ip)?;
+    for &w in &workers {
+        assert_eq!(ready[w].master_address.as_deref(), Some(master_ip.as_str()));
+        assert_joined_with(&room, w, &token, &ca_hash, &ready[w].node.hostname);
+    }
+    room.check_health()
+}
+
+#[test]
+fn late_node_joins() -> Result<()> {
+    let mut room = Room::new("late_node")?;
+    let ready = form(&mut room, 3)?;
+    let (master, _) = roles(&ready);
+    let uid = ready[master].cluster_uid.clone().unwrap();
+    let master_ip = ready[master].master_address.clone().unwrap();
+    let late = room.boot(None, None)?;
+    let s = room.wait_ready(late)?;
+    assert_eq!(s.role, "worker");
+    assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(s.join_info_sha256, ready[master].join_info_sha256);
+    let (token, ca_hash) = master_init(&room, master, &master_ip)?;
+    assert_joined_with(&room, late, &token, &ca_hash, &s.node.hostname);
+    room.check_health()
+}
+
+#[test]
+fn rogue_node_is_ignored() -> Result<()> {
+    let mut room = Room::new("rogue_node")?;
+    let ready = form(&mut room, 3)?;
+    let (master, _) = roles(&ready);
+    let master_ip = ready[master].master_address.clone().unwrap();
+    // Same image, but the stick carries another cluster's secret.
+    let rogue_secret = labforge_agent::secret::Secret::generate()?.to_hex();
+    let rogue = room.boot(None, Some(&rogue_secret))?;
+    let r = room.wait_status(rogue, "rogue electing", |s| s.phase == "electing")?;
+    assert!(r.peers.is_empty(), "the rogue hears nobody: {:?}", r.peers);
+    let rogue_id = r.node_id.clone();
+
+    // It never appears in any peer's view; its beacons are counted as forged.
+    let m = room.query(&master_ip)?;
+    assert!(m.counters.beacons_rejected_bad_mac > 0, "{:?}", m.counters);
+    for s in &ready {
+        let ip = s.node.nics[0].addresses.iter().find(|a| a.starts_with(lan::SUBNET)).unwrap().split('/').next().unwrap().to_string();
+        let now = room.query(&ip)?;
+        assert!(now.peers.iter().all(|p| p.id != rogue_id), "rogue in {}'s view", s.node.hostname);
+        assert_eq!(now.peers.len(), 2);
+    }
+
+    // Join info: refused with the rogue's secret, served with the cluster's.
+    let dir = tempfile::tempdir()?;
+    let rogue_file = dir.path().join("rogue.secret");
+    labforge_agent::secret::Secret::parse(&rogue_secret)?.write_new(&rogue_file)?;
+    let refused = room.agent_cli(&["join-info", "--master", &format!("{master_ip}:9743"), "--secret-file", rogue_file.to_str().unwrap()])?;
+    assert!(!refused.status.success(), "join info must not be served to the rogue");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("403"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let served = room.agent_cli(&["join-info", "--master", &format!("{master_ip}:9743"), "--secret-file", room.secret_file().to_str().unwrap()])?;
+    assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
+    let after = room.query(&master_ip)?;
+    assert!(after.counters.join_rejected >= 1 && after.counters.join_served >= 3, "{:?}", after.counters);
+    room.check_health()
+}
+
+#[test]
+fn master_reboot_keeps_cluster() -> Result<()> {
+    let mut room = Room::new("master_reboot")?;
+    let ready = form(&mut room, 3)?;
+    let (master, workers) = roles(&ready);
+    let uid = ready[master].cluster_uid.clone().unwrap();
+    room.check_health()?;
+
+    // Power cut on the master, then power back.
+    room.nodes[master].vm.take().unwrap().power_cut()?;
+    let cfg = room.nodes[master].cfg.clone();
+    room.nodes[master].vm = Some(Vm::restart(&cfg, &room.dir)?);
+    let back = room.wait_ready(master)?;
+    assert_eq!(back.role, "master");
+    assert_eq!(back.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
+    let calls = kubeadm_calls(room.nodes[master].vm.as_ref().unwrap());
+    assert!(calls.argv.is_empty(), "no second kubeadm init: {:?}", calls.argv);
+
+    for &w in &workers {
+        let ip = ready[w].node.nics[0].addresses.iter().find(|a| a.starts_with(lan::SUBNET)).unwrap().split('/').next().unwrap().to_string();
+        let s = room.query(&ip)?;
+        assert_eq!(s.role, "worker");
+        assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
+        assert_eq!(s.phase, "ready", "worker stayed joined");
+        assert_eq!(kubeadm_calls(room.nodes[w].vm.as_ref().unwrap()).argv.len(), 1, "joined once");
+    }
+    room.check_health()
+}
