@@ -10,3 +10,13 @@ use std::path::PathBuf;
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
+
+/// Serialises VM-heavy scenarios: several multi-VM scenarios at once would overload a 2-core
+/// machine. Held for the scenario's lifetime; works across test processes too.
+pub fn exclusive() -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = workspace_root().join("target/qemu-tests");
+    std::fs::create_dir_all(&dir)?;
+    let f = std::fs::File::create(dir.join(".scenario.lock"))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", dir.display()))
+}

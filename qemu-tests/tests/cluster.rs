@@ -23,18 +23,21 @@ struct Node {
 }
 
 struct Room {
+    // Field order is drop order: VMs first, then the LAN, then the lock.
+    nodes: Vec<Node>,
     lan: Lan,
     dir: PathBuf,
     image: PathBuf,
-    nodes: Vec<Node>,
+    _one_at_a_time: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Room {
     fn new(scenario: &str) -> Result<Room> {
         let image = images::image("qemu-tests/images/cluster.toml")?;
+        let lock = qemu_tests::exclusive()?;
         let dir = qemu_tests::vm::scenario_dir(scenario)?;
         let lan = Lan::new(scenario, &dir)?;
-        Ok(Room { lan, dir, image, nodes: Vec::new() })
+        Ok(Room { nodes: Vec::new(), lan, dir, image, _one_at_a_time: lock })
     }
 
     /// Adds and boots a node; `config` goes on a LABFORGE config partition when given.
