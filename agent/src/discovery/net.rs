@@ -60,6 +60,8 @@ pub fn bind(addr: SocketAddr, interface: Option<&str>) -> Result<UdpSocket> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_broadcast(true)?;
+    // Room for bursts: a flood of junk should not crowd out the beacons behind it.
+    let _ = s.set_recv_buffer_size(1 << 20);
     if let Some(i) = interface {
         s.bind_device(Some(i.as_bytes())).with_context(|| format!("binding beacon socket to {i}"))?;
     }
