@@ -7,7 +7,7 @@ CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build demo test bench clean
+.PHONY: all host-deps build demo test bench e2e-kubernetes clean
 
 all: build
 
@@ -31,6 +31,11 @@ test: host-deps build
 # Speed figures as JSON (target/bench/results.json).
 bench: host-deps build
 	scripts/bench.sh
+
+# The cluster scenarios against images/lab.toml with the real kubeadm (Ubuntu 24.04 and
+# pkgs.k8s.io must be reachable; 4 VMs with 2 CPUs / 2.5 GB each).
+e2e-kubernetes: host-deps build
+	LABFORGE_REAL_KUBEADM=1 $(CARGO) test --release -p qemu-tests --test cluster -- --test-threads=1
 
 clean:
 	rm -rf $(OUT) target/qemu-tests

@@ -81,6 +81,13 @@ fn demo_image_is_well_formed() -> Result<()> {
     assert!(shadow.lines().all(|l| { let h = l.split(':').nth(1).unwrap_or("*"); h.starts_with('*') || h.starts_with('!') }), "no passwords:\n{shadow}");
     let agent = debugfs("stat /usr/bin/labforge-agent")?;
     assert!(agent.contains("Mode:  0755") && agent.contains("User:     0"), "{agent}");
+    // The cluster secret: baked readable by root only, and the same one kept beside the outputs.
+    let secret_stat = debugfs("stat /etc/labforge/cluster.secret")?;
+    assert!(secret_stat.contains("Mode:  0600") && secret_stat.contains("User:     0"), "{secret_stat}");
+    let beside = image.with_file_name("demo.cluster.secret");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&beside)?.permissions().mode() & 0o777, 0o600);
+    assert_eq!(debugfs("cat /etc/labforge/cluster.secret")?, fs::read_to_string(&beside)?);
     let wants = debugfs("ls -l /etc/systemd/system/multi-user.target.wants")?;
     assert!(wants.contains("labforge-agent.service"), "agent unit enabled:\n{wants}");
     let issue = debugfs("cat /etc/issue.d/labforge.issue")?;
@@ -139,6 +146,8 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
     assert_eq!(first.manifest.rootfs_cache_key, second.manifest.rootfs_cache_key);
     let rootfs = second.manifest.stages.iter().find(|s| s.stage == "rootfs").unwrap();
     assert!(rootfs.cached, "an overlay-only change does not re-run mmdebstrap");
+    assert!(first.manifest.cluster_secret.starts_with("generated"), "{}", first.manifest.cluster_secret);
+    assert!(second.manifest.cluster_secret.starts_with("kept"), "a rebuilt image stays in its cluster: {}", second.manifest.cluster_secret);
 
     // Same inputs again: nothing to do.
     assert!(build::build(&opts)?.up_to_date);
@@ -152,6 +161,6 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
     let img = out.join("overlaytest.img");
     assert_eq!(fs::metadata(&img)?.len(), second.manifest.artifacts[0].size_bytes);
     let leftovers: Vec<_> = fs::read_dir(&out)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 2, "only the image and its manifest: {leftovers:?}");
+    assert_eq!(leftovers.len(), 3, "only the image, its manifest and the cluster secret: {leftovers:?}");
     Ok(())
 }
