@@ -118,6 +118,12 @@ impl Room {
     }
 }
 
+/// A node's address on the test LAN, from its status.
+fn lan_ip(s: &Status) -> String {
+    let cidr = s.node.nics.iter().flat_map(|n| &n.addresses).find(|a| a.starts_with(lan::SUBNET)).expect("an address on the test LAN");
+    cidr.split('/').next().unwrap().to_string()
+}
+
 fn parse(line: &str) -> Option<Status> {
     let at = line.find(CONSOLE_PREFIX)?;
     serde_json::from_str(&line[at + CONSOLE_PREFIX.len()..]).ok()
@@ -254,8 +260,7 @@ fn rogue_node_is_ignored() -> Result<()> {
     let m = room.query(&master_ip)?;
     assert!(m.counters.beacons_rejected_bad_mac > 0, "{:?}", m.counters);
     for s in &ready {
-        let ip = s.node.nics[0].addresses.iter().find(|a| a.starts_with(lan::SUBNET)).unwrap().split('/').next().unwrap().to_string();
-        let now = room.query(&ip)?;
+        let now = room.query(&lan_ip(s))?;
         assert!(now.peers.iter().all(|p| p.id != rogue_id), "rogue in {}'s view", s.node.hostname);
         assert_eq!(now.peers.len(), 2);
     }
@@ -293,8 +298,7 @@ fn master_reboot_keeps_cluster() -> Result<()> {
     assert!(calls.argv.is_empty() || real_kubeadm(), "no second kubeadm init: {:?}", calls.argv);
 
     for &w in &workers {
-        let ip = ready[w].node.nics[0].addresses.iter().find(|a| a.starts_with(lan::SUBNET)).unwrap().split('/').next().unwrap().to_string();
-        let s = room.query(&ip)?;
+        let s = room.query(&lan_ip(&ready[w]))?;
         assert_eq!(s.role, "worker");
         assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
         assert_eq!(s.phase, "ready", "worker stayed joined");

@@ -2,14 +2,13 @@
 //! config at /etc/labforge/cluster.toml.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use labforge_agent::config::NodeConfig;
 use labforge_agent::secret::Secret;
 
-use super::fsutil::resolve_in_root;
+use super::fsutil::write_in_root;
 use crate::cmd::Cmd;
 use crate::spec::Spec;
 
@@ -35,18 +34,7 @@ pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Result<()> {
-    let put = |rel: &str, contents: &[u8], mode: u32| -> Result<()> {
-        let dest = resolve_in_root(root, Path::new(rel))?;
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        if dest.symlink_metadata().is_ok() {
-            fs::remove_file(&dest)?;
-        }
-        fs::write(&dest, contents).with_context(|| format!("writing {}", dest.display()))?;
-        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
+    let put = |rel: &str, contents: &[u8], mode: u32| write_in_root(root, rel, contents, mode);
     let bin = fs::read(binary).with_context(|| format!("reading agent binary {}", binary.display()))?;
     put("usr/bin/labforge-agent", &bin, 0o755)?;
     put("etc/systemd/system/labforge-agent.service", labforge_agent::SYSTEMD_UNIT.as_bytes(), 0o644)?;
@@ -55,7 +43,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     cfg.kubernetes = spec.kubernetes.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
     put(
-        labforge_agent::config::SECRET_PATH.trim_start_matches('/'),
+        labforge_agent::config::SECRET_PATH,
         format!("{}\n", secret.to_hex()).as_bytes(),
         0o600,
     )?;

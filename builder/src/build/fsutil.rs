@@ -51,6 +51,29 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf> {
     Ok(root.join(parts.iter().collect::<PathBuf>()))
 }
 
+/// Writes a file into the image tree at `rel` (resolved inside `root`), replacing whatever was
+/// there, created with `mode` from the start so a secret is never readable by others.
+pub fn write_in_root(root: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dest = resolve_in_root(root, Path::new(rel.trim_start_matches('/')))?;
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if dest.symlink_metadata().is_ok() {
+        fs::remove_file(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&dest)
+        .with_context(|| format!("writing {}", dest.display()))?;
+    f.write_all(contents).with_context(|| format!("writing {}", dest.display()))?;
+    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
 /// Detaches every mount at or below `dir` (deepest first). A tool killed mid-run can leave
 /// /proc or /dev mounted inside its chroot; removing the directory then would reach into the
 /// host, so this runs before any work directory is deleted.

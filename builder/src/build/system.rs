@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::disk::{ROOT_LABEL, STATE_LABEL};
-use super::fsutil::resolve_in_root;
+use super::fsutil::{resolve_in_root, write_in_root};
 use super::overlays::id_map;
 use crate::cmd::Cmd;
 use crate::spec::Spec;
@@ -51,16 +51,7 @@ fn fstab() -> String {
 }
 
 fn write(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<()> {
-    let dest = resolve_in_root(root, Path::new(rel))?;
-    if let Some(p) = dest.parent() {
-        fs::create_dir_all(p)?;
-    }
-    if dest.symlink_metadata().is_ok() {
-        fs::remove_file(&dest)?;
-    }
-    fs::write(&dest, contents).with_context(|| format!("writing {}", dest.display()))?;
-    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
-    Ok(())
+    write_in_root(root, rel, contents.as_bytes(), mode)
 }
 
 fn add_users(spec: &Spec, root: &Path) -> Result<()> {
