@@ -107,6 +107,7 @@ impl Agent {
             phase: "starting".into(),
             role: "undecided".into(),
             cluster_uid: None,
+            lan_address: None,
             master_address: None,
             kubernetes: if cfg.kubernetes.enabled { "enabled" } else { "disabled" }.into(),
             join_info_sha256: None,
@@ -424,6 +425,10 @@ impl Agent {
     async fn refresh_status(&self) {
         let peers = net::fresh(&self.peers, PEER_TIMEOUT);
         let mut s = self.shared.status.write().await;
+        for nic in &mut s.node.nics {
+            nic.addresses = kernel_addresses(&nic.name);
+        }
+        s.lan_address = self.lan.as_ref().map(|l| l.address.to_string());
         s.role = role_name(&self.state.allegiance).into();
         s.cluster_uid = self.state.allegiance.uid().map(str::to_string);
         s.peers = peers

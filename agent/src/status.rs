@@ -34,6 +34,8 @@ pub struct Status {
     /// `master`, `worker`, `undecided` or `refused`.
     pub role: String,
     pub cluster_uid: Option<String>,
+    /// This node's address on the cluster LAN, once it has one.
+    pub lan_address: Option<String>,
     pub master_address: Option<String>,
     /// `enabled` or `disabled` (an image without kubeadm never pretends).
     pub kubernetes: String,

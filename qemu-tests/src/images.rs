@@ -21,9 +21,21 @@ fn agent_binary() -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Builds (or reuses) the image of `spec` (path relative to the workspace root) and returns
-/// the raw image path. Concurrent test processes serialise on a lock file.
-pub fn image(spec: &str) -> Result<PathBuf> {
+/// A built test image.
+pub struct TestImage {
+    /// The raw image under a name that is unique to its build (`by-hash/<input-hash>.img`), so
+    /// a later rebuild never changes what a VM's disk overlay is backed by.
+    pub image: PathBuf,
+    /// The cluster secret baked into it.
+    pub secret: PathBuf,
+    /// Where the build wrote its outputs (`<name>.img`, `.zst`, `.bmap`, manifest).
+    pub out: PathBuf,
+    pub name: String,
+}
+
+/// Builds (or reuses) the image of `spec` (path relative to the workspace root). Concurrent
+/// test processes serialise on a lock file.
+pub fn image(spec: &str) -> Result<TestImage> {
     let root = crate::workspace_root();
     let spec_path = root.join(spec);
     let stem = Path::new(spec).file_stem().expect("spec file").to_string_lossy().into_owned();
@@ -42,5 +54,18 @@ pub fn image(spec: &str) -> Result<PathBuf> {
         force: false,
     };
     let outcome = build::build(&opts).with_context(|| format!("building test image {spec}"))?;
-    Ok(out.join(format!("{}.img", outcome.manifest.name)))
+    let name = outcome.manifest.name.clone();
+    let by_hash = out.join("by-hash");
+    fs::create_dir_all(&by_hash)?;
+    let pinned = by_hash.join(format!("{}.img", &outcome.manifest.input_hash[..16]));
+    if !pinned.exists() {
+        fs::hard_link(out.join(format!("{name}.img")), &pinned).context("pinning the test image")?;
+    }
+    // Older builds' pins would keep their data alive; scenarios run one image at a time.
+    for e in fs::read_dir(&by_hash)?.flatten() {
+        if e.path() != pinned {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    Ok(TestImage { image: pinned, secret: out.join(build::secret_file_name(&name)), out, name })
 }

@@ -11,7 +11,7 @@ const BOOT: Duration = Duration::from_secs(600);
 
 #[test]
 fn demo_image_boots() -> Result<()> {
-    let image = images::image("images/demo.toml")?;
+    let image = images::image("images/demo.toml")?.image;
     let dir = vm::scenario_dir("demo_image_boots")?;
     let mut cfg = vm::VmConfig::new("node", &image);
     // The disk is 1 GiB larger than the image: the state partition must grow into it.

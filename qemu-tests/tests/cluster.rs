@@ -43,16 +43,17 @@ struct Room {
     lan: Lan,
     dir: PathBuf,
     image: PathBuf,
+    secret: PathBuf,
     _one_at_a_time: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Room {
     fn new(scenario: &str) -> Result<Room> {
-        let image = images::image(cluster_spec())?;
         let lock = qemu_tests::exclusive()?;
+        let built = images::image(cluster_spec())?;
         let dir = qemu_tests::vm::scenario_dir(scenario)?;
         let lan = Lan::new(scenario, &dir)?;
-        Ok(Room { nodes: Vec::new(), lan, dir, image, _one_at_a_time: lock })
+        Ok(Room { nodes: Vec::new(), lan, dir, image: built.image, secret: built.secret, _one_at_a_time: lock })
     }
 
     /// Adds and boots a node; `config` goes on a LABFORGE config partition when given.
@@ -113,15 +114,15 @@ impl Room {
 
     /// The cluster secret baked into the test image.
     fn secret_file(&self) -> PathBuf {
-        let name = self.image.file_stem().unwrap().to_string_lossy().into_owned();
-        self.image.with_file_name(format!("{name}.cluster.secret"))
+        self.secret.clone()
     }
 }
 
 /// A node's address on the test LAN, from its status.
 fn lan_ip(s: &Status) -> String {
-    let cidr = s.node.nics.iter().flat_map(|n| &n.addresses).find(|a| a.starts_with(lan::SUBNET)).expect("an address on the test LAN");
-    cidr.split('/').next().unwrap().to_string()
+    let ip = s.lan_address.clone().expect("a ready node has its LAN address");
+    assert!(ip.starts_with(lan::SUBNET), "{ip}");
+    ip
 }
 
 fn parse(line: &str) -> Option<Status> {

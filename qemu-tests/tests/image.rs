@@ -37,7 +37,8 @@ fn extract_partition(image: &Path, start: u64, size: u64, dest: &Path) -> Result
 
 #[test]
 fn demo_image_is_well_formed() -> Result<()> {
-    let image = images::image("images/demo.toml")?;
+    let built = images::image("images/demo.toml")?;
+    let image = built.out.join("demo.img");
     let manifest = manifest_of(&image)?;
     let scratch = tempfile::tempdir()?;
 
