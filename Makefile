@@ -26,7 +26,7 @@ demo: host-deps build
 
 # The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
 test: host-deps build
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --no-fail-fast
 
 # Speed figures as JSON (target/bench/results.json).
 bench: host-deps build

@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,7 +123,9 @@ impl Agent {
             secret: secret.clone(),
             join_served: Default::default(),
             join_rejected: Default::default(),
+            beacons: Default::default(),
         });
+        let counters = shared.beacons.clone();
         Ok(Agent {
             announced: Arc::new(Mutex::new(state.allegiance.clone())),
             cfg,
@@ -133,7 +134,7 @@ impl Agent {
             state,
             shared,
             peers: Default::default(),
-            counters: Default::default(),
+            counters,
             inventory,
             started: Instant::now(),
             lan: None,
@@ -440,15 +441,6 @@ impl Agent {
                 role: role_name(&p.beacon.node.allegiance).into(),
             })
             .collect();
-        let c = &self.counters;
-        s.counters.beacons_sent = c.sent.load(Ordering::Relaxed);
-        s.counters.beacons_received = c.received.load(Ordering::Relaxed);
-        s.counters.beacons_rejected_malformed = c.malformed.load(Ordering::Relaxed);
-        s.counters.beacons_rejected_bad_mac = c.bad_mac.load(Ordering::Relaxed);
-        s.counters.beacons_rejected_stale = c.stale.load(Ordering::Relaxed);
-        s.counters.beacons_rejected_replay = c.replay.load(Ordering::Relaxed);
-        s.counters.join_served = self.shared.join_served.load(Ordering::Relaxed);
-        s.counters.join_rejected = self.shared.join_rejected.load(Ordering::Relaxed);
         if let (Some(lan), None) = (&self.lan, &s.master_address) {
             if matches!(self.state.allegiance, Allegiance::Master { committed: true, .. }) {
                 s.master_address = Some(lan.address.to_string());
@@ -459,13 +451,16 @@ impl Agent {
     /// Records the phase; prints the console line when the phase (or role) changes.
     async fn set_phase(&mut self, phase: &str, message: &str) {
         self.refresh_status().await;
-        let mut s = self.shared.status.write().await;
-        s.message = message.to_string();
-        let key = format!("{phase}/{}", s.role);
-        if s.phase != phase || self.phase != key {
+        let key = {
+            let mut s = self.shared.status.write().await;
+            s.message = message.to_string();
+            let key = format!("{phase}/{}", s.role);
             s.phase = phase.to_string();
+            key
+        };
+        if self.phase != key {
             self.phase = key;
-            s.announce();
+            self.shared.snapshot().await.announce();
         }
     }
 }

@@ -140,12 +140,33 @@ pub struct Shared {
     pub secret: Option<Secret>,
     pub join_served: AtomicU64,
     pub join_rejected: AtomicU64,
+    /// Discovery counters, updated by the beacon tasks.
+    pub beacons: Arc<crate::discovery::net::Counters>,
+}
+
+impl Shared {
+    /// The status with counters read at this instant.
+    pub async fn snapshot(&self) -> Status {
+        let mut s = self.status.read().await.clone();
+        let b = &self.beacons;
+        s.counters = Counters {
+            beacons_sent: b.sent.load(Ordering::Relaxed),
+            beacons_received: b.received.load(Ordering::Relaxed),
+            beacons_rejected_malformed: b.malformed.load(Ordering::Relaxed),
+            beacons_rejected_bad_mac: b.bad_mac.load(Ordering::Relaxed),
+            beacons_rejected_stale: b.stale.load(Ordering::Relaxed),
+            beacons_rejected_replay: b.replay.load(Ordering::Relaxed),
+            join_served: self.join_served.load(Ordering::Relaxed),
+            join_rejected: self.join_rejected.load(Ordering::Relaxed),
+        };
+        s
+    }
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/status", get(|State(s): State<Arc<Shared>>| async move { Json(s.status.read().await.clone()) }))
-        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.status.read().await.metrics() }))
+        .route("/status", get(|State(s): State<Arc<Shared>>| async move { Json(s.snapshot().await) }))
+        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.snapshot().await.metrics() }))
         .route("/join-info", post(join_info))
         .with_state(shared)
 }

@@ -50,3 +50,24 @@ fn demo_image_boots() -> Result<()> {
     node.check_console_health()?;
     Ok(())
 }
+
+/// A stick whose config partition carries a broken secret: the node must not form or join a
+/// cluster, and must say how to fix it.
+#[test]
+fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
+    let image = images::image("images/demo.toml")?.image;
+    let dir = vm::scenario_dir("no_valid_secret")?;
+    let part = dir.join("config.img");
+    qemu_tests::lan::config_partition(&part, None, Some("0123456789abcdef\n"))?;
+    let mut cfg = vm::VmConfig::new("node", &image);
+    cfg.disks.push(part);
+    let mut node = vm::Vm::start(&cfg, &dir)?;
+    let line = node.wait_for_match(|l| l.contains(CONSOLE_PREFIX) && l.contains("needs-secret"), "phase needs-secret", BOOT)?;
+    let status: Status = serde_json::from_str(&line[line.find(CONSOLE_PREFIX).unwrap() + CONSOLE_PREFIX.len()..])?;
+    assert_eq!(status.role, "undecided");
+    assert!(status.cluster_uid.is_none());
+    assert!(status.message.contains("64 hex digits") && status.message.contains("labforge secret new"), "{}", status.message);
+    node.wait_for("Multi-User System", BOOT)?;
+    node.check_console_health()?;
+    Ok(())
+}

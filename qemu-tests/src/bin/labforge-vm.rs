@@ -20,9 +20,20 @@ fn run() -> Result<()> {
     let dir = vm::scenario_dir("labforge-vm")?;
     eprintln!("booting {} in QEMU (console log: {})", image.display(), dir.join("node-console.log").display());
     let mut node = vm::Vm::start(&vm::VmConfig::new("node", &image), &dir)?;
-    let line = node.wait_for(CONSOLE_PREFIX, Duration::from_secs(600))?;
-    let json = &line[line.find(CONSOLE_PREFIX).expect("prefix") + CONSOLE_PREFIX.len()..];
-    let status: Status = serde_json::from_str(json).context("parsing the agent's status line")?;
+    let parse = |line: &str| -> Option<Status> {
+        serde_json::from_str(&line[line.find(CONSOLE_PREFIX)? + CONSOLE_PREFIX.len()..]).ok()
+    };
+    let first = node.wait_for(CONSOLE_PREFIX, Duration::from_secs(600))?;
+    let first = parse(&first).context("parsing the agent's status line")?;
+    eprintln!("agent up (phase {}); waiting for it to settle into a role...", first.phase);
+    // A lone node elects itself once its settle window has passed; a node that cannot join a
+    // cluster says why (needs-secret, conflict, error).
+    let line = node.wait_for_match(
+        |l| parse(l).is_some_and(|s| matches!(s.phase.as_str(), "ready" | "needs-secret" | "conflict" | "error")),
+        "a settled phase",
+        Duration::from_secs(300),
+    )?;
+    let status = parse(&line).expect("matched");
     println!("The agent on the booted node reports:\n");
     print!("{status}");
     node.wait_for("Multi-User System", Duration::from_secs(300))?;
