@@ -50,16 +50,8 @@ fn probe_kvm() -> Result<bool> {
         .spawn()
         .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let (tx, rx) = mpsc::channel();
-    for stream in [Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().expect("piped"))] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    forward_lines(child.stdout.take().expect("piped"), tx.clone(), "", None);
+    forward_lines(child.stderr.take().expect("piped"), tx.clone(), "", None);
     drop(tx);
     let deadline = Instant::now() + Duration::from_secs(20);
     let verdict = loop {
@@ -199,7 +191,7 @@ impl Vm {
             }
         }
         let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));
-        let mut logfile = fs::File::create(&log)?;
+        let logfile = fs::File::create(&log)?;
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -207,23 +199,8 @@ impl Vm {
             .spawn()
             .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
         let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("piped");
-        let err = child.stderr.take().expect("piped");
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
-                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-                let _ = writeln!(logfile, "{line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("qemu: {line}"));
-            }
-        });
+        forward_lines(child.stdout.take().expect("piped"), tx.clone(), "", Some(logfile));
+        forward_lines(child.stderr.take().expect("piped"), tx, "qemu: ", None);
         Ok(Vm { child, lines: rx, recent: VecDeque::new(), seen: Vec::new(), log, scratch })
     }
 
@@ -306,6 +283,22 @@ impl Drop for Vm {
             let _ = fs::remove_file(f);
         }
     }
+}
+
+/// Sends each line of `stream` (prefixed) to `tx`, and to `log` when given, until either end
+/// closes. Serial output is not always UTF-8; it is passed on lossily.
+fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>, prefix: &'static str, mut log: Option<fs::File>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+            let line = format!("{prefix}{}", String::from_utf8_lossy(&line).trim_end_matches('\r'));
+            if let Some(f) = log.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
