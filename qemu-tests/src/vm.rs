@@ -289,8 +289,22 @@ impl Drop for Vm {
 /// closes. Serial output is not always UTF-8; it is passed on lossily.
 fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>, prefix: &'static str, mut log: Option<fs::File>) {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
-            let line = format!("{prefix}{}", String::from_utf8_lossy(&line).trim_end_matches('\r'));
+        // systemd redraws "A start job is running..." with bare carriage returns: treat them as
+        // line ends too, or a hang would show nothing at all in the log.
+        let mut reader = BufReader::new(stream);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            let Ok(n) = read_until_any(&mut reader, &mut raw) else { break };
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&raw);
+            let text = text.trim_end_matches(['\r', '\n']);
+            if text.is_empty() {
+                continue;
+            }
+            let line = format!("{prefix}{text}");
             if let Some(f) = log.as_mut() {
                 let _ = writeln!(f, "{line}");
             }
@@ -299,6 +313,34 @@ fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<S
             }
         }
     });
+}
+
+/// Reads up to and including the next `\n` or `\r`.
+fn read_until_any(r: &mut impl BufRead, out: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let (done, used) = {
+            let buf = r.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(total);
+            }
+            match buf.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                Some(i) => {
+                    out.extend_from_slice(&buf[..=i]);
+                    (true, i + 1)
+                }
+                None => {
+                    out.extend_from_slice(buf);
+                    (false, buf.len())
+                }
+            }
+        };
+        r.consume(used);
+        total += used;
+        if done {
+            return Ok(total);
+        }
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -11,6 +11,7 @@ const BOOT: Duration = Duration::from_secs(600);
 
 #[test]
 fn demo_image_boots() -> Result<()> {
+    let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
     let image = images::image("images/demo.toml")?.image;
     let dir = vm::scenario_dir("demo_image_boots")?;
     let mut cfg = vm::VmConfig::new("node", &image);
@@ -55,6 +56,7 @@ fn demo_image_boots() -> Result<()> {
 /// cluster, and must say how to fix it.
 #[test]
 fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
+    let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
     let image = images::image("images/demo.toml")?.image;
     let dir = vm::scenario_dir("no_valid_secret")?;
     let part = dir.join("config.img");
