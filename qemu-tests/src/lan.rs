@@ -26,6 +26,7 @@ fn ip(args: &[&str]) -> Result<()> {
 
 impl Lan {
     pub fn new(name: &str, dir: &Path) -> Result<Lan> {
+        sweep_stale_namespaces();
         let ns = format!("lf-{}-{}", std::process::id(), name.chars().take(12).collect::<String>());
         ip(&["netns", "add", &ns])?;
         let mut lan = Lan { ns: ns.clone(), dnsmasq: None, taps: 0, dir: dir.to_path_buf() };
@@ -75,6 +76,27 @@ impl Drop for Lan {
             let _ = c.wait();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// Deletes namespaces left by test processes that were killed before they could clean up
+/// (their names carry the pid of a process that no longer exists).
+fn sweep_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(ns) = line.split_whitespace().next() else { continue };
+        let Some(pid) = ns.strip_prefix("lf-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Whatever still runs inside (a dnsmasq, a VM) goes with it.
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    let _ = Command::new("kill").arg(p).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
