@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
-/// `kvm` if a tiny firmware boot works with it here, else `tcg,thread=multi`. KVM exists on our
+/// `kvm` if a tiny firmware boot works with it here, else `tcg,thread=single`. KVM exists on our
 /// CI machines but fails with emulation errors, so it is never assumed.
 /// `LABFORGE_QEMU_ACCEL` overrides the probe.
 pub fn accel() -> &'static str {
@@ -25,7 +25,10 @@ pub fn accel() -> &'static str {
             return a;
         }
         let ok = probe_kvm().unwrap_or(false);
-        let chosen = if ok { "kvm" } else { "tcg,thread=multi" };
+        // Single-threaded TCG: with one vCPU per VM it costs nothing, and under multi-threaded
+        // TCG an idle guest with no incoming traffic sometimes stopped waking up (its console
+        // and disk went silent mid-boot, QEMU at 0% CPU), while guests on a busy LAN never did.
+        let chosen = if ok { "kvm" } else { "tcg,thread=single" };
         eprintln!("qemu-tests: using accelerator {chosen}");
         chosen.to_string()
     })
