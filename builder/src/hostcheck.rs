@@ -38,6 +38,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement { what: "qemu-system-x86_64", package: "qemu-system-x86", purpose: "booting images (make demo, tests)", always: false },
     Requirement { what: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", purpose: "UEFI firmware for QEMU", always: false },
     Requirement { what: "bmaptool", package: "bmap-tools", purpose: "checking .bmap files (tests)", always: false },
+    Requirement { what: "dnsmasq", package: "dnsmasq-base", purpose: "DHCP on the test LANs (tests)", always: false },
+    Requirement { what: "ip", package: "iproute2", purpose: "network namespaces for the test LANs (tests)", always: false },
 ];
 
 /// Where `what` is found, if anywhere.
