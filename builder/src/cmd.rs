@@ -18,13 +18,12 @@ pub struct Cmd {
     program: String,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
-    cwd: Option<PathBuf>,
     stdin: Option<PathBuf>,
 }
 
 impl Cmd {
     pub fn new(program: &str) -> Self {
-        Cmd { program: program.to_string(), args: Vec::new(), env: Vec::new(), cwd: None, stdin: None }
+        Cmd { program: program.to_string(), args: Vec::new(), env: Vec::new(), stdin: None }
     }
 
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
@@ -39,11 +38,6 @@ impl Cmd {
 
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
         self.env.push((k.as_ref().to_os_string(), v.as_ref().to_os_string()));
-        self
-    }
-
-    pub fn cwd(mut self, dir: &Path) -> Self {
-        self.cwd = Some(dir.to_path_buf());
         self
     }
 
@@ -83,9 +77,6 @@ impl Cmd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        if let Some(dir) = &self.cwd {
-            command.current_dir(dir);
-        }
         let mut child = command.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow!("{} is not installed; {}", self.program, hostcheck::install_hint(&self.program))
