@@ -23,11 +23,15 @@ use crate::node;
 use crate::secret::Secret;
 use crate::state::{State, Store};
 use crate::status::{self, PeerStatus, Shared, StateVolume, Status};
+use crate::system::SystemHealth;
 
 /// How often beacons go out and the election is re-evaluated.
 const TICK: Duration = Duration::from_secs(1);
 /// Peers not heard for this long drop out of the view.
 const PEER_TIMEOUT: Duration = Duration::from_secs(6);
+/// How often systemd's system state is asked for while the node boots, and afterwards.
+const SYSTEM_EVERY_BOOTING: Duration = Duration::from_secs(2);
+const SYSTEM_EVERY_BOOTED: Duration = Duration::from_secs(15);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let mut cfg = NodeConfig::load(config_path)?;
@@ -77,6 +81,8 @@ struct Agent {
     started: Instant,
     lan: Option<node::Lan>,
     phase: String,
+    /// When systemd's state was last asked for.
+    system_checked: Option<Instant>,
 }
 
 impl Agent {
@@ -113,6 +119,7 @@ impl Agent {
             message,
             peers: Vec::new(),
             node: inventory.clone(),
+            system: SystemHealth::default(),
             state: state_volume(&cfg.state_dir),
             counters: Default::default(),
         };
@@ -139,6 +146,7 @@ impl Agent {
             started: Instant::now(),
             lan: None,
             phase: String::new(),
+            system_checked: None,
         })
     }
 
@@ -166,6 +174,7 @@ impl Agent {
             if server.is_finished() {
                 return server.await.context("status server task")?;
             }
+            self.refresh_system().await;
             if self.secret.is_none() {
                 continue;
             }
@@ -445,6 +454,30 @@ impl Agent {
             if matches!(self.state.allegiance, Allegiance::Master { committed: true, .. }) {
                 s.master_address = Some(lan.address.to_string());
             }
+        }
+    }
+
+    /// Asks systemd how the boot went (often while it runs, rarely after), and prints the
+    /// console line when the answer changes.
+    async fn refresh_system(&mut self) {
+        let booted = self.shared.status.read().await.system.booted();
+        let every = if booted { SYSTEM_EVERY_BOOTED } else { SYSTEM_EVERY_BOOTING };
+        if self.system_checked.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.system_checked = Some(Instant::now());
+        let health = blocking(|| Ok(SystemHealth::query())).await.unwrap_or_default();
+        let changed = {
+            let mut s = self.shared.status.write().await;
+            let changed = s.system != health;
+            if changed && !health.failed_units.is_empty() {
+                warn!(failed = ?health.failed_units, "systemd reports failed units");
+            }
+            s.system = health;
+            changed
+        };
+        if changed && !self.phase.is_empty() {
+            self.shared.snapshot().await.announce();
         }
     }
 

@@ -12,6 +12,7 @@ pub mod node;
 pub mod secret;
 pub mod state;
 pub mod status;
+pub mod system;
 
 /// The systemd unit the builder installs for the agent.
 pub const SYSTEMD_UNIT: &str = include_str!("../labforge-agent.service");

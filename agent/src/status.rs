@@ -18,6 +18,7 @@ use tokio::sync::RwLock;
 use crate::inventory::Inventory;
 use crate::join::{self, JoinInfo};
 use crate::secret::Secret;
+use crate::system::SystemHealth;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
@@ -46,6 +47,9 @@ pub struct Status {
     /// Peers heard recently (authenticated beacons only).
     pub peers: Vec<PeerStatus>,
     pub node: Inventory,
+    /// systemd's view of the node's boot: `running` once every unit started.
+    #[serde(default)]
+    pub system: SystemHealth,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -115,7 +119,9 @@ impl Status {
              labforge_beacons_rejected_total{{reason=\"stale\"}} {}\nlabforge_beacons_rejected_total{{reason=\"replay\"}} {}\n\
              # HELP labforge_join_requests_total Join-info requests, by result.\n# TYPE labforge_join_requests_total counter\n\
              labforge_join_requests_total{{result=\"served\"}} {}\nlabforge_join_requests_total{{result=\"rejected\"}} {}\n\
-             # HELP labforge_phase Current phase (1 for the current one).\n# TYPE labforge_phase gauge\nlabforge_phase{{phase=\"{}\"}} 1\n",
+             # HELP labforge_phase Current phase (1 for the current one).\n# TYPE labforge_phase gauge\nlabforge_phase{{phase=\"{}\"}} 1\n\
+             # HELP labforge_system_state systemd's system state (1 for the current one).\n# TYPE labforge_system_state gauge\nlabforge_system_state{{state=\"{}\"}} 1\n\
+             # HELP labforge_system_failed_units Units in the failed state.\n# TYPE labforge_system_failed_units gauge\nlabforge_system_failed_units {}\n",
             self.peers.len(),
             c.beacons_sent,
             c.beacons_received,
@@ -126,6 +132,8 @@ impl Status {
             c.join_served,
             c.join_rejected,
             self.phase,
+            self.system.state,
+            self.system.failed_units.len(),
         ));
         m
     }
@@ -223,6 +231,8 @@ impl std::fmt::Display for Status {
         writeln!(f, "image    {} (agent {})", self.image, self.agent_version)?;
         writeln!(f, "phase    {} ({})", self.phase, self.message)?;
         writeln!(f, "role     {}", self.role)?;
+        let failed = if self.system.failed_units.is_empty() { String::new() } else { format!(" (failed: {})", self.system.failed_units.join(" ")) };
+        writeln!(f, "system   {}{failed}", self.system.state)?;
         writeln!(f, "cluster  {} (master {}, kubernetes {})", self.cluster_uid.as_deref().unwrap_or("-"), self.master_address.as_deref().unwrap_or("-"), self.kubernetes)?;
         for p in &self.peers {
             writeln!(f, "peer     {} {} {} {}", p.hostname, p.address, p.role, p.id)?;

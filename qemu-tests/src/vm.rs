@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use labforge_agent::status::{Status, CONSOLE_PREFIX};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -250,13 +251,32 @@ impl Vm {
         self.recent.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
+    /// Waits for an agent `labforge-status` line that satisfies `pred` (lines already seen
+    /// count) and returns the status it carries.
+    pub fn wait_status(&mut self, what: &str, within: Duration, pred: impl Fn(&Status) -> bool) -> Result<Status> {
+        let line = self.wait_for_match(|l| parse_status(l).is_some_and(|s| pred(&s)), what, within)?;
+        Ok(parse_status(&line).expect("matched"))
+    }
+
+    /// Waits until the agent reports that systemd finished booting the node, and fails if any
+    /// unit failed. (systemd's own "Reached target" lines stop once the serial getty holds the
+    /// console, so the console cannot tell.)
+    pub fn wait_booted(&mut self, within: Duration) -> Result<Status> {
+        let s = self.wait_status("systemd finished booting", within, |s| s.system.booted())?;
+        if !s.system.failed_units.is_empty() {
+            bail!("units failed on {}: {:?} (full log: {})", s.node.hostname, s.system.failed_units, self.log.display());
+        }
+        Ok(s)
+    }
+
     /// Every console line seen so far.
     pub fn console(&self) -> &[String] {
         &self.seen
     }
 
     /// Fails if the console shows a kernel oops/panic or a failed systemd unit (checked after
-    /// every scenario, as a user reading the console would).
+    /// every scenario, as a user reading the console would). Units that fail after the serial
+    /// getty started show only in the agent's status: see `wait_booted`.
     pub fn check_console_health(&self) -> Result<()> {
         const BAD: &[&str] = &["Kernel panic", "Oops:", "BUG:", "Call Trace:", "[FAILED]", "segfault at"];
         let bad: Vec<&String> = self.seen.iter().filter(|l| BAD.iter().any(|b| l.contains(b))).collect();
@@ -287,6 +307,12 @@ impl Drop for Vm {
             let _ = fs::remove_file(f);
         }
     }
+}
+
+/// The status carried by an agent console line, if `line` is one.
+pub fn parse_status(line: &str) -> Option<Status> {
+    let at = line.find(CONSOLE_PREFIX)?;
+    serde_json::from_str(&line[at + CONSOLE_PREFIX.len()..]).ok()
 }
 
 /// Sends each line of `stream` (prefixed) to `tx`, and to `log` when given, until either end

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use labforge_agent::status::{Status, CONSOLE_PREFIX};
 use qemu_tests::{images, vm};
 
 /// Under TCG on a 2-core machine the firmware + kernel + systemd take a few minutes.
@@ -21,9 +20,7 @@ fn demo_image_boots() -> Result<()> {
     cfg.grow_first_disk = Some(1 << 30);
     let mut node = vm::Vm::start(&cfg, &dir)?;
 
-    let line = node.wait_for(CONSOLE_PREFIX, BOOT)?;
-    let json = &line[line.find(CONSOLE_PREFIX).expect("prefix") + CONSOLE_PREFIX.len()..];
-    let status: Status = serde_json::from_str(json)?;
+    let status = node.wait_status("agent status", BOOT, |_| true)?;
 
     assert_eq!(status.image, "demo");
     assert_eq!(status.node.machine_id.len(), 32, "a machine id was generated on first boot");
@@ -42,18 +39,14 @@ fn demo_image_boots() -> Result<()> {
 
     // Alone on its LAN with minimum-nodes = 1, the node elects itself after the settle window;
     // the demo image has no kubeadm and says so rather than pretending.
-    let ready = node.wait_for_match(|l| l.contains(CONSOLE_PREFIX) && l.contains("\"phase\":\"ready\""), "phase ready", BOOT)?;
-    let ready: Status = serde_json::from_str(&ready[ready.find(CONSOLE_PREFIX).unwrap() + CONSOLE_PREFIX.len()..])?;
+    let ready = node.wait_status("phase ready", BOOT, |s| s.phase == "ready")?;
     assert_eq!(ready.role, "master");
     assert_eq!(ready.kubernetes, "disabled");
     assert!(ready.message.contains("kubernetes disabled"), "{}", ready.message);
     assert!(ready.cluster_uid.is_some() && ready.join_info_sha256.is_some());
 
-    // KNOWN DEFECT, not hidden: on nodes where the agent runs discovery, containerd.service
-    // never finishes starting under TCG here, so multi-user.target is not reached (seen in every
-    // scenario VM at the end of the session that found it; the cause is not yet known). Until it
-    // is fixed this test checks that the agent's own unit started, and no unit failed.
-    node.wait_for_match(|l| l.contains("Started") && l.contains("labforge-agent.service"), "agent unit started", BOOT)?;
+    // Every unit started (containerd included): systemd reports `running`, nothing failed.
+    node.wait_booted(BOOT)?;
     node.check_console_health()?;
     Ok(())
 }
@@ -72,12 +65,12 @@ fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
     cfg.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:12:34:57".into() };
     cfg.disks.push(part);
     let mut node = vm::Vm::start(&cfg, &dir)?;
-    let line = node.wait_for_match(|l| l.contains(CONSOLE_PREFIX) && l.contains("needs-secret"), "phase needs-secret", BOOT)?;
-    let status: Status = serde_json::from_str(&line[line.find(CONSOLE_PREFIX).unwrap() + CONSOLE_PREFIX.len()..])?;
+    let status = node.wait_status("phase needs-secret", BOOT, |s| s.phase == "needs-secret")?;
     assert_eq!(status.role, "undecided");
     assert!(status.cluster_uid.is_none());
     assert!(status.message.contains("64 hex digits") && status.message.contains("labforge secret new"), "{}", status.message);
-    node.wait_for_match(|l| l.contains("Started") && l.contains("labforge-agent.service"), "agent unit started", BOOT)?;
+    // The rest of the node still boots cleanly.
+    node.wait_booted(BOOT)?;
     node.check_console_health()?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use labforge_agent::status::{Status, CONSOLE_PREFIX};
+use labforge_agent::status::Status;
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::vm::{Net, Vm, VmConfig};
 use qemu_tests::{images, workspace_root};
@@ -80,8 +80,7 @@ impl Room {
 
     /// Waits for node `i` to print a status line that satisfies `pred`.
     fn wait_status(&mut self, i: usize, what: &str, pred: impl Fn(&Status) -> bool) -> Result<Status> {
-        let line = self.vm(i).wait_for_match(|l| parse(l).is_some_and(|s| pred(&s)), what, FORM)?;
-        Ok(parse(&line).expect("matched"))
+        self.vm(i).wait_status(what, FORM, pred)
     }
 
     fn wait_ready(&mut self, i: usize) -> Result<Status> {
@@ -103,9 +102,12 @@ impl Room {
         Ok(self.lan.command(bin.to_str().unwrap()).args(args).output()?)
     }
 
-    fn check_health(&self) -> Result<()> {
-        for n in &self.nodes {
-            if let Some(vm) = &n.vm {
+    /// Every running node finished booting with no failed unit, and its console shows no
+    /// kernel trouble.
+    fn check_health(&mut self) -> Result<()> {
+        for n in &mut self.nodes {
+            if let Some(vm) = &mut n.vm {
+                vm.wait_booted(FORM)?;
                 vm.check_console_health()?;
             }
         }
@@ -123,11 +125,6 @@ fn lan_ip(s: &Status) -> String {
     let ip = s.lan_address.clone().expect("a ready node has its LAN address");
     assert!(ip.starts_with(lan::SUBNET), "{ip}");
     ip
-}
-
-fn parse(line: &str) -> Option<Status> {
-    let at = line.find(CONSOLE_PREFIX)?;
-    serde_json::from_str(&line[at + CONSOLE_PREFIX.len()..]).ok()
 }
 
 /// What the kubeadm double printed on a node's console: (argv, config) per call, and the CA

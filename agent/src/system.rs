@@ -1,0 +1,97 @@
+//! The node's boot health as systemd sees it: the overall system state and the units that
+//! failed. Reported in `/status`, `/metrics` and the console line, so an operator (or a test)
+//! knows the node finished booting without reading systemd's console output, which systemd stops
+//! printing once a getty holds the console.
+
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemHealth {
+    /// systemd's state: `initializing`, `starting`, `running`, `degraded`, `maintenance`,
+    /// `stopping`, `offline`, or `unknown` (systemd could not be asked).
+    pub state: String,
+    /// Units in the `failed` state (empty unless `state` is `degraded`).
+    pub failed_units: Vec<String>,
+}
+
+impl Default for SystemHealth {
+    fn default() -> Self {
+        SystemHealth { state: "unknown".into(), failed_units: Vec::new() }
+    }
+}
+
+impl SystemHealth {
+    /// Asks systemd. Never fails: an unanswerable question is reported as `unknown`.
+    pub fn query() -> SystemHealth {
+        // `is-system-running` exits non-zero for every state but `running`; its stdout is the
+        // answer either way.
+        let state = match Command::new("systemctl").arg("is-system-running").output() {
+            Ok(out) => parse_state(&String::from_utf8_lossy(&out.stdout)),
+            Err(_) => "unknown".to_string(),
+        };
+        let failed_units = if state == "degraded" {
+            Command::new("systemctl")
+                .args(["list-units", "--state=failed", "--plain", "--no-legend", "--no-pager", "--full"])
+                .output()
+                .map(|o| parse_failed(&String::from_utf8_lossy(&o.stdout)))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        SystemHealth { state, failed_units }
+    }
+
+    /// True once boot has finished, whether or not every unit succeeded.
+    pub fn booted(&self) -> bool {
+        matches!(self.state.as_str(), "running" | "degraded")
+    }
+}
+
+fn parse_state(stdout: &str) -> String {
+    const KNOWN: &[&str] =
+        &["initializing", "starting", "running", "degraded", "maintenance", "stopping", "offline", "unknown"];
+    let s = stdout.trim();
+    if KNOWN.contains(&s) { s.to_string() } else { "unknown".to_string() }
+}
+
+/// The unit names of `systemctl list-units --state=failed --plain --no-legend` output.
+fn parse_failed(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        // Some systemctl versions mark failed units with a bullet even with --plain.
+        .filter_map(|l| l.trim_start().trim_start_matches('●').split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_read_from_stdout() {
+        assert_eq!(parse_state("running\n"), "running");
+        assert_eq!(parse_state("degraded\n"), "degraded");
+        assert_eq!(parse_state("starting\n"), "starting");
+        assert_eq!(parse_state(""), "unknown");
+        assert_eq!(parse_state("Failed to connect to bus: No such file or directory\n"), "unknown");
+    }
+
+    #[test]
+    fn failed_units_are_the_first_column() {
+        let out = "containerd.service loaded failed failed containerd container runtime\n\
+                   systemd-networkd-wait-online.service loaded failed failed Wait for Network\n";
+        assert_eq!(parse_failed(out), vec!["containerd.service", "systemd-networkd-wait-online.service"]);
+        assert_eq!(parse_failed("● x.mount loaded failed failed X\n"), vec!["x.mount"]);
+        assert!(parse_failed("").is_empty());
+    }
+
+    #[test]
+    fn booted_means_running_or_degraded() {
+        let h = |s: &str| SystemHealth { state: s.into(), failed_units: vec![] };
+        assert!(h("running").booted() && h("degraded").booted());
+        assert!(!h("starting").booted() && !h("unknown").booted());
+    }
+}
