@@ -120,6 +120,7 @@ impl Agent {
             peers: Vec::new(),
             node: inventory.clone(),
             system: SystemHealth::default(),
+            preload: Default::default(),
             state: state_volume(&cfg.state_dir),
             counters: Default::default(),
         };
@@ -165,6 +166,7 @@ impl Agent {
         } else {
             self.set_phase("discovering", "waiting for the LAN").await;
         }
+        tokio::spawn(preload_images(self.shared.clone(), PathBuf::from(&self.cfg.state_dir)));
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -495,6 +497,62 @@ impl Agent {
             self.phase = key;
             self.shared.snapshot().await.announce();
         }
+    }
+}
+
+/// Imports the preloaded images into containerd, retrying failures with a growing pause until
+/// every image is in; announces each change of the import state on the console.
+async fn preload_images(shared: Arc<Shared>, state_dir: PathBuf) {
+    use crate::preload::{self, Containerd, PreloadStatus};
+    let layout = Path::new(preload::LAYOUT_DIR);
+    let entries = match preload::read_layout(layout) {
+        Ok(e) if e.is_empty() => return,
+        Ok(e) => e,
+        Err(e) => {
+            error!("preloaded images: {e:#}");
+            let failed = vec![preload::ImportFailure { name: "*".into(), error: format!("{e:#}") }];
+            publish_preload(&shared, PreloadStatus { state: "failed".into(), failed, ..Default::default() }).await;
+            return;
+        }
+    };
+    preload::link_layout(&state_dir);
+    let mut status = PreloadStatus { state: "waiting".into(), total: entries.len(), ..Default::default() };
+    publish_preload(&shared, status.clone()).await;
+    let mut pause = Duration::from_secs(2);
+    loop {
+        if !blocking(|| Ok(Containerd::default().ready())).await.unwrap_or(false) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        let (entries2, shared2, before) = (entries.clone(), shared.clone(), status.clone());
+        status = blocking(move || {
+            let mut progress = |s: &PreloadStatus| shared2.status.blocking_write().preload = s.clone();
+            Ok(preload::round(&Containerd::default(), Path::new(preload::LAYOUT_DIR), &entries2, before, &mut progress))
+        })
+        .await
+        .expect("round never fails");
+        if let Err(e) = preload::save_result(&state_dir, &status) {
+            warn!("saving the preload result: {e:#}");
+        }
+        publish_preload(&shared, status.clone()).await;
+        if status.state == "done" {
+            info!(imported = status.imported, present = status.present, "preloaded images are in containerd");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+}
+
+async fn publish_preload(shared: &Shared, p: crate::preload::PreloadStatus) {
+    let changed = {
+        let mut s = shared.status.write().await;
+        let changed = s.preload.state != p.state || s.preload.failed != p.failed;
+        s.preload = p;
+        changed
+    };
+    if changed {
+        shared.snapshot().await.announce();
     }
 }
 

@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod join;
 pub mod kubeadm;
 pub mod node;
+pub mod preload;
 pub mod secret;
 pub mod state;
 pub mod status;

@@ -19,6 +19,7 @@ use crate::inventory::Inventory;
 use crate::join::{self, JoinInfo};
 use crate::secret::Secret;
 use crate::system::SystemHealth;
+use crate::preload::PreloadStatus;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
@@ -50,6 +51,9 @@ pub struct Status {
     /// systemd's view of the node's boot: `running` once every unit started.
     #[serde(default)]
     pub system: SystemHealth,
+    /// Import of the container images the image carries.
+    #[serde(default)]
+    pub preload: PreloadStatus,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -121,7 +125,9 @@ impl Status {
              labforge_join_requests_total{{result=\"served\"}} {}\nlabforge_join_requests_total{{result=\"rejected\"}} {}\n\
              # HELP labforge_phase Current phase (1 for the current one).\n# TYPE labforge_phase gauge\nlabforge_phase{{phase=\"{}\"}} 1\n\
              # HELP labforge_system_state systemd's system state (1 for the current one).\n# TYPE labforge_system_state gauge\nlabforge_system_state{{state=\"{}\"}} 1\n\
-             # HELP labforge_system_failed_units Units in the failed state.\n# TYPE labforge_system_failed_units gauge\nlabforge_system_failed_units {}\n",
+             # HELP labforge_system_failed_units Units in the failed state.\n# TYPE labforge_system_failed_units gauge\nlabforge_system_failed_units {}\n\
+             # HELP labforge_preload_images Preloaded images, by import result.\n# TYPE labforge_preload_images gauge\n\
+             labforge_preload_images{{result=\"imported\"}} {}\nlabforge_preload_images{{result=\"present\"}} {}\nlabforge_preload_images{{result=\"failed\"}} {}\n",
             self.peers.len(),
             c.beacons_sent,
             c.beacons_received,
@@ -134,6 +140,9 @@ impl Status {
             self.phase,
             self.system.state,
             self.system.failed_units.len(),
+            self.preload.imported,
+            self.preload.present,
+            self.preload.failed.len(),
         ));
         m
     }
@@ -233,6 +242,11 @@ impl std::fmt::Display for Status {
         writeln!(f, "role     {}", self.role)?;
         let failed = if self.system.failed_units.is_empty() { String::new() } else { format!(" (failed: {})", self.system.failed_units.join(" ")) };
         writeln!(f, "system   {}{failed}", self.system.state)?;
+        let p = &self.preload;
+        writeln!(f, "preload  {} ({} of {} imported this boot, {} already present, {} failed)", p.state, p.imported, p.total, p.present, p.failed.len())?;
+        for x in &p.failed {
+            writeln!(f, "         {}: {}", x.name, x.error)?;
+        }
         writeln!(f, "cluster  {} (master {}, kubernetes {})", self.cluster_uid.as_deref().unwrap_or("-"), self.master_address.as_deref().unwrap_or("-"), self.kubernetes)?;
         for p in &self.peers {
             writeln!(f, "peer     {} {} {} {}", p.hostname, p.address, p.role, p.id)?;

@@ -28,9 +28,28 @@ pub struct SpecArgs {
     /// labforge-agent binary to install (default: the one beside this labforge).
     #[arg(long)]
     pub agent: Option<PathBuf>,
-    /// Cache for root filesystems and temporary files.
+    /// Cache for root filesystems, image blobs and temporary files.
     #[arg(long, env = "LABFORGE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Speak plain HTTP to this registry (host:port); repeatable.
+    #[arg(long, value_name = "REGISTRY")]
+    pub plain_http: Vec<String>,
+    /// Trust this CA certificate (PEM) for HTTPS registries; repeatable.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Vec<PathBuf>,
+    /// Resolve preload tags again instead of using the lock file, and rewrite it.
+    #[arg(long)]
+    pub update_lock: bool,
+    /// Lock file (default: <name>.lock.toml beside the spec).
+    #[arg(long)]
+    pub lock_file: Option<PathBuf>,
+    /// Image blobs downloaded at once.
+    #[arg(long, default_value_t = labforge_registry_default_parallel())]
+    pub parallel: usize,
+}
+
+fn labforge_registry_default_parallel() -> usize {
+    crate::registry::DEFAULT_PARALLEL
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +89,11 @@ pub enum Command {
     Secret {
         #[command(subcommand)]
         command: SecretCommand,
+    },
+    /// Container images carried by a built image.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
     },
     /// Show what a built image holds (from its manifest).
     Inspect {
@@ -114,7 +138,21 @@ fn options(spec: SpecArgs, out: PathBuf, force: bool) -> BuildOptions {
         mirror: spec.mirror,
         agent: spec.agent,
         force,
+        registry: crate::registry::RegistryOptions { plain_http: spec.plain_http, ca_files: spec.ca_file, parallel: spec.parallel },
+        update_lock: spec.update_lock,
+        lock_file: spec.lock_file,
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// List the preloaded container images inside a raw image file (ref, digest, size).
+    Ls {
+        /// The raw image (`<name>.img`).
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -149,6 +187,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "disk": layout,
                 "kernel-cmdline": build::disk::cmdline(&layout, &plan.spec),
                 "outputs": plan.spec.outputs,
+                "preload": plan.preload.iter().map(|(r, d)| serde_json::json!({"ref": r, "digest": d})).collect::<Vec<_>>(),
             });
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -164,6 +203,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("partition  {:<15} {:>6} MiB", p.label, p.size_bytes >> 20);
                 }
                 println!("cmdline    {}", build::disk::cmdline(&layout, &plan.spec));
+                for (r, d) in &plan.preload {
+                    println!("preload    {r} {d}");
+                }
             }
             Ok(())
         }
@@ -196,6 +238,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Secret { command: SecretCommand::New { file } } => {
             labforge_agent::secret::Secret::generate()?.write_new(&file)?;
             eprintln!("wrote a new cluster secret to {} (mode 0600); name it in the spec as cluster-secret-file, or put it on a LABFORGE config partition as cluster.secret", file.display());
+            Ok(())
+        }
+        Command::Images { command: ImagesCommand::Ls { image, json } } => {
+            let list = crate::inspect::preloaded_images(&image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("{} carries no preloaded images", image.display());
+            } else {
+                println!("{:<56} {:<19} {:>10}", "REF", "DIGEST", "SIZE");
+                for i in &list {
+                    println!("{:<56} {:<19} {:>10}", i.name, &i.digest[..19.min(i.digest.len())], bytesize::ByteSize(i.size_bytes).to_string());
+                }
+            }
             Ok(())
         }
         Command::Inspect { image, json } => {

@@ -51,3 +51,63 @@ pub fn print(m: &Manifest, path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// A preloaded image as listed by `labforge images ls`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageEntry {
+    pub name: String,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub digest: String,
+    /// Manifest, config and layers.
+    pub size_bytes: u64,
+}
+
+/// Reads the preload layout out of a raw image's root filesystem (debugfs at the partition's
+/// offset: no mount, no loop device).
+pub fn preloaded_images(image: &Path) -> Result<Vec<ImageEntry>> {
+    use anyhow::Context;
+    let name = image.to_string_lossy();
+    if name.ends_with(".zst") || name.ends_with(".qcow2") || name.ends_with(".bmap") || name.ends_with(".json") {
+        bail!("{} is not a raw image; give the `.img` file", image.display());
+    }
+    let out = crate::cmd::Cmd::new("sfdisk").arg("--json").arg(image).run()
+        .with_context(|| format!("{} has no readable partition table; is it a labforge image?", image.display()))?;
+    let table: serde_json::Value = serde_json::from_str(&out)?;
+    let parts = table["partitiontable"]["partitions"].as_array().cloned().unwrap_or_default();
+    let sector = table["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    let root = parts
+        .iter()
+        .find(|p| p["name"].as_str() == Some(crate::build::disk::ROOT_LABEL))
+        .with_context(|| format!("{} has no {} partition; is it a labforge image?", image.display(), crate::build::disk::ROOT_LABEL))?;
+    let offset = root["start"].as_u64().unwrap_or(0) * sector;
+    let dev = format!("{}?offset={offset}", image.display());
+    let cat = |path: &str| -> Result<Vec<u8>> {
+        let out = std::process::Command::new("debugfs").args(["-R", &format!("cat {path}"), &dev]).output().context("running debugfs (apt-get install e2fsprogs)")?;
+        Ok(out.stdout)
+    };
+    let dir = crate::build::preload::LAYOUT_DIR;
+    let index = cat(&format!("{dir}/index.json"))?;
+    if index.is_empty() {
+        return Ok(Vec::new());
+    }
+    let index: serde_json::Value = serde_json::from_slice(&index).context("the image's preload index.json is not JSON")?;
+    let mut list = Vec::new();
+    for m in index["manifests"].as_array().cloned().unwrap_or_default() {
+        let digest = m["digest"].as_str().unwrap_or_default().to_string();
+        let hex = crate::registry::cache::hex_of(&digest)?;
+        let body: serde_json::Value = serde_json::from_slice(&cat(&format!("{dir}/blobs/sha256/{hex}"))?)
+            .with_context(|| format!("manifest {digest} in the image is not JSON"))?;
+        let size = m["size"].as_u64().unwrap_or(0)
+            + body["config"]["size"].as_u64().unwrap_or(0)
+            + body["layers"].as_array().map(|l| l.iter().filter_map(|x| x["size"].as_u64()).sum()).unwrap_or(0);
+        let ann = &m["annotations"];
+        list.push(ImageEntry {
+            name: ann["io.containerd.image.name"].as_str().unwrap_or("?").to_string(),
+            reference: ann["dev.labforge.preload.ref"].as_str().map(str::to_string),
+            digest,
+            size_bytes: size,
+        });
+    }
+    Ok(list)
+}

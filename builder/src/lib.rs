@@ -7,4 +7,5 @@ pub mod cmd;
 pub mod hostcheck;
 pub mod inspect;
 pub mod interrupt;
+pub mod registry;
 pub mod spec;

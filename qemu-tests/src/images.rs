@@ -36,6 +36,12 @@ pub struct TestImage {
 /// Builds (or reuses) the image of `spec` (path relative to the workspace root). Concurrent
 /// test processes serialise on a lock file.
 pub fn image(spec: &str) -> Result<TestImage> {
+    image_with(spec, labforge::registry::RegistryOptions::default())
+}
+
+/// Like `image`, reaching preloaded images' registries as `registry` says. The preload lock
+/// file goes beside the outputs, never into the source tree.
+pub fn image_with(spec: &str, registry: labforge::registry::RegistryOptions) -> Result<TestImage> {
     let root = crate::workspace_root();
     let spec_path = root.join(spec);
     let stem = Path::new(spec).file_stem().expect("spec file").to_string_lossy().into_owned();
@@ -52,6 +58,9 @@ pub fn image(spec: &str) -> Result<TestImage> {
         mirror: std::env::var("LABFORGE_MIRROR").ok(),
         agent: Some(agent_binary()?),
         force: false,
+        lock_file: Some(out.join(format!("{stem}.lock.toml"))),
+        registry,
+        update_lock: false,
     };
     let outcome = build::build(&opts).with_context(|| format!("building test image {spec}"))?;
     let name = outcome.manifest.name.clone();

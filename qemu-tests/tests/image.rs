@@ -137,6 +137,9 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
         mirror: std::env::var("LABFORGE_MIRROR").ok(),
         agent: Some(ws.join("target/release/labforge-agent")),
         force: false,
+        registry: Default::default(),
+        update_lock: false,
+        lock_file: None,
     };
     let first = build::build(&opts)?;
 

@@ -37,6 +37,9 @@ pub struct Manifest {
     pub build_seconds: f64,
     /// Where the cluster secret baked into the image came from (never its value).
     pub cluster_secret: String,
+    /// Preloaded container images, in import order.
+    #[serde(default)]
+    pub preload: Vec<super::preload::PreloadRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +85,7 @@ impl Manifest {
                 super::SecretSource::Previous(p) => format!("kept from an earlier build: {}", p.display()),
                 super::SecretSource::Generated => format!("generated: {}", super::secret_file_name(&spec.name)),
             },
+            preload: Vec::new(),
         }
     }
 }

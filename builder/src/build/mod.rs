@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod manifest;
 pub mod outputs;
 pub mod overlays;
+pub mod preload;
 pub mod rootfs;
 pub mod system;
 
@@ -22,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::spec::{self, OutputFormat, Spec};
 use labforge_agent::secret::Secret;
-use crate::{bmap, hostcheck, interrupt};
+use crate::{bmap, hostcheck, interrupt, registry};
 use fsutil::WorkDir;
 use manifest::{Manifest, StageTiming};
 
@@ -39,6 +40,12 @@ pub struct BuildOptions {
     pub agent: Option<PathBuf>,
     /// Rebuild even if `--out` already holds this exact build.
     pub force: bool,
+    /// How to reach the registries of preloaded images.
+    pub registry: crate::registry::RegistryOptions,
+    /// Resolve preload tags again instead of using the lock file.
+    pub update_lock: bool,
+    /// The lock file (default: `<name>.lock.toml` beside the spec).
+    pub lock_file: Option<PathBuf>,
 }
 
 /// `<name>.cluster.secret`, written beside the outputs when the build generated the secret.
@@ -75,6 +82,11 @@ pub struct Plan {
     pub agent: PathBuf,
     pub input_hash: String,
     pub rootfs_key: String,
+    /// Preloaded images pinned to manifest digests, in spec order: (ref, digest).
+    pub preload: Vec<(String, String)>,
+    pub lock_path: PathBuf,
+    /// The client that resolved them (None without preloads).
+    pub registry: Option<crate::registry::Registry>,
 }
 
 impl Plan {
@@ -94,6 +106,17 @@ impl Plan {
             None => (Secret::generate()?, SecretSource::Generated),
         };
         let rootfs_key = rootfs.cache_key()?;
+        let lock_path = opts.lock_file.clone().unwrap_or_else(|| registry::lock::path_for(&opts.spec, &spec.name));
+        let (preload, registry) = if spec.preload.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
+            let reg = registry::Registry::new(&opts.registry, &opts.cache_dir)?;
+            let refs: Vec<(String, Option<String>)> =
+                spec.preload.iter().map(|p| (p.reference.clone(), lock.get(&p.reference).map(str::to_string))).collect();
+            let digests = reg.resolve_all(&refs)?;
+            (refs.into_iter().map(|(r, _)| r).zip(digests).collect(), Some(reg))
+        };
         let mut h = Sha256::new();
         h.update(format!("{PIPELINE_VERSION}\0{}\0{rootfs_key}\0", env!("CARGO_PKG_VERSION")));
         h.update(serde_json::to_vec(&spec)?);
@@ -101,7 +124,28 @@ impl Plan {
         h.update(fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?);
         h.update(fs::read(hostcheck::EFI_STUB).unwrap_or_default());
         h.update(Sha256::digest(secret.bytes()));
-        Ok(Plan { spec, secret, secret_source, rootfs, agent, input_hash: hex::encode(h.finalize()), rootfs_key })
+        for (r, d) in &preload {
+            h.update(format!("preload\0{r}\0{d}\0"));
+        }
+        Ok(Plan {
+            spec,
+            secret,
+            secret_source,
+            rootfs,
+            agent,
+            input_hash: hex::encode(h.finalize()),
+            rootfs_key,
+            preload,
+            lock_path,
+            registry,
+        })
+    }
+
+    /// The lock file's contents for this plan.
+    pub fn lock(&self) -> registry::lock::LockFile {
+        registry::lock::LockFile {
+            image: self.preload.iter().map(|(r, d)| registry::lock::Locked { reference: r.clone(), digest: d.clone() }).collect(),
+        }
     }
 
     fn file(&self, format: OutputFormat) -> String {
@@ -201,6 +245,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     if !opts.force {
         if let Some(m) = manifest::existing(&manifest_path, &plan.input_hash, &opts.out) {
             tracing::info!("{} is up to date (input hash {})", manifest_path.display(), &plan.input_hash[..12]);
+            save_lock(&plan)?;
             return Ok(Outcome { manifest: m, manifest_path, up_to_date: true });
         }
     }
@@ -217,6 +262,16 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let mut stages = Stages::new();
     let spec = &plan.spec;
 
+    // Pull before the slow rootfs stage: an image that cannot be had fails the build early.
+    let pulled = match &plan.registry {
+        Some(reg) => stages.run("pull", "pulling preloaded images", || {
+            let pulled = reg.fetch_all(&plan.preload)?;
+            let moved = reg.transfer.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("preload: {} images, {} MiB, {} MiB transferred", pulled.len(), pulled.iter().map(|p| p.size_bytes).sum::<u64>() >> 20, moved >> 20);
+            Ok(pulled)
+        })?,
+        None => Vec::new(),
+    };
     let tar = stages.run_cached("rootfs", "installing packages", || {
         rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path())
     })?;
@@ -229,6 +284,10 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let packages = rootfs::installed_packages(&root)?;
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
+    let sandbox = preload::sandbox_image(&root);
+    if let Some(reg) = &plan.registry {
+        stages.run("preload", "writing the preloaded images", || preload::write_layout(&root, &pulled, reg.cache()))?;
+    }
     stages.run("system", "users, fstab, security checks", || system::configure(spec, &root))?;
 
     let layout = disk::Layout::new(spec, &plan.input_hash);
@@ -284,7 +343,8 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     })?;
     let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known))?;
 
-    let manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
+    let mut manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
+    manifest.preload = preload::import_order(&pulled, &sandbox).iter().map(Into::into).collect();
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
     let mut promoted = files.clone();
@@ -295,6 +355,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     }
     interrupt::check()?;
     promote(&promoted, &staged_manifest, &opts.out)?;
+    save_lock(&plan)?;
     if plan.secret_source == SecretSource::Generated {
         tracing::info!(
             "generated a new cluster secret: {} (keep it: images built with it form one cluster)",
@@ -302,6 +363,17 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         );
     }
     Ok(Outcome { manifest, manifest_path, up_to_date: false })
+}
+
+/// Records the preload pins beside the spec (only when there are preloads, and only if changed).
+fn save_lock(plan: &Plan) -> Result<()> {
+    if plan.preload.is_empty() {
+        return Ok(());
+    }
+    if plan.lock().save(&plan.lock_path)? {
+        tracing::info!("pinned {} preloaded images in {}", plan.preload.len(), plan.lock_path.display());
+    }
+    Ok(())
 }
 
 /// Moves the staged artifacts into `out`, the manifest last: a manifest in `out` means every

@@ -197,7 +197,7 @@ fn merge(base: &mut toml::Table, child: toml::Table) {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(c)) => merge(b, c),
             (Some(toml::Value::Array(b)), toml::Value::Array(c))
-                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users") =>
+                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users" | "preload") =>
             {
                 b.extend(c)
             }
@@ -290,6 +290,11 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
         }
         if pin.packages.is_empty() || pin.version.trim().is_empty() {
             return Err(invalid(&["pins", &i.to_string()], "a pin needs at least one package and a version".into()));
+        }
+    }
+    for (i, p) in spec.preload.iter().enumerate() {
+        if let Err(e) = crate::registry::parse_reference(&p.reference) {
+            return Err(invalid(&["preload", &i.to_string(), "ref"], format!("{e:#}")));
         }
     }
     if spec.outputs.is_empty() {

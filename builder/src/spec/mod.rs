@@ -28,7 +28,7 @@ pub struct Spec {
     #[serde(default = "default_schema_version")]
     pub schema_version: u32,
     /// Another spec (path relative to this file) whose settings this one starts from.
-    /// Tables merge key by key; `packages`, `pins`, `overlays` and `users` are appended.
+    /// Tables merge key by key; `packages`, `pins`, `overlays`, `users` and `preload` are appended.
     #[serde(default, skip_serializing)]
     pub extends: Option<String>,
     /// Image name: lowercase letters, digits and `-`; names the output files.
@@ -73,10 +73,23 @@ pub struct Spec {
     /// Whether nodes run kubeadm.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Container images carried inside the image and imported into containerd (namespace
+    /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
+    #[serde(default)]
+    pub preload: Vec<Preload>,
     /// Cluster secret file (64 hex digits, from `labforge secret new`). Without it, the build
     /// reuses `<out>/<name>.cluster.secret` or generates one there.
     #[serde(default)]
     pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// One container image to preload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Preload {
+    /// Image reference: `registry/namespace/name:tag` or `…@sha256:<digest>`.
+    #[serde(rename = "ref")]
+    pub reference: String,
 }
 
 fn default_schema_version() -> u32 {
