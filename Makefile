@@ -2,6 +2,9 @@
 
 # Debian packages the build host needs; a test checks this list against `labforge doctor`.
 HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools fdisk binutils systemd-boot-efi systemd passwd tar gpg curl qemu-utils qemu-system-x86 ovmf bmap-tools zstd ca-certificates openssl dnsmasq-base iproute2
+# What the tests need beyond that: a real OCI registry, skopeo (the peer in `make bench`),
+# and a C toolchain with static glibc for the tiny test images.
+TEST_PACKAGES := docker-registry skopeo gcc libc6-dev
 
 CARGO    ?= cargo
 OUT      ?= out
@@ -26,10 +29,12 @@ demo: host-deps build
 
 # The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
 test: host-deps build
+	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	$(CARGO) test --release --workspace --no-fail-fast
 
 # Speed figures as JSON (target/bench/results.json).
 bench: host-deps build
+	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	scripts/bench.sh
 
 # The cluster scenarios against images/lab.toml with the real kubeadm (Ubuntu 24.04 and

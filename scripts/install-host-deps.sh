@@ -18,6 +18,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "install-host-deps: installing ${missing[*]}" >&2
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The tests start their own registry on loopback; the packaged service is not wanted.
+    if printf '%s\n' "${missing[@]}" | grep -qx docker-registry; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 fi
 
 # Ubuntu's archive keyring (for images/lab.toml). Debian 12 does not carry it; Debian 13 does.

@@ -2,6 +2,7 @@
 
 pub mod images;
 pub mod lan;
+pub mod registry;
 pub mod vm;
 
 use std::path::PathBuf;
