@@ -7,6 +7,10 @@
 #   cold_vs_mmdebstrap      ratio of the two (1.0 would mean labforge adds nothing)
 #   warm_overlay_rebuild_s  rebuild after changing one overlay file (target: <= 20 s)
 #   image_bytes, zst_bytes  sizes of demo.img and demo.img.zst
+#   pull_*                  ~500 MB of incompressible layers (5 images x 2 x 50 MiB) from a real
+#                           registry on 127.0.0.1: `labforge images pull` (cold cache) against
+#                           `skopeo copy` of the same images from the same registry, one after
+#                           the other and all at once; the warm re-pull's transferred bytes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
@@ -53,6 +57,44 @@ t0=$(now)
 t1=$(now)
 warm=$(elapsed "$t0" "$t1")
 
+echo "bench: pulling preloaded images (labforge vs skopeo copy)" >&2
+coproc REG { target/release/labforge-bench-registry 5 2 50; }
+read -r info <&"${REG[0]}"
+addr=$(jq -r .addr <<<"$info")
+pull_bytes=$(jq -r .bytes <<<"$info")
+{
+    echo "extends = \"$(pwd)/images/demo.toml\""
+    echo "name = \"pullbench\""
+    for r in $(jq -r '.refs[]' <<<"$info"); do printf '[[preload]]\nref = "%s"\n' "$r"; done
+} > "$B/pull.toml"
+pull() { "$LF" images pull "$B/pull.toml" --plain-http "$addr" --cache-dir "$B/pull-cache" --lock-file "$B/pull.lock.toml" --json; }
+t0=$(now); pull > "$B/pull-cold.json"; t1=$(now)
+pull_cold=$(elapsed "$t0" "$t1")
+pull >"$B/pull-warm.json"
+pull_warm_bytes=$(jq -r .transferred_bytes "$B/pull-warm.json")
+t0=$(now)
+i=0
+for r in $(jq -r '.refs[]' <<<"$info"); do
+    skopeo copy -q --src-tls-verify=false "docker://$r" "oci:$B/skopeo-seq:img$i" >/dev/null
+    i=$((i + 1))
+done
+t1=$(now)
+skopeo_seq=$(elapsed "$t0" "$t1")
+t0=$(now)
+i=0
+pids=()
+for r in $(jq -r '.refs[]' <<<"$info"); do
+    skopeo copy -q --src-tls-verify=false "docker://$r" "oci:$B/skopeo-par$i:img" >/dev/null &
+    pids+=($!)
+    i=$((i + 1))
+done
+wait "${pids[@]}"
+t1=$(now)
+skopeo_par=$(elapsed "$t0" "$t1")
+exec {REG[1]}>&-
+mib=$(echo "$pull_bytes / 1048576" | bc -l)
+tput() { echo "$mib / $1" | bc -l | xargs printf '%.1f'; }
+
 img=$(stat -c %s "$B/out/demo.img")
 zst=$(stat -c %s "$B/out/demo.img.zst")
 stages=$(jq -c '[.stages[] | {(.stage): .seconds}] | add' "$B/out-warm/demo.manifest.json")
@@ -68,8 +110,17 @@ cat > "$B/results.json" <<JSON
   "warm_overlay_rebuild_target_s": 20,
   "warm_stages_s": $stages,
   "image_bytes": $img,
-  "zst_bytes": $zst
+  "zst_bytes": $zst,
+  "pull_bytes": $pull_bytes,
+  "pull_labforge_cold_s": $pull_cold,
+  "pull_labforge_mib_s": $(tput "$pull_cold"),
+  "pull_skopeo_sequential_s": $skopeo_seq,
+  "pull_skopeo_sequential_mib_s": $(tput "$skopeo_seq"),
+  "pull_skopeo_parallel_s": $skopeo_par,
+  "pull_skopeo_parallel_mib_s": $(tput "$skopeo_par"),
+  "pull_labforge_vs_skopeo_parallel": $(echo "$skopeo_par / $pull_cold" | bc -l | xargs printf '%.2f'),
+  "pull_warm_transferred_bytes": $pull_warm_bytes
 }
 JSON
-rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp"
+rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp" "$B/pull-cache" "$B"/skopeo-*
 cat "$B/results.json"

@@ -33,6 +33,16 @@ pub enum Command {
     },
     /// Take the node inventory once and print it as JSON.
     Inventory,
+    /// Import the preloaded images into containerd now (the agent does this at boot; this is
+    /// for a retry by hand). Prints the result as JSON; exits non-zero if any import failed.
+    ImportImages {
+        /// OCI image layout to import from.
+        #[arg(long, default_value = crate::preload::LAYOUT_DIR)]
+        layout: PathBuf,
+        /// containerd's socket.
+        #[arg(long, default_value = crate::preload::CONTAINERD_SOCKET)]
+        address: PathBuf,
+    },
     /// Ask a master for join info with this node's secret (checks that the secret and the
     /// exchange work; prints the info without the token).
     JoinInfo {
@@ -64,6 +74,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 info.token = "<redacted>".into();
             }
             println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(())
+        }
+        Command::ImportImages { layout, address } => {
+            let entries = crate::preload::read_layout(&layout)?;
+            let containerd = crate::preload::Containerd { address };
+            let s = crate::preload::round(&containerd, &layout, &entries, Default::default(), &mut |_| {});
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            if !s.failed.is_empty() {
+                anyhow::bail!("{} of {} images failed to import", s.failed.len(), s.total);
+            }
             Ok(())
         }
         Command::Inventory => {

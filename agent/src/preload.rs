@@ -81,16 +81,16 @@ pub fn read_layout(dir: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// Name → digest of the images containerd holds, from `ctr images ls` output.
-pub fn parse_image_list(out: &str) -> HashMap<String, String> {
+/// Name → digest of the images containerd holds complete (every blob present) and unpacked,
+/// from `ctr images check` output. An image whose record exists but whose content or
+/// snapshots are missing (an import cut short) does not count.
+pub fn parse_image_check(out: &str) -> HashMap<String, String> {
     out.lines()
         .filter(|l| !l.starts_with("REF "))
         .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let name = f.next()?;
-            let _type = f.next()?;
-            let digest = f.next()?;
-            digest.starts_with("sha256:").then(|| (name.to_string(), digest.to_string()))
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (name, digest, status, unpacked) = (f.first()?, f.get(2)?, f.get(3)?, f.last()?);
+            (digest.starts_with("sha256:") && *status == "complete" && *unpacked == "true").then(|| (name.to_string(), digest.to_string()))
         })
         .collect()
 }
@@ -117,12 +117,13 @@ impl Containerd {
         self.address.exists() && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
+    /// Images that are complete and unpacked, by name.
     pub fn images(&self) -> Result<HashMap<String, String>> {
-        let out = self.ctr().args(["images", "ls"]).output().context("running ctr (is containerd installed?)")?;
+        let out = self.ctr().args(["images", "check"]).output().context("running ctr (is containerd installed?)")?;
         if !out.status.success() {
-            bail!("ctr images ls: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!("ctr images check: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(parse_image_list(&String::from_utf8_lossy(&out.stdout)))
+        Ok(parse_image_check(&String::from_utf8_lossy(&out.stdout)))
     }
 
     /// Streams `entry` (and only it) as an OCI archive into `ctr images import`.
@@ -212,7 +213,7 @@ pub fn round(containerd: &Containerd, layout: &Path, entries: &[Entry], mut stat
             match after.get(&e.name) {
                 Some(d) if *d == e.digest => Ok(()),
                 Some(d) => bail!("containerd holds {} with digest {d} after the import, expected {}", e.name, e.digest),
-                None => bail!("containerd does not list {} after the import", e.name),
+                None => bail!("containerd does not hold {} complete and unpacked after the import", e.name),
             }
         });
         match res {
@@ -254,14 +255,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ctr_listing_is_parsed() {
-        let out = "REF                                   TYPE                                       DIGEST                                                                  SIZE    PLATFORMS   LABELS\n\
-                   127.0.0.1:5000/t/hello:1              application/vnd.oci.image.manifest.v1+json sha256:aaaa SIZE 1.0 MiB linux/amd64 -\n\
-                   sha256:bbbb                           application/vnd.oci.image.manifest.v1+json sha256:bbbb 1.0 MiB linux/amd64 io.cri-containerd.image=managed\n";
-        let m = parse_image_list(out);
+    fn only_complete_unpacked_images_count() {
+        let out = "REF                                   TYPE                                       DIGEST       STATUS         SIZE                UNPACKED\n\
+                   127.0.0.1:5000/t/hello:1              application/vnd.oci.image.manifest.v1+json sha256:aaaa complete (2/2) 668.7 KiB/668.7 KiB true\n\
+                   127.0.0.1:5000/t/cut:1                application/vnd.oci.image.manifest.v1+json sha256:cccc incomplete (1/2) 1.0 KiB/668.7 KiB false\n\
+                   127.0.0.1:5000/t/packed:1             application/vnd.oci.image.manifest.v1+json sha256:dddd complete (2/2) 668.7 KiB/668.7 KiB false\n";
+        let m = parse_image_check(out);
         assert_eq!(m.get("127.0.0.1:5000/t/hello:1").map(String::as_str), Some("sha256:aaaa"));
-        assert_eq!(m.len(), 2);
-        assert!(parse_image_list("REF TYPE DIGEST SIZE PLATFORMS LABELS\n").is_empty());
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(parse_image_check("REF TYPE DIGEST STATUS SIZE UNPACKED\n").is_empty());
     }
 
     #[test]

@@ -146,6 +146,14 @@ fn options(spec: SpecArgs, out: PathBuf, force: bool) -> BuildOptions {
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
+    /// Resolve and download a spec's preloaded images into the cache (and pin them in the
+    /// lock file), so a later build needs no registry.
+    Pull {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the preloaded container images inside a raw image file (ref, digest, size).
     Ls {
         /// The raw image (`<name>.img`).
@@ -238,6 +246,31 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Secret { command: SecretCommand::New { file } } => {
             labforge_agent::secret::Secret::generate()?.write_new(&file)?;
             eprintln!("wrote a new cluster secret to {} (mode 0600); name it in the spec as cluster-secret-file, or put it on a LABFORGE config partition as cluster.secret", file.display());
+            Ok(())
+        }
+        Command::Images { command: ImagesCommand::Pull { spec, json } } => {
+            let started = std::time::Instant::now();
+            let opts = options(spec, PathBuf::from("out"), false);
+            let plan = build::Plan::new(&opts)?;
+            let Some(reg) = &plan.registry else {
+                eprintln!("{} preloads no images", plan.spec.name);
+                return Ok(());
+            };
+            let pulled = reg.fetch_all(&plan.preload)?;
+            plan.lock().save(&plan.lock_path)?;
+            let moved = reg.transfer.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+                    "images": pulled, "transferred_bytes": moved, "seconds": secs, "lock_file": plan.lock_path,
+                }))?);
+            } else {
+                for p in &pulled {
+                    eprintln!("  {:<56} {}  {:>10}", p.name, &p.digest[..19], bytesize::ByteSize(p.size_bytes).to_string());
+                }
+                let total: u64 = pulled.iter().map(|p| p.size_bytes).sum();
+                eprintln!("{} images, {} ({} transferred) in {secs:.1}s; pinned in {}", pulled.len(), bytesize::ByteSize(total), bytesize::ByteSize(moved), plan.lock_path.display());
+            }
             Ok(())
         }
         Command::Images { command: ImagesCommand::Ls { image, json } } => {

@@ -141,6 +141,29 @@ impl Pusher {
         Ok((d, manifest.len(), layer_digest))
     }
 
+    /// An amd64 image with one layer per file (for sizeable, many-layer test images).
+    pub fn image_layers(&self, repo: &str, tag: &str, files: &[(&str, &[u8], u32)], entrypoint: &[&str]) -> Result<String> {
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for f in files {
+            let layer = tar_layer(std::slice::from_ref(f))?;
+            diff_ids.push(digest(&layer));
+            let d = self.blob(repo, &layer)?;
+            layers.push(serde_json::json!({ "mediaType": OCI_LAYER, "digest": d, "size": layer.len() }));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": { "Entrypoint": entrypoint },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        }))?;
+        let config_digest = self.blob(repo, &config)?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": { "mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len() },
+            "layers": layers,
+        }))?;
+        self.manifest(repo, tag, OCI_MANIFEST, &manifest)
+    }
+
     /// An index over `entries` (digest, size, arch).
     pub fn index(&self, repo: &str, tag: &str, entries: &[(String, usize, &str)]) -> Result<String> {
         let manifests: Vec<_> = entries

@@ -98,6 +98,8 @@ pub struct VmConfig {
 /// How a VM is networked.
 #[derive(Debug, Clone)]
 pub enum Net {
+    /// No network device at all.
+    None,
     /// One user-mode NIC with no route out (`restrict=on`).
     Isolated,
     /// A tap on a test LAN (see `lan::Lan`), with a fixed MAC.
@@ -185,6 +187,7 @@ impl Vm {
             cmd.arg("-drive").arg(format!("if=virtio,format=qcow2,file={}", overlay.display()));
         }
         match &cfg.net {
+            Net::None => {}
             Net::Isolated => {
                 cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
             }
