@@ -42,6 +42,9 @@ pub enum Command {
         /// containerd's socket.
         #[arg(long, default_value = crate::preload::CONTAINERD_SOCKET)]
         address: PathBuf,
+        /// containerd namespace.
+        #[arg(long, default_value = crate::preload::NAMESPACE)]
+        namespace: String,
     },
     /// Ask a master for join info with this node's secret (checks that the secret and the
     /// exchange work; prints the info without the token).
@@ -76,9 +79,9 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
-        Command::ImportImages { layout, address } => {
+        Command::ImportImages { layout, address, namespace } => {
             let entries = crate::preload::read_layout(&layout)?;
-            let containerd = crate::preload::Containerd { address };
+            let containerd = crate::preload::Containerd { address, namespace };
             let s = crate::preload::round(&containerd, &layout, &entries, Default::default(), &mut |_| {});
             println!("{}", serde_json::to_string_pretty(&s)?);
             if !s.failed.is_empty() {

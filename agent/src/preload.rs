@@ -98,18 +98,19 @@ pub fn parse_image_check(out: &str) -> HashMap<String, String> {
 /// Talks to containerd through its `ctr` client.
 pub struct Containerd {
     pub address: PathBuf,
+    pub namespace: String,
 }
 
 impl Default for Containerd {
     fn default() -> Self {
-        Containerd { address: PathBuf::from(CONTAINERD_SOCKET) }
+        Containerd { address: PathBuf::from(CONTAINERD_SOCKET), namespace: NAMESPACE.to_string() }
     }
 }
 
 impl Containerd {
     fn ctr(&self) -> Command {
         let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.address).args(["--namespace", NAMESPACE]);
+        c.arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace);
         c
     }
 
@@ -168,6 +169,9 @@ fn write_archive(layout: &Path, entry: &Entry, out: impl Write) -> Result<()> {
         }],
     });
     let mut tar = tar::Builder::new(out);
+    // Blobs in the image are sparse where they hold zero blocks (mkfs.ext4 -d keeps holes);
+    // containerd's importer skips GNU sparse entries, so every blob goes in as a plain file.
+    tar.sparse(false);
     let mut add = |name: &str, data: &[u8]| -> Result<()> {
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
@@ -287,13 +291,23 @@ mod tests {
         let blobs = d.path().join("blobs/sha256");
         fs::create_dir_all(&blobs).unwrap();
         fs::write(blobs.join("c0"), "{}").unwrap();
-        fs::write(blobs.join("l1"), "layer").unwrap();
+        // A blob with a hole, as blobs in the image's ext4 are where they hold zero blocks.
+        let sparse = fs::File::create(blobs.join("l1")).unwrap();
+        sparse.set_len(1 << 20).unwrap();
+        drop(sparse);
+        let mut f = fs::OpenOptions::new().append(true).open(blobs.join("l1")).unwrap();
+        f.write_all(b"layer").unwrap();
         fs::write(blobs.join("m1"), r#"{"config":{"digest":"sha256:c0"},"layers":[{"digest":"sha256:l1"}]}"#).unwrap();
         fs::write(blobs.join("other"), "not this").unwrap();
         let e = Entry { name: "r/app:1".into(), digest: "sha256:m1".into(), media_type: "m".into(), size: 10 };
         let mut buf = Vec::new();
         write_archive(d.path(), &e, &mut buf).unwrap();
-        let mut names: Vec<String> = tar::Archive::new(&buf[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let mut names = Vec::new();
+        for e in tar::Archive::new(&buf[..]).entries().unwrap() {
+            let e = e.unwrap();
+            assert_eq!(e.header().entry_type(), tar::EntryType::Regular, "plain files only: containerd skips sparse entries");
+            names.push(e.path().unwrap().display().to_string());
+        }
         names.sort();
         assert_eq!(names, ["blobs/sha256/c0", "blobs/sha256/l1", "blobs/sha256/m1", "index.json", "oci-layout"]);
     }
