@@ -237,13 +237,7 @@ pub fn round(containerd: &Containerd, layout: &Path, entries: &[Entry], mut stat
 
 /// Saves the round's result in the state directory (atomically).
 pub fn save_result(state_dir: &Path, status: &PreloadStatus) -> Result<()> {
-    let path = state_dir.join(RESULT_FILE);
-    let tmp = state_dir.join(format!(".{RESULT_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(status)?)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    Ok(())
+    crate::state::write_atomic(&state_dir.join(RESULT_FILE), &serde_json::to_vec_pretty(status)?)
 }
 
 /// `/var/lib/labforge/preload` → the layout, for operators who look for it there.

@@ -62,21 +62,28 @@ impl Store {
     }
 
     pub fn save(&self, state: &State) -> Result<()> {
-        let dir = self.path.parent().expect("state file has a directory");
-        let tmp = dir.join(format!(".{FILE}.tmp"));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(state)?)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
-        fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
-        Ok(())
+        write_atomic(&self.path, &serde_json::to_vec_pretty(state)?)
     }
+}
+
+/// Replaces `path` with `bytes` so that after a power cut at any instant it holds either the
+/// old contents or the new: temp file → fsync → rename → fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("a file path has a directory")?;
+    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
