@@ -265,6 +265,18 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_containerd_is_reported_and_retried_not_skipped() {
+        let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
+        assert!(!c.ready());
+        let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
+        let s = round(&c, Path::new("/nonexistent"), &[e], PreloadStatus::default(), &mut |_| {});
+        assert_eq!(s.state, "retrying");
+        assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
+        assert_eq!(s.failed.len(), 1, "{s:?}");
+        assert!(s.failed[0].error.contains("ctr"), "{s:?}");
+    }
+
+    #[test]
     fn layout_is_read_in_order_and_missing_layout_is_empty() {
         let d = tempfile::tempdir().unwrap();
         assert!(read_layout(d.path()).unwrap().is_empty());
