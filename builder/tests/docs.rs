@@ -111,4 +111,14 @@ fn shipped_specs_parse_and_plan() {
     assert!(lab.pins.iter().any(|p| p.packages.contains(&"kubeadm".to_string()) && p.version.starts_with("1.3")));
     let cmd = plan.command(Path::new("rootfs.tar"), Path::new("/tmp"), &[]).display();
     assert!(cmd.contains(" noble ") && cmd.contains("ubuntu-archive-keyring.gpg"), "{cmd}");
+    // The lab image carries the control-plane images of the Kubernetes version it runs, and the
+    // sandbox image containerd is configured with.
+    let sandbox = labforge::build::preload::sandbox_image(&root.join("overlays/base"));
+    let refs: Vec<&str> = lab.preload.iter().map(|p| p.reference.as_str()).collect();
+    assert!(refs.contains(&sandbox.as_str()), "{sandbox} preloaded: {refs:?}");
+    let v = &lab.kubernetes.version;
+    for c in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy"] {
+        assert!(refs.contains(&format!("registry.k8s.io/{c}:{v}").as_str()), "{c}:{v} preloaded: {refs:?}");
+    }
+    assert!(lab.pins.iter().any(|p| p.version.starts_with(v.trim_start_matches('v'))), "packages pinned to {v}");
 }
