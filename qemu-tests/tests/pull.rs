@@ -138,6 +138,16 @@ fn bearer_token_registry_needs_credentials_from_docker_config() -> Result<()> {
     let d = c.resolve_all(&no_locks(&[hello.as_str()]))?;
     c.fetch_all(&pinned(&[hello.as_str()], &d))?;
     assert_eq!(assert_cache_sound(cache.path())?, 3);
+
+    // Manifest cached, a layer not (an earlier run broke off): the blob request needs a token
+    // although no manifest request fetched one.
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(cache.path().join("blobs/sha256").join(&d[0]["sha256:".len()..]))?)?;
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    fs::remove_file(cache.path().join("blobs/sha256").join(&layer["sha256:".len()..]))?;
+    let c = Client::new(&opts(&proxy.addr), cache.path())?;
+    let d2 = c.resolve_all(&[(hello.clone(), Some(d[0].clone()))])?;
+    c.fetch_all(&pinned(&[hello.as_str()], &d2))?;
+    assert_eq!(assert_cache_sound(cache.path())?, 3);
     std::env::remove_var("DOCKER_CONFIG");
     Ok(())
 }

@@ -274,7 +274,8 @@ impl Registry {
         if blobs.iter().any(|b| b.size < 0) {
             bail!("preload {spec_ref}: manifest {digest} lists a negative size");
         }
-        // The client learns the registry's auth with a manifest request; blob requests reuse it.
+        // Blob requests authenticate on demand (a bearer registry's token included), also when
+        // the manifest came from the cache and no request fetched a token yet.
         if blobs.iter().any(|b| !self.cache.contains(&b.digest)) {
             let auth = self.auth_for(&target).await;
             self.client.store_auth_if_needed(target.resolve_registry(), &auth).await;
