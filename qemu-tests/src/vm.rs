@@ -26,9 +26,9 @@ pub fn accel() -> &'static str {
             return a;
         }
         let ok = probe_kvm().unwrap_or(false);
-        // Single-threaded TCG: with one vCPU per VM it costs nothing, and under multi-threaded
-        // TCG an idle guest with no incoming traffic sometimes stopped waking up (its console
-        // and disk went silent mid-boot, QEMU at 0% CPU), while guests on a busy LAN never did.
+        // Single-threaded TCG: with one vCPU per VM it costs nothing. (Guests that looked
+        // stalled under multi-threaded TCG were idle and healthy: systemd had stopped printing
+        // status lines once the serial getty held the console.)
         let chosen = if ok { "kvm" } else { "tcg,thread=single" };
         eprintln!("qemu-tests: using accelerator {chosen}");
         chosen.to_string()
@@ -111,9 +111,10 @@ impl VmConfig {
         VmConfig {
             name: name.to_string(),
             memory_mib: 1536,
-            // One vCPU: with two, containerd (a Go program) now and then never finished starting
-            // under multi-threaded TCG on a loaded 2-core host (3 boots out of ~10); with one
-            // (every cluster scenario) it never did.
+            // One vCPU: scenarios run up to four VMs on a 2-core host, and a TCG vCPU costs a
+            // host thread. (An earlier note here blamed two vCPUs for containerd "never
+            // starting"; it had started: systemd stops printing status once the serial getty
+            // holds the console. Boot health now comes from the agent, see `wait_booted`.)
             cpus: 1,
             disks: vec![image.to_path_buf()],
             grow_first_disk: None,
