@@ -284,9 +284,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let packages = rootfs::installed_packages(&root)?;
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
-    let sandbox = preload::sandbox_image(&root);
+    let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
     if let Some(reg) = &plan.registry {
-        stages.run("preload", "writing the preloaded images", || preload::write_layout(&root, &pulled, reg.cache()))?;
+        stages.run("preload", "writing the preloaded images", || preload::write_layout(&root, &preloaded, reg.cache()))?;
     }
     stages.run("system", "users, fstab, security checks", || system::configure(spec, &root))?;
 
@@ -344,7 +344,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known))?;
 
     let mut manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
-    manifest.preload = preload::import_order(&pulled, &sandbox).iter().map(Into::into).collect();
+    manifest.preload = preloaded.iter().map(Into::into).collect();
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
     let mut promoted = files.clone();

@@ -50,29 +50,27 @@ pub fn sandbox_image(root: &Path) -> String {
 
 /// Orders images so the node's own needs come first: the sandbox image, then the spec's order.
 pub fn import_order(images: &[PulledImage], sandbox: &str) -> Vec<PulledImage> {
-    let sandbox = registry::parse_reference(sandbox).map(|r| registry::containerd_name(&r)).unwrap_or_default();
+    let name = registry::parse_reference(sandbox).map(|r| registry::containerd_name(&r)).unwrap_or_default();
+    if !images.is_empty() && !images.iter().any(|p| p.name == name) {
+        tracing::info!("the sandbox image {sandbox} is not preloaded: nodes without registry access cannot start pods");
+    }
     let mut v: Vec<PulledImage> = images.to_vec();
-    v.sort_by_key(|p| p.name != sandbox);
+    v.sort_by_key(|p| p.name != name);
     v
 }
 
-/// Writes the OCI image layout into `root` from the blob cache.
-pub fn write_layout(root: &Path, images: &[PulledImage], cache: &BlobCache) -> Result<()> {
+/// Writes the OCI image layout into `root` from the blob cache, images in the given order
+/// (see `import_order`).
+pub fn write_layout(root: &Path, ordered: &[PulledImage], cache: &BlobCache) -> Result<()> {
     let dir = root.join(LAYOUT_DIR.trim_start_matches('/'));
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("creating {}", dir.display()))?;
-    let sandbox = sandbox_image(root);
-    let ordered = import_order(images, &sandbox);
-    if !images.is_empty() && !ordered.iter().any(|p| Some(p.name.as_str()) == registry::parse_reference(&sandbox).ok().map(|r| registry::containerd_name(&r)).as_deref()) {
-        tracing::info!("the sandbox image {sandbox} is not preloaded: nodes without registry access cannot start pods");
-    }
     let mut manifests = Vec::new();
-    for img in &ordered {
-        let all = std::iter::once((img.digest.clone(), img.manifest_size)).chain(img.blobs.iter().cloned());
-        for (digest, _) in all {
-            let dest = blobs.join(registry::cache::hex_of(&digest)?);
+    for img in ordered {
+        for digest in std::iter::once(&img.digest).chain(img.blobs.iter().map(|(d, _)| d)) {
+            let dest = blobs.join(registry::cache::hex_of(digest)?);
             if !dest.exists() {
-                fs::copy(cache.path(&digest)?, &dest).with_context(|| format!("copying blob {digest} of {} into the image", img.reference))?;
+                fs::copy(cache.path(digest)?, &dest).with_context(|| format!("copying blob {digest} of {} into the image", img.reference))?;
             }
         }
         let tag = registry::parse_reference(&img.reference)?.tag().map(str::to_string);

@@ -2,7 +2,6 @@
 //! to the digest of its linux/amd64 manifest, so a rebuild pulls exactly the same bytes.
 //! `labforge build --update-lock` resolves the tags again.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -47,11 +46,6 @@ impl LockFile {
         self.image.iter().find(|l| l.reference == reference).map(|l| l.digest.as_str())
     }
 
-    /// A lock holding exactly `pins`, in spec order.
-    pub fn from_pins(pins: &BTreeMap<usize, Locked>) -> LockFile {
-        LockFile { image: pins.values().cloned().collect() }
-    }
-
     /// Writes the lock atomically (temp file + rename), only if it changed.
     pub fn save(&self, path: &Path) -> Result<bool> {
         if LockFile::load(path).ok().as_ref() == Some(self) && path.exists() {
@@ -62,7 +56,11 @@ impl LockFile {
              # `labforge build --update-lock` resolves the tags again.\n\n{}",
             toml::to_string(self)?
         );
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // A unique temporary name: two builds of one spec may pin at the same time.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing a lock file in {}", dir.display()))?;
         std::io::Write::write_all(&mut tmp, body.as_bytes())?;
         tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
@@ -79,13 +77,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.lock.toml");
         assert_eq!(LockFile::load(&p).unwrap(), LockFile::default());
-        let mut pins = BTreeMap::new();
-        pins.insert(0, Locked { reference: "r/a:1".into(), digest: format!("sha256:{}", "a".repeat(64)) });
-        let lock = LockFile::from_pins(&pins);
+        let pinned = Locked { reference: "r/a:1".into(), digest: format!("sha256:{}", "a".repeat(64)) };
+        let lock = LockFile { image: vec![pinned.clone()] };
         assert!(lock.save(&p).unwrap());
         assert!(!lock.save(&p).unwrap(), "unchanged lock is not rewritten");
         assert_eq!(LockFile::load(&p).unwrap(), lock);
-        assert_eq!(lock.get("r/a:1"), Some(pins[&0].digest.as_str()));
+        assert_eq!(lock.get("r/a:1"), Some(pinned.digest.as_str()));
         fs::write(&p, "image = 3").unwrap();
         let e = LockFile::load(&p).unwrap_err();
         assert!(format!("{e:#}").contains("--update-lock"), "{e:#}");

@@ -7,7 +7,6 @@
 pub mod cache;
 pub mod lock;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -409,9 +408,4 @@ fn explain(spec_ref: &str, target: &Reference, what: &str, e: OciDistributionErr
     } else {
         e.context(format!("preload {spec_ref}: {hint}"))
     }
-}
-
-/// Bytes of a sorted map (for hashing pins into the build's input hash).
-pub fn pins_fingerprint(pins: &BTreeMap<usize, lock::Locked>) -> String {
-    pins.values().map(|l| format!("{}={}\n", l.reference, l.digest)).collect()
 }
