@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::disks::{DisksConfig, Wipe};
 use crate::election::RolePolicy;
 
 /// Where the builder bakes the node config and the agent reads it.
@@ -44,6 +45,8 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    #[serde(default)]
+    pub disks: DisksConfig,
 }
 
 /// How nodes find each other and choose a master. The spec's `[cluster]` table.
@@ -174,6 +177,7 @@ impl NodeConfig {
             state_dir: default_state_dir(),
             cluster: ClusterConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            disks: DisksConfig::default(),
         }
     }
 
@@ -193,6 +197,7 @@ impl NodeConfig {
         render_hostname(&cfg.hostname, "000000000000", "00000000000000000000000000000000")
             .with_context(|| format!("checking hostname pattern in {}", path.display()))?;
         cfg.cluster.validate().with_context(|| format!("checking [cluster] in {}", path.display()))?;
+        cfg.disks.validate().with_context(|| format!("checking [disks] in {}", path.display()))?;
         Ok(cfg)
     }
 
@@ -255,11 +260,21 @@ impl NodeConfig {
             "settle-seconds" => next.cluster.settle_seconds = value.parse().context("not a number")?,
             "lan-interface" => next.cluster.lan_interface = value.to_string(),
             "cluster-name" => next.cluster.name = value.to_string(),
+            // Per node, the policy can only be made safer: `force` needs the spec's match.
+            "wipe" => {
+                next.disks.wipe = match value {
+                    "never" => Wipe::Never,
+                    "blank-only" if self.disks.wipe != Wipe::Never => Wipe::BlankOnly,
+                    "blank-only" => bail!("the image says wipe = \"never\"; the command line can only make it safer"),
+                    "force" => bail!("force can only be set in the image spec's [disks], with a match"),
+                    _ => bail!("wipe must be never or blank-only"),
+                }
+            }
             "hostname" => {
                 render_hostname(value, "000000000000", "0")?;
                 next.hostname = value.to_string();
             }
-            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname"),
+            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname, wipe"),
         }
         next.cluster.validate()?;
         *self = next;
@@ -337,6 +352,18 @@ mod tests {
         assert!(warnings[0].contains("labforge.colour=red") && warnings[0].contains("unknown option"));
         assert!(warnings[1].contains("auto, master or worker"));
         assert!(warnings[2].contains("at least 3"));
+    }
+
+    #[test]
+    fn cmdline_can_only_make_the_disk_policy_safer() {
+        let mut cfg = NodeConfig::new("demo", "lab-{mac}");
+        let w = cfg.apply_cmdline("labforge.wipe=force");
+        assert!(w[0].contains("only be set in the image spec"), "{w:?}");
+        assert_eq!(cfg.disks.wipe, Wipe::BlankOnly);
+        assert!(cfg.apply_cmdline("labforge.wipe=never").is_empty());
+        assert_eq!(cfg.disks.wipe, Wipe::Never);
+        assert_eq!(cfg.apply_cmdline("labforge.wipe=blank-only").len(), 1);
+        assert_eq!(cfg.disks.wipe, Wipe::Never);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod disks;
 pub mod discovery;
 pub mod election;
 pub mod inventory;

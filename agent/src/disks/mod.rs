@@ -1,0 +1,248 @@
+//! Data disks for Rook-Ceph: take the inventory (`probe`), classify each disk and decide under
+//! the spec's `[disks]` policy (`policy`, pure), zap the eligible ones the way Rook's teardown
+//! documentation does (`zap`), remembering intent and result across power cuts (`journal`), and
+//! render the `CephCluster` device list on the master (`ceph`).
+
+pub mod ceph;
+pub mod journal;
+pub mod policy;
+pub mod probe;
+pub mod zap;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use policy::{Action, Class, DisksConfig, History, Wipe};
+
+/// Signature kind of a BlueStore label (ours; libblkid calls it `ceph_bluestore`).
+pub const BLUESTORE: &str = "bluestore-label";
+/// Signature kind for non-zero bytes no known signature explains.
+pub const DATA: &str = "data";
+
+/// Where Ceph (Squid and later) keeps BlueStore label copies, besides offset 0; a partial wipe
+/// that misses them leaves a disk Ceph still recognises (rook#15545).
+pub const LABEL_OFFSETS: [u64; 5] = [0, 1 << 30, 10 << 30, 100 << 30, 1000 << 30];
+
+/// Everything the agent knows about one whole disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFacts {
+    /// Kernel name, e.g. `sdb`.
+    pub name: String,
+    /// Device node, e.g. `/dev/sdb`.
+    pub path: String,
+    /// `/dev/disk/by-id/…` paths, the most specific (wwn) first.
+    pub by_id: Vec<String>,
+    pub serial: Option<String>,
+    pub model: Option<String>,
+    pub size_bytes: u64,
+    pub rotational: bool,
+    /// The kernel's removable flag.
+    pub removable: bool,
+    /// `usb`, `ata`, `scsi`, `nvme`, `virtio`, `mmc`…
+    pub transport: Option<String>,
+    pub read_only: bool,
+    /// The device accepts discard (TRIM/UNMAP).
+    pub discard: bool,
+    pub partitions: Vec<String>,
+    pub signatures: Vec<Signature>,
+    /// Devices stacked on it (device mapper, md, …), of the disk or its partitions.
+    pub holders: Vec<String>,
+    /// Mount points (and `[swap]`) of the disk or its partitions.
+    pub mounts: Vec<String>,
+    /// Why this is the OS disk (holds `/`, the state partition, the booted ESP, the config
+    /// partition); empty for other disks.
+    pub boot: Vec<String>,
+    /// The content could not be read.
+    pub probe_error: Option<String>,
+}
+
+/// One on-disk signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// libblkid's type (`ext4`, `gpt`, `PMBR`, `LVM2_member`, …), [`BLUESTORE`] or [`DATA`].
+    pub kind: String,
+    pub offset: u64,
+    /// OSD fsid for BlueStore labels, filesystem label or UUID for others.
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.kind, human_offset(self.offset))
+    }
+}
+
+fn human_offset(o: u64) -> String {
+    if o >= 1 << 30 && o % (1 << 30) == 0 {
+        format!("{} GiB", o >> 30)
+    } else {
+        format!("{o:#x}")
+    }
+}
+
+impl DiskFacts {
+    /// The id the journal knows this disk by across boots (kernel names move): its most
+    /// specific by-id path, else its serial. `None` for a disk with neither.
+    pub fn stable_id(&self) -> Option<String> {
+        self.by_id.first().cloned().or_else(|| self.serial.as_ref().map(|s| format!("serial:{s}")))
+    }
+
+    /// The by-id path the `CephCluster` names it by (Rook accepts full udev paths), else the
+    /// kernel path.
+    pub fn ceph_name(&self) -> String {
+        self.by_id.first().cloned().unwrap_or_else(|| self.path.clone())
+    }
+}
+
+/// One disk as `/status`, beacons and `labforge-agent disks` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    #[serde(flatten)]
+    pub facts: DiskFacts,
+    pub class: Class,
+    pub osd_fsid: Option<String>,
+    pub action: Action,
+    /// Offered to Ceph (listed in the `CephCluster`).
+    pub ceph: bool,
+    pub reason: String,
+    /// The zap of this disk, this boot or an earlier one.
+    pub zap: Option<journal::ZapRecord>,
+}
+
+/// The disks part of `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisksStatus {
+    /// `scanning`, `zapping`, `done` (every decision carried out) or `failed` (some zap failed).
+    pub state: String,
+    /// The `[disks]` policy in force.
+    pub wipe: String,
+    pub disks: Vec<DiskReport>,
+    /// What this node offers to Ceph: by-id paths.
+    pub ceph_devices: Vec<String>,
+    /// What went wrong, when `state` is `failed`.
+    #[serde(default)]
+    pub message: String,
+    /// Rook prerequisites on this node.
+    pub lvm: bool,
+    pub rbd: bool,
+}
+
+impl DisksStatus {
+    pub fn new(wipe: Wipe) -> Self {
+        DisksStatus { state: "scanning".into(), wipe: wipe.as_str().into(), ..Default::default() }
+    }
+}
+
+/// Whether `lvm` is installed and the `rbd` module is loaded (Rook's prerequisites).
+pub fn prerequisites(root: &Path) -> (bool, bool) {
+    let lvm = ["usr/sbin/lvm", "sbin/lvm"].iter().any(|p| root.join(p).exists());
+    let rbd = root.join("sys/module/rbd").exists();
+    (lvm, rbd)
+}
+
+/// The decision for every disk now, without touching any.
+pub fn assess(roots: &probe::Roots, cfg: &DisksConfig, journal: &journal::Journal) -> anyhow::Result<Vec<DiskReport>> {
+    Ok(probe::scan(roots)?.into_iter().map(|f| report(f, cfg, journal)).collect())
+}
+
+fn report(facts: DiskFacts, cfg: &DisksConfig, journal: &journal::Journal) -> DiskReport {
+    let id = facts.stable_id();
+    let d = policy::decide(&facts, cfg, journal.history(id.as_deref(), facts.size_bytes));
+    DiskReport {
+        zap: id.as_deref().and_then(|i| journal.get(i)).cloned(),
+        class: d.class.class,
+        osd_fsid: d.class.osd_fsid,
+        action: d.action,
+        ceph: d.ceph,
+        reason: d.reason,
+        facts,
+    }
+}
+
+/// Takes the inventory, decides, and zaps what the policy allows, journalling each zap;
+/// `publish` sees every change. Never fails as a whole: a disk that cannot be probed or zapped
+/// is reported with the reason and the others go on.
+pub fn prepare(
+    roots: &probe::Roots,
+    cfg: &DisksConfig,
+    state_dir: &Path,
+    boot: u64,
+    publish: &mut dyn FnMut(&DisksStatus),
+) -> DisksStatus {
+    use tracing::{error, info, warn};
+    let mut status = DisksStatus::new(cfg.wipe);
+    (status.lvm, status.rbd) = prerequisites(Path::new("/"));
+    let fail = |mut status: DisksStatus, msg: String, publish: &mut dyn FnMut(&DisksStatus)| {
+        error!("disks: {msg}");
+        status.state = "failed".into();
+        status.message = msg;
+        publish(&status);
+        status
+    };
+    let mut journal = match journal::Journal::load(state_dir) {
+        Ok(j) => j,
+        Err(e) => return fail(status, format!("{e:#}; no disk is touched until it is fixed or moved aside"), publish),
+    };
+    status.disks = match assess(roots, cfg, &journal) {
+        Ok(d) => d,
+        Err(e) => return fail(status, format!("taking the disk inventory: {e:#}"), publish),
+    };
+    for d in &status.disks {
+        info!(disk = %d.facts.name, class = d.class.as_str(), action = ?d.action, "{}", d.reason);
+    }
+    publish(&status);
+    let mut failures = 0;
+    for i in 0..status.disks.len() {
+        if status.disks[i].action != Action::Zap {
+            continue;
+        }
+        status.state = "zapping".into();
+        publish(&status);
+        let name = status.disks[i].facts.name.clone();
+        // Facts may have changed since the scan (a disk pulled, a filesystem made): decide
+        // again on fresh ones right before writing.
+        let fresh = match probe::one(roots, &name) {
+            Ok(f) => report(f, cfg, &journal),
+            Err(e) => {
+                warn!("disks: {name}: {e:#}; not zapped");
+                let d = &mut status.disks[i];
+                (d.action, d.ceph, d.reason) = (Action::Keep, false, format!("{e:#}; not zapped"));
+                failures += 1;
+                continue;
+            }
+        };
+        status.disks[i] = fresh;
+        if status.disks[i].action != Action::Zap {
+            continue;
+        }
+        let d = status.disks[i].facts.clone();
+        let id = d.stable_id().unwrap_or_else(|| format!("kernel:{}", d.name));
+        info!(disk = %d.name, %id, "zapping: {}", status.disks[i].reason);
+        let result = journal.begin(&id, &d.name, d.size_bytes, boot).and_then(|()| {
+            zap::zap(Path::new(&d.path), &id, d.size_bytes, d.discard, &mut |step: &str| journal.step(&id, step))
+        });
+        if let Err(e) = result {
+            let msg = format!("zap failed: {e:#}");
+            error!(disk = %d.name, "{msg}");
+            if let Err(e) = journal.fail(&id, &msg) {
+                error!("disks: recording the failure: {e:#}");
+            }
+            let r = &mut status.disks[i];
+            (r.action, r.ceph, r.reason) = (Action::Keep, false, msg);
+            failures += 1;
+        } else {
+            info!(disk = %d.name, "zapped and verified");
+        }
+        status.disks[i].zap = journal.get(&id).cloned();
+        publish(&status);
+    }
+    status.ceph_devices = status.disks.iter().filter(|d| d.ceph).map(|d| d.facts.ceph_name()).collect();
+    status.state = if failures == 0 { "done" } else { "failed" }.into();
+    if failures > 0 {
+        status.message = format!("{failures} disk(s) could not be prepared; see their reasons");
+    }
+    publish(&status);
+    status
+}

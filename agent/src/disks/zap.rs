@@ -1,0 +1,228 @@
+//! Zapping a disk for Rook-Ceph, as Rook's teardown documentation does it, made safe to cut
+//! the power in the middle of:
+//!
+//! 1. `wipefs --all` (every signature libblkid knows, both GPT headers and the protective MBR);
+//! 2. `blkdiscard` when the device supports discard;
+//! 3. zeroes over 200 KiB at 0, 1, 10, 100 and 1000 GiB (where Ceph keeps BlueStore label
+//!    copies; those past the end are skipped) and over the last MiB (backup GPT, md and other
+//!    end-of-disk metadata), then fsync;
+//! 4. re-read of the partition table and `udevadm settle`;
+//! 5. verification: no signature, no label, no non-zero byte left in those regions.
+//!
+//! Every step is idempotent, so resuming an interrupted zap is running it again.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+use super::{probe, LABEL_OFFSETS};
+
+/// Zeroed at each label offset.
+pub const LABEL_REGION: u64 = 200 << 10;
+/// Zeroed at the end of the disk.
+pub const TAIL_REGION: u64 = 1 << 20;
+
+/// Environment variable naming a file; while it exists, a zap of the disk whose by-id path the
+/// file holds (any disk if it is empty) waits after its first steps. For power-cut tests only.
+pub const HOLD_ENV: &str = "LABFORGE_TEST_HOLD_ZAP";
+
+/// The `(offset, length)` regions a zap zeroes (and verification reads) on a disk of `size`
+/// bytes: sorted, merged, inside the disk.
+pub fn regions(size: u64) -> Vec<(u64, u64)> {
+    let mut r: Vec<(u64, u64)> = LABEL_OFFSETS
+        .iter()
+        .filter(|o| **o < size)
+        .map(|o| (*o, LABEL_REGION.min(size - o)))
+        .collect();
+    if size > 0 {
+        let start = size.saturating_sub(TAIL_REGION);
+        r.push((start, size - start));
+    }
+    r.sort();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in r {
+        match merged.last_mut() {
+            Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
+            _ => merged.push((start, len)),
+        }
+    }
+    merged
+}
+
+/// Progress a zap reports (journalled by the caller after each step).
+pub trait Progress {
+    fn step(&mut self, step: &str) -> Result<()>;
+}
+
+impl<F: FnMut(&str) -> Result<()>> Progress for F {
+    fn step(&mut self, step: &str) -> Result<()> {
+        self(step)
+    }
+}
+
+/// Zaps the device at `dev` (`size` bytes; `discard` if it supports it), then verifies.
+/// `id` names it in logs and for the test hold.
+pub fn zap(dev: &Path, id: &str, size: u64, discard: bool, progress: &mut dyn Progress) -> Result<()> {
+    let block = fs::metadata(dev).with_context(|| format!("{} is gone", dev.display()))?.file_type().is_block_device();
+    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(dev)).context("wipefs --all")?;
+    progress.step("wipefs")?;
+    if discard && block {
+        // Not every device that claims discard honours it; the zeroes below do not depend on it.
+        match run(Command::new("blkdiscard").arg(dev)) {
+            Ok(()) => progress.step("discard")?,
+            Err(e) => warn!("{id}: blkdiscard failed, zeroing anyway: {e:#}"),
+        }
+    }
+    let mut f = fs::OpenOptions::new().write(true).open(dev).with_context(|| format!("opening {} for writing", dev.display()))?;
+    let zeros = vec![0u8; TAIL_REGION as usize];
+    for (i, (start, len)) in regions(size).into_iter().enumerate() {
+        f.seek(SeekFrom::Start(start))?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n]).with_context(|| format!("writing zeroes at offset {start} of {}", dev.display()))?;
+            left -= n as u64;
+        }
+        f.sync_data().with_context(|| format!("flushing {}", dev.display()))?;
+        progress.step(&format!("zero@{start}"))?;
+        if i == 0 {
+            hold(id);
+        }
+    }
+    drop(f);
+    if block {
+        if let Err(e) = run(Command::new("blockdev").arg("--rereadpt").arg(dev)) {
+            warn!("{id}: re-reading the partition table: {e:#}");
+        }
+        let _ = run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    }
+    verify(dev, size)?;
+    progress.step("verified")?;
+    Ok(())
+}
+
+/// Fails unless the device carries no signature, no label and no non-zero byte in the zap
+/// regions.
+pub fn verify(dev: &Path, size: u64) -> Result<()> {
+    let left = probe::signatures(dev, size)?;
+    if !left.is_empty() {
+        let s: Vec<String> = left.iter().map(|s| s.to_string()).collect();
+        bail!("after the zap {} still shows: {}", dev.display(), s.join(", "));
+    }
+    Ok(())
+}
+
+/// Waits while the test hold file exists and names this disk (or nothing).
+fn hold(id: &str) {
+    let Some(file) = std::env::var_os(HOLD_ENV) else { return };
+    let holds = |f: &std::ffi::OsStr| fs::read_to_string(f).is_ok_and(|t| t.trim().is_empty() || t.trim() == id);
+    if !holds(&file) {
+        return;
+    }
+    info!("{id}: holding the zap at the test hook while {} exists", Path::new(&file).display());
+    println!("labforge-disks holding zap of {id}");
+    while holds(&file) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disks::probe::tests::write_label;
+    use std::io::Read;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn regions_cover_label_offsets_and_the_end() {
+        let k = LABEL_REGION;
+        assert_eq!(regions(2000 * GIB), vec![(0, k), (GIB, k), (10 * GIB, k), (100 * GIB, k), (1000 * GIB, k), (2000 * GIB - MIB, MIB)]);
+        assert_eq!(regions(20 * GIB), vec![(0, k), (GIB, k), (10 * GIB, k), (20 * GIB - MIB, MIB)]);
+        // Smaller than the offsets: what is inside, merged where they overlap.
+        assert_eq!(regions(512 * MIB), vec![(0, k), (511 * MIB, MIB)]);
+        assert_eq!(regions(MIB), vec![(0, MIB)]);
+        assert_eq!(regions(100 << 10), vec![(0, 100 << 10)]);
+        // The tail overlapping a label region.
+        assert_eq!(regions(GIB + (100 << 10)), vec![(0, k), (GIB + (100 << 10) - MIB, MIB)]);
+        assert_eq!(regions(0), vec![]);
+    }
+
+    fn nonzero_at(path: &Path, off: u64, len: usize) -> bool {
+        let mut f = fs::File::open(path).unwrap();
+        f.seek(SeekFrom::Start(off)).unwrap();
+        let mut b = vec![0; len];
+        f.read_exact(&mut b).unwrap();
+        b.iter().any(|x| *x != 0)
+    }
+
+    #[test]
+    fn zap_clears_gpt_filesystems_and_label_copies() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("disk");
+        let size = 12 * GIB;
+        fs::File::create(&dev).unwrap().set_len(size).unwrap();
+        let ok = Command::new("sfdisk").arg("-q").arg(&dev).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"label: gpt\n,100M\n")?;
+            c.wait()
+        });
+        assert!(ok.unwrap().success());
+        write_label(&dev, GIB, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
+        write_label(&dev, 10 * GIB, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
+        // Data outside every region survives (a zap is not a secure erase).
+        {
+            let mut f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
+            f.seek(SeekFrom::Start(5 * GIB)).unwrap();
+            f.write_all(b"keep").unwrap();
+        }
+        assert!(!probe::signatures(&dev, size).unwrap().is_empty());
+        let mut steps = Vec::new();
+        zap(&dev, "test", size, false, &mut |s: &str| {
+            steps.push(s.to_string());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(steps, ["wipefs", "zero@0", &format!("zero@{GIB}"), &format!("zero@{}", 10 * GIB), &format!("zero@{}", size - MIB), "verified"]);
+        assert!(probe::signatures(&dev, size).unwrap().is_empty());
+        for off in [0, GIB, 10 * GIB, size - MIB] {
+            assert!(!nonzero_at(&dev, off, 4096), "zero at {off}");
+        }
+        assert!(nonzero_at(&dev, 5 * GIB, 4));
+    }
+
+    #[test]
+    fn a_failing_step_stops_the_zap() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("disk");
+        fs::File::create(&dev).unwrap().set_len(64 * MIB).unwrap();
+        let err = zap(&dev, "test", 64 * MIB, false, &mut |s: &str| if s.starts_with("zero") { bail!("journal full") } else { Ok(()) }).unwrap_err();
+        assert!(format!("{err:#}").contains("journal full"));
+        let err = zap(&d.path().join("gone"), "test", 64 * MIB, false, &mut |_: &str| Ok(())).unwrap_err();
+        assert!(format!("{err:#}").contains("is gone"), "{err:#}");
+    }
+
+    #[test]
+    fn verify_names_what_is_left() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("disk");
+        fs::File::create(&dev).unwrap().set_len(2 * GIB).unwrap();
+        write_label(&dev, GIB, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
+        let err = format!("{:#}", verify(&dev, 2 * GIB).unwrap_err());
+        assert!(err.contains("bluestore-label at 1 GiB"), "{err}");
+    }
+}
