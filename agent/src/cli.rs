@@ -33,6 +33,16 @@ pub enum Command {
     },
     /// Take the node inventory once and print it as JSON.
     Inventory,
+    /// Show every disk, its class and what the agent does (or did) with it, and why. Changes
+    /// nothing.
+    Disks {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Node config baked into the image (for the `[disks]` policy).
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Import the preloaded images into containerd now (the agent does this at boot; this is
     /// for a retry by hand). Prints the result as JSON; exits non-zero if any import failed.
     ImportImages {
@@ -86,6 +96,42 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
             if !s.failed.is_empty() {
                 anyhow::bail!("{} of {} images failed to import", s.failed.len(), s.total);
+            }
+            Ok(())
+        }
+        Command::Disks { json, config } => {
+            let mut cfg = config::NodeConfig::load(&config)?;
+            for w in cfg.apply_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
+                eprintln!("warning: {w}");
+            }
+            let journal = crate::disks::journal::Journal::load(std::path::Path::new(&cfg.state_dir))?;
+            let disks = crate::disks::assess(&Default::default(), &cfg.disks, &journal)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&disks)?);
+                return Ok(());
+            }
+            println!("policy: wipe = {:?}, min-size = {}", cfg.disks.wipe.as_str(), cfg.disks.min_size);
+            println!("{:<8} {:>10} {:<9} {:<5} {:<5} {:<48} REASON", "DISK", "SIZE", "CLASS", "DO", "CEPH", "BY-ID");
+            for d in &disks {
+                let act = match d.action {
+                    crate::disks::Action::Keep => "keep",
+                    crate::disks::Action::Zap => "zap",
+                    crate::disks::Action::Use => "use",
+                };
+                let zapped = match &d.zap {
+                    Some(z) => format!(" [zap {:?} on boot {}, {} attempt(s)]", z.state, z.boot, z.attempts),
+                    None => String::new(),
+                };
+                println!(
+                    "{:<8} {:>10} {:<9} {:<5} {:<5} {:<48} {}{zapped}",
+                    d.facts.name,
+                    bytesize::ByteSize(d.facts.size_bytes).to_string(),
+                    d.class.as_str(),
+                    act,
+                    if d.ceph { "yes" } else { "no" },
+                    d.facts.by_id.first().map(String::as_str).unwrap_or("-"),
+                    d.reason
+                );
             }
             Ok(())
         }

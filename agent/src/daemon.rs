@@ -83,6 +83,12 @@ struct Agent {
     phase: String,
     /// When systemd's state was last asked for.
     system_checked: Option<Instant>,
+    /// The disks this node offers to Ceph, for the beacons (empty until they are prepared).
+    ceph_offer: Arc<Mutex<Vec<String>>>,
+    /// Master: every cluster node's Ceph devices heard so far (a node falling silent keeps its
+    /// entry: the `CephCluster` must not shrink because a beacon was missed).
+    ceph_nodes: std::collections::BTreeMap<String, Vec<String>>,
+    ceph_written: Option<String>,
 }
 
 impl Agent {
@@ -121,6 +127,8 @@ impl Agent {
             node: inventory.clone(),
             system: SystemHealth::default(),
             preload: Default::default(),
+            disks: crate::disks::DisksStatus::new(cfg.disks.wipe),
+            ceph: None,
             state: state_volume(&cfg.state_dir),
             counters: Default::default(),
         };
@@ -148,6 +156,9 @@ impl Agent {
             lan: None,
             phase: String::new(),
             system_checked: None,
+            ceph_offer: Default::default(),
+            ceph_nodes: Default::default(),
+            ceph_written: None,
         })
     }
 
@@ -167,6 +178,7 @@ impl Agent {
             self.set_phase("discovering", "waiting for the LAN").await;
         }
         tokio::spawn(preload_images(self.shared.clone(), PathBuf::from(&self.cfg.state_dir)));
+        tokio::spawn(prepare_disks(self.shared.clone(), self.cfg.clone(), self.state.boots, self.ceph_offer.clone()));
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -263,6 +275,7 @@ impl Agent {
         tokio::spawn(net::receive(sock.clone(), verifier, self.peers.clone(), self.counters.clone()));
         let dest = SocketAddr::from((lan.broadcast, BEACON_PORT));
         let announced = self.announced.clone();
+        let ceph_offer = self.ceph_offer.clone();
         let base = Beacon {
             node: self.view(),
             hostname: self.inventory.hostname.clone(),
@@ -271,6 +284,7 @@ impl Agent {
             disks: DiskSummary {
                 count: self.inventory.disks.len(),
                 total_bytes: self.inventory.disks.iter().map(|d| d.size_bytes).sum(),
+                ceph: Vec::new(),
             },
             port: self.cfg.status_port,
             ts_ms: 0,
@@ -279,6 +293,7 @@ impl Agent {
         tokio::spawn(net::send(sock, dest, secret, TICK, self.counters.clone(), move || {
             let mut b = base.clone();
             b.node.allegiance = announced.lock().expect("announced lock").clone();
+            b.disks.ceph = ceph_offer.lock().expect("ceph lock").clone();
             b.ts_ms = net::now_ms();
             b.nonce = random_uid();
             b
@@ -366,6 +381,32 @@ impl Agent {
         };
         self.set_join_info(&info).await;
         self.set_phase("ready", &msg).await;
+        self.render_ceph(&uid).await
+    }
+
+    /// Master: renders the `CephCluster` from this node's and its followers' Ceph devices and
+    /// writes it when it changed.
+    async fn render_ceph(&mut self, uid: &str) -> Result<()> {
+        let own = self.ceph_offer.lock().expect("ceph lock").clone();
+        self.ceph_nodes.insert(self.inventory.hostname.clone(), own);
+        for p in net::fresh(&self.peers, PEER_TIMEOUT) {
+            if matches!(&p.beacon.node.allegiance, Allegiance::Follower { uid: u, .. } if u == uid) {
+                self.ceph_nodes.insert(p.beacon.hostname.clone(), p.beacon.disks.ceph.clone());
+            }
+        }
+        let state_dir = Path::new(&self.cfg.state_dir);
+        let text = crate::disks::ceph::render(&self.ceph_nodes, &self.cfg.disks.ceph_image, &state_dir.join("rook").to_string_lossy());
+        if self.ceph_written.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let path = state_dir.join(crate::disks::ceph::MANIFEST);
+        std::fs::create_dir_all(path.parent().expect("a directory"))?;
+        crate::state::write_atomic(&path, text.as_bytes())?;
+        info!(path = %path.display(), nodes = self.ceph_nodes.values().filter(|d| !d.is_empty()).count(), "wrote the CephCluster");
+        self.ceph_written = Some(text);
+        self.shared.status.write().await.ceph =
+            Some(status::CephView { manifest: path.to_string_lossy().into_owned(), nodes: self.ceph_nodes.clone() });
+        self.shared.snapshot().await.announce();
         Ok(())
     }
 
@@ -541,6 +582,33 @@ async fn preload_images(shared: Arc<Shared>, state_dir: PathBuf) {
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Prepares the data disks once at boot (see `disks::prepare`), publishing every change and,
+/// when done, offering the eligible disks to Ceph in the beacons.
+async fn prepare_disks(shared: Arc<Shared>, cfg: NodeConfig, boot: u64, offer: Arc<Mutex<Vec<String>>>) {
+    let shared2 = shared.clone();
+    let result = blocking(move || {
+        let mut last_state = String::new();
+        let mut publish = |d: &crate::disks::DisksStatus| {
+            let mut s = shared2.status.blocking_write();
+            s.disks = d.clone();
+            let changed = last_state != d.state;
+            last_state = d.state.clone();
+            drop(s);
+            if changed {
+                // Counters are left as they were; the next phase line has fresh ones.
+                shared2.status.blocking_read().announce();
+            }
+        };
+        let roots = crate::disks::probe::Roots::default();
+        Ok(crate::disks::prepare(&roots, &cfg.disks, Path::new(&cfg.state_dir), boot, &mut publish))
+    })
+    .await;
+    match result {
+        Ok(status) => *offer.lock().expect("ceph lock") = status.ceph_devices,
+        Err(e) => error!("preparing disks: {e:#}"),
     }
 }
 

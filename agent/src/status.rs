@@ -20,6 +20,7 @@ use crate::join::{self, JoinInfo};
 use crate::secret::Secret;
 use crate::system::SystemHealth;
 use crate::preload::PreloadStatus;
+use crate::disks::DisksStatus;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
@@ -54,6 +55,12 @@ pub struct Status {
     /// Import of the container images the image carries.
     #[serde(default)]
     pub preload: PreloadStatus,
+    /// Data disks: inventory, classification, decisions and zaps.
+    #[serde(default)]
+    pub disks: DisksStatus,
+    /// On the master: the Ceph devices of every node, as written to the `CephCluster`.
+    #[serde(default)]
+    pub ceph: Option<CephView>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -65,6 +72,15 @@ pub struct PeerStatus {
     pub hostname: String,
     pub address: String,
     pub role: String,
+}
+
+/// The master's view of the cluster's Ceph devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CephView {
+    /// Where the `CephCluster` was written.
+    pub manifest: String,
+    /// Kubernetes node name → by-id paths.
+    pub nodes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Counters for /metrics.
@@ -127,7 +143,8 @@ impl Status {
              # HELP labforge_system_state systemd's system state (1 for the current one).\n# TYPE labforge_system_state gauge\nlabforge_system_state{{state=\"{}\"}} 1\n\
              # HELP labforge_system_failed_units Units in the failed state.\n# TYPE labforge_system_failed_units gauge\nlabforge_system_failed_units {}\n\
              # HELP labforge_preload_images Preloaded images, by import result.\n# TYPE labforge_preload_images gauge\n\
-             labforge_preload_images{{result=\"imported\"}} {}\nlabforge_preload_images{{result=\"present\"}} {}\nlabforge_preload_images{{result=\"failed\"}} {}\n",
+             labforge_preload_images{{result=\"imported\"}} {}\nlabforge_preload_images{{result=\"present\"}} {}\nlabforge_preload_images{{result=\"failed\"}} {}\n\
+             # HELP labforge_ceph_devices Disks this node offers to Ceph.\n# TYPE labforge_ceph_devices gauge\nlabforge_ceph_devices {}\n",
             self.peers.len(),
             c.beacons_sent,
             c.beacons_received,
@@ -143,7 +160,13 @@ impl Status {
             self.preload.imported,
             self.preload.present,
             self.preload.failed.len(),
+            self.disks.ceph_devices.len(),
         ));
+        m.push_str("# HELP labforge_disk_class Whole disks by class.\n# TYPE labforge_disk_class gauge\n");
+        for class in ["os", "removable", "ceph-osd", "has-data", "blank"] {
+            let n = self.disks.disks.iter().filter(|d| d.class.as_str() == class).count();
+            m.push_str(&format!("labforge_disk_class{{class=\"{class}\"}} {n}\n"));
+        }
         m
     }
 }
@@ -256,11 +279,23 @@ impl std::fmt::Display for Status {
             let state = if n.up { "up" } else { "down" };
             writeln!(f, "nic      {} {} {} {}", n.name, n.mac, state, n.addresses.join(" "))?;
         }
-        for d in &self.node.disks {
-            let id = d.by_id.as_deref().unwrap_or("-");
-            let removable = if d.removable { " removable" } else { "" };
-            writeln!(f, "disk     {} {} MiB {id}{removable}", d.name, d.size_bytes >> 20)?;
+        writeln!(f, "disks    {} (wipe = {}; lvm {}, rbd {}){}", self.disks.state, self.disks.wipe, yes(self.disks.lvm), yes(self.disks.rbd), if self.disks.message.is_empty() { String::new() } else { format!(": {}", self.disks.message) })?;
+        for d in &self.disks.disks {
+            let id = d.facts.by_id.first().map(String::as_str).unwrap_or("-");
+            let ceph = if d.ceph { " ceph" } else { "" };
+            writeln!(f, "disk     {} {} {} {:?}{ceph} {id}: {}", d.facts.name, bytesize::ByteSize(d.facts.size_bytes), d.class.as_str(), d.action, d.reason)?;
+        }
+        if let Some(c) = &self.ceph {
+            writeln!(f, "ceph     {} ({} nodes with devices)", c.manifest, c.nodes.values().filter(|d| !d.is_empty()).count())?;
         }
         Ok(())
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
     }
 }

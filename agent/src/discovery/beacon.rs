@@ -38,6 +38,9 @@ pub struct Beacon {
 pub struct DiskSummary {
     pub count: usize,
     pub total_bytes: u64,
+    /// Disks the sender offers to Ceph (by-id paths), once its disks are prepared.
+    #[serde(default)]
+    pub ceph: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,7 +131,7 @@ mod tests {
             hostname: "h".into(),
             addresses: vec!["10.0.0.2".into()],
             term: 1,
-            disks: DiskSummary { count: 2, total_bytes: 1 << 40 },
+            disks: DiskSummary { count: 2, total_bytes: 1 << 40, ceph: vec![] },
             port: 9743,
             ts_ms: ts,
             nonce: nonce.into(),

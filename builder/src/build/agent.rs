@@ -41,6 +41,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     let mut cfg = NodeConfig::new(&spec.name, &spec.hostname);
     cfg.cluster = spec.cluster.clone();
     cfg.kubernetes = spec.kubernetes.clone();
+    cfg.disks = spec.disks.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
     put(
         labforge_agent::config::SECRET_PATH,

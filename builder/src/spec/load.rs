@@ -279,6 +279,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     if let Err(e) = spec.cluster.validate() {
         return Err(invalid(&["cluster"], format!("{e:#}")));
     }
+    if let Err(e) = spec.disks.validate() {
+        return Err(invalid(&["disks"], format!("{e:#}")));
+    }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {
             return Err(invalid(&["packages", &i.to_string()], format!("{p:?} is not a Debian package name")));

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use labforge_agent::config::{ClusterConfig, KubernetesConfig};
+pub use labforge_agent::disks::DisksConfig;
 pub use load::{load, SpecError};
 pub use size::Size;
 
@@ -73,6 +74,9 @@ pub struct Spec {
     /// Whether nodes run kubeadm.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Which data disks nodes prepare for Rook-Ceph, and how (baked into the node config).
+    #[serde(default)]
+    pub disks: DisksConfig,
     /// Container images carried inside the image and imported into containerd (namespace
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]
@@ -281,7 +285,8 @@ impl Spec {
             Distro::Debian => "linux-image-amd64",
             Distro::Ubuntu => "linux-image-generic",
         };
-        let mut all: Vec<String> = [kernel, "systemd-sysv", "udev", "kmod", "e2fsprogs", "dbus"]
+        // lvm2: Rook-Ceph's OSDs need it on every node.
+        let mut all: Vec<String> = [kernel, "systemd-sysv", "udev", "kmod", "e2fsprogs", "dbus", "lvm2"]
             .iter()
             .map(|p| p.to_string())
             .chain(self.packages.iter().cloned())

@@ -29,6 +29,8 @@ fn minimal_spec_gets_defaults() {
 #[case::unitless_size("name = \"t\"\n[disk]\nesp-size = \"64\"\n", 3, Some("disk.esp-size"), "unit is required")]
 #[case::wrong_type("name = \"t\"\npackages = \"vim\"\n", 2, Some("packages"), "invalid type")]
 #[case::bad_output("name = \"t\"\noutputs = [\"iso\"]\n", 2, Some("outputs[0]"), "unknown variant")]
+#[case::bad_wipe("name = \"t\"\n[disks]\nwipe = \"all\"\n", 3, Some("disks.wipe"), "unknown variant")]
+#[case::bad_size_range("name = \"t\"\n[disks.match]\nsize = \"1TB\"\n", 3, Some("disks.match.size"), "MIN..MAX")]
 fn bad_files_are_located(
     #[case] text: &str,
     #[case] line: usize,
@@ -56,6 +58,8 @@ fn bad_files_are_located(
 #[case::not_a_key("[[users]]\nname = \"ada\"\nssh-authorized-keys = [\"hunter2\"]\n", "users[0].ssh-authorized-keys", "not an SSH public key")]
 #[case::world_writable("[files.\"/etc/x\"]\nmode = \"0666\"\n", "files./etc/x.mode", "world-writable")]
 #[case::wrong_schema("schema-version = 2\n", "schema-version", "unsupported schema version")]
+#[case::force_without_match("[disks]\nwipe = \"force\"\n", "disks", "needs a [disks.match]")]
+#[case::force_everything("[disks]\nwipe = \"force\"\n[disks.match]\nby-id = [\"/dev/disk/by-id/*\"]\n", "disks", "includes the OS disk")]
 fn invalid_values_are_rejected(#[case] extra: &str, #[case] field: &str, #[case] message: &str) {
     let d = tempfile::tempdir().unwrap();
     let name = if extra.starts_with("name") { "" } else { "name = \"t\"\n" };
