@@ -123,14 +123,15 @@ pub fn run(cli: Cli) -> Result<()> {
                     None => String::new(),
                 };
                 println!(
-                    "{:<8} {:>10} {:<9} {:<5} {:<5} {:<48} {}{zapped}",
+                    "{:<8} {:>10} {:<9} {:<5} {:<5} {:<48} {} ({}){zapped}",
                     d.facts.name,
                     bytesize::ByteSize(d.facts.size_bytes).to_string(),
                     d.class.as_str(),
                     act,
                     if d.ceph { "yes" } else { "no" },
                     d.facts.by_id.first().map(String::as_str).unwrap_or("-"),
-                    d.reason
+                    d.reason,
+                    d.class_reason
                 );
             }
             Ok(())

@@ -283,7 +283,7 @@ impl std::fmt::Display for Status {
         for d in &self.disks.disks {
             let id = d.facts.by_id.first().map(String::as_str).unwrap_or("-");
             let ceph = if d.ceph { " ceph" } else { "" };
-            writeln!(f, "disk     {} {} {} {:?}{ceph} {id}: {}", d.facts.name, bytesize::ByteSize(d.facts.size_bytes), d.class.as_str(), d.action, d.reason)?;
+            writeln!(f, "disk     {} {} {} {:?}{ceph} {id}: {} ({})", d.facts.name, bytesize::ByteSize(d.facts.size_bytes), d.class.as_str(), d.action, d.reason, d.class_reason)?;
         }
         if let Some(c) = &self.ceph {
             writeln!(f, "ceph     {} ({} nodes with devices)", c.manifest, c.nodes.values().filter(|d| !d.is_empty()).count())?;

@@ -93,6 +93,22 @@ pub struct VmConfig {
     pub grow_first_disk: Option<u64>,
     /// The VM's network.
     pub net: Net,
+    /// Serial number of the first disk (gives it a `/dev/disk/by-id/virtio-<serial>` name).
+    pub os_serial: Option<String>,
+    /// Raw disk files attached as they are (no overlay): the test owns them and reads them
+    /// after the VM is gone.
+    pub extra_disks: Vec<ExtraDisk>,
+}
+
+/// A raw disk file attached to a VM directly.
+#[derive(Debug, Clone)]
+pub struct ExtraDisk {
+    pub path: PathBuf,
+    /// Device serial: the guest sees `/dev/disk/by-id/virtio-<serial>` (or `usb-…<serial>…`).
+    pub serial: String,
+    /// Attach as a USB stick (`usb-storage` on an xHCI controller) instead of virtio.
+    pub usb: bool,
+    pub read_only: bool,
 }
 
 /// How a VM is networked.
@@ -119,6 +135,8 @@ impl VmConfig {
             disks: vec![image.to_path_buf()],
             grow_first_disk: None,
             net: Net::Isolated,
+            os_serial: None,
+            extra_disks: Vec::new(),
         }
     }
 }
@@ -185,7 +203,24 @@ impl Vm {
                 run(&mut img)?;
             }
             scratch.push(overlay.clone());
-            cmd.arg("-drive").arg(format!("if=virtio,format=qcow2,file={}", overlay.display()));
+            cmd.arg("-drive").arg(format!("if=none,id=disk{i},format=qcow2,file={}", overlay.display()));
+            let mut dev = format!("virtio-blk-pci,drive=disk{i}");
+            if i == 0 {
+                dev.push_str(",bootindex=0");
+                if let Some(serial) = &cfg.os_serial {
+                    dev.push_str(&format!(",serial={serial}"));
+                }
+            }
+            cmd.arg("-device").arg(dev);
+        }
+        if cfg.extra_disks.iter().any(|d| d.usb) {
+            cmd.args(["-device", "qemu-xhci,id=xhci"]);
+        }
+        for (i, d) in cfg.extra_disks.iter().enumerate() {
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            cmd.arg("-drive").arg(format!("if=none,id=extra{i},format=raw,discard=unmap,file={}{ro}", d.path.display()));
+            let dev = if d.usb { "usb-storage,bus=xhci.0" } else { "virtio-blk-pci" };
+            cmd.arg("-device").arg(format!("{dev},drive=extra{i},serial={}", d.serial));
         }
         match &cfg.net {
             Net::None => {}

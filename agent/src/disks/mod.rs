@@ -102,6 +102,8 @@ pub struct DiskReport {
     #[serde(flatten)]
     pub facts: DiskFacts,
     pub class: Class,
+    /// The facts that gave the class.
+    pub class_reason: String,
     pub osd_fsid: Option<String>,
     pub action: Action,
     /// Offered to Ceph (listed in the `CephCluster`).
@@ -153,6 +155,7 @@ fn report(facts: DiskFacts, cfg: &DisksConfig, journal: &journal::Journal) -> Di
     DiskReport {
         zap: id.as_deref().and_then(|i| journal.get(i)).cloned(),
         class: d.class.class,
+        class_reason: d.class.reason,
         osd_fsid: d.class.osd_fsid,
         action: d.action,
         ceph: d.ceph,
