@@ -184,6 +184,11 @@ pub fn prepare(
         publish(&status);
         status
     };
+    // udev may still be naming disks this early in the boot; their by-id names are what the
+    // journal and the CephCluster know them by.
+    if let Err(e) = std::process::Command::new("udevadm").args(["settle", "--timeout=60"]).status() {
+        warn!("disks: udevadm settle: {e}");
+    }
     let mut journal = match journal::Journal::load(state_dir) {
         Ok(j) => j,
         Err(e) => return fail(status, format!("{e:#}; no disk is touched until it is fixed or moved aside"), publish),
