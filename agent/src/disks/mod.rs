@@ -254,3 +254,64 @@ pub fn prepare(
     publish(&status);
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::probe::tests::Fixture;
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn cfg(text: &str) -> DisksConfig {
+        let c: DisksConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        c
+    }
+
+    #[test]
+    fn a_disk_that_disappears_is_reported_and_the_others_go_on() {
+        let fx = Fixture::new();
+        let state = tempfile::tempdir().unwrap();
+        fx.disk("sdb", "8:16", 64 * MIB, &[]);
+        fx.by_id("ata-GONE", "sdb");
+        let sdc = fx.disk("sdc", "8:32", 64 * MIB, &[]);
+        fx.by_id("ata-STAYS", "sdc");
+        super::probe::tests::write_label(&sdc, 4096, "not-at-a-label-offset-so-just-data-0000");
+        let mut states = Vec::new();
+        let sys = fx.roots.sys.clone();
+        let status = prepare(&fx.roots, &cfg("min-size = \"1MiB\"\nwipe = \"force\"\n[match]\nsize = \"1MiB..\""), state.path(), 1, &mut |s: &DisksStatus| {
+            if s.state == "zapping" && !states.contains(&"zapping".to_string()) {
+                // sdb is pulled out right before its zap.
+                std::fs::remove_dir_all(sys.join("block/sdb")).unwrap();
+            }
+            states.push(s.state.clone());
+        });
+        assert_eq!(status.state, "failed", "{status:#?}");
+        assert!(status.message.contains("1 disk(s)"));
+        let sdb = &status.disks[0];
+        assert_eq!((sdb.action, sdb.ceph), (Action::Keep, false));
+        assert!(sdb.reason.contains("disk sdb is gone"), "{}", sdb.reason);
+        let sdc = &status.disks[1];
+        assert_eq!(sdc.class, Class::HasData);
+        assert_eq!(sdc.zap.as_ref().map(|z| z.state.clone()), Some(journal::ZapState::Zapped), "{sdc:#?}");
+        assert_eq!(status.ceph_devices, ["/dev/disk/by-id/ata-STAYS"]);
+        assert_eq!(states.first().map(String::as_str), Some("scanning"));
+        // The journal knows the zapped disk; the next boot leaves it alone.
+        let j = journal::Journal::load(state.path()).unwrap();
+        assert_eq!(j.history(Some("/dev/disk/by-id/ata-STAYS"), 64 * MIB), History::Zapped);
+        assert_eq!(j.history(Some("/dev/disk/by-id/ata-GONE"), 64 * MIB), History::None, "nothing was begun on the pulled disk");
+    }
+
+    #[test]
+    fn an_unreadable_journal_touches_nothing() {
+        let fx = Fixture::new();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(state.path().join(journal::FILE), "{").unwrap();
+        let dev = fx.disk("sdb", "8:16", 64 * MIB, &[]);
+        super::probe::tests::write_label(&dev, 0, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
+        let status = prepare(&fx.roots, &cfg("min-size = \"1MiB\""), state.path(), 1, &mut |_: &DisksStatus| {});
+        assert_eq!(status.state, "failed");
+        assert!(status.message.contains("unreadable") && status.message.contains("no disk is touched"), "{}", status.message);
+        assert!(status.disks.is_empty());
+    }
+}
