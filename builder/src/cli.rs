@@ -196,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "kernel-cmdline": build::disk::cmdline(&layout, &plan.spec),
                 "outputs": plan.spec.outputs,
                 "preload": plan.preload.iter().map(|(r, d)| serde_json::json!({"ref": r, "digest": d})).collect::<Vec<_>>(),
+                "disks": plan.spec.disks,
             });
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -211,6 +212,15 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("partition  {:<15} {:>6} MiB", p.label, p.size_bytes >> 20);
                 }
                 println!("cmdline    {}", build::disk::cmdline(&layout, &plan.spec));
+                let d = &plan.spec.disks;
+                let selected = match &d.select {
+                    Some(m) => format!(", match by-id {:?} size {}", m.by_id, m.size.map(|r| r.to_string()).unwrap_or_else(|| "any".into())),
+                    None => String::new(),
+                };
+                println!("disks      wipe = {}, min-size {}{selected}", d.wipe.as_str(), d.min_size);
+                if d.wipe == labforge_agent::disks::Wipe::Force && d.select.as_ref().is_some_and(|m| m.by_id.is_empty()) {
+                    eprintln!("warning: wipe = \"force\" selects disks by size alone; a disk holding data in that range is wiped. The agent never wipes the OS disk, removable disks or Ceph OSDs, but naming the disks by id is safer.");
+                }
                 for (r, d) in &plan.preload {
                     println!("preload    {r} {d}");
                 }

@@ -109,6 +109,9 @@ pub struct ExtraDisk {
     /// Attach as a USB stick (`usb-storage` on an xHCI controller) instead of virtio.
     pub usb: bool,
     pub read_only: bool,
+    /// The guest sees a device that supports discard (an SSD); `false` is a disk without it
+    /// (virtio only).
+    pub discard: bool,
 }
 
 /// How a VM is networked.
@@ -219,7 +222,11 @@ impl Vm {
         for (i, d) in cfg.extra_disks.iter().enumerate() {
             let ro = if d.read_only { ",readonly=on" } else { "" };
             cmd.arg("-drive").arg(format!("if=none,id=extra{i},format=raw,discard=unmap,file={}{ro}", d.path.display()));
-            let dev = if d.usb { "usb-storage,bus=xhci.0" } else { "virtio-blk-pci" };
+            let dev = match (d.usb, d.discard) {
+                (true, _) => "usb-storage,bus=xhci.0",
+                (false, true) => "virtio-blk-pci",
+                (false, false) => "virtio-blk-pci,discard=off",
+            };
             cmd.arg("-device").arg(format!("{dev},drive=extra{i},serial={}", d.serial));
         }
         match &cfg.net {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use labforge_agent::status::Status;
 use qemu_tests::lan::{self, Lan};
-use qemu_tests::vm::{Net, Vm, VmConfig};
+use qemu_tests::vm::{ExtraDisk, Net, Vm, VmConfig};
 use qemu_tests::{images, workspace_root};
 use serde_json::Value;
 
@@ -64,6 +64,10 @@ impl Room {
         // kubeadm's preflight wants 2 CPUs and 1.7 GB on a real control plane.
         (cfg.memory_mib, cfg.cpus) = if real_kubeadm() { (2560, 2) } else { (1024, 1) };
         cfg.net = Net::Tap { ns: self.lan.ns.clone(), tap, mac: format!("52:54:00:77:00:{:02x}", i + 1) };
+        // One blank data disk each: the agents zap it and offer it to Ceph; the master lists
+        // every node's in the CephCluster.
+        let data = qemu_tests::disks::blank(&self.dir.join(format!("node{i}-data.raw")), 12 * qemu_tests::disks::GIB)?;
+        cfg.extra_disks.push(ExtraDisk { path: data, serial: format!("lf-data{i}"), usb: false, read_only: false, discard: true });
         if labforge_toml.is_some() || secret.is_some() {
             let part = self.dir.join(format!("node{i}-config.img"));
             lan::config_partition(&part, labforge_toml, secret)?;
@@ -221,6 +225,11 @@ fn three_nodes_elect_one_master() -> Result<()> {
         assert_eq!(ready[w].master_address.as_deref(), Some(master_ip.as_str()));
         assert_joined_with(&room, w, &token, &ca_hash, &ready[w].node.hostname);
     }
+    // Every node's data disk, by its by-id path, in the master's CephCluster.
+    let want: std::collections::BTreeMap<String, Vec<String>> =
+        (0..3).map(|i| (ready[i].node.hostname.clone(), vec![format!("/dev/disk/by-id/virtio-lf-data{i}")])).collect();
+    let s = room.wait_status(master, "the CephCluster lists every node's disk", |s| s.ceph.as_ref().is_some_and(|c| c.nodes == want))?;
+    assert_eq!(s.ceph.unwrap().manifest, "/var/lib/labforge/manifests/ceph-cluster.yaml");
     room.check_health()
 }
 

@@ -47,7 +47,14 @@ impl DiskSet {
     fn attach(&self) -> Vec<ExtraDisk> {
         ["lf-blank", "lf-small", "lf-ext4", "lf-osd", "lf-ro", "lf-usb"]
             .iter()
-            .map(|s| ExtraDisk { path: self.files[s].clone(), serial: s.to_string(), usb: *s == "lf-usb", read_only: *s == "lf-ro" })
+            .map(|s| ExtraDisk {
+                path: self.files[s].clone(),
+                serial: s.to_string(),
+                usb: *s == "lf-usb",
+                read_only: *s == "lf-ro",
+                // The ext4 disk is a disk without discard (an HDD): its zap only zeroes.
+                discard: *s != "lf-ext4",
+            })
             .collect()
     }
 
@@ -179,6 +186,7 @@ fn power_cut_during_zap() -> Result<()> {
     assert!(e.reason.contains("resuming"), "{}", e.reason);
     let zap = e.zap.clone().expect("zap record");
     assert_eq!((zap.attempts, zap.started_boot, zap.boot), (2, 1, 2), "{zap:?}");
+    assert!(!e.facts.discard && !zap.steps.contains(&"discard".to_string()), "no discard on a disk without it: {zap:?}");
     assert_eq!(zap.steps.last().map(String::as_str), Some("verified"));
     for serial in ["lf-blank", "lf-small"] {
         let d = check(&s, serial, Class::Blank, Action::Use, true);
