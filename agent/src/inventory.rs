@@ -104,7 +104,6 @@ fn nics(sys: &Path, addresses: &dyn Fn(&str) -> Vec<String>) -> Result<Vec<Nic>>
 
 /// Whole disks: entries of /sys/block that are not virtual (loop, ram, zram, dm-…).
 fn disks(sys: &Path, dev: &Path) -> Result<Vec<Disk>> {
-    let by_id = by_id_links(&dev.join("disk/by-id"));
     let mut out = Vec::new();
     for (name, path) in sorted_entries(&sys.join("block"))? {
         if !path.join("device").exists() {
@@ -114,7 +113,7 @@ fn disks(sys: &Path, dev: &Path) -> Result<Vec<Disk>> {
         let flag = |f: &str| read_trim(&path.join(f)).map(|s| s == "1").unwrap_or(false);
         let model = read_trim(&path.join("device/model")).ok().filter(|m| !m.is_empty());
         out.push(Disk {
-            by_id: preferred_by_id(&by_id, &name),
+            by_id: crate::disks::probe::by_id_links(&dev.join("disk/by-id"), &name).into_iter().next(),
             size_bytes: sectors * 512,
             removable: flag("removable"),
             rotational: flag("queue/rotational"),
@@ -123,29 +122,6 @@ fn disks(sys: &Path, dev: &Path) -> Result<Vec<Disk>> {
         });
     }
     Ok(out)
-}
-
-/// `(link name, target kernel name)` for every by-id link.
-fn by_id_links(dir: &Path) -> Vec<(String, String)> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let mut out: Vec<(String, String)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let target = fs::read_link(e.path()).ok()?;
-            let kname = target.file_name()?.to_string_lossy().into_owned();
-            Some((e.file_name().to_string_lossy().into_owned(), kname))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The by-id link for a disk, preferring the most specific naming (wwn, then transport ids).
-fn preferred_by_id(links: &[(String, String)], kname: &str) -> Option<String> {
-    let mut candidates: Vec<&String> =
-        links.iter().filter(|(_, k)| k == kname).map(|(l, _)| l).collect();
-    candidates.sort_by_key(|l| (!l.starts_with("wwn-"), l.len()));
-    candidates.first().map(|l| format!("/dev/disk/by-id/{l}"))
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ impl fmt::Display for Signature {
 }
 
 fn human_offset(o: u64) -> String {
-    if o >= 1 << 30 && o % (1 << 30) == 0 {
+    if o >= 1 << 30 && o.is_multiple_of(1 << 30) {
         format!("{} GiB", o >> 30)
     } else {
         format!("{o:#x}")

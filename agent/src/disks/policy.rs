@@ -159,7 +159,7 @@ impl fmt::Display for Bytes {
         let b = self.0;
         const UNITS: &[(u64, &str)] = &[(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
         for (n, u) in UNITS {
-            if b >= *n && b % n == 0 {
+            if b >= *n && b.is_multiple_of(*n) {
                 return write!(f, "{}{u}", b / n);
             }
         }

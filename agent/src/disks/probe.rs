@@ -178,7 +178,7 @@ fn transport(sys: &Path, name: &str, udev: &BTreeMap<String, String>) -> Option<
 }
 
 /// The by-id links that point at `kname`, wwn first, then shortest.
-fn by_id_links(dir: &Path, kname: &str) -> Vec<String> {
+pub(crate) fn by_id_links(dir: &Path, kname: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
     let mut v: Vec<String> = entries
         .filter_map(|e| e.ok())
