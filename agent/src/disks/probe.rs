@@ -345,7 +345,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) struct Fixture {
-        pub dir: tempfile::TempDir,
+        _dir: tempfile::TempDir,
         pub roots: Roots,
     }
 
@@ -359,7 +359,7 @@ pub(crate) mod tests {
             }
             fs::write(r("proc/swaps"), "Filename Type Size Used Priority\n").unwrap();
             fs::write(r("proc/self/mountinfo"), "").unwrap();
-            Fixture { dir, roots }
+            Fixture { _dir: dir, roots }
         }
 
         /// A disk whose device node is a sparse file of `size` bytes.
