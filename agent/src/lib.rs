@@ -1,5 +1,6 @@
 //! labforge-agent: runs on every node at boot.
 
+pub mod blockcopy;
 pub mod cli;
 pub mod config;
 pub mod daemon;

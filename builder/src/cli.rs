@@ -95,6 +95,26 @@ pub enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Write an image to a USB stick: only the blocks its block map lists, checked on the way
+    /// and read back afterwards. Refuses internal and mounted disks unless --force.
+    Flash {
+        /// The image: `<name>.img` or `<name>.img.zst` (decompressed as it is written).
+        image: PathBuf,
+        /// The whole-disk device (`/dev/sdX`, `/dev/disk/by-id/usb-…`), or a file.
+        device: PathBuf,
+        /// Block map (default: `<name>.img.bmap` beside the image).
+        #[arg(long, conflicts_with = "no_bmap")]
+        bmap: Option<PathBuf>,
+        /// Write every block the image holds, ignoring any block map.
+        #[arg(long)]
+        no_bmap: bool,
+        /// Write to a device that is not removable, or that is mounted or in use.
+        #[arg(long)]
+        force: bool,
+        /// Print what was done as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a built image holds (from its manifest).
     Inspect {
         /// The image (`.img`, `.img.zst`, `.qcow2`) or its manifest.
@@ -294,6 +314,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 for i in &list {
                     println!("{:<56} {:<19} {:>10}", i.name, &i.digest[..19.min(i.digest.len())], bytesize::ByteSize(i.size_bytes).to_string());
                 }
+            }
+            Ok(())
+        }
+        Command::Flash { image, device, bmap, no_bmap, force, json } => {
+            let opts = crate::flash::FlashOptions { image, target: device, bmap, no_bmap, force };
+            let done = crate::flash::flash(&opts, &labforge_agent::disks::probe::Roots::default())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                eprintln!(
+                    "{} written to {} and verified ({} in {:.1}s + {:.1}s verify)",
+                    done.image.display(),
+                    done.target.display(),
+                    bytesize::ByteSize(done.written_bytes),
+                    done.write_seconds,
+                    done.verify_seconds
+                );
             }
             Ok(())
         }

@@ -14,10 +14,14 @@ use nix::unistd::Pid;
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
-/// The build was stopped by a signal.
+/// A command was stopped by a signal; `aftermath` says what that left behind.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted by a signal; nothing was written to the output directory and temporary files were removed")]
-pub struct Interrupted;
+#[error("interrupted by a signal; {aftermath}")]
+pub struct Interrupted {
+    pub aftermath: &'static str,
+}
+
+const BUILD_AFTERMATH: &str = "nothing was written to the output directory and temporary files were removed";
 
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP. Call once, from `main`.
 pub fn install() -> Result<()> {
@@ -39,10 +43,15 @@ pub fn install() -> Result<()> {
     Ok(())
 }
 
-/// Returns `Err(Interrupted)` once a stop signal has arrived.
+/// Returns `Err(Interrupted)` once a stop signal has arrived (during a build).
 pub fn check() -> Result<()> {
+    check_with(BUILD_AFTERMATH)
+}
+
+/// Like [`check`], for commands other than a build, saying what the interruption left.
+pub fn check_with(aftermath: &'static str) -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
-        Err(Interrupted.into())
+        Err(Interrupted { aftermath }.into())
     } else {
         Ok(())
     }

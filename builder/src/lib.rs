@@ -4,6 +4,7 @@ pub mod bmap;
 pub mod build;
 pub mod cli;
 pub mod cmd;
+pub mod flash;
 pub mod hostcheck;
 pub mod inspect;
 pub mod interrupt;

@@ -59,6 +59,15 @@ pub fn one(roots: &Roots, name: &str) -> Result<DiskFacts> {
     Ok(disk(roots, name, &Mounts::read(roots), loader_partuuid(&roots.sys).as_deref()))
 }
 
+/// Any block device by kernel name, virtual ones (loop) included: what `labforge flash` checks
+/// before writing to it.
+pub fn block_device(roots: &Roots, name: &str) -> Result<DiskFacts> {
+    if !roots.sys.join("block").join(name).exists() {
+        bail!("{name} is not a whole disk (no /sys/block/{name})");
+    }
+    Ok(disk(roots, name, &Mounts::read(roots), loader_partuuid(&roots.sys).as_deref()))
+}
+
 fn disk(roots: &Roots, name: &str, mounts: &Mounts, boot_partuuid: Option<&str>) -> DiskFacts {
     let sys = roots.sys.join("block").join(name);
     let read = |p: &str| fs::read_to_string(sys.join(p)).map(|s| s.trim().to_string()).unwrap_or_default();
