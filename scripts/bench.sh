@@ -11,6 +11,9 @@
 #                           registry on 127.0.0.1: `labforge images pull` (cold cache) against
 #                           `skopeo copy` of the same images from the same registry, one after
 #                           the other and all at once; the warm re-pull's transferred bytes
+#   flash_*                 `labforge flash` of demo.img.zst (and .img) onto a file against
+#                           `bmaptool copy` of the same .zst and block map and `dd` of the raw
+#                           image (scripts/bench-flash.sh); labforge also reads everything back
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
@@ -122,5 +125,8 @@ cat > "$B/results.json" <<JSON
   "pull_warm_transferred_bytes": $pull_warm_bytes
 }
 JSON
+echo "bench: flashing (labforge flash vs bmaptool copy vs dd)" >&2
+scripts/bench-flash.sh "$B/out/demo.img" "$B/flash.json" >/dev/null
+jq -s '.[0] + .[1]' "$B/results.json" "$B/flash.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
 rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp" "$B/pull-cache" "$B"/skopeo-*
 cat "$B/results.json"

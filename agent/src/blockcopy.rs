@@ -38,9 +38,9 @@ pub trait Source: Send {
 /// A file or device read at any offset.
 pub struct Positional<F>(pub F);
 
-impl<F: FileExt + Send> Source for Positional<F> {
+impl<F: std::borrow::Borrow<File> + Send> Source for Positional<F> {
     fn read_forward(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
+        self.0.borrow().read_exact_at(buf, offset)
     }
 }
 
@@ -90,81 +90,122 @@ pub struct Copied {
     pub verify_seconds: f64,
 }
 
-struct Chunk {
-    offset: u64,
-    buf: Vec<u8>,
-    len: usize,
+/// Takes one chunk read: (range index, offset, bytes).
+type Consume<'a> = dyn FnMut(usize, u64, &[u8]) -> Result<()> + 'a;
+/// Judges a range's finished hash: (range, sha256, range index).
+type Check<'a> = dyn FnMut(&Range, [u8; 32], usize) -> Result<()> + 'a;
+
+/// Reads `ranges` from `src` on a second thread, a few buffers ahead, and hands each chunk to
+/// `consume` (range index, offset, bytes) on this one, in order. `consume` failing stops both.
+fn pipeline(src: &mut dyn Source, ranges: &[Range], shift: u64, consume: &mut Consume<'_>) -> Result<()> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(usize, u64, Vec<u8>, usize)>>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT + 1 {
+        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
+    }
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(move || {
+            for (i, r) in ranges.iter().enumerate() {
+                let mut at = r.offset;
+                while at < r.offset + r.len {
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let n = (r.offset + r.len - at).min(CHUNK as u64) as usize;
+                    let chunk = src.read_forward(shift + at, &mut buf[..n]).map(|()| (i, at, buf, n));
+                    let failed = chunk.is_err();
+                    if full_tx.send(chunk).is_err() || failed {
+                        return;
+                    }
+                    at += n as u64;
+                }
+            }
+        });
+        // Returning drops the receiver, which stops the reader.
+        let mut done = 0u64;
+        for chunk in full_rx.iter() {
+            let (i, at, buf, n) = chunk.map_err(|e| {
+                let e = if e.kind() == io::ErrorKind::UnexpectedEof { io::Error::new(e.kind(), "the image ends early") } else { e };
+                anyhow::Error::new(e).context(format!("reading at byte {}", shift + done))
+            })?;
+            consume(i, at, &buf[..n])?;
+            done += n as u64;
+            let _ = empty_tx.send(buf);
+        }
+        if done != ranges.iter().map(|r| r.len).sum::<u64>() {
+            bail!("the image ended before its last mapped range");
+        }
+        Ok(())
+    })
+}
+
+/// Per-range sha256 over chunks that arrive in range order.
+struct RangeHashes<'a> {
+    ranges: &'a [Range],
+    current: Sha256,
+    done: Vec<[u8; 32]>,
+}
+
+impl<'a> RangeHashes<'a> {
+    fn new(ranges: &'a [Range]) -> Self {
+        RangeHashes { ranges, current: Sha256::new(), done: Vec::with_capacity(ranges.len()) }
+    }
+
+    /// Adds bytes of range `i`, closing the ranges before it.
+    fn update(&mut self, i: usize, bytes: &[u8], check: &mut Check<'_>) -> Result<()> {
+        while self.done.len() < i {
+            self.close(check)?;
+        }
+        self.current.update(bytes);
+        Ok(())
+    }
+
+    fn close(&mut self, check: &mut Check<'_>) -> Result<()> {
+        let i = self.done.len();
+        let sum: [u8; 32] = std::mem::take(&mut self.current).finalize().into();
+        check(&self.ranges[i], sum, i)?;
+        self.done.push(sum);
+        Ok(())
+    }
+
+    fn finish(mut self, check: &mut Check<'_>) -> Result<Vec<[u8; 32]>> {
+        while self.done.len() < self.ranges.len() {
+            self.close(check)?;
+        }
+        Ok(self.done)
+    }
 }
 
 /// Copies `ranges` from `src` to `dst` at `dst_offset + range.offset`, checking each range
 /// against its sha256 on the way, then syncs `dst`, drops it from the page cache and reads every
 /// range back to check it again. Ranges without a sha256 are checked on read-back against the
-/// hash taken while reading them.
+/// hash taken while reading them. One thread reads (decompresses); this one writes and hashes.
 pub fn copy(src: &mut dyn Source, ranges: &[Range], dst: &File, dst_offset: u64, progress: &mut Progress<'_>) -> Result<Copied> {
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     let started = std::time::Instant::now();
-    let (full_tx, full_rx) = mpsc::sync_channel::<Result<Chunk>>(IN_FLIGHT);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT + 1 {
-        empty_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
-    }
-    let hashes: Vec<[u8; 32]> = std::thread::scope(|s| -> Result<Vec<[u8; 32]>> {
-        let reader = s.spawn(move || -> Vec<[u8; 32]> {
-            let mut taken = Vec::with_capacity(ranges.len());
-            for r in ranges {
-                let mut h = Sha256::new();
-                let mut at = r.offset;
-                let end = r.offset + r.len;
-                while at < end {
-                    let Ok(mut buf) = empty_rx.recv() else { return taken };
-                    let n = (end - at).min(CHUNK as u64) as usize;
-                    if let Err(e) = src.read_forward(at, &mut buf[..n]) {
-                        let _ = full_tx.send(Err(anyhow::Error::new(e).context(format!("reading the image at byte {at}"))));
-                        return taken;
-                    }
-                    h.update(&buf[..n]);
-                    if full_tx.send(Ok(Chunk { offset: at, buf, len: n })).is_err() {
-                        return taken;
-                    }
-                    at += n as u64;
-                }
-                let sum: [u8; 32] = h.finalize().into();
-                if let Some(want) = r.sha256.filter(|w| *w != sum) {
-                    let _ = full_tx.send(Err(anyhow::anyhow!(
-                        "the image's bytes {}..{} do not match their sha256 (want {}, read {}): the image file is damaged or the block map belongs to another image",
-                        r.offset,
-                        end,
-                        hex::encode(want),
-                        hex::encode(sum)
-                    )));
-                    return taken;
-                }
-                taken.push(sum);
-            }
-            taken
-        });
-        let mut done = 0u64;
-        let outcome = (|| -> Result<()> {
-            for chunk in full_rx.iter() {
-                let chunk = chunk?;
-                let at = dst_offset + chunk.offset;
-                dst.write_all_at(&chunk.buf[..chunk.len], at).with_context(|| format!("writing at byte {at}"))?;
-                done += chunk.len as u64;
-                let _ = empty_tx.send(chunk.buf);
-                progress(Phase::Write, done, total)?;
-            }
-            Ok(())
-        })();
-        // Stop the reader if we stopped early, then collect what it hashed.
-        drop(full_rx);
-        drop(empty_tx);
-        let taken = reader.join().expect("reader thread");
-        outcome?;
-        if taken.len() != ranges.len() {
-            bail!("the image ended before its last mapped range");
+    let mut hashes = RangeHashes::new(ranges);
+    let mut check = |r: &Range, sum: [u8; 32], _: usize| -> Result<()> {
+        if let Some(want) = r.sha256.filter(|w| *w != sum) {
+            bail!(
+                "the image's bytes {}..{} do not match their sha256 (want {}, read {}): the image file is damaged or the block map belongs to another image",
+                r.offset,
+                r.offset + r.len,
+                hex::encode(want),
+                hex::encode(sum)
+            );
         }
-        Ok(taken)
+        Ok(())
+    };
+    let mut done = 0u64;
+    pipeline(src, ranges, 0, &mut |i, at, bytes| {
+        let at = dst_offset + at;
+        dst.write_all_at(bytes, at).with_context(|| format!("writing at byte {at}"))?;
+        // Start writing these pages back now rather than all at the final sync, so a slow
+        // stick's progress is real and the page cache does not fill with the whole image.
+        advise_dontneed(dst, at, bytes.len() as u64);
+        hashes.update(i, bytes, &mut check)?;
+        done += bytes.len() as u64;
+        progress(Phase::Write, done, total)
     })?;
+    let hashes = hashes.finish(&mut check)?;
     dst.sync_all().context("flushing the written data to the device")?;
     let write_seconds = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
@@ -178,36 +219,35 @@ pub fn verify(dst: &File, dst_offset: u64, ranges: &[Range], hashes: &[[u8; 32]]
     drop_cache(dst);
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    for (r, want) in ranges.iter().zip(hashes) {
-        let mut h = Sha256::new();
-        let mut at = r.offset;
-        let end = r.offset + r.len;
-        while at < end {
-            let n = (end - at).min(CHUNK as u64) as usize;
-            dst.read_exact_at(&mut buf[..n], dst_offset + at)
-                .with_context(|| format!("reading back byte {}", dst_offset + at))?;
-            h.update(&buf[..n]);
-            at += n as u64;
-            done += n as u64;
-            progress(Phase::Verify, done, total)?;
-        }
-        let got: [u8; 32] = h.finalize().into();
-        if &got != want {
+    let mut sums = RangeHashes::new(ranges);
+    let mut check = |r: &Range, got: [u8; 32], i: usize| -> Result<()> {
+        if got != hashes[i] {
             bail!(
                 "verification failed: bytes {}..{} read back differ from what was written (the device lost or changed data; try another stick or port)",
                 dst_offset + r.offset,
-                dst_offset + end
+                dst_offset + r.offset + r.len
             );
         }
-    }
+        Ok(())
+    };
+    let mut reader = Positional(dst);
+    pipeline(&mut reader, ranges, dst_offset, &mut |i, _, bytes| {
+        sums.update(i, bytes, &mut check)?;
+        done += bytes.len() as u64;
+        progress(Phase::Verify, done, total)
+    })?;
+    sums.finish(&mut check)?;
     Ok(())
+}
+
+fn advise_dontneed(f: &File, offset: u64, len: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    let _ = posix_fadvise(f.as_raw_fd(), offset as i64, len as i64, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 /// Asks the kernel to forget its cached pages of `f` (written back already by `sync_all`).
 pub fn drop_cache(f: &File) {
-    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-    let _ = posix_fadvise(f.as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    advise_dontneed(f, 0, 0);
 }
 
 /// The data ranges of a sparse file (from `SEEK_DATA`/`SEEK_HOLE`), in 4 KiB blocks, with no

@@ -238,12 +238,14 @@ pub fn flash(opts: &FlashOptions, roots: &probe::Roots) -> Result<Flashed> {
             let Some(size) = image.size else {
                 bail!("{} does not record its size and has no block map beside it; pass --bmap", opts.image.display());
             };
-            tracing::warn!("no block map for {}: writing every block it holds, checked only by reading it back", opts.image.display());
             let ranges = if image.zstd { vec![Range { offset: 0, len: size, sha256: None }] } else { blockcopy::data_ranges(&image.file, size) };
             (size, ranges)
         }
     };
     let target = open_target(&opts.target, size, opts.force, roots)?;
+    if bmap.is_none() {
+        tracing::warn!("no block map for {}: writing every block it holds, checked only by reading it back", opts.image.display());
+    }
     let mapped: u64 = ranges.iter().map(|r| r.len).sum();
     tracing::info!(
         "writing {} ({} of {} mapped) to {}",
