@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::disks::{DisksConfig, Wipe};
 use crate::election::RolePolicy;
+use crate::install::InstallConfig;
 
 /// Where the builder bakes the node config and the agent reads it.
 pub const DEFAULT_PATH: &str = "/etc/labforge/cluster.toml";
@@ -47,6 +48,8 @@ pub struct NodeConfig {
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub disks: DisksConfig,
+    #[serde(default)]
+    pub install: InstallConfig,
 }
 
 /// How nodes find each other and choose a master. The spec's `[cluster]` table.
@@ -178,6 +181,7 @@ impl NodeConfig {
             cluster: ClusterConfig::default(),
             kubernetes: KubernetesConfig::default(),
             disks: DisksConfig::default(),
+            install: InstallConfig::default(),
         }
     }
 
@@ -198,6 +202,7 @@ impl NodeConfig {
             .with_context(|| format!("checking hostname pattern in {}", path.display()))?;
         cfg.cluster.validate().with_context(|| format!("checking [cluster] in {}", path.display()))?;
         cfg.disks.validate().with_context(|| format!("checking [disks] in {}", path.display()))?;
+        cfg.install.validate().with_context(|| format!("checking [install] in {}", path.display()))?;
         Ok(cfg)
     }
 
@@ -220,8 +225,9 @@ impl NodeConfig {
         warnings
     }
 
-    /// Applies a config-partition `labforge.toml`: the same keys as `[cluster]`, plus
-    /// `hostname`. Errors name the problem; the caller ignores the whole file on error.
+    /// Applies a config-partition `labforge.toml`: the same keys as `[cluster]` and
+    /// `[install]`, plus `hostname`. Errors name the problem; the caller ignores the whole file
+    /// on error.
     pub fn apply_partition_toml(&mut self, text: &str) -> Result<()> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -229,6 +235,8 @@ impl NodeConfig {
             hostname: Option<String>,
             #[serde(default)]
             cluster: toml::Table,
+            #[serde(default)]
+            install: toml::Table,
         }
         let o: Overlay = toml::from_str(text).context("parsing labforge.toml")?;
         let mut merged = self.clone();
@@ -240,6 +248,10 @@ impl NodeConfig {
         table.extend(o.cluster);
         merged.cluster = table.try_into().context("reading [cluster] in labforge.toml")?;
         merged.cluster.validate()?;
+        let mut table = toml::Table::try_from(&merged.install).expect("serialises");
+        table.extend(o.install);
+        merged.install = table.try_into().context("reading [install] in labforge.toml")?;
+        merged.install.validate()?;
         *self = merged;
         Ok(())
     }
@@ -274,7 +286,12 @@ impl NodeConfig {
                 render_hostname(value, "000000000000", "0")?;
                 next.hostname = value.to_string();
             }
-            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname, wipe"),
+            "install" => next.install.mode = value.parse()?,
+            "install-target" => {
+                crate::install::check_target_name(value)?;
+                next.install.target = Some(value.to_string());
+            }
+            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname, wipe, install, install-target"),
         }
         next.cluster.validate()?;
         *self = next;
@@ -364,6 +381,20 @@ mod tests {
         assert_eq!(cfg.disks.wipe, Wipe::Never);
         assert_eq!(cfg.apply_cmdline("labforge.wipe=blank-only").len(), 1);
         assert_eq!(cfg.disks.wipe, Wipe::Never);
+    }
+
+    #[test]
+    fn install_mode_and_target_come_from_every_layer() {
+        let mut cfg = NodeConfig::new("demo", "lab-{mac}");
+        let w = cfg.apply_cmdline("labforge.install=off labforge.install-target=/dev/sda labforge.install-target=serial:WD-1");
+        assert_eq!(cfg.install.mode, crate::install::InstallMode::Off);
+        assert_eq!(cfg.install.target.as_deref(), Some("serial:WD-1"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("kernel names such as /dev/sda change"), "{w:?}");
+        cfg.apply_partition_toml("[install]\ntarget = \"/dev/disk/by-id/ata-X\"\nmode = \"auto\"\n").unwrap();
+        assert_eq!(cfg.install.target.as_deref(), Some("/dev/disk/by-id/ata-X"));
+        assert_eq!(cfg.install.mode, crate::install::InstallMode::Auto);
+        assert!(cfg.apply_partition_toml("[install]\ntarget = \"/dev/sdb\"\n").is_err());
     }
 
     #[test]

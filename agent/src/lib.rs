@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod disks;
 pub mod discovery;
 pub mod election;
+pub mod install;
 pub mod inventory;
 pub mod join;
 pub mod kubeadm;
