@@ -56,6 +56,16 @@ pub enum Command {
         #[arg(long, default_value = crate::preload::NAMESPACE)]
         namespace: String,
     },
+    /// The live-session systemd generator (installed as
+    /// /usr/lib/systemd/system-generators/labforge-live): decides whether this boot runs from
+    /// removable media with install mode on and, if so, writes the units that keep the stick
+    /// read-only.
+    #[command(hide = true)]
+    LiveGenerator {
+        normal: PathBuf,
+        early: Option<PathBuf>,
+        late: Option<PathBuf>,
+    },
     /// Ask a master for join info with this node's secret (checks that the secret and the
     /// exchange work; prints the info without the token).
     JoinInfo {
@@ -70,6 +80,14 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config } => daemon::run(&config),
+        Command::LiveGenerator { normal, early, .. } => {
+            let early = early.unwrap_or(normal);
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            if let Some(live) = crate::install::live::generate(&early, std::path::Path::new(config::DEFAULT_PATH), &cmdline, std::path::Path::new("/sys"))? {
+                eprintln!("labforge-live: booted from {} ({}) with install mode on: a live session, nothing is written to it", live.disk, live.reason);
+            }
+            Ok(())
+        }
         Command::Status { json, addr } => {
             let s = status::fetch(&addr)?;
             if json {

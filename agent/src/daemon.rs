@@ -129,6 +129,7 @@ impl Agent {
             preload: Default::default(),
             disks: crate::disks::DisksStatus::new(cfg.disks.wipe),
             ceph: None,
+            install: crate::install::write::installed_status(Path::new(&cfg.state_dir)),
             state: state_volume(&cfg.state_dir),
             counters: Default::default(),
         };
@@ -170,6 +171,14 @@ impl Agent {
         if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
             warn!("telling systemd we are ready: {e}");
         }
+        // Booted from a stick with install mode on: install, and be nothing else this boot.
+        let live = crate::install::live::Live::current().filter(|_| self.cfg.install.mode == crate::install::InstallMode::Auto);
+        if let Some(live) = live {
+            self.install_session(live).await;
+            let _ = term.recv().await;
+            info!("stopping on SIGTERM");
+            return Ok(());
+        }
         if self.secret.is_none() {
             let msg = self.shared.status.read().await.message.clone();
             error!("{msg}");
@@ -198,6 +207,54 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// A live session from removable media: install onto an internal disk (see `install`),
+    /// publishing every step, then reboot into it. Refusals and failures stay on the console
+    /// and in `/status`; nothing else runs this boot (no discovery, disk preparation or import).
+    async fn install_session(&mut self, live: crate::install::live::Live) {
+        use crate::install::write::{self, InstallStatus};
+        self.set_phase("installing", &format!("booted from {} ({}): installing onto an internal disk", live.disk, live.reason)).await;
+        let (shared, cfg) = (self.shared.clone(), self.cfg.install.clone());
+        let result = blocking(move || {
+            let mut last = String::new();
+            let mut publish = |st: &InstallStatus| {
+                shared.status.blocking_write().install = Some(st.clone());
+                if st.state != last {
+                    last = st.state.clone();
+                    shared.status.blocking_read().announce();
+                }
+            };
+            Ok(write::run(&cfg, &live, &crate::disks::probe::Roots::default(), &mut publish))
+        })
+        .await;
+        let result = result.unwrap_or_else(|e| InstallStatus { state: "failed".into(), message: format!("{e:#}"), ..Default::default() });
+        let phase = match result.state.as_str() {
+            "installed" => "installed",
+            "refused" => "install-refused",
+            _ => "install-failed",
+        };
+        if phase == "installed" {
+            info!("{}", result.message);
+        } else {
+            error!("{}", result.message);
+        }
+        // Rebooting makes sense only after this boot wrote a disk; a disk found installed
+        // already would boot the stick again while it is plugged in.
+        let reboot = phase == "installed" && result.record.is_some() && self.cfg.install.reboot;
+        let message = if reboot { format!("{}; rebooting into it (remove the stick)", result.message) } else { result.message };
+        self.set_phase(phase, &message).await;
+        if reboot {
+            if let Err(e) = blocking(|| {
+                let st = std::process::Command::new("systemctl").arg("reboot").status().context("running systemctl reboot")?;
+                anyhow::ensure!(st.success(), "systemctl reboot failed");
+                Ok(())
+            })
+            .await
+            {
+                error!("{e:#}");
+            }
+        }
     }
 
     /// One round: make sure discovery runs, then decide and act.

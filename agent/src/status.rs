@@ -61,6 +61,9 @@ pub struct Status {
     /// On the master: the Ceph devices of every node, as written to the `CephCluster`.
     #[serde(default)]
     pub ceph: Option<CephView>,
+    /// Installing from the stick (a live session), or how this node was installed.
+    #[serde(default)]
+    pub install: Option<crate::install::write::InstallStatus>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -263,6 +266,9 @@ impl std::fmt::Display for Status {
         writeln!(f, "image    {} (agent {})", self.image, self.agent_version)?;
         writeln!(f, "phase    {} ({})", self.phase, self.message)?;
         writeln!(f, "role     {}", self.role)?;
+        if let Some(i) = &self.install {
+            writeln!(f, "install  {} ({})", i.state, i.message)?;
+        }
         let failed = if self.system.failed_units.is_empty() { String::new() } else { format!(" (failed: {})", self.system.failed_units.join(" ")) };
         writeln!(f, "system   {}{failed}", self.system.state)?;
         let p = &self.preload;

@@ -45,24 +45,47 @@ fn mapped_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
 pub fn create(image: &Path) -> Result<String> {
     let mut file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let size = file.metadata()?.len();
-    let mut ranges = Vec::new();
+    let spans: Vec<(u64, u64)> =
+        mapped_ranges(&file, size).into_iter().map(|(first, last)| (first * BLOCK_SIZE, ((last + 1) * BLOCK_SIZE).min(size))).collect();
+    let ranges = hash_spans(&mut file, &spans)
+        .with_context(|| format!("reading {}", image.display()))?
+        .into_iter()
+        .map(|(start, end, sha256)| Range { first: start / BLOCK_SIZE, last: end.div_ceil(BLOCK_SIZE) - 1, sha256 })
+        .collect::<Vec<_>>();
+    Ok(render(size, &ranges))
+}
+
+/// The data-holding byte ranges of `image` between `from` and `to` (4 KiB aligned, clipped to
+/// the span), each with its sha256: what an installer must copy of that span.
+pub fn data_spans(image: &Path, from: u64, to: u64) -> Result<Vec<(u64, u64, String)>> {
+    let mut file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let size = file.metadata()?.len();
+    let spans: Vec<(u64, u64)> = mapped_ranges(&file, size)
+        .into_iter()
+        .map(|(first, last)| ((first * BLOCK_SIZE).max(from), ((last + 1) * BLOCK_SIZE).min(to).min(size)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    hash_spans(&mut file, &spans).with_context(|| format!("reading {}", image.display()))
+}
+
+/// sha256 of each byte span `(start, end)` of `file`.
+pub fn hash_spans(file: &mut File, spans: &[(u64, u64)]) -> Result<Vec<(u64, u64, String)>> {
+    let mut out = Vec::with_capacity(spans.len());
     let mut buf = vec![0u8; 1 << 20];
-    for (first, last) in mapped_ranges(&file, size) {
+    for &(start, end) in spans {
         interrupt::check()?;
-        let start = first * BLOCK_SIZE;
-        let end = ((last + 1) * BLOCK_SIZE).min(size);
         file.seek(SeekFrom::Start(start))?;
         let mut h = Sha256::new();
         let mut left = end - start;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..n]).with_context(|| format!("reading {}", image.display()))?;
+            file.read_exact(&mut buf[..n])?;
             h.update(&buf[..n]);
             left -= n as u64;
         }
-        ranges.push(Range { first, last, sha256: hex::encode(h.finalize()) });
+        out.push((start, end, hex::encode(h.finalize())));
     }
-    Ok(render(size, &ranges))
+    Ok(out)
 }
 
 fn render(size: u64, ranges: &[Range]) -> String {

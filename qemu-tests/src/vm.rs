@@ -112,6 +112,8 @@ pub struct ExtraDisk {
     /// The guest sees a device that supports discard (an SSD); `false` is a disk without it
     /// (virtio only).
     pub discard: bool,
+    /// Place in the firmware's boot order (0 first); `None`: not a boot device.
+    pub bootindex: Option<u32>,
 }
 
 /// How a VM is networked.
@@ -227,7 +229,8 @@ impl Vm {
                 (false, true) => "virtio-blk-pci",
                 (false, false) => "virtio-blk-pci,discard=off",
             };
-            cmd.arg("-device").arg(format!("{dev},drive=extra{i},serial={}", d.serial));
+            let boot = d.bootindex.map(|b| format!(",bootindex={b}")).unwrap_or_default();
+            cmd.arg("-device").arg(format!("{dev},drive=extra{i},serial={}{boot}", d.serial));
         }
         match &cfg.net {
             Net::None => {}
@@ -270,11 +273,7 @@ impl Vm {
         loop {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
-                    self.recent.push_back(line.clone());
-                    if self.recent.len() > 40 {
-                        self.recent.pop_front();
-                    }
-                    self.seen.push(line.clone());
+                    self.keep(line.clone());
                     if pred(&line) {
                         return Ok(line);
                     }
@@ -291,6 +290,15 @@ impl Vm {
                 ),
             }
         }
+    }
+
+    /// Remembers a console line (all of them, and the last 40 for error messages).
+    fn keep(&mut self, line: String) {
+        self.recent.push_back(line.clone());
+        if self.recent.len() > 40 {
+            self.recent.pop_front();
+        }
+        self.seen.push(line);
     }
 
     fn tail(&self) -> String {
@@ -334,6 +342,26 @@ impl Vm {
             );
         }
         Ok(())
+    }
+
+    /// Waits until the VM stops by itself (it powered off or rebooted: QEMU runs with
+    /// `-no-reboot`), reading the console to the end.
+    pub fn wait_stopped(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.keep(line),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.child.wait()?;
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "the VM did not stop within {within:?}; last lines:\n{}\n(full log: {})",
+                    self.tail(),
+                    self.log.display()
+                ),
+            }
+        }
     }
 
     /// Cuts the power: kills QEMU without any shutdown. The disks stay for `restart`.

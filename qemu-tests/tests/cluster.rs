@@ -67,7 +67,7 @@ impl Room {
         // One blank data disk each: the agents zap it and offer it to Ceph; the master lists
         // every node's in the CephCluster.
         let data = qemu_tests::disks::blank(&self.dir.join(format!("node{i}-data.raw")), 12 * qemu_tests::disks::GIB)?;
-        cfg.extra_disks.push(ExtraDisk { path: data, serial: format!("lf-data{i}"), usb: false, read_only: false, discard: true });
+        cfg.extra_disks.push(ExtraDisk { path: data, serial: format!("lf-data{i}"), usb: false, read_only: false, discard: true, bootindex: None });
         if labforge_toml.is_some() || secret.is_some() {
             let part = self.dir.join(format!("node{i}-config.img"));
             lan::config_partition(&part, labforge_toml, secret)?;

@@ -54,6 +54,7 @@ impl DiskSet {
                 read_only: *s == "lf-ro",
                 // The ext4 disk is a disk without discard (an HDD): its zap only zeroes.
                 discard: *s != "lf-ext4",
+                bootindex: None,
             })
             .collect()
     }

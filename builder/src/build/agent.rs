@@ -38,10 +38,18 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     let bin = fs::read(binary).with_context(|| format!("reading agent binary {}", binary.display()))?;
     put("usr/bin/labforge-agent", &bin, 0o755)?;
     put("etc/systemd/system/labforge-agent.service", labforge_agent::SYSTEMD_UNIT.as_bytes(), 0o644)?;
+    // Decides, before any unit starts, whether this boot is a live session from a stick (see
+    // labforge_agent::install::live).
+    put(
+        "usr/lib/systemd/system-generators/labforge-live",
+        b"#!/bin/sh\n# labforge: keeps a stick booted with install mode on read-only (labforge-agent live-generator).\nexec /usr/bin/labforge-agent live-generator \"$@\"\n",
+        0o755,
+    )?;
     let mut cfg = NodeConfig::new(&spec.name, &spec.hostname);
     cfg.cluster = spec.cluster.clone();
     cfg.kubernetes = spec.kubernetes.clone();
     cfg.disks = spec.disks.clone();
+    cfg.install = spec.install.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
     put(
         labforge_agent::config::SECRET_PATH,

@@ -99,7 +99,9 @@ impl Layout {
 
 /// Kernel command line: the root partition by its unique id, then the spec's own arguments.
 pub fn cmdline(layout: &Layout, spec: &Spec) -> String {
-    let mut c = format!("root=PARTUUID={} rw rootwait", layout.part(ROOT_LABEL).uuid);
+    // `ro`: systemd remounts the root read-write from fstab, except in a live session from a
+    // stick, which must stay as it was written (see labforge_agent::install::live).
+    let mut c = format!("root=PARTUUID={} ro rootwait", layout.part(ROOT_LABEL).uuid);
     if !spec.kernel.cmdline.trim().is_empty() {
         c.push(' ');
         c.push_str(spec.kernel.cmdline.trim());
@@ -178,6 +180,54 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
         }
     })?;
     mkfs_ext4(image, layout.part(STATE_LABEL), None)?;
+    fs::File::open(image)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes `labforge/install.json` into the image's ESP: the layout's GPT disk GUID and size,
+/// the UKI's sha256, and the used ranges the installer copies from a stick onto a PC's disk —
+/// the GPT area and the root and state filesystems' data blocks with their sha256, and the
+/// ESP whole (it holds this file, so its hash can only be taken while copying).
+pub fn write_install_manifest(layout: &Layout, image: &Path, uki: &Path, name: &str, input_hash: &str, work: &Path) -> Result<()> {
+    use labforge_agent::install::{InstallManifest, ManifestRange, MANIFEST_ON_ESP, SCHEMA_VERSION};
+    let hashed = |from: u64, to: u64| -> Result<Vec<ManifestRange>> {
+        Ok(crate::bmap::data_spans(image, from, to)?
+            .into_iter()
+            .map(|(start, end, sha)| ManifestRange { offset: start, len: end - start, sha256: Some(sha) })
+            .collect())
+    };
+    let esp = layout.part(ESP_LABEL);
+    let mut file = fs::File::open(image)?;
+    let (_, _, gpt_sha) = crate::bmap::hash_spans(&mut file, &[(0, esp.start_bytes)])?.remove(0);
+    let mut ranges = vec![
+        ManifestRange { offset: 0, len: esp.start_bytes, sha256: Some(gpt_sha) },
+        ManifestRange { offset: esp.start_bytes, len: esp.size_bytes, sha256: None },
+    ];
+    for label in [ROOT_LABEL, STATE_LABEL] {
+        let p = layout.part(label);
+        ranges.extend(hashed(p.start_bytes, p.start_bytes + p.size_bytes)?);
+    }
+    let manifest = InstallManifest {
+        schema_version: SCHEMA_VERSION,
+        image: name.to_string(),
+        input_hash: input_hash.to_string(),
+        disk_uuid: layout.disk_uuid.clone(),
+        disk_size: layout.size_bytes,
+        uki_sha256: super::outputs::sha256_file(uki)?,
+        ranges,
+    };
+    let local = work.join("install.json");
+    fs::write(&local, serde_json::to_vec(&manifest)?)?;
+    let esp_at = format!("{}@@{}", image.display(), esp.start_bytes);
+    let dir = MANIFEST_ON_ESP.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+    Cmd::new("mmd").arg("-i").arg(&esp_at).arg(format!("::/{dir}")).run()?;
+    Cmd::new("mcopy")
+        .arg("-i")
+        .arg(&esp_at)
+        .arg(&local)
+        .arg(format!("::/{MANIFEST_ON_ESP}"))
+        .run()
+        .context("copying the install manifest into the ESP")?;
     fs::File::open(image)?.sync_all()?;
     Ok(())
 }

@@ -28,7 +28,7 @@ use fsutil::WorkDir;
 use manifest::{Manifest, StageTiming};
 
 /// Bump when the pipeline changes what it produces from the same inputs.
-const PIPELINE_VERSION: &str = "pipeline-v1";
+const PIPELINE_VERSION: &str = "pipeline-v2";
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -299,7 +299,8 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let raw = staging.path().join(plan.file(OutputFormat::Raw));
     stages.run("disk", "making filesystems and the GPT disk", || {
         disk::check_root_fits(&root, &layout)?;
-        disk::assemble(&layout, &root, &uki, work.path(), &raw)
+        disk::assemble(&layout, &root, &uki, work.path(), &raw)?;
+        disk::write_install_manifest(&layout, &raw, &uki, &spec.name, &plan.input_hash, work.path())
     })?;
     // The unpacked tree is no longer needed; free the space before writing outputs.
     drop(fs::remove_dir_all(&root));

@@ -282,6 +282,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     if let Err(e) = spec.disks.validate() {
         return Err(invalid(&["disks"], format!("{e:#}")));
     }
+    if let Err(e) = spec.install.validate() {
+        return Err(invalid(&["install"], format!("{e:#}")));
+    }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {
             return Err(invalid(&["packages", &i.to_string()], format!("{p:?} is not a Debian package name")));

@@ -77,6 +77,10 @@ pub struct Spec {
     /// Which data disks nodes prepare for Rook-Ceph, and how (baked into the node config).
     #[serde(default)]
     pub disks: DisksConfig,
+    /// Whether a node booted from a USB stick installs itself onto an internal disk (baked into
+    /// the node config).
+    #[serde(default)]
+    pub install: labforge_agent::install::InstallConfig,
     /// Container images carried inside the image and imported into containerd (namespace
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]
