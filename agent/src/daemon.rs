@@ -175,9 +175,13 @@ impl Agent {
         let live = crate::install::live::Live::current().filter(|_| self.cfg.install.mode == crate::install::InstallMode::Auto);
         if let Some(live) = live {
             self.install_session(live).await;
-            let _ = term.recv().await;
-            info!("stopping on SIGTERM");
-            return Ok(());
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => self.refresh_system().await,
+                    _ = term.recv() => { info!("stopping on SIGTERM"); return Ok(()); }
+                }
+            }
         }
         if self.secret.is_none() {
             let msg = self.shared.status.read().await.message.clone();
@@ -214,6 +218,7 @@ impl Agent {
     /// and in `/status`; nothing else runs this boot (no discovery, disk preparation or import).
     async fn install_session(&mut self, live: crate::install::live::Live) {
         use crate::install::write::{self, InstallStatus};
+        self.refresh_system().await;
         self.set_phase("installing", &format!("booted from {} ({}): installing onto an internal disk", live.disk, live.reason)).await;
         let (shared, cfg) = (self.shared.clone(), self.cfg.install.clone());
         let result = blocking(move || {

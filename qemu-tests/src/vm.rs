@@ -345,16 +345,14 @@ impl Vm {
     }
 
     /// Waits until the VM stops by itself (it powered off or rebooted: QEMU runs with
-    /// `-no-reboot`), reading the console to the end.
-    pub fn wait_stopped(&mut self, within: Duration) -> Result<()> {
+    /// `-no-reboot`), reading the console to the end, then checks the console's health. The
+    /// disks and firmware variables stay for `restart`.
+    pub fn wait_stopped(mut self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => self.keep(line),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.child.wait()?;
-                    return Ok(());
-                }
+                Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => bail!(
                     "the VM did not stop within {within:?}; last lines:\n{}\n(full log: {})",
                     self.tail(),
@@ -362,6 +360,9 @@ impl Vm {
                 ),
             }
         }
+        self.child.wait()?;
+        self.scratch.clear();
+        self.check_console_health()
     }
 
     /// Cuts the power: kills QEMU without any shutdown. The disks stay for `restart`.

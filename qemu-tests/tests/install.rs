@@ -61,8 +61,6 @@ fn usb_installs_to_internal_disk() -> Result<()> {
     assert!(record.bytes > 500 << 20 && record.bytes == install.bytes_total, "{record:?}");
     assert!(done.message.contains("rebooting"), "{}", done.message);
     vm.wait_stopped(BOOT)?;
-    vm.check_console_health()?;
-    drop(vm);
     assert_eq!(disks::digest(&stick)?, stick_before, "the live session wrote nothing to the stick");
 
     // The stick is pulled out; the PC boots its internal disk.
