@@ -1,7 +1,7 @@
 # labforge — see README.md. `make demo` and `make test` are the whole quick start.
 
 # Debian packages the build host needs; a test checks this list against `labforge doctor`.
-HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools fdisk binutils systemd-boot-efi systemd passwd tar gpg curl qemu-utils qemu-system-x86 ovmf bmap-tools zstd ca-certificates openssl dnsmasq-base iproute2
+HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools fdisk binutils systemd-boot-efi systemd passwd tar gpg curl qemu-utils squashfs-tools qemu-system-x86 ovmf bmap-tools zstd ca-certificates openssl dnsmasq-base iproute2
 # What the tests need beyond that: a real OCI registry, skopeo (the peer in `make bench`),
 # and a C toolchain with static glibc for the tiny test images.
 TEST_PACKAGES := docker-registry skopeo gcc libc6-dev

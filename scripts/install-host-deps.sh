@@ -10,18 +10,31 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-missing=()
-for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+missing_now() {
+    missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+}
+# Twice: installing one package can make apt remove another that was there (a backported
+# qemu-utils goes when Debian's qemu-system-x86 comes in), and the second round puts the
+# distribution's version back.
+updated=
+for round in 1 2; do
+    missing_now "$@"
+    [ "${#missing[@]}" -gt 0 ] || break
     echo "install-host-deps: installing ${missing[*]}" >&2
-    apt-get update -qq
+    [ -n "$updated" ] || { apt-get update -qq; updated=1; }
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The tests start their own registry on loopback; the packaged service is not wanted.
     if printf '%s\n' "${missing[@]}" | grep -qx docker-registry; then
         systemctl disable --now docker-registry >/dev/null 2>&1 || true
     fi
+done
+missing_now "$@"
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-host-deps: still missing after installing: ${missing[*]}" >&2
+    exit 1
 fi
 
 # Ubuntu's archive keyring (for images/lab.toml). Debian 12 does not carry it; Debian 13 does.

@@ -13,6 +13,7 @@ pub mod join;
 pub mod kubeadm;
 pub mod node;
 pub mod preload;
+pub mod pxe;
 pub mod secret;
 pub mod state;
 pub mod status;

@@ -35,6 +35,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement { what: "gpg", package: "gpg", purpose: "checking fingerprints of repository keys", always: false },
     Requirement { what: "curl", package: "curl", purpose: "fetching repository keys named by URL", always: false },
     Requirement { what: "qemu-img", package: "qemu-utils", purpose: "qcow2 output", always: false },
+    Requirement { what: "mksquashfs", package: "squashfs-tools", purpose: "pxe output (the netboot root filesystem)", always: false },
     Requirement { what: "qemu-system-x86_64", package: "qemu-system-x86", purpose: "booting images (make demo, tests)", always: false },
     Requirement { what: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", purpose: "UEFI firmware for QEMU", always: false },
     Requirement { what: "bmaptool", package: "bmap-tools", purpose: "checking .bmap files (tests)", always: false },

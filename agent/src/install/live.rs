@@ -72,8 +72,14 @@ pub fn removable_disk(sys: &Path, major: u64, minor: u64) -> Option<(String, Str
     Some((name, reason.to_string()))
 }
 
-/// The generator proper: decides, and for a live session writes the units into `early`.
+/// The generator proper: decides, and for a live session writes the units into `early`. A
+/// netbooted node (its root is live-boot's overlay in memory) gets its state directory in
+/// memory too, since there is no state partition to mount.
 pub fn generate(early: &Path, config: &Path, cmdline: &str, sys: &Path) -> Result<Option<Live>> {
+    if crate::pxe::netbooted(cmdline) {
+        write_netboot_units(early)?;
+        return Ok(None);
+    }
     let baked = NodeConfig::load(config).map(|c| c.install.mode).unwrap_or_default();
     if mode(baked, cmdline) == InstallMode::Off {
         return Ok(None);
@@ -88,23 +94,52 @@ pub fn generate(early: &Path, config: &Path, cmdline: &str, sys: &Path) -> Resul
     Ok(Some(live))
 }
 
-/// Units (and masks) of a live session; `upper` holds the overlays' upper layers.
-pub fn write_units(early: &Path, upper: &Path) -> Result<()> {
+/// What must not run when the root is not this node's own disk: remounting and checking the
+/// root, growing the partitions and the state filesystem, the ESP automounts.
+const MASKED: &[&str] = &[
+    "systemd-remount-fs.service",
+    "systemd-fsck-root.service",
+    "systemd-repart.service",
+    "systemd-growfs@var-lib-labforge.service",
+    "efi.automount",
+    "boot.automount",
+    "efi.mount",
+    "boot.mount",
+];
+
+fn mask(early: &Path) -> Result<()> {
     fs::create_dir_all(early)?;
-    for unit in [
-        "systemd-remount-fs.service",
-        "systemd-fsck-root.service",
-        "systemd-repart.service",
-        "systemd-growfs@var-lib-labforge.service",
-        "efi.automount",
-        "boot.automount",
-        "efi.mount",
-        "boot.mount",
-    ] {
+    for unit in MASKED {
         let link = early.join(unit);
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink("/dev/null", &link).with_context(|| format!("masking {unit}"))?;
     }
+    Ok(())
+}
+
+/// A netboot: the root (live-boot's overlay) is in memory already; the state directory is
+/// too, instead of the state partition the node does not have.
+pub fn write_netboot_units(early: &Path) -> Result<()> {
+    mask(early)?;
+    let header = "# Written by labforge-agent live-generator: this node booted over the network.\n";
+    write_mounts(early, &[("var-lib-labforge.mount", tmpfs(header, "/var/lib/labforge", "the state directory in memory (netboot)", "mode=0755"))])
+}
+
+fn write_mounts(early: &Path, mounts: &[(&str, String)]) -> Result<()> {
+    let requires = early.join("local-fs.target.requires");
+    fs::create_dir_all(&requires)?;
+    for (unit, text) in mounts {
+        fs::write(early.join(unit), text)?;
+        let link = requires.join(unit);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(PathBuf::from("..").join(unit), &link)?;
+    }
+    Ok(())
+}
+
+/// Units (and masks) of a live session; `upper` holds the overlays' upper layers.
+pub fn write_units(early: &Path, upper: &Path) -> Result<()> {
+    mask(early)?;
     let var_upper = upper.join("var/upper");
     let var_work = upper.join("var/work");
     fs::create_dir_all(&var_upper)?;
@@ -122,15 +157,7 @@ pub fn write_units(early: &Path, upper: &Path) -> Result<()> {
         ("var-lib-labforge.mount", tmpfs(header, "/var/lib/labforge", "the state directory in memory (live session)", "mode=0755")),
         ("tmp.mount", tmpfs(header, "/tmp", "/tmp in memory (live session)", "mode=1777,nosuid,nodev")),
     ];
-    let requires = early.join("local-fs.target.requires");
-    fs::create_dir_all(&requires)?;
-    for (unit, text) in mounts {
-        fs::write(early.join(unit), text)?;
-        let link = requires.join(unit);
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(PathBuf::from("..").join(unit), &link)?;
-    }
-    Ok(())
+    write_mounts(early, &mounts)
 }
 
 fn tmpfs(header: &str, at: &str, what: &str, options: &str) -> String {
@@ -199,5 +226,15 @@ mod tests {
         assert_eq!(fs::read_link(early.join("local-fs.target.requires/tmp.mount")).unwrap(), Path::new("../tmp.mount"));
         // Running again (a daemon-reload) is harmless.
         write_units(&early, &d.path().join("upper")).unwrap();
+    }
+
+    #[test]
+    fn a_netboot_keeps_only_the_state_directory_in_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let early = d.path().join("early");
+        write_netboot_units(&early).unwrap();
+        assert_eq!(fs::read_link(early.join("systemd-remount-fs.service")).unwrap(), Path::new("/dev/null"));
+        assert!(fs::read_to_string(early.join("var-lib-labforge.mount")).unwrap().contains("What=tmpfs"));
+        assert!(!early.join("var.mount").exists(), "live-boot's root overlay is writable already");
     }
 }

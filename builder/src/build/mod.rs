@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod outputs;
 pub mod overlays;
 pub mod preload;
+pub mod pxe;
 pub mod rootfs;
 pub mod system;
 
@@ -155,6 +156,7 @@ impl Plan {
             OutputFormat::Zst => format!("{n}.img.zst"),
             OutputFormat::Bmap => format!("{n}.img.bmap"),
             OutputFormat::Qcow2 => format!("{n}.qcow2"),
+            OutputFormat::Pxe => format!("{n}.ipxe"),
         }
     }
 
@@ -228,6 +230,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     if plan.spec.outputs.contains(&OutputFormat::Qcow2) {
         needs.push("qemu-img");
     }
+    if plan.spec.outputs.contains(&OutputFormat::Pxe) {
+        needs.push("mksquashfs");
+    }
     if plan.spec.base.repositories.iter().any(|r| r.key_fingerprint.is_some()) {
         needs.push("gpg");
     }
@@ -292,6 +297,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
 
     let layout = disk::Layout::new(spec, &plan.input_hash);
     let kernel = boot::find_kernel(&root)?;
+    let pxe_files = if spec.outputs.contains(&OutputFormat::Pxe) {
+        stages.run("pxe", "netboot kernel, initrd, squashfs and iPXE script", || pxe::build(spec, &root, &kernel, &plan.input_hash, staging.path()))?
+    } else {
+        Vec::new()
+    };
     let uki = work.path().join("uki.efi");
     stages.run("boot", "assembling the UKI", || {
         boot::build_uki(&root, &kernel, &disk::cmdline(&layout, spec), work.path(), &uki)
@@ -335,6 +345,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
             }
             Ok(())
         })?;
+        files.extend(pxe_files.iter().cloned());
         if wants(OutputFormat::Raw) {
             files.insert(0, raw.clone());
         } else {

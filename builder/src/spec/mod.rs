@@ -278,6 +278,10 @@ pub enum OutputFormat {
     Bmap,
     /// `<name>.qcow2`: QEMU copy-on-write image.
     Qcow2,
+    /// Netboot: `<name>.vmlinuz`, `<name>.initrd` (live-boot), `<name>.squashfs` (the root
+    /// filesystem, fetched over HTTP by the initrd) and `<name>.ipxe`; the image also carries
+    /// them so its master can serve them.
+    Pxe,
 }
 
 impl Spec {
@@ -300,6 +304,11 @@ impl Spec {
         }
         if self.users.iter().any(|u| u.sudo) {
             all.push("sudo".into());
+        }
+        if self.outputs.contains(&OutputFormat::Pxe) {
+            // live-boot: the initrd fetches the squashfs over HTTP and boots it; dnsmasq and
+            // iPXE's EFI binary: a master serves netboot to the room.
+            all.extend(["live-boot", "dnsmasq-base", "ipxe"].map(String::from));
         }
         all.sort();
         all.dedup();

@@ -1,0 +1,91 @@
+//! Stage `pxe` (output `pxe`): what a PC needs to boot the image over the network, with no
+//! disk of its own. The kernel, the image's initrd (which carries live-boot: with `boot=live
+//! fetch=URL` it downloads the root filesystem into memory and boots it), the root filesystem
+//! as a squashfs, and an iPXE script. They go to `--out` as `<name>.vmlinuz`, `.initrd`,
+//! `.squashfs`, `.ipxe`, and into the image at `/usr/lib/labforge/pxe/` under the same names so
+//! the master of a room can serve them (see the agent's `pxe` module).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::boot::Kernel;
+use super::fsutil::write_in_root;
+use crate::cmd::Cmd;
+use crate::spec::Spec;
+
+/// Where the image carries the artifacts (the agent serves this directory).
+pub const DIR_IN_IMAGE: &str = labforge_agent::pxe::ARTIFACT_DIR;
+
+/// The artifact file names for image `name`: vmlinuz, initrd, squashfs, ipxe.
+pub fn file_names(name: &str) -> [String; 4] {
+    ["vmlinuz", "initrd", "squashfs", "ipxe"].map(|ext| format!("{name}.{ext}"))
+}
+
+/// The iPXE script. `labforge-base` is the URL the files are served under: a labforge master
+/// sets it before chaining this script; anyone else serving the files sets it the same way.
+pub fn ipxe_script(spec: &Spec, input_hash: &str) -> String {
+    let n = &spec.name;
+    let extra = spec.kernel.cmdline.trim();
+    format!(
+        "#!ipxe\n\
+         # Netboot of labforge image {n} (input hash {hash}).\n\
+         # Serve {n}.vmlinuz, {n}.initrd and {n}.squashfs over HTTP, then:\n\
+         #   set labforge-base http://SERVER/PATH && chain ${{labforge-base}}/{n}.ipxe\n\
+         # A labforge master with [pxe] serve = true does this for its room.\n\
+         isset ${{labforge-base}} || goto nobase\n\
+         echo labforge: booting {n} from ${{labforge-base}}\n\
+         kernel ${{labforge-base}}/{n}.vmlinuz initrd=initrd boot=live fetch=${{labforge-base}}/{n}.squashfs {extra}\n\
+         initrd --name initrd ${{labforge-base}}/{n}.initrd\n\
+         boot\n\
+         :nobase\n\
+         echo labforge: set labforge-base to the URL that serves {n}.squashfs, then chain this script\n\
+         shell\n",
+        hash = &input_hash[..16.min(input_hash.len())],
+    )
+}
+
+/// Writes the artifacts into `staging` and into the image tree; returns the staged files.
+pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, input_hash: &str, staging: &Path) -> Result<Vec<PathBuf>> {
+    if !root.join("usr/lib/live/boot").is_dir() && !root.join("lib/live/boot").is_dir() {
+        bail!("the pxe output needs live-boot in the image (labforge adds it to the packages; is the rootfs cache stale? rebuild with --force)");
+    }
+    let [vmlinuz, initrd, squashfs, ipxe] = file_names(&spec.name).map(|f| staging.join(f));
+    fs::copy(&kernel.vmlinuz, &vmlinuz).with_context(|| format!("copying {}", kernel.vmlinuz.display()))?;
+    fs::copy(&kernel.initrd, &initrd).with_context(|| format!("copying {}", kernel.initrd.display()))?;
+    fs::write(&ipxe, ipxe_script(spec, input_hash))?;
+    // The squashfs is the tree as it stands, before the artifacts are put into it.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Cmd::new("mksquashfs")
+        .arg(root)
+        .arg(&squashfs)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd", "-processors"])
+        .arg(threads.to_string())
+        .run()
+        .context("making the netboot root filesystem (mksquashfs)")?;
+    let staged = vec![vmlinuz, initrd, squashfs, ipxe];
+    for f in &staged {
+        let rel = format!("{DIR_IN_IMAGE}/{}", f.file_name().expect("file").to_string_lossy());
+        let rel = rel.trim_start_matches('/');
+        write_in_root(root, rel, &fs::read(f)?, 0o644)?;
+    }
+    Ok(staged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_boots_the_squashfs_from_the_base_it_is_given() {
+        let spec: Spec = toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n[kernel]\ncmdline = \"console=ttyS0\"\n").unwrap();
+        let s = ipxe_script(&spec, "0123456789abcdef0123");
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("kernel ${labforge-base}/lab.vmlinuz initrd=initrd boot=live fetch=${labforge-base}/lab.squashfs console=ttyS0\n"), "{s}");
+        assert!(s.contains("initrd --name initrd ${labforge-base}/lab.initrd\n"));
+        assert!(s.contains("isset ${labforge-base} || goto nobase"));
+        assert!(s.contains("0123456789abcdef") && !s.contains("0123456789abcdef0123"));
+        assert_eq!(file_names("lab"), ["lab.vmlinuz", "lab.initrd", "lab.squashfs", "lab.ipxe"].map(String::from));
+    }
+}
