@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub disks: DisksConfig,
     #[serde(default)]
     pub install: InstallConfig,
+    #[serde(default)]
+    pub pxe: crate::pxe::PxeConfig,
 }
 
 /// How nodes find each other and choose a master. The spec's `[cluster]` table.
@@ -182,6 +184,7 @@ impl NodeConfig {
             kubernetes: KubernetesConfig::default(),
             disks: DisksConfig::default(),
             install: InstallConfig::default(),
+            pxe: Default::default(),
         }
     }
 
@@ -203,6 +206,7 @@ impl NodeConfig {
         cfg.cluster.validate().with_context(|| format!("checking [cluster] in {}", path.display()))?;
         cfg.disks.validate().with_context(|| format!("checking [disks] in {}", path.display()))?;
         cfg.install.validate().with_context(|| format!("checking [install] in {}", path.display()))?;
+        cfg.pxe.validate().with_context(|| format!("checking [pxe] in {}", path.display()))?;
         Ok(cfg)
     }
 

@@ -2,7 +2,7 @@
 //! then discovers peers, takes part in the election and brings the node into the cluster,
 //! printing a `labforge-status` console line at every phase change.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,6 +89,10 @@ struct Agent {
     /// entry: the `CephCluster` must not shrink because a beacon was missed).
     ceph_nodes: std::collections::BTreeMap<String, Vec<String>>,
     ceph_written: Option<String>,
+    /// Master with `[pxe] serve`: the dnsmasq answering PXE clients, and when to try again
+    /// after it stopped.
+    pxe_dnsmasq: Option<std::process::Child>,
+    pxe_retry: Option<Instant>,
 }
 
 impl Agent {
@@ -130,6 +134,7 @@ impl Agent {
             disks: crate::disks::DisksStatus::new(cfg.disks.wipe),
             ceph: None,
             install: crate::install::write::installed_status(Path::new(&cfg.state_dir)),
+            pxe: None,
             state: state_volume(&cfg.state_dir),
             counters: Default::default(),
         };
@@ -141,6 +146,8 @@ impl Agent {
             join_served: Default::default(),
             join_rejected: Default::default(),
             beacons: Default::default(),
+            pxe: Default::default(),
+            pxe_served: Default::default(),
         });
         let counters = shared.beacons.clone();
         Ok(Agent {
@@ -160,6 +167,8 @@ impl Agent {
             ceph_offer: Default::default(),
             ceph_nodes: Default::default(),
             ceph_written: None,
+            pxe_dnsmasq: None,
+            pxe_retry: None,
         })
     }
 
@@ -443,7 +452,87 @@ impl Agent {
         };
         self.set_join_info(&info).await;
         self.set_phase("ready", &msg).await;
+        self.serve_pxe(&lan).await;
         self.render_ceph(&uid).await
+    }
+
+    /// Master with `[pxe] serve`: keeps dnsmasq answering PXE clients on the LAN and the
+    /// artifacts served under `/pxe/`; a dnsmasq that stops is reported and started again.
+    async fn serve_pxe(&mut self, lan: &node::Lan) {
+        use crate::pxe::{self, PxeStatus};
+        if !self.cfg.pxe.serve {
+            return;
+        }
+        let served = self.shared.pxe_served.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(child) = &mut self.pxe_dnsmasq {
+            match child.try_wait() {
+                Ok(None) => {
+                    if let Some(p) = self.shared.status.write().await.pxe.as_mut() {
+                        p.served = served;
+                    }
+                    return;
+                }
+                Ok(Some(exit)) => {
+                    self.pxe_dnsmasq = None;
+                    self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
+                    let msg = format!("dnsmasq stopped ({exit}); starting it again in 10 s (its log is in the journal)");
+                    error!("{msg}");
+                    self.publish_pxe(PxeStatus { state: "failed".into(), message: msg, served, ..Default::default() }).await;
+                    return;
+                }
+                Err(e) => warn!("checking dnsmasq: {e}"),
+            }
+        }
+        if self.pxe_retry.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let dir = Path::new(pxe::ARTIFACT_DIR);
+        let url = format!("http://{}:{}/pxe/boot.ipxe", lan.address, self.cfg.status_port);
+        let mode = if self.cfg.pxe.dhcp_range.is_some() { "dhcp" } else { "proxy-dhcp" };
+        let unavailable = if pxe::image_script(dir, &self.cfg.image).is_none() {
+            Some(format!("this image carries no netboot files in {}: build it with \"pxe\" in outputs", pxe::ARTIFACT_DIR))
+        } else if !Path::new(pxe::IPXE_DIR).join("ipxe.efi").is_file() {
+            Some(format!("{}/ipxe.efi is missing (Debian package ipxe)", pxe::IPXE_DIR))
+        } else {
+            None
+        };
+        if let Some(msg) = unavailable {
+            self.pxe_retry = Some(Instant::now() + Duration::from_secs(3600));
+            error!("not serving netboot: {msg}");
+            self.publish_pxe(PxeStatus { state: "unavailable".into(), mode: mode.into(), url, message: msg, served }).await;
+            return;
+        }
+        let leases = Path::new(&self.cfg.state_dir).join("pxe.leases");
+        let started = pxe::dnsmasq_args(&lan.interface, lan.address, lan.netmask, &url, Path::new(pxe::IPXE_DIR), self.cfg.pxe.dhcp_range.as_deref(), &leases)
+            .and_then(|args| std::process::Command::new("dnsmasq").args(args).stdin(std::process::Stdio::null()).spawn().context("starting dnsmasq"));
+        match started {
+            Ok(child) => {
+                self.pxe_dnsmasq = Some(child);
+                let network = Ipv4Addr::from(u32::from(lan.address) & u32::from(lan.netmask));
+                *self.shared.pxe.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(pxe::Serving { dir: dir.to_path_buf(), image: self.cfg.image.clone(), network, netmask: lan.netmask });
+                info!(%url, mode, "serving netboot");
+                let msg = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);
+                self.publish_pxe(PxeStatus { state: "serving".into(), mode: mode.into(), url, message: msg, served }).await;
+            }
+            Err(e) => {
+                self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
+                error!("{e:#}");
+                self.publish_pxe(PxeStatus { state: "failed".into(), mode: mode.into(), url, message: format!("{e:#}"), served }).await;
+            }
+        }
+    }
+
+    async fn publish_pxe(&self, p: crate::pxe::PxeStatus) {
+        let changed = {
+            let mut s = self.shared.status.write().await;
+            let changed = s.pxe.as_ref().map(|x| &x.state) != Some(&p.state);
+            s.pxe = Some(p);
+            changed
+        };
+        if changed {
+            self.shared.snapshot().await.announce();
+        }
     }
 
     /// Master: renders the `CephCluster` from this node's and its followers' Ceph devices and

@@ -15,6 +15,7 @@ pub struct Lan {
     pub interface: String,
     pub address: Ipv4Addr,
     pub broadcast: Ipv4Addr,
+    pub netmask: Ipv4Addr,
 }
 
 /// Finds the LAN interface (`auto`: the first physical NIC with an IPv4 address) and its
@@ -35,7 +36,8 @@ pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
                 .and_then(|s| s.as_sockaddr_in())
                 .map(|s| s.ip())
                 .unwrap_or(Ipv4Addr::BROADCAST);
-            return Some(Lan { interface: name.to_string(), address: ip, broadcast });
+            let netmask = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()).unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+            return Some(Lan { interface: name.to_string(), address: ip, broadcast, netmask });
         }
     }
     None

@@ -3,14 +3,152 @@
 //! `--out`. A PC that boots them runs the image from memory: the initrd fetches the squashfs
 //! over HTTP and boots it with a tmpfs overlay (`boot=live fetch=URL` on the kernel command
 //! line), and the live generator (`install::live`) keeps the state directory in memory too.
+//!
+//! With `[pxe] serve = true` the master serves its room: dnsmasq (proxy-DHCP beside the LAN's
+//! own DHCP server, or full DHCP on `dhcp-range` for a LAN without one) answers PXE clients,
+//! hands firmware PXE ROMs iPXE's EFI binary over TFTP, and points iPXE at
+//! `http://<master>:9743/pxe/boot.ipxe`, which the agent serves with the artifacts.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Where images with the `pxe` output carry the netboot artifacts.
 pub const ARTIFACT_DIR: &str = "/usr/lib/labforge/pxe";
+/// iPXE's binaries (Debian package `ipxe`), served over TFTP to firmware PXE ROMs.
+pub const IPXE_DIR: &str = "/usr/lib/ipxe";
+
+/// The spec's `[pxe]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PxeConfig {
+    /// The master serves netboot on the cluster LAN (needs the `pxe` output). Everything it
+    /// serves, the cluster secret inside the squashfs included, can be fetched by any machine
+    /// on that LAN: enable it only on the cluster's own LAN.
+    #[serde(default)]
+    pub serve: bool,
+    /// `"FIRST,LAST"` addresses to hand out, for a LAN with no DHCP server of its own. Without
+    /// it the master answers only PXE clients (proxy-DHCP) and hands out no address.
+    #[serde(default)]
+    pub dhcp_range: Option<String>,
+}
+
+impl PxeConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(r) = &self.dhcp_range {
+            parse_range(r)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_range(r: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let (a, b) = r.split_once(',').with_context(|| format!("dhcp-range {r:?} must be \"FIRST,LAST\", e.g. \"10.0.0.100,10.0.0.199\""))?;
+    let a: Ipv4Addr = a.trim().parse().with_context(|| format!("dhcp-range {r:?}: {a:?} is not an IPv4 address"))?;
+    let b: Ipv4Addr = b.trim().parse().with_context(|| format!("dhcp-range {r:?}: {b:?} is not an IPv4 address"))?;
+    if u32::from(a) > u32::from(b) {
+        bail!("dhcp-range {r:?} ends before it starts");
+    }
+    Ok((a, b))
+}
 
 /// Whether this boot came over the network: live-boot's `boot=live` with a `fetch=` URL.
 pub fn netbooted(cmdline: &str) -> bool {
     let words: Vec<&str> = cmdline.split_whitespace().collect();
     words.contains(&"boot=live") && words.iter().any(|w| w.starts_with("fetch="))
+}
+
+/// The PXE part of `/status` (on a master with `[pxe] serve`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PxeStatus {
+    /// `serving`, `failed` (dnsmasq stopped; retried) or `unavailable` (image without the
+    /// `pxe` output, or no iPXE).
+    pub state: String,
+    /// `proxy-dhcp` or `dhcp`.
+    pub mode: String,
+    /// What iPXE is pointed at.
+    pub url: String,
+    pub message: String,
+    /// Artifact requests served over HTTP.
+    pub served: u64,
+}
+
+/// What the status server serves under `/pxe/` while the master serves netboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    pub dir: PathBuf,
+    pub image: String,
+    /// Only clients on the cluster LAN are answered.
+    pub network: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+}
+
+impl Serving {
+    pub fn allows(&self, peer: std::net::IpAddr) -> bool {
+        let mask = u32::from(self.netmask);
+        match peer {
+            std::net::IpAddr::V4(v4) => u32::from(v4) & mask == u32::from(self.network) & mask,
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| u32::from(v4) & mask == u32::from(self.network) & mask),
+        }
+    }
+}
+
+/// The image's netboot script name in [`ARTIFACT_DIR`], if the image carries the artifacts.
+pub fn image_script(dir: &Path, image: &str) -> Option<PathBuf> {
+    let p = dir.join(format!("{image}.ipxe"));
+    p.is_file().then_some(p)
+}
+
+/// The script iPXE gets first: where the artifacts are, then the image's own script.
+pub fn boot_script(base: &str, image: &str) -> String {
+    format!("#!ipxe\nset labforge-base {base}\nchain ${{labforge-base}}/{image}.ipxe\n")
+}
+
+/// A file name a client may ask for: a plain name, no path.
+pub fn safe_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// dnsmasq's argv for serving netboot on `lan` (address `addr`, netmask `mask`), with the
+/// HTTP script at `url`, TFTP from `tftp_root`, and full DHCP on `range` if given.
+pub fn dnsmasq_args(interface: &str, addr: Ipv4Addr, mask: Ipv4Addr, url: &str, tftp_root: &Path, range: Option<&str>, leases: &Path) -> Result<Vec<String>> {
+    let network = Ipv4Addr::from(u32::from(addr) & u32::from(mask));
+    let mut a: Vec<String> = [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        // No DNS: only DHCP/PXE and TFTP.
+        "--port=0",
+        "--bind-interfaces",
+        "--log-dhcp",
+        "--log-facility=-",
+        "--pid-file",
+        "--user=root",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push(format!("--interface={interface}"));
+    a.push(format!("--dhcp-leasefile={}", leases.display()));
+    match range {
+        Some(r) => {
+            let (first, last) = parse_range(r)?;
+            a.push(format!("--dhcp-range={first},{last},{mask},1h"));
+        }
+        None => a.push(format!("--dhcp-range={network},proxy,{mask}")),
+    }
+    // iPXE says who it is in the user class: it gets the script; firmware ROMs get iPXE first.
+    a.push("--dhcp-userclass=set:ipxe,iPXE".into());
+    a.push(format!("--dhcp-boot=tag:ipxe,{url}"));
+    a.push("--pxe-prompt=labforge,0".into());
+    for csa in ["x86-64_EFI", "BC_EFI"] {
+        a.push(format!("--pxe-service=tag:!ipxe,{csa},labforge netboot,ipxe.efi"));
+        a.push(format!("--pxe-service=tag:ipxe,{csa},labforge netboot,{url}"));
+    }
+    a.push("--enable-tftp".into());
+    a.push(format!("--tftp-root={}", tftp_root.display()));
+    Ok(a)
 }
 
 #[cfg(test)]
@@ -22,5 +160,30 @@ mod tests {
         assert!(netbooted("initrd=initrd boot=live fetch=http://10.0.0.1/x.squashfs console=ttyS0"));
         assert!(!netbooted("root=PARTUUID=abc ro rootwait"));
         assert!(!netbooted("boot=live"), "live-boot from a local medium is not a netboot");
+    }
+
+    #[test]
+    fn proxy_dhcp_unless_a_range_is_given() {
+        let (addr, mask) = (Ipv4Addr::new(10, 77, 0, 23), Ipv4Addr::new(255, 255, 255, 0));
+        let url = "http://10.77.0.23:9743/pxe/boot.ipxe";
+        let a = dnsmasq_args("enp0s1", addr, mask, url, Path::new("/usr/lib/ipxe"), None, Path::new("/run/l")).unwrap();
+        assert!(a.contains(&"--dhcp-range=10.77.0.0,proxy,255.255.255.0".to_string()), "{a:?}");
+        assert!(a.contains(&format!("--dhcp-boot=tag:ipxe,{url}")));
+        assert!(a.contains(&"--pxe-service=tag:!ipxe,x86-64_EFI,labforge netboot,ipxe.efi".to_string()));
+        assert!(a.contains(&"--port=0".to_string()) && a.contains(&"--interface=enp0s1".to_string()));
+        let a = dnsmasq_args("enp0s1", addr, mask, url, Path::new("/usr/lib/ipxe"), Some("10.77.0.100,10.77.0.150"), Path::new("/run/l")).unwrap();
+        assert!(a.contains(&"--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h".to_string()), "{a:?}");
+        assert!(dnsmasq_args("e", addr, mask, url, Path::new("/x"), Some("10.0.0.9,10.0.0.1"), Path::new("/run/l")).is_err());
+    }
+
+    #[test]
+    fn config_and_names() {
+        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1-10.0.0.9".into()) }.validate().is_err());
+        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1, 10.0.0.9".into()) }.validate().is_ok());
+        for bad in ["", "..", "../etc/shadow", "a/b"] {
+            assert!(!safe_name(bad), "{bad}");
+        }
+        assert!(safe_name("demo.squashfs"));
+        assert_eq!(boot_script("http://10.0.0.1:9743/pxe", "demo"), "#!ipxe\nset labforge-base http://10.0.0.1:9743/pxe\nchain ${labforge-base}/demo.ipxe\n");
     }
 }

@@ -64,6 +64,9 @@ pub struct Status {
     /// Installing from the stick (a live session), or how this node was installed.
     #[serde(default)]
     pub install: Option<crate::install::write::InstallStatus>,
+    /// Netboot served by this node (master with `[pxe] serve`).
+    #[serde(default)]
+    pub pxe: Option<crate::pxe::PxeStatus>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -185,6 +188,9 @@ pub struct Shared {
     pub join_rejected: AtomicU64,
     /// Discovery counters, updated by the beacon tasks.
     pub beacons: Arc<crate::discovery::net::Counters>,
+    /// Set while this node serves netboot (`/pxe/…`).
+    pub pxe: std::sync::RwLock<Option<crate::pxe::Serving>>,
+    pub pxe_served: AtomicU64,
 }
 
 impl Shared {
@@ -211,6 +217,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/status", get(|State(s): State<Arc<Shared>>| async move { Json(s.snapshot().await) }))
         .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.snapshot().await.metrics() }))
         .route("/join-info", post(join_info))
+        .route("/pxe/:file", get(pxe_file))
         .with_state(shared)
 }
 
@@ -237,6 +244,43 @@ async fn join_info(
             Err((StatusCode::FORBIDDEN, "rejected".into()))
         }
     }
+}
+
+/// Netboot artifacts, to clients on the cluster LAN while this node serves netboot;
+/// `boot.ipxe` is made for the address the client reached us at.
+async fn pxe_file(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::extract::Path(file): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(serving) = serving else {
+        return (StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response();
+    };
+    if !serving.allows(peer.ip()) {
+        tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
+        return (StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response();
+    }
+    if !crate::pxe::safe_name(&file) {
+        return (StatusCode::NOT_FOUND, "no such file\n").into_response();
+    }
+    s.pxe_served.fetch_add(1, Ordering::Relaxed);
+    if file == "boot.ipxe" {
+        let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
+        tracing::info!(%peer, "serving the netboot script");
+        return crate::pxe::boot_script(&format!("http://{host}/pxe"), &serving.image).into_response();
+    }
+    let path = serving.dir.join(&file);
+    let f = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    tracing::info!(%peer, file = %file, bytes = len, "serving a netboot file");
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+    ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
 
 /// Serves the status and join endpoints until the future is dropped.

@@ -98,6 +98,8 @@ pub struct VmConfig {
     /// Raw disk files attached as they are (no overlay): the test owns them and reads them
     /// after the VM is gone.
     pub extra_disks: Vec<ExtraDisk>,
+    /// Boot from the network first (the NIC's iPXE ROM), as a diskless PC does.
+    pub net_boot: bool,
 }
 
 /// A raw disk file attached to a VM directly.
@@ -142,6 +144,7 @@ impl VmConfig {
             net: Net::Isolated,
             os_serial: None,
             extra_disks: Vec::new(),
+            net_boot: false,
         }
     }
 }
@@ -241,7 +244,7 @@ impl Vm {
                 cmd.arg("-netdev")
                     .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
                     .arg("-device")
-                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", if cfg.net_boot { ",bootindex=0" } else { "" }));
             }
         }
         let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));

@@ -50,6 +50,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     cfg.kubernetes = spec.kubernetes.clone();
     cfg.disks = spec.disks.clone();
     cfg.install = spec.install.clone();
+    cfg.pxe = spec.pxe.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
     put(
         labforge_agent::config::SECRET_PATH,

@@ -285,6 +285,12 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     if let Err(e) = spec.install.validate() {
         return Err(invalid(&["install"], format!("{e:#}")));
     }
+    if let Err(e) = spec.pxe.validate() {
+        return Err(invalid(&["pxe"], format!("{e:#}")));
+    }
+    if spec.pxe.serve && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
+        return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));
+    }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {
             return Err(invalid(&["packages", &i.to_string()], format!("{p:?} is not a Debian package name")));

@@ -81,6 +81,9 @@ pub struct Spec {
     /// the node config).
     #[serde(default)]
     pub install: labforge_agent::install::InstallConfig,
+    /// Whether the master serves netboot to its LAN (baked into the node config).
+    #[serde(default)]
+    pub pxe: labforge_agent::pxe::PxeConfig,
     /// Container images carried inside the image and imported into containerd (namespace
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]

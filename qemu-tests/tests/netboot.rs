@@ -1,0 +1,54 @@
+//! Netboot on a real LAN of VMs (a network namespace with a bridge, and the LAN's own DHCP
+//! server from the test): a master booted from its disk serves netboot with proxy-DHCP, TFTP
+//! and HTTP; a PC with no disk at all boots from its NIC (the iPXE ROM of Debian's ipxe-qemu),
+//! fetches the kernel, initrd and squashfs from the master, runs the same agent from memory
+//! and joins the master's cluster as a worker.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use qemu_tests::images;
+use qemu_tests::lan::Lan;
+use qemu_tests::vm::{self, Net, Vm, VmConfig};
+
+const BOOT: Duration = Duration::from_secs(600);
+
+#[test]
+fn worker_netboots_from_master() -> Result<()> {
+    let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
+    let built = images::image("qemu-tests/images/pxe.toml")?;
+    let dir = vm::scenario_dir("worker_netboots_from_master")?;
+    let mut lan = Lan::new("netboot", &dir)?;
+
+    let mut m = VmConfig::new("master", &built.image);
+    m.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:01".into() };
+    let mut master = Vm::start(&m, &dir)?;
+    let ready = master.wait_status("master ready", BOOT, |s| s.phase == "ready" && s.role == "master")?;
+    let serving = master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| p.state != ""))?;
+    let pxe = serving.pxe.clone().expect("pxe status");
+    assert_eq!((pxe.state.as_str(), pxe.mode.as_str()), ("serving", "proxy-dhcp"), "{pxe:?}");
+    let master_ip = ready.lan_address.clone().expect("the master's LAN address");
+    assert_eq!(pxe.url, format!("http://{master_ip}:9743/pxe/boot.ipxe"));
+
+    // A PC without any disk, booting from its NIC.
+    let mut w = VmConfig::new("worker", &built.image);
+    w.disks.clear();
+    w.net_boot = true;
+    // The root filesystem lives in memory: the squashfs and what the node writes.
+    w.memory_mib = 3072;
+    w.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:02".into() };
+    let mut worker = Vm::start(&w, &dir)?;
+    worker.wait_for("labforge: booting pxe-test from", BOOT)?;
+    let joined = worker.wait_status("worker ready", BOOT, |s| s.phase == "ready")?;
+    assert_eq!(joined.role, "worker", "{}", joined.message);
+    assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
+    assert_eq!(joined.cluster_uid, ready.cluster_uid, "the worker joined the master's cluster");
+    assert!(joined.node.disks.is_empty(), "the worker has no disk: {:?}", joined.node.disks);
+    worker.wait_booted(BOOT)?;
+    worker.check_console_health()?;
+
+    let after = master.wait_status("files served", Duration::from_secs(60), |s| s.pxe.as_ref().is_some_and(|p| p.served >= 4))?;
+    assert!(after.peers.iter().any(|p| p.role == "worker"), "{:?}", after.peers);
+    master.check_console_health()?;
+    Ok(())
+}
