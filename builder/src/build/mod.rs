@@ -29,7 +29,7 @@ use fsutil::WorkDir;
 use manifest::{Manifest, StageTiming};
 
 /// Bump when the pipeline changes what it produces from the same inputs.
-const PIPELINE_VERSION: &str = "pipeline-v2";
+const PIPELINE_VERSION: &str = "pipeline-v3";
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {

@@ -18,6 +18,10 @@ use crate::spec::Spec;
 /// Where the image carries the artifacts (the agent serves this directory).
 pub const DIR_IN_IMAGE: &str = labforge_agent::pxe::ARTIFACT_DIR;
 
+/// `/etc/fstab` of a netbooted node: live-boot appends its overlay root; the state directory is
+/// a tmpfs from the live generator.
+const NETBOOT_FSTAB: &str = "# Written by labforge: a netbooted node runs from memory (live-boot adds its root below).\n";
+
 /// The artifact file names for image `name`: vmlinuz, initrd, squashfs, ipxe.
 pub fn file_names(name: &str) -> [String; 4] {
     ["vmlinuz", "initrd", "squashfs", "ipxe"].map(|ext| format!("{name}.{ext}"))
@@ -55,15 +59,22 @@ pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, input_hash: &str, stagin
     fs::copy(&kernel.vmlinuz, &vmlinuz).with_context(|| format!("copying {}", kernel.vmlinuz.display()))?;
     fs::copy(&kernel.initrd, &initrd).with_context(|| format!("copying {}", kernel.initrd.display()))?;
     fs::write(&ipxe, ipxe_script(spec, input_hash))?;
-    // The squashfs is the tree as it stands, before the artifacts are put into it.
+    // The squashfs is the tree as it stands, before the artifacts are put into it, with an
+    // fstab of its own: a netbooted node has no root or state partition, and live-boot adds
+    // its overlay root (a second `/` entry would make systemd's fstab generator fail).
+    let fstab = root.join("etc/fstab");
+    let disk_fstab = fs::read(&fstab).with_context(|| format!("reading {}", fstab.display()))?;
+    fs::write(&fstab, NETBOOT_FSTAB)?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Cmd::new("mksquashfs")
+    let made = Cmd::new("mksquashfs")
         .arg(root)
         .arg(&squashfs)
         .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd", "-processors"])
         .arg(threads.to_string())
         .run()
-        .context("making the netboot root filesystem (mksquashfs)")?;
+        .context("making the netboot root filesystem (mksquashfs)");
+    fs::write(&fstab, disk_fstab)?;
+    made?;
     let staged = vec![vmlinuz, initrd, squashfs, ipxe];
     for f in &staged {
         let rel = format!("{DIR_IN_IMAGE}/{}", f.file_name().expect("file").to_string_lossy());
