@@ -675,13 +675,14 @@ impl Agent {
         }
     }
 
-    /// Records the phase; prints the console line when the phase (or role) changes.
+    /// Records the phase; prints the console line when the phase, the role or the number of
+    /// peers in sight changes (a node joining or leaving is worth a line).
     async fn set_phase(&mut self, phase: &str, message: &str) {
         self.refresh_status().await;
         let key = {
             let mut s = self.shared.status.write().await;
             s.message = message.to_string();
-            let key = format!("{phase}/{}", s.role);
+            let key = format!("{phase}/{}/{}", s.role, s.peers.len());
             s.phase = phase.to_string();
             key
         };

@@ -1,6 +1,6 @@
-//! Installing from a USB stick, on real VMs: the demo image written to a raw file attached as a
-//! `usb-storage` stick (first in the firmware's boot order) and internal virtio disks the test
-//! makes and reads back afterwards.
+//! Installing from a USB stick, on real VMs: the demo image flashed with `labforge flash` onto a
+//! 16 GiB raw file attached as a `usb-storage` stick (first in the firmware's boot order), and
+//! internal virtio disks the test makes and reads back afterwards.
 //!
 //! `usb_installs_to_internal_disk`: the stick boots a live session, installs onto the blank
 //! 8 GiB disk and reboots; with the stick pulled out the PC boots the installed system, whose
@@ -9,7 +9,6 @@
 //! stick, the installer refuses, says what to pass, and writes nothing anywhere.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -19,11 +18,20 @@ use qemu_tests::vm::{self, ExtraDisk, Vm, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(600);
 
-/// A copy of the image to serve as the stick (sparse, like a freshly flashed stick).
-fn stick(image: &Path, dir: &Path) -> Result<PathBuf> {
+/// A stick made as a user makes one: `labforge flash` of the compressed image (with its block
+/// map) onto a file standing in for the device.
+fn stick(built: &images::TestImage, dir: &Path) -> Result<PathBuf> {
     let p = dir.join("stick.raw");
-    let st = Command::new("cp").arg("--sparse=always").arg(image).arg(&p).status()?;
-    ensure!(st.success(), "copying the image");
+    std::fs::File::create(&p)?.set_len(16 * GIB)?;
+    let opts = labforge::flash::FlashOptions {
+        image: built.out.join(format!("{}.img.zst", built.name)),
+        target: p.clone(),
+        bmap: None,
+        no_bmap: false,
+        force: false,
+    };
+    let done = labforge::flash::flash(&opts, &Default::default())?;
+    ensure!(done.verified && done.bmap.is_some(), "{done:?}");
     Ok(p)
 }
 
@@ -42,9 +50,10 @@ fn pc(image: &Path, disks: Vec<ExtraDisk>) -> VmConfig {
 #[test]
 fn usb_installs_to_internal_disk() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
-    let image = images::image("images/demo.toml")?.image;
+    let built = images::image("images/demo.toml")?;
+    let image = built.image.clone();
     let dir = vm::scenario_dir("usb_installs_to_internal_disk")?;
-    let stick = stick(&image, &dir)?;
+    let stick = stick(&built, &dir)?;
     let internal = disks::blank(&dir.join("internal.raw"), 8 * GIB)?;
     let stick_before = disks::digest(&stick)?;
 
@@ -80,9 +89,10 @@ fn usb_installs_to_internal_disk() -> Result<()> {
 #[test]
 fn install_refuses_without_safe_target() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
-    let image = images::image("images/demo.toml")?.image;
+    let built = images::image("images/demo.toml")?;
+    let image = built.image.clone();
     let dir = vm::scenario_dir("install_refuses_without_safe_target")?;
-    let stick = stick(&image, &dir)?;
+    let stick = stick(&built, &dir)?;
     let data = disks::ext4(&dir.join("data.raw"), 10 * GIB, &[("thesis.tex", "\\chapter{Results}\n")])?;
     let (stick_before, data_before) = (disks::digest(&stick)?, disks::digest(&data)?);
 

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use sha2::{Digest, Sha256};
 use qemu_tests::images;
 use qemu_tests::lan::Lan;
 use qemu_tests::vm::{self, Net, Vm, VmConfig};
@@ -17,6 +18,14 @@ const BOOT: Duration = Duration::from_secs(600);
 fn worker_netboots_from_master() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
     let built = images::image("qemu-tests/images/pxe.toml")?;
+    // The build lists every netboot file in its manifest, with the sha256 of what it wrote.
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(built.out.join("pxe-test.manifest.json"))?)?;
+    for ext in ["vmlinuz", "initrd", "squashfs", "ipxe"] {
+        let file = format!("pxe-test.{ext}");
+        let entry = manifest["artifacts"].as_array().and_then(|a| a.iter().find(|x| x["file"] == file.as_str())).unwrap_or_else(|| panic!("{file} in the manifest"));
+        let bytes = std::fs::read(built.out.join(&file))?;
+        assert_eq!(entry["sha256"].as_str(), Some(hex::encode(Sha256::digest(&bytes)).as_str()), "{file}");
+    }
     let dir = vm::scenario_dir("worker_netboots_from_master")?;
     let mut lan = Lan::new("netboot", &dir)?;
 
@@ -47,8 +56,9 @@ fn worker_netboots_from_master() -> Result<()> {
     worker.wait_booted(BOOT)?;
     worker.check_console_health()?;
 
-    // The worker's beacons reach the master (its CephCluster view changes, which it reports).
-    let after = master.wait_status("the worker seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.role == "worker"))?;
+    // The master reports the new peer (a change of the peers in sight prints a line).
+    let hostname = joined.node.hostname.clone();
+    let after = master.wait_status("the worker seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
     let served = after.pxe.map(|p| p.served).unwrap_or(0);
     assert!(served >= 5, "boot.ipxe, the image's script, kernel, initrd and squashfs were served: {served}");
     master.check_console_health()?;

@@ -60,6 +60,9 @@ fn bad_files_are_located(
 #[case::wrong_schema("schema-version = 2\n", "schema-version", "unsupported schema version")]
 #[case::force_without_match("[disks]\nwipe = \"force\"\n", "disks", "needs a [disks.match]")]
 #[case::force_everything("[disks]\nwipe = \"force\"\n[disks.match]\nby-id = [\"/dev/disk/by-id/*\"]\n", "disks", "includes the OS disk")]
+#[case::install_by_kernel_name("[install]\ntarget = \"/dev/sda\"\n", "install", "kernel names such as /dev/sda change")]
+#[case::pxe_without_output("[pxe]\nserve = true\n", "pxe.serve", "add \"pxe\" to outputs")]
+#[case::pxe_bad_range("outputs = [\"raw\", \"pxe\"]\n[pxe]\nserve = true\ndhcp-range = \"10.0.0.9,10.0.0.1\"\n", "pxe", "ends before it starts")]
 fn invalid_values_are_rejected(#[case] extra: &str, #[case] field: &str, #[case] message: &str) {
     let d = tempfile::tempdir().unwrap();
     let name = if extra.starts_with("name") { "" } else { "name = \"t\"\n" };
@@ -68,6 +71,17 @@ fn invalid_values_are_rejected(#[case] extra: &str, #[case] field: &str, #[case]
     assert!(err.to_string().contains(message), "{err}");
     assert_eq!(err.field.as_deref(), Some(field), "{err}");
     assert!(err.line.is_some(), "{err}");
+}
+
+#[test]
+fn the_pxe_output_brings_live_boot_dnsmasq_and_ipxe() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = load(&write(d.path(), "s.toml", &format!("outputs = [\"raw\", \"pxe\"]\n{MINIMAL}"))).unwrap();
+    let p = spec.install_packages();
+    for want in ["live-boot", "dnsmasq-base", "ipxe"] {
+        assert!(p.contains(&want.to_string()), "{want} in {p:?}");
+    }
+    assert!(!load(&write(d.path(), "s.toml", MINIMAL)).unwrap().install_packages().contains(&"live-boot".to_string()));
 }
 
 #[test]
