@@ -26,7 +26,7 @@ pub const DATA: &str = "data";
 pub const LABEL_OFFSETS: [u64; 5] = [0, 1 << 30, 10 << 30, 100 << 30, 1000 << 30];
 
 /// Everything the agent knows about one whole disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskFacts {
     /// Kernel name, e.g. `sdb`.
     pub name: String,

@@ -132,7 +132,8 @@ fn hold(id: &str) {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs a tool, putting its stderr into the error when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !out.status.success() {
         bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());

@@ -10,19 +10,9 @@ fn disk(name: &str, size_gib: u64) -> DiskFacts {
         path: format!("/dev/{name}"),
         by_id: vec![format!("/dev/disk/by-id/virtio-{name}")],
         serial: Some(format!("SN-{name}")),
-        model: None,
         size_bytes: size_gib * GIB,
-        rotational: false,
-        removable: false,
         transport: Some("virtio".into()),
-        read_only: false,
-        discard: true,
-        partitions: vec![],
-        signatures: vec![],
-        holders: vec![],
-        mounts: vec![],
-        boot: vec![],
-        probe_error: None,
+        ..Default::default()
     }
 }
 

@@ -104,7 +104,7 @@ fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mu
     info!(source = %name(source), target = %name(&fresh), bytes = status.bytes_total, "installing");
 
     let started = Instant::now();
-    run_tool(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path)).context("clearing old signatures off the target")?;
+    crate::disks::zap::run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path)).context("clearing old signatures off the target")?;
     let src = File::open(&source.path).with_context(|| format!("opening {}", source.path))?;
     let dst = OpenOptions::new()
         .read(true)
@@ -130,7 +130,7 @@ fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mu
         ))
     })?;
     drop(dst);
-    let _ = run_tool(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
+    let _ = crate::disks::zap::run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
 
     let esp = partition(roots, &fresh.name, 1)?;
@@ -234,14 +234,6 @@ fn sha256_file(p: &Path) -> Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
-}
-
-fn run_tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,21 +6,11 @@ fn facts(removable: bool, transport: &str) -> DiskFacts {
     DiskFacts {
         name: "sdb".into(),
         path: "/dev/sdb".into(),
-        by_id: vec![],
-        serial: None,
         model: Some("Stick".into()),
         size_bytes: 16 << 30,
-        rotational: false,
         removable,
         transport: Some(transport.into()),
-        read_only: false,
-        discard: false,
-        partitions: vec![],
-        signatures: vec![],
-        holders: vec![],
-        mounts: vec![],
-        boot: vec![],
-        probe_error: None,
+        ..Default::default()
     }
 }
 
