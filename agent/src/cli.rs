@@ -55,6 +55,10 @@ pub enum Command {
         /// containerd namespace.
         #[arg(long, default_value = crate::preload::NAMESPACE)]
         namespace: String,
+        /// Fetch blobs missing from the layout from this served layout (a netboot master's
+        /// `http://MASTER:9743/pxe/preload`); a netbooted node uses its master by default.
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
     },
     /// The live-session systemd generator (installed as
     /// /usr/lib/systemd/system-generators/labforge-live): decides whether this boot runs from
@@ -107,10 +111,14 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
-        Command::ImportImages { layout, address, namespace } => {
+        Command::ImportImages { layout, address, namespace, from } => {
             let entries = crate::preload::read_layout(&layout)?;
             let containerd = crate::preload::Containerd { address, namespace };
-            let s = crate::preload::round(&containerd, &layout, &entries, Default::default(), &mut |_| {});
+            let source = match from {
+                Some(url) => crate::preload::Source { layout: layout.clone(), remote: Some(url.trim_end_matches('/').to_string()) },
+                None => crate::preload::Source::for_boot(&layout, &std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
+            };
+            let s = crate::preload::round(&containerd, &source, &entries, Default::default(), &mut |_| {});
             println!("{}", serde_json::to_string_pretty(&s)?);
             if !s.failed.is_empty() {
                 anyhow::bail!("{} of {} images failed to import", s.failed.len(), s.total);

@@ -291,11 +291,18 @@ impl NodeConfig {
                 next.hostname = value.to_string();
             }
             "install" => next.install.mode = value.parse()?,
+            "install-netboot" => {
+                next.install.netboot = match value {
+                    "yes" | "true" | "1" => true,
+                    "no" | "false" | "0" => false,
+                    _ => bail!("install-netboot must be yes or no"),
+                }
+            }
             "install-target" => {
                 crate::install::check_target_name(value)?;
                 next.install.target = Some(value.to_string());
             }
-            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname, wipe, install, install-target"),
+            _ => bail!("unknown option; known: role, minimum-nodes, settle-seconds, lan-interface, cluster-name, hostname, wipe, install, install-netboot, install-target"),
         }
         next.cluster.validate()?;
         *self = next;
@@ -390,6 +397,9 @@ mod tests {
     #[test]
     fn install_mode_and_target_come_from_every_layer() {
         let mut cfg = NodeConfig::new("demo", "lab-{mac}");
+        assert!(!cfg.install.netboot, "a netbooted node installs itself only when asked to");
+        let w = cfg.apply_cmdline("labforge.install-netboot=yes labforge.install-netboot=maybe");
+        assert!(cfg.install.netboot && w.len() == 1 && w[0].contains("yes or no"), "{w:?}");
         let w = cfg.apply_cmdline("labforge.install=off labforge.install-target=/dev/sda labforge.install-target=serial:WD-1");
         assert_eq!(cfg.install.mode, crate::install::InstallMode::Off);
         assert_eq!(cfg.install.target.as_deref(), Some("serial:WD-1"));

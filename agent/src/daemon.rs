@@ -148,6 +148,7 @@ impl Agent {
             beacons: Default::default(),
             pxe: Default::default(),
             pxe_served: Default::default(),
+            preload_served: Default::default(),
         });
         let counters = shared.beacons.clone();
         Ok(Agent {
@@ -192,6 +193,18 @@ impl Agent {
                 }
             }
         }
+        // Netbooted with [install] netboot: install onto the PC's disk first (before the disks
+        // are looked at for Ceph), and reboot into it.
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if crate::pxe::netbooted(&cmdline) && self.cfg.install.netboot && self.cfg.install.mode != crate::install::InstallMode::Off && self.netboot_install(cmdline).await {
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => self.refresh_system().await,
+                    _ = term.recv() => { info!("stopping on SIGTERM"); return Ok(()); }
+                }
+            }
+        }
         if self.secret.is_none() {
             let msg = self.shared.status.read().await.message.clone();
             error!("{msg}");
@@ -226,10 +239,38 @@ impl Agent {
     /// publishing every step, then reboot into it. Refusals and failures stay on the console
     /// and in `/status`; nothing else runs this boot (no discovery, disk preparation or import).
     async fn install_session(&mut self, live: crate::install::live::Live) {
-        use crate::install::write::{self, InstallStatus};
+        let intro = format!("booted from {} ({}): installing onto an internal disk", live.disk, live.reason);
+        let cfg = self.cfg.install.clone();
+        self.run_install(intro, "remove the stick", move |publish| {
+            crate::install::write::run(&cfg, &live, &crate::disks::probe::Roots::default(), publish)
+        })
+        .await;
+    }
+
+    /// A netbooted node with `[install] netboot`: install onto its disk from the image it runs
+    /// (see `install::net`) and reboot into it. Returns whether it is rebooting; if not (no
+    /// safe disk, a disk installed already, a failure), the node runs on netbooted.
+    async fn netboot_install(&mut self, cmdline: String) -> bool {
+        let cfg = self.cfg.install.clone();
+        self.run_install("netbooted: installing onto this PC's disk".into(), "it boots from its disk if the disk comes before the network in the boot order", move |publish| {
+            let manifest = std::path::Path::new(crate::install::net::NET_MANIFEST);
+            crate::install::net::run(&cfg, manifest, &cmdline, &crate::disks::probe::Roots::default(), publish)
+        })
+        .await
+    }
+
+    /// Runs an installer job, publishing its steps, and reboots if it wrote a disk. Returns
+    /// whether it is rebooting.
+    async fn run_install(
+        &mut self,
+        intro: String,
+        after: &str,
+        job: impl FnOnce(&mut dyn FnMut(&crate::install::write::InstallStatus)) -> crate::install::write::InstallStatus + Send + 'static,
+    ) -> bool {
+        use crate::install::write::InstallStatus;
         self.refresh_system().await;
-        self.set_phase("installing", &format!("booted from {} ({}): installing onto an internal disk", live.disk, live.reason)).await;
-        let (shared, cfg) = (self.shared.clone(), self.cfg.install.clone());
+        self.set_phase("installing", &intro).await;
+        let shared = self.shared.clone();
         let result = blocking(move || {
             let mut last = String::new();
             let mut publish = |st: &InstallStatus| {
@@ -239,10 +280,11 @@ impl Agent {
                     shared.status.blocking_read().announce();
                 }
             };
-            Ok(write::run(&cfg, &live, &crate::disks::probe::Roots::default(), &mut publish))
+            Ok(job(&mut publish))
         })
         .await;
         let result = result.unwrap_or_else(|e| InstallStatus { state: "failed".into(), message: format!("{e:#}"), ..Default::default() });
+        self.shared.status.write().await.install = Some(result.clone());
         let phase = match result.state.as_str() {
             "installed" => "installed",
             "refused" => "install-refused",
@@ -254,19 +296,24 @@ impl Agent {
             error!("{}", result.message);
         }
         // Rebooting makes sense only after this boot wrote a disk; a disk found installed
-        // already would boot the stick again while it is plugged in.
+        // already would boot the stick (or the network) again.
         let reboot = phase == "installed" && result.record.is_some() && self.cfg.install.reboot;
-        let message = if reboot { format!("{}; rebooting into it (remove the stick)", result.message) } else { result.message };
+        let message = if reboot { format!("{}; rebooting into it ({after})", result.message) } else { result.message };
         self.set_phase(phase, &message).await;
-        if reboot {
-            if let Err(e) = blocking(|| {
-                let st = std::process::Command::new("systemctl").arg("reboot").status().context("running systemctl reboot")?;
-                anyhow::ensure!(st.success(), "systemctl reboot failed");
-                Ok(())
-            })
-            .await
-            {
+        if !reboot {
+            return false;
+        }
+        match blocking(|| {
+            let st = std::process::Command::new("systemctl").arg("reboot").status().context("running systemctl reboot")?;
+            anyhow::ensure!(st.success(), "systemctl reboot failed");
+            Ok(())
+        })
+        .await
+        {
+            Ok(()) => true,
+            Err(e) => {
                 error!("{e:#}");
+                false
             }
         }
     }
@@ -464,11 +511,13 @@ impl Agent {
             return;
         }
         let served = self.shared.pxe_served.load(std::sync::atomic::Ordering::Relaxed);
+        let preload_served = self.shared.preload_served.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(child) = &mut self.pxe_dnsmasq {
             match child.try_wait() {
                 Ok(None) => {
                     if let Some(p) = self.shared.status.write().await.pxe.as_mut() {
                         p.served = served;
+                        p.preload_served = preload_served;
                     }
                     return;
                 }
@@ -477,7 +526,7 @@ impl Agent {
                     self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
                     let msg = format!("dnsmasq stopped ({exit}); starting it again in 10 s (its log is in the journal)");
                     error!("{msg}");
-                    self.publish_pxe(PxeStatus { state: "failed".into(), message: msg, served, ..Default::default() }).await;
+                    self.publish_pxe(PxeStatus { state: "failed".into(), message: msg, served, preload_served, ..Default::default() }).await;
                     return;
                 }
                 Err(e) => warn!("checking dnsmasq: {e}"),
@@ -499,7 +548,7 @@ impl Agent {
         if let Some(msg) = unavailable {
             self.pxe_retry = Some(Instant::now() + Duration::from_secs(3600));
             error!("not serving netboot: {msg}");
-            self.publish_pxe(PxeStatus { state: "unavailable".into(), mode: mode.into(), url, message: msg, served }).await;
+            self.publish_pxe(PxeStatus { state: "unavailable".into(), mode: mode.into(), url, message: msg, served, preload_served }).await;
             return;
         }
         let leases = Path::new(&self.cfg.state_dir).join("pxe.leases");
@@ -513,12 +562,12 @@ impl Agent {
                     Some(pxe::Serving { dir: dir.to_path_buf(), image: self.cfg.image.clone(), network, netmask: lan.netmask });
                 info!(%url, mode, "serving netboot");
                 let msg = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);
-                self.publish_pxe(PxeStatus { state: "serving".into(), mode: mode.into(), url, message: msg, served }).await;
+                self.publish_pxe(PxeStatus { state: "serving".into(), mode: mode.into(), url, message: msg, served, preload_served }).await;
             }
             Err(e) => {
                 self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
                 error!("{e:#}");
-                self.publish_pxe(PxeStatus { state: "failed".into(), mode: mode.into(), url, message: format!("{e:#}"), served }).await;
+                self.publish_pxe(PxeStatus { state: "failed".into(), mode: mode.into(), url, message: format!("{e:#}"), served, preload_served }).await;
             }
         }
     }
@@ -720,7 +769,9 @@ async fn preload_images(shared: Arc<Shared>, state_dir: PathBuf) {
         let (entries2, shared2, before) = (entries.clone(), shared.clone(), status.clone());
         status = blocking(move || {
             let mut progress = |s: &PreloadStatus| shared2.status.blocking_write().preload = s.clone();
-            Ok(preload::round(&Containerd::default(), Path::new(preload::LAYOUT_DIR), &entries2, before, &mut progress))
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            let source = preload::Source::for_boot(Path::new(preload::LAYOUT_DIR), &cmdline);
+            Ok(preload::round(&Containerd::default(), &source, &entries2, before, &mut progress))
         })
         .await
         .expect("round never fails");

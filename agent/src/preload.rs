@@ -4,15 +4,21 @@
 //! skipped when containerd already holds that digest under that name (so a reboot imports
 //! nothing). A failed import is retried with a growing pause and stays in the status until it
 //! succeeds. The result of the last round is saved as `preload.json` in the state directory.
+//!
+//! A netbooted node runs from a squashfs in memory that carries the layout's index but not its
+//! blobs (they would sit in memory twice: in the squashfs and in containerd). Its [`Source`]
+//! fetches each blob from the master that served the squashfs, over HTTP, and checks every
+//! byte against the blob's sha256 digest on the way into containerd.
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Where the builder puts the OCI image layout (root filesystem, read by every node).
 pub const LAYOUT_DIR: &str = "/usr/lib/labforge/preload";
@@ -21,6 +27,92 @@ pub const NAMESPACE: &str = "k8s.io";
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// File in the state directory with the last round's result.
 pub const RESULT_FILE: &str = "preload.json";
+/// Under the netboot base URL: `<base>/preload/blobs/sha256/<hex>` (served by the master).
+pub const REMOTE_DIR: &str = "preload";
+/// Manifests and configs are read whole; anything larger than this is not one.
+const SMALL_BLOB_MAX: u64 = 4 << 20;
+
+/// Where an import reads the blobs: the layout in the image, and for a netbooted node the
+/// layout served over HTTP next to the squashfs it booted (blobs missing locally come from
+/// there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub layout: PathBuf,
+    /// `http://host:port/path/preload`: the served layout.
+    pub remote: Option<String>,
+}
+
+impl Source {
+    pub fn local(layout: &Path) -> Self {
+        Source { layout: layout.to_path_buf(), remote: None }
+    }
+
+    /// The source for a node booted with `cmdline`: a netboot (`boot=live fetch=URL`) reads
+    /// the blobs from `preload/` beside the squashfs at URL.
+    pub fn for_boot(layout: &Path, cmdline: &str) -> Self {
+        let remote = crate::pxe::netbooted(cmdline)
+            .then(|| cmdline.split_whitespace().find_map(|w| w.strip_prefix("fetch=")))
+            .flatten()
+            .and_then(|url| url.rsplit_once('/').map(|(dir, _)| format!("{dir}/{REMOTE_DIR}")));
+        Source { layout: layout.to_path_buf(), remote }
+    }
+
+    fn local_blob(&self, hex: &str) -> PathBuf {
+        self.layout.join("blobs/sha256").join(hex)
+    }
+
+    fn url(&self, hex: &str) -> Option<String> {
+        self.remote.as_ref().map(|r| format!("{r}/blobs/sha256/{hex}"))
+    }
+
+    /// Opens blob `hex` over HTTP; returns the body and its length if the server sent one.
+    fn fetch(&self, hex: &str) -> Result<Box<dyn Read + Send + Sync>> {
+        let url = self.url(hex).with_context(|| format!("blob sha256:{hex} is missing from {} and no netboot server is known", self.layout.display()))?;
+        let resp = ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(10))
+            .timeout_read(std::time::Duration::from_secs(60))
+            .build()
+            .get(&url)
+            .call()
+            .with_context(|| format!("fetching {url}"))?;
+        Ok(Box::new(resp.into_reader()))
+    }
+
+    /// A small blob (manifest, config) whole, checked against its digest.
+    fn read_small(&self, hex: &str) -> Result<Vec<u8>> {
+        let local = self.local_blob(hex);
+        let (data, from) = match fs::read(&local) {
+            Ok(d) => (d, local.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.remote.is_some() => {
+                let mut d = Vec::new();
+                self.fetch(hex)?.take(SMALL_BLOB_MAX + 1).read_to_end(&mut d).with_context(|| format!("reading sha256:{hex} from {}", self.remote.as_deref().unwrap_or("")))?;
+                (d, self.url(hex).unwrap_or_default())
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", local.display())),
+        };
+        let got = hex::encode(Sha256::digest(&data));
+        if got != hex {
+            bail!("{from} does not match its digest (sha256 {got}, expected {hex}); it is damaged or not what was built");
+        }
+        Ok(data)
+    }
+}
+
+/// Passes bytes through while hashing and counting them.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
 
 /// Import progress, reported in `/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +220,7 @@ impl Containerd {
     }
 
     /// Streams `entry` (and only it) as an OCI archive into `ctr images import`.
-    pub fn import(&self, layout: &Path, entry: &Entry) -> Result<()> {
+    pub fn import(&self, source: &Source, entry: &Entry) -> Result<()> {
         let mut child = self
             .ctr()
             .args(["images", "import", "-"])
@@ -138,26 +230,35 @@ impl Containerd {
             .spawn()
             .context("running ctr images import")?;
         let stdin = child.stdin.take().expect("piped");
-        let written = write_archive(layout, entry, stdin);
+        let written = write_archive(source, entry, stdin);
         let out = child.wait_with_output()?;
+        // A blob that failed its digest is the cause even when ctr saw the stream cut short.
+        written?;
         if !out.status.success() {
             bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        written?;
         Ok(())
     }
 }
 
 /// One image of the layout as an OCI archive (tar): oci-layout, an index with just this image,
-/// and the blobs its manifest names.
-fn write_archive(layout: &Path, entry: &Entry, out: impl Write) -> Result<()> {
-    let hex = |d: &str| d.strip_prefix("sha256:").map(str::to_string).with_context(|| format!("{d} is not a sha256 digest"));
-    let manifest_path = layout.join("blobs/sha256").join(hex(&entry.digest)?);
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?)?;
-    let mut blobs = vec![entry.digest.clone()];
-    blobs.push(manifest["config"]["digest"].as_str().context("manifest without config")?.to_string());
+/// and the blobs its manifest names. Blobs missing from the local layout are streamed from the
+/// source's server; each is checked against its digest and size as it passes.
+fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<()> {
+    let hex = |d: &str| {
+        d.strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .with_context(|| format!("{d} is not a sha256 digest"))
+    };
+    let manifest_bytes = source.read_small(&hex(&entry.digest)?).context("reading the image manifest")?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).context("the image manifest is not JSON")?;
+    let config = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
+    let config_bytes = source.read_small(&hex(&config)?).context("reading the image config")?;
+    let mut layers = Vec::new();
     for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
-        blobs.push(l["digest"].as_str().context("layer without digest")?.to_string());
+        let d = l["digest"].as_str().context("layer without digest")?;
+        layers.push((hex(d)?, l["size"].as_u64().with_context(|| format!("layer {d} without size"))?));
     }
     let index = serde_json::json!({
         "schemaVersion": 2,
@@ -172,27 +273,62 @@ fn write_archive(layout: &Path, entry: &Entry, out: impl Write) -> Result<()> {
     // Blobs in the image are sparse where they hold zero blocks (mkfs.ext4 -d keeps holes);
     // containerd's importer skips GNU sparse entries, so every blob goes in as a plain file.
     tar.sparse(false);
-    let mut add = |name: &str, data: &[u8]| -> Result<()> {
+    let header = |size: u64| {
         let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
+        h.set_size(size);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, name, data)?;
-        Ok(())
+        h
     };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    add("index.json", &serde_json::to_vec(&index)?)?;
-    for d in blobs {
-        let h = hex(&d)?;
-        let path = layout.join("blobs/sha256").join(&h);
-        tar.append_path_with_name(&path, format!("blobs/sha256/{h}")).with_context(|| format!("adding {}", path.display()))?;
+    tar.append_data(&mut header(30), "oci-layout", &br#"{"imageLayoutVersion":"1.0.0"}"#[..])?;
+    let index = serde_json::to_vec(&index)?;
+    tar.append_data(&mut header(index.len() as u64), "index.json", &index[..])?;
+    for (d, data) in [(&entry.digest, &manifest_bytes), (&config, &config_bytes)] {
+        let h = hex(d)?;
+        tar.append_data(&mut header(data.len() as u64), format!("blobs/sha256/{h}"), &data[..])?;
+    }
+    for (h, size) in layers {
+        let name = format!("blobs/sha256/{h}");
+        let path = source.local_blob(&h);
+        if path.exists() {
+            tar.append_path_with_name(&path, &name).with_context(|| format!("adding {}", path.display()))?;
+            continue;
+        }
+        let url = source.url(&h).unwrap_or_default();
+        let mut body = Hashing { inner: source.fetch(&h)?.take(size), hash: Sha256::new(), bytes: 0 };
+        tar.append_data(&mut header(size), &name, &mut body).with_context(|| format!("streaming {url}"))?;
+        let got = hex::encode(body.hash.finalize());
+        if body.bytes != size || got != h {
+            bail!("{url} does not match its digest ({} of {size} bytes, sha256 {got}); nothing of it is kept", body.bytes);
+        }
     }
     tar.finish()?;
     Ok(())
 }
 
+/// Every blob the `entries` need (manifest, config, layers), by hex digest with its size, each
+/// once; manifests and configs are read (and checked) through `source`.
+pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let mut add = |d: &str, size: u64| -> Result<String> {
+        let h = d.strip_prefix("sha256:").filter(|h| h.len() == 64).with_context(|| format!("{d} is not a sha256 digest"))?.to_string();
+        if !out.iter().any(|(x, _)| *x == h) {
+            out.push((h.clone(), size));
+        }
+        Ok(h)
+    };
+    for e in entries {
+        let m = add(&e.digest, e.size)?;
+        let manifest: serde_json::Value = serde_json::from_slice(&source.read_small(&m)?).context("the image manifest is not JSON")?;
+        for d in std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().into_iter().flatten()) {
+            add(d["digest"].as_str().context("a descriptor without digest")?, d["size"].as_u64().unwrap_or(0))?;
+        }
+    }
+    Ok(out)
+}
+
 /// One round: imports what containerd lacks. Returns the status after the round.
-pub fn round(containerd: &Containerd, layout: &Path, entries: &[Entry], mut status: PreloadStatus, progress: &mut dyn FnMut(&PreloadStatus)) -> PreloadStatus {
+pub fn round(containerd: &Containerd, source: &Source, entries: &[Entry], mut status: PreloadStatus, progress: &mut dyn FnMut(&PreloadStatus)) -> PreloadStatus {
     status.rounds += 1;
     status.total = entries.len();
     status.failed.clear();
@@ -212,7 +348,7 @@ pub fn round(containerd: &Containerd, layout: &Path, entries: &[Entry], mut stat
             continue;
         }
         progress(&status);
-        let res = containerd.import(layout, e).and_then(|()| {
+        let res = containerd.import(source, e).and_then(|()| {
             let after = containerd.images()?;
             match after.get(&e.name) {
                 Some(d) if *d == e.digest => Ok(()),
@@ -269,7 +405,7 @@ mod tests {
         let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
         assert!(!c.ready());
         let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
-        let s = round(&c, Path::new("/nonexistent"), &[e], PreloadStatus::default(), &mut |_| {});
+        let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), &mut |_| {});
         assert_eq!(s.state, "retrying");
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
         assert_eq!(s.failed.len(), 1, "{s:?}");
@@ -291,30 +427,112 @@ mod tests {
         assert_eq!(v.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["r/pause:3", "r/app:1"]);
     }
 
+    /// A layout with one image (config `{}`, one layer with a hole, as blobs in the image's
+    /// ext4 are where they hold zero blocks) and a stray blob; returns its entry.
+    fn layout_with_one_image(dir: &Path) -> (Entry, String) {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| {
+            let h = hex::encode(Sha256::digest(data));
+            fs::write(blobs.join(&h), data).unwrap();
+            h
+        };
+        let mut layer = vec![0u8; 1 << 20];
+        layer.extend_from_slice(b"layer");
+        let l = put(&layer);
+        // Punch the hole back in: the same bytes, stored sparse.
+        let sparse = fs::File::create(blobs.join(&l)).unwrap();
+        sparse.set_len(1 << 20).unwrap();
+        drop(sparse);
+        fs::OpenOptions::new().append(true).open(blobs.join(&l)).unwrap().write_all(b"layer").unwrap();
+        let c = put(b"{}");
+        let m = put(format!(r#"{{"config":{{"digest":"sha256:{c}","size":2}},"layers":[{{"digest":"sha256:{l}","size":{}}}]}}"#, layer.len()).as_bytes());
+        put(b"not this");
+        (Entry { name: "r/app:1".into(), digest: format!("sha256:{m}"), media_type: "m".into(), size: 10 }, l)
+    }
+
+    fn archive_names(buf: &[u8]) -> Vec<String> {
+        let mut names = Vec::new();
+        for e in tar::Archive::new(buf).entries().unwrap() {
+            let mut e = e.unwrap();
+            assert_eq!(e.header().entry_type(), tar::EntryType::Regular, "plain files only: containerd skips sparse entries");
+            let name = e.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            if let Some(h) = name.strip_prefix("blobs/sha256/") {
+                assert_eq!(hex::encode(Sha256::digest(&data)), h, "{name} holds what its name says");
+            }
+            names.push(name);
+        }
+        names.sort();
+        names
+    }
+
     #[test]
     fn archive_holds_one_image_and_its_blobs() {
         let d = tempfile::tempdir().unwrap();
-        let blobs = d.path().join("blobs/sha256");
-        fs::create_dir_all(&blobs).unwrap();
-        fs::write(blobs.join("c0"), "{}").unwrap();
-        // A blob with a hole, as blobs in the image's ext4 are where they hold zero blocks.
-        let sparse = fs::File::create(blobs.join("l1")).unwrap();
-        sparse.set_len(1 << 20).unwrap();
-        drop(sparse);
-        let mut f = fs::OpenOptions::new().append(true).open(blobs.join("l1")).unwrap();
-        f.write_all(b"layer").unwrap();
-        fs::write(blobs.join("m1"), r#"{"config":{"digest":"sha256:c0"},"layers":[{"digest":"sha256:l1"}]}"#).unwrap();
-        fs::write(blobs.join("other"), "not this").unwrap();
-        let e = Entry { name: "r/app:1".into(), digest: "sha256:m1".into(), media_type: "m".into(), size: 10 };
+        let (e, _) = layout_with_one_image(d.path());
         let mut buf = Vec::new();
-        write_archive(d.path(), &e, &mut buf).unwrap();
-        let mut names = Vec::new();
-        for e in tar::Archive::new(&buf[..]).entries().unwrap() {
-            let e = e.unwrap();
-            assert_eq!(e.header().entry_type(), tar::EntryType::Regular, "plain files only: containerd skips sparse entries");
-            names.push(e.path().unwrap().display().to_string());
-        }
-        names.sort();
-        assert_eq!(names, ["blobs/sha256/c0", "blobs/sha256/l1", "blobs/sha256/m1", "index.json", "oci-layout"]);
+        write_archive(&Source::local(d.path()), &e, &mut buf).unwrap();
+        let names = archive_names(&buf);
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(names.contains(&"oci-layout".to_string()) && names.contains(&"index.json".to_string()));
+    }
+
+    /// Serves `dir`'s blobs over HTTP on loopback as the master does (`GET
+    /// /pxe/preload/blobs/sha256/<hex>`), one connection at a time, until dropped.
+    fn serve_blobs(dir: PathBuf) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut req = [0u8; 2048];
+                let n = conn.read(&mut req).unwrap_or(0);
+                let line = String::from_utf8_lossy(&req[..n]).lines().next().unwrap_or_default().to_string();
+                let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let body = path.strip_prefix("/pxe/preload/blobs/sha256/").and_then(|h| fs::read(dir.join("blobs/sha256").join(h)).ok());
+                let _ = match body {
+                    Some(b) => conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len()).as_bytes()).and_then(|()| conn.write_all(&b)),
+                    None => conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                };
+            }
+        });
+        format!("http://{addr}/pxe/x.squashfs")
+    }
+
+    #[test]
+    fn a_netbooted_node_streams_missing_blobs_from_its_server_and_checks_them() {
+        let served = tempfile::tempdir().unwrap();
+        let (e, layer) = layout_with_one_image(served.path());
+        let url = serve_blobs(served.path().to_path_buf());
+        // The node's own layout: the index only, no blobs (as the squashfs carries it).
+        let node = tempfile::tempdir().unwrap();
+        let source = Source::for_boot(node.path(), &format!("initrd=initrd boot=live fetch={url} console=ttyS0"));
+        assert_eq!(source.remote.as_deref(), Some(url.replace("/x.squashfs", "/preload").as_str()));
+        let mut buf = Vec::new();
+        write_archive(&source, &e, &mut buf).unwrap();
+        assert_eq!(archive_names(&buf).len(), 5);
+
+        // A damaged layer on the server: the stream is refused, naming the blob.
+        let p = served.path().join("blobs/sha256").join(&layer);
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[7] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        let err = format!("{:#}", write_archive(&source, &e, &mut Vec::new()).unwrap_err());
+        assert!(err.contains(&layer) && err.contains("does not match its digest"), "{err}");
+        // A truncated one too.
+        fs::write(&p, &bytes[..1000]).unwrap();
+        let err = format!("{:#}", write_archive(&source, &e, &mut Vec::new()).unwrap_err());
+        assert!(err.contains("1000 of"), "{err}");
+        // A missing blob (and no server at all) is an error that says where it looked.
+        let err = format!("{:#}", write_archive(&Source::local(node.path()), &e, &mut Vec::new()).unwrap_err());
+        assert!(err.contains("reading") && err.contains(&node.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn only_a_netboot_has_a_remote_source() {
+        assert_eq!(Source::for_boot(Path::new("/l"), "root=PARTUUID=x ro").remote, None);
+        assert_eq!(Source::for_boot(Path::new("/l"), "boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs").remote.as_deref(), Some("http://10.0.0.1:9743/pxe/preload"));
     }
 }

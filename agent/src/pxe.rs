@@ -74,6 +74,9 @@ pub struct PxeStatus {
     pub message: String,
     /// Artifact requests served over HTTP.
     pub served: u64,
+    /// Blobs of the preloaded images served to netbooted nodes.
+    #[serde(default)]
+    pub preload_served: u64,
 }
 
 /// What the status server serves under `/pxe/` while the master serves netboot.

@@ -191,6 +191,8 @@ pub struct Shared {
     /// Set while this node serves netboot (`/pxe/…`).
     pub pxe: std::sync::RwLock<Option<crate::pxe::Serving>>,
     pub pxe_served: AtomicU64,
+    /// Preloaded-image blobs served to netbooted nodes.
+    pub preload_served: AtomicU64,
 }
 
 impl Shared {
@@ -218,6 +220,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.snapshot().await.metrics() }))
         .route("/join-info", post(join_info))
         .route("/pxe/:file", get(pxe_file))
+        .route("/pxe/preload/blobs/sha256/:hex", get(preload_blob))
         .with_state(shared)
 }
 
@@ -272,13 +275,41 @@ async fn pxe_file(
         tracing::info!(%peer, "serving the netboot script");
         return crate::pxe::boot_script(&format!("http://{host}/pxe"), &serving.image).into_response();
     }
-    let path = serving.dir.join(&file);
-    let f = match tokio::fs::File::open(&path).await {
+    tracing::info!(%peer, file = %file, "serving a netboot file");
+    serve_file(&serving.dir.join(&file)).await
+}
+
+/// The blobs of the preloaded images, to netbooted nodes on the cluster LAN: their squashfs
+/// carries the layout's index, and they fetch the blobs it names (and check each digest).
+async fn preload_blob(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(serving) = serving else {
+        return (StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response();
+    };
+    if !serving.allows(peer.ip()) {
+        tracing::warn!(%peer, "refused a preload request from outside the cluster LAN");
+        return (StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response();
+    }
+    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return (StatusCode::NOT_FOUND, "no such blob\n").into_response();
+    }
+    s.preload_served.fetch_add(1, Ordering::Relaxed);
+    serve_file(&std::path::Path::new(crate::preload::LAYOUT_DIR).join("blobs/sha256").join(&hex)).await
+}
+
+/// A file as the body, streamed, with its length.
+async fn serve_file(path: &std::path::Path) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let f = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(_) => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
     };
     let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    tracing::info!(%peer, file = %file, bytes = len, "serving a netboot file");
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
     ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }

@@ -78,3 +78,26 @@ pub fn image_with(spec: &str, registry: labforge::registry::RegistryOptions) -> 
     }
     Ok(TestImage { image: pinned, secret: out.join(build::secret_file_name(&name)), out, name })
 }
+
+/// The registry address `qemu-tests/images/preload.toml` (and the specs extending it) name.
+pub const PRELOAD_REGISTRY_PORT: u16 = 35123;
+
+/// Builds `spec`, which preloads the two test images of `preload.toml`: a real registry on
+/// 127.0.0.1:35123 for the time of the build, holding `labforge-test/hello:1` (a static program
+/// printing "labforge-preload-ok") and `labforge-test/multi:1` (a multi-arch index). The
+/// registry stops before this returns: everything after is offline.
+pub fn image_with_test_preloads(spec: &str) -> Result<TestImage> {
+    use crate::registry::{static_hello, Pusher, Registry};
+    let work = tempfile::tempdir()?;
+    let reg = Registry::start_on(PRELOAD_REGISTRY_PORT)
+        .with_context(|| format!("{spec} expects a test registry on 127.0.0.1:{PRELOAD_REGISTRY_PORT}"))?;
+    let p = Pusher::new(&format!("http://{}", reg.addr));
+    let hello = static_hello(work.path(), "labforge-preload-ok")?;
+    p.image("labforge-test/hello", "1", "amd64", &[("hello", &hello, 0o755)], &["/hello"])?;
+    let other = static_hello(work.path(), "labforge-preload-multi")?;
+    let (a, asz, _) = p.image("labforge-test/multi", "amd64", "amd64", &[("hello", &other, 0o755)], &["/hello"])?;
+    let (b, bsz, _) = p.image("labforge-test/multi", "arm64", "arm64", &[("hello", b"not an amd64 program", 0o755)], &["/hello"])?;
+    p.index("labforge-test/multi", "1", &[(a, asz, "amd64"), (b, bsz, "arm64")])?;
+    let opts = labforge::registry::RegistryOptions { plain_http: vec![reg.addr.clone()], ca_files: vec![], parallel: 8 };
+    image_with(spec, opts)
+}

@@ -6,34 +6,17 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use labforge::registry::RegistryOptions;
-use qemu_tests::registry::{static_hello, Pusher, Registry};
+use anyhow::Result;
 use qemu_tests::vm::{self, Net, Vm, VmConfig};
 use qemu_tests::{images, workspace_root};
 
 const BOOT: Duration = Duration::from_secs(600);
-/// The test spec names this registry address.
-const REGISTRY_PORT: u16 = 35123;
 
 #[test]
 fn preloaded_images_run_offline() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
-    let work = tempfile::tempdir()?;
-    let built = {
-        let reg = Registry::start_on(REGISTRY_PORT)
-            .with_context(|| format!("qemu-tests/images/preload.toml expects a test registry on 127.0.0.1:{REGISTRY_PORT}"))?;
-        let p = Pusher::new(&format!("http://{}", reg.addr));
-        let hello = static_hello(work.path(), "labforge-preload-ok")?;
-        p.image("labforge-test/hello", "1", "amd64", &[("hello", &hello, 0o755)], &["/hello"])?;
-        let other = static_hello(work.path(), "labforge-preload-multi")?;
-        let (a, asz, _) = p.image("labforge-test/multi", "amd64", "amd64", &[("hello", &other, 0o755)], &["/hello"])?;
-        let (b, bsz, _) = p.image("labforge-test/multi", "arm64", "arm64", &[("hello", b"not an amd64 program", 0o755)], &["/hello"])?;
-        p.index("labforge-test/multi", "1", &[(a, asz, "amd64"), (b, bsz, "arm64")])?;
-        let opts = RegistryOptions { plain_http: vec![reg.addr.clone()], ca_files: vec![], parallel: 8 };
-        images::image_with("qemu-tests/images/preload.toml", opts)?
-        // The registry stops here: everything after is offline.
-    };
+    // The registry lives only for the build: everything after is offline.
+    let built = images::image_with_test_preloads("qemu-tests/images/preload.toml")?;
 
     // `labforge images ls` reads the layout out of the image file itself.
     let img = built.out.join(format!("{}.img", built.name));

@@ -122,7 +122,15 @@ fn mask(early: &Path) -> Result<()> {
 pub fn write_netboot_units(early: &Path) -> Result<()> {
     mask(early)?;
     let header = "# Written by labforge-agent live-generator: this node booted over the network.\n";
-    write_mounts(early, &[("var-lib-labforge.mount", tmpfs(header, "/var/lib/labforge", "the state directory in memory (netboot)", "mode=0755"))])
+    write_mounts(
+        early,
+        &[
+            ("var-lib-labforge.mount", tmpfs(header, "/var/lib/labforge", "the state directory in memory (netboot)", "mode=0755")),
+            // containerd's overlayfs snapshotter cannot stack its layers on live-boot's overlay
+            // root ("failed to mount: invalid argument"); on a tmpfs of their own they run.
+            ("var-lib-containerd.mount", tmpfs(header, "/var/lib/containerd", "containerd's images and snapshots in memory (netboot)", "mode=0711")),
+        ],
+    )
 }
 
 fn write_mounts(early: &Path, mounts: &[(&str, String)]) -> Result<()> {
@@ -229,12 +237,15 @@ mod tests {
     }
 
     #[test]
-    fn a_netboot_keeps_only_the_state_directory_in_memory() {
+    fn a_netboot_keeps_the_state_directory_and_containerd_on_tmpfs() {
         let d = tempfile::tempdir().unwrap();
         let early = d.path().join("early");
         write_netboot_units(&early).unwrap();
         assert_eq!(fs::read_link(early.join("systemd-remount-fs.service")).unwrap(), Path::new("/dev/null"));
         assert!(fs::read_to_string(early.join("var-lib-labforge.mount")).unwrap().contains("What=tmpfs"));
+        let c = fs::read_to_string(early.join("var-lib-containerd.mount")).unwrap();
+        assert!(c.contains("What=tmpfs") && c.contains("Where=/var/lib/containerd"), "{c}");
+        assert!(early.join("local-fs.target.requires/var-lib-containerd.mount").exists());
         assert!(!early.join("var.mount").exists(), "live-boot's root overlay is writable already");
     }
 }

@@ -12,6 +12,7 @@
 //! installed and reboots into it (`write`).
 
 pub mod live;
+pub mod net;
 pub mod write;
 
 use std::fmt;
@@ -38,6 +39,11 @@ pub struct InstallConfig {
     /// an internal disk and reboots into it; `off`: it runs from the stick like any disk.
     #[serde(default)]
     pub mode: InstallMode,
+    /// A netbooted node installs the image onto a blank internal disk (chosen as for a stick)
+    /// and reboots into it; without a safe disk it runs on netbooted. Off by default: blank
+    /// disks of netbooted nodes are otherwise offered to Ceph. `mode = "off"` turns it off too.
+    #[serde(default)]
+    pub netboot: bool,
     /// The disk to install onto, by `/dev/disk/by-id/…` path or `serial:<serial>`; it may hold
     /// data (it is overwritten). Without it, only a blank internal disk is chosen.
     #[serde(default)]

@@ -174,7 +174,7 @@ fn read_manifest(roots: &probe::Roots, source: &DiskFacts) -> Result<InstallMani
 
 /// What `d` holds of labforge: this image's GPT disk GUID, and the installer's record on its
 /// state partition (mounted read-only, journal not replayed, so nothing is written).
-fn existing(roots: &probe::Roots, d: &DiskFacts, disk_uuid: &str) -> Existing {
+pub(super) fn existing(roots: &probe::Roots, d: &DiskFacts, disk_uuid: &str) -> Existing {
     let this_image = gpt_disk_guid(Path::new(&d.path)).is_some_and(|g| g.eq_ignore_ascii_case(disk_uuid));
     let complete = this_image
         && partition(roots, &d.name, 3)
@@ -201,7 +201,7 @@ pub fn gpt_disk_guid(dev: &Path) -> Option<String> {
 }
 
 /// The device node of partition `number` of disk `disk`, from sysfs.
-fn partition(roots: &probe::Roots, disk: &str, number: u32) -> Result<PathBuf> {
+pub(super) fn partition(roots: &probe::Roots, disk: &str, number: u32) -> Result<PathBuf> {
     let dir = roots.sys.join("block").join(disk);
     for e in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?.flatten() {
         if fs::read_to_string(e.path().join("partition")).is_ok_and(|n| n.trim() == number.to_string()) {
@@ -212,7 +212,7 @@ fn partition(roots: &probe::Roots, disk: &str, number: u32) -> Result<PathBuf> {
 }
 
 /// Mounts `dev` for the time `f` takes (read-only: also without replaying a journal).
-fn with_mount<T>(dev: &Path, fstype: &str, read_only: bool, f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+pub(super) fn with_mount<T>(dev: &Path, fstype: &str, read_only: bool, f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     use nix::mount::{mount, umount, MsFlags};
     let dir = tempfile::Builder::new().prefix("labforge-install-").tempdir_in("/run").context("making a mount point")?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -81,7 +81,7 @@ impl Layout {
         self.partitions.iter().find(|p| p.label == label).expect("known label")
     }
 
-    fn sfdisk_script(&self) -> String {
+    pub fn sfdisk_script(&self) -> String {
         let mut s = format!("label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\n", self.disk_uuid);
         for p in &self.partitions {
             s.push_str(&format!(
@@ -149,7 +149,7 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
         .args(["-F", "32", "-n", ESP_FS_LABEL, "-S", "512", "-s"])
         .arg(fat32_sectors_per_cluster(esp.size_bytes).to_string())
         .arg("-i")
-        .arg(esp.fs_uuid.replace('-', "")[..8].to_string())
+        .arg(esp_volume_id(esp))
         .arg(format!("--offset={}", esp.start_bytes / 512))
         .arg(image)
         .arg((esp.size_bytes / 1024).to_string())
@@ -232,9 +232,14 @@ pub fn write_install_manifest(layout: &Layout, image: &Path, uki: &Path, name: &
     Ok(())
 }
 
+/// The ESP's FAT volume id (8 hex digits) from its filesystem UUID.
+pub fn esp_volume_id(esp: &Partition) -> String {
+    esp.fs_uuid.replace('-', "")[..8].to_string()
+}
+
 /// FAT32 needs at least 65525 clusters; firmware and mtools reject a volume with fewer. Pick
 /// the largest cluster (up to 4 KiB) that keeps a safe margin above that.
-fn fat32_sectors_per_cluster(size_bytes: u64) -> u64 {
+pub fn fat32_sectors_per_cluster(size_bytes: u64) -> u64 {
     [8, 4, 2, 1].into_iter().find(|s| size_bytes / (s * 512) >= 70_000).unwrap_or(1)
 }
 

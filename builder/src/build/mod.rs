@@ -29,7 +29,7 @@ use fsutil::WorkDir;
 use manifest::{Manifest, StageTiming};
 
 /// Bump when the pipeline changes what it produces from the same inputs.
-const PIPELINE_VERSION: &str = "pipeline-v3";
+const PIPELINE_VERSION: &str = "pipeline-v4";
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -297,15 +297,17 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
 
     let layout = disk::Layout::new(spec, &plan.input_hash);
     let kernel = boot::find_kernel(&root)?;
-    let pxe_files = if spec.outputs.contains(&OutputFormat::Pxe) {
-        stages.run("pxe", "netboot kernel, initrd, squashfs and iPXE script", || pxe::build(spec, &root, &kernel, &plan.input_hash, staging.path()))?
-    } else {
-        Vec::new()
-    };
     let uki = work.path().join("uki.efi");
     stages.run("boot", "assembling the UKI", || {
         boot::build_uki(&root, &kernel, &disk::cmdline(&layout, spec), work.path(), &uki)
     })?;
+    let pxe_files = if spec.outputs.contains(&OutputFormat::Pxe) {
+        stages.run("pxe", "netboot kernel, initrd, squashfs and iPXE script", || {
+            pxe::build(spec, &root, &kernel, &uki, &layout, &plan.input_hash, staging.path())
+        })?
+    } else {
+        Vec::new()
+    };
     let raw = staging.path().join(plan.file(OutputFormat::Raw));
     stages.run("disk", "making filesystems and the GPT disk", || {
         disk::check_root_fits(&root, &layout)?;

@@ -1,8 +1,9 @@
 //! Stage `pxe` (output `pxe`): what a PC needs to boot the image over the network, with no
 //! disk of its own. The kernel, the image's initrd (which carries live-boot: with `boot=live
 //! fetch=URL` it downloads the root filesystem into memory and boots it), the root filesystem
-//! as a squashfs, and an iPXE script. They go to `--out` as `<name>.vmlinuz`, `.initrd`,
-//! `.squashfs`, `.ipxe`, and into the image at `/usr/lib/labforge/pxe/` under the same names so
+//! as a squashfs, an iPXE script, and the UKI (for a netbooted node that installs itself onto
+//! its disk). They go to `--out` as `<name>.vmlinuz`, `.initrd`, `.squashfs`, `.ipxe`, `.efi`,
+//! and into the image at `/usr/lib/labforge/pxe/` under the same names so
 //! the master of a room can serve them (see the agent's `pxe` module).
 
 use std::fs;
@@ -10,8 +11,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use labforge_agent::install::net::{Ext4Format, NetManifest, VfatFormat, NET_MANIFEST, NET_SCHEMA_VERSION};
+
 use super::boot::Kernel;
+use super::disk::{esp_volume_id, fat32_sectors_per_cluster, Layout, ESP_FS_LABEL, ESP_LABEL, ROOT_LABEL, STATE_LABEL};
 use super::fsutil::write_in_root;
+use super::outputs::sha256_file;
 use crate::cmd::Cmd;
 use crate::spec::Spec;
 
@@ -51,37 +56,78 @@ pub fn ipxe_script(spec: &Spec, input_hash: &str) -> String {
 }
 
 /// Writes the artifacts into `staging` and into the image tree; returns the staged files.
-pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, input_hash: &str, staging: &Path) -> Result<Vec<PathBuf>> {
+pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, uki: &Path, layout: &Layout, input_hash: &str, staging: &Path) -> Result<Vec<PathBuf>> {
     if !root.join("usr/lib/live/boot").is_dir() && !root.join("lib/live/boot").is_dir() {
         bail!("the pxe output needs live-boot in the image (labforge adds it to the packages; is the rootfs cache stale? rebuild with --force)");
     }
     let [vmlinuz, initrd, squashfs, ipxe] = file_names(&spec.name).map(|f| staging.join(f));
+    let efi = staging.join(format!("{}.efi", spec.name));
     fs::copy(&kernel.vmlinuz, &vmlinuz).with_context(|| format!("copying {}", kernel.vmlinuz.display()))?;
     fs::copy(&kernel.initrd, &initrd).with_context(|| format!("copying {}", kernel.initrd.display()))?;
+    fs::copy(uki, &efi).with_context(|| format!("copying {}", uki.display()))?;
     fs::write(&ipxe, ipxe_script(spec, input_hash))?;
+    // What a netbooted node needs to install itself onto its disk; in the tree, so the
+    // squashfs (and the disk image) carry it.
+    let fstab = root.join("etc/fstab");
+    let disk_fstab = fs::read_to_string(&fstab).with_context(|| format!("reading {}", fstab.display()))?;
+    let mut files = std::collections::BTreeMap::new();
+    for f in [&vmlinuz, &initrd, &ipxe, &efi] {
+        files.insert(f.file_name().expect("file").to_string_lossy().into_owned(), sha256_file(f)?);
+    }
+    let net = net_manifest(spec, layout, input_hash, &disk_fstab, sha256_file(uki)?, files);
+    write_in_root(root, NET_MANIFEST.trim_start_matches('/'), &serde_json::to_vec_pretty(&net)?, 0o644)?;
+
     // The squashfs is the tree as it stands, before the artifacts are put into it, with an
     // fstab of its own: a netbooted node has no root or state partition, and live-boot adds
     // its overlay root (a second `/` entry would make systemd's fstab generator fail).
-    let fstab = root.join("etc/fstab");
-    let disk_fstab = fs::read(&fstab).with_context(|| format!("reading {}", fstab.display()))?;
     fs::write(&fstab, NETBOOT_FSTAB)?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let made = Cmd::new("mksquashfs")
+    let mut cmd = Cmd::new("mksquashfs")
         .arg(root)
         .arg(&squashfs)
         .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd", "-processors"])
-        .arg(threads.to_string())
-        .run()
-        .context("making the netboot root filesystem (mksquashfs)");
+        .arg(threads.to_string());
+    // The preloaded images' blobs stay out: a netbooted node fetches them from its master as
+    // it imports them (the index stays, so it knows what to fetch and each blob's digest),
+    // instead of holding them in memory twice, in the squashfs and in containerd.
+    let blobs = format!("{}/blobs", labforge_agent::preload::LAYOUT_DIR.trim_start_matches('/'));
+    if root.join(&blobs).is_dir() {
+        cmd = cmd.arg("-e").arg(blobs);
+    }
+    let made = cmd.run().context("making the netboot root filesystem (mksquashfs)");
     fs::write(&fstab, disk_fstab)?;
     made?;
-    let staged = vec![vmlinuz, initrd, squashfs, ipxe];
+    let staged = vec![vmlinuz, initrd, squashfs, ipxe, efi];
     for f in &staged {
         let rel = format!("{DIR_IN_IMAGE}/{}", f.file_name().expect("file").to_string_lossy());
         let rel = rel.trim_start_matches('/');
         write_in_root(root, rel, &fs::read(f)?, 0o644)?;
     }
     Ok(staged)
+}
+
+/// The netboot install manifest: the disk image's table and filesystems as the disk stage
+/// makes them, its fstab, and the sha256 of the UKI and the netboot files.
+fn net_manifest(spec: &Spec, layout: &Layout, input_hash: &str, fstab: &str, uki_sha256: String, files: std::collections::BTreeMap<String, String>) -> NetManifest {
+    let ext4 = |label: &str| {
+        let p = layout.part(label);
+        Ext4Format { label: p.label.to_string(), uuid: p.fs_uuid.clone() }
+    };
+    let esp = layout.part(ESP_LABEL);
+    NetManifest {
+        schema_version: NET_SCHEMA_VERSION,
+        image: spec.name.clone(),
+        input_hash: input_hash.to_string(),
+        disk_uuid: layout.disk_uuid.clone(),
+        disk_size: layout.size_bytes,
+        sfdisk: layout.sfdisk_script(),
+        esp: VfatFormat { label: ESP_FS_LABEL.to_string(), volume_id: esp_volume_id(esp), sectors_per_cluster: fat32_sectors_per_cluster(esp.size_bytes) },
+        root: ext4(ROOT_LABEL),
+        state: ext4(STATE_LABEL),
+        uki_sha256,
+        fstab: fstab.to_string(),
+        files,
+    }
 }
 
 #[cfg(test)]

@@ -311,7 +311,9 @@ impl Spec {
         if self.outputs.contains(&OutputFormat::Pxe) {
             // live-boot: the initrd fetches the squashfs over HTTP and boots it; dnsmasq and
             // iPXE's EFI binary: a master serves netboot to the room.
-            all.extend(["live-boot", "dnsmasq-base", "ipxe"].map(String::from));
+            // fdisk (sfdisk) and dosfstools: a netbooted node installing itself onto its disk
+            // writes the partition table and makes the ESP.
+            all.extend(["live-boot", "dnsmasq-base", "ipxe", "fdisk", "dosfstools"].map(String::from));
         }
         all.sort();
         all.dedup();

@@ -1,0 +1,538 @@
+//! Installing a *netbooted* node onto its own disk (`[install] netboot = true`).
+//!
+//! A netbooted node has no disk image to copy: it runs from the squashfs its master served.
+//! So it installs the way netboot installers of the big distributions do, from the running
+//! image's own tree: it writes the image's GPT (the builder's table, same disk and partition
+//! GUIDs), makes the ESP and puts the image's UKI on it, makes the root filesystem and copies
+//! the squashfs's tree onto it (with the disk's fstab, the netboot files and the preloaded
+//! images' blobs, which the squashfs leaves out), reads everything back and compares it, makes
+//! the state filesystem and leaves the install record there. Everything fetched from the
+//! master is checked against the sha256 the builder put into the squashfs
+//! ([`NET_MANIFEST`]). The state partition grows to the end of the disk on first boot, as on
+//! any disk.
+//!
+//! The target is chosen as for a stick (`super::choose`): a named disk, else the smallest
+//! blank internal disk of at least `min-size`. With none, nothing is written and the node runs
+//! on as a netbooted node. A PC that boots from its disk before the network (the usual
+//! firmware order for PXE installs) then boots the installed system; one that netboots first
+//! finds its disk installed and runs netbooted, saying so.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::write::{existing, partition, with_mount, InstallStatus};
+use super::{choose, name, Choice, InstallConfig, InstallRecord, RECORD_FILE};
+use crate::disks::probe;
+use crate::preload;
+
+/// Where the builder leaves what a netbooted node needs to install itself (in the squashfs and
+/// on the disk image alike).
+pub const NET_MANIFEST: &str = "/usr/lib/labforge/netinstall.json";
+pub const NET_SCHEMA_VERSION: u32 = 1;
+
+/// The netboot install manifest (written by the builder's `pxe` stage).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NetManifest {
+    pub schema_version: u32,
+    pub image: String,
+    pub input_hash: String,
+    /// The GPT disk GUID (as in the disk image).
+    pub disk_uuid: String,
+    /// Bytes of the disk image: the smallest disk it fits.
+    pub disk_size: u64,
+    /// The disk image's partition table as an sfdisk script.
+    pub sfdisk: String,
+    pub esp: VfatFormat,
+    pub root: Ext4Format,
+    pub state: Ext4Format,
+    /// sha256 of the UKI (`<image>.efi` in the netboot files, `EFI/BOOT/BOOTX64.EFI` on the ESP).
+    pub uki_sha256: String,
+    /// The disk image's `/etc/fstab` (the squashfs has a netboot one).
+    pub fstab: String,
+    /// Netboot files (in `pxe::ARTIFACT_DIR`) by name, with their sha256; the squashfs is not
+    /// among them (it cannot hold its own hash) and is copied from the node's own boot.
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VfatFormat {
+    pub label: String,
+    pub volume_id: String,
+    pub sectors_per_cluster: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ext4Format {
+    pub label: String,
+    pub uuid: String,
+}
+
+impl NetManifest {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).with_context(|| format!("reading {} (was the image built with the pxe output by this labforge?)", path.display()))?;
+        let m: NetManifest = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+        if m.schema_version != NET_SCHEMA_VERSION {
+            bail!("{}: schema {} (this agent reads {NET_SCHEMA_VERSION})", path.display(), m.schema_version);
+        }
+        Ok(m)
+    }
+}
+
+/// What the node booted: the squashfs mounted by live-boot, and the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveRoot {
+    /// Where the squashfs is mounted (the image's tree, unchanged).
+    pub tree: PathBuf,
+    /// The squashfs file (downloaded by live-boot into memory).
+    pub file: PathBuf,
+}
+
+/// Finds the squashfs live-boot mounted, in `mountinfo` (`/proc/self/mountinfo`), and its file
+/// through the loop device's `backing_file` under `sys`.
+pub fn live_root(mountinfo: &str, sys: &Path) -> Result<LiveRoot> {
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let f: Vec<&str> = left.split_whitespace().collect();
+        let r: Vec<&str> = right.split_whitespace().collect();
+        let (Some(point), Some(fstype), Some(source)) = (f.get(4), r.first(), r.get(1)) else { continue };
+        if *fstype != "squashfs" || !point.starts_with("/run/live/") {
+            continue;
+        }
+        let dev = source.rsplit('/').next().unwrap_or_default();
+        let backing = sys.join("block").join(dev).join("loop/backing_file");
+        let file = fs::read_to_string(&backing).with_context(|| format!("reading {} (the squashfs at {point} is not on a loop device)", backing.display()))?;
+        return Ok(LiveRoot { tree: PathBuf::from(unescape(point)), file: PathBuf::from(file.trim()) });
+    }
+    bail!("no squashfs mounted under /run/live: this node was not netbooted by live-boot")
+}
+
+/// mountinfo escapes spaces and the like as `\040`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The netboot base URL (`http://master:9743/pxe`) of a node booted with `fetch=URL`.
+pub fn base_url(cmdline: &str) -> Option<String> {
+    crate::pxe::netbooted(cmdline)
+        .then(|| cmdline.split_whitespace().find_map(|w| w.strip_prefix("fetch=")))
+        .flatten()
+        .and_then(|u| u.rsplit_once('/').map(|(d, _)| d.to_string()))
+}
+
+/// Runs the netboot install: choose, write, verify. Returns the final status (`installed`,
+/// `refused` or `failed`); `record` is set only when this run wrote a disk.
+pub fn run(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, publish: &mut dyn FnMut(&InstallStatus)) -> InstallStatus {
+    let mut status = InstallStatus { state: "choosing".into(), ..Default::default() };
+    publish(&status);
+    if let Err(e) = run_inner(cfg, manifest_path, cmdline, roots, &mut status, publish) {
+        status.state = "failed".into();
+        status.message = format!("{e:#}");
+    }
+    publish(&status);
+    status
+}
+
+fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<()> {
+    let manifest = NetManifest::load(manifest_path)?;
+    let base = base_url(cmdline).context("the kernel command line has no fetch= URL: this node was not netbooted")?;
+    status.source = Some(base.clone());
+    let live = live_root(&fs::read_to_string("/proc/self/mountinfo")?, &roots.sys)?;
+    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    let disks = probe::scan(roots).context("taking the disk inventory")?;
+    let existing = |d: &crate::disks::DiskFacts| existing(roots, d, &manifest.disk_uuid);
+    let (target, reason) = match choose(&disks, cfg, manifest.disk_size, &existing) {
+        Choice::Refuse { reason } => {
+            status.state = "refused".into();
+            status.message = format!("{reason}; running netbooted");
+            return Ok(());
+        }
+        Choice::Installed { disk } => {
+            status.state = "installed".into();
+            status.target = Some(disk.clone());
+            status.message = format!("{disk} already holds a complete install of this image; nothing was written. Running netbooted: put the disk before the network in this PC's boot order to boot it");
+            return Ok(());
+        }
+        Choice::Install { disk, reason } => (disk, reason),
+    };
+    let fresh = probe::one(roots, &target)?;
+    let again = choose(std::slice::from_ref(&fresh), cfg, manifest.disk_size, &existing);
+    if !matches!(&again, Choice::Install { disk, .. } if *disk == target) {
+        bail!("{} changed while the installer looked at it ({again:?}); nothing was written", name(&fresh));
+    }
+    let target_name = name(&fresh);
+    status.target = Some(target_name.clone());
+    status.state = "writing".into();
+    status.message = reason;
+    publish(status);
+    info!(source = %base, target = %target_name, "installing from the netboot image");
+    let started = Instant::now();
+    let fetcher = Fetcher::new(&base);
+    let work = tempfile::Builder::new().prefix("labforge-netinstall-").tempdir_in("/run").context("making a work directory in /run")?;
+
+    // What comes from the master first, so a master that cannot serve it stops the install
+    // before the disk is touched.
+    let uki = work.path().join("uki.efi");
+    fetcher.fetch_to(&format!("{}.efi", manifest.image), &manifest.uki_sha256, &uki)?;
+
+    let run = |c: &mut Command| crate::disks::zap::run(c);
+    let partly = |e: anyhow::Error| e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"));
+    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path)).context("clearing old signatures off the target")?;
+    sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
+    let _ = run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
+    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    let (esp, root, state) = (partition(roots, &fresh.name, 1)?, partition(roots, &fresh.name, 2)?, partition(roots, &fresh.name, 3)?);
+
+    let e = &manifest.esp;
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-S", "512", "-n", &e.label, "-i", &e.volume_id, "-s", &e.sectors_per_cluster.to_string()])
+        .arg(&esp))
+    .context("making the ESP")
+    .map_err(partly)?;
+    with_mount(&esp, "vfat", false, |dir| {
+        fs::create_dir_all(dir.join("EFI/BOOT"))?;
+        fs::copy(&uki, dir.join("EFI/BOOT/BOOTX64.EFI")).context("copying the UKI onto the ESP")?;
+        File::open(dir.join("EFI/BOOT/BOOTX64.EFI"))?.sync_all()?;
+        Ok(())
+    })
+    .map_err(partly)?;
+
+    mkfs_ext4(&root, &manifest.root).map_err(partly)?;
+    let copied = with_mount(&root, "ext4", false, |dir| fill_root(&manifest, &live, &fetcher, &uki, dir, status, publish)).map_err(partly)?;
+
+    status.state = "verifying".into();
+    publish(status);
+    drop_caches();
+    with_mount(&root, "ext4", true, |dir| verify_root(&manifest, &live, dir)).map_err(partly)?;
+    let on_esp = with_mount(&esp, "vfat", true, |dir| sha256_file(&dir.join("EFI/BOOT/BOOTX64.EFI"))).map_err(partly)?;
+    if on_esp != manifest.uki_sha256 {
+        return Err(partly(anyhow::anyhow!("the kernel image read back from the ESP does not match (sha256 {on_esp})")));
+    }
+
+    mkfs_ext4(&state, &manifest.state).map_err(partly)?;
+    let record = InstallRecord {
+        image: manifest.image.clone(),
+        input_hash: manifest.input_hash.clone(),
+        source: base.clone(),
+        target: target_name.clone(),
+        bytes: copied,
+        seconds: started.elapsed().as_secs_f64(),
+        installed_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    with_mount(&state, "ext4", false, |dir| crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?))?;
+    info!(target = %record.target, seconds = record.seconds, "installed");
+    status.state = "installed".into();
+    status.bytes_done = copied;
+    status.bytes_total = copied;
+    status.message = format!("installed onto {target_name} from {base} ({} MiB written and read back in {:.0} s)", copied >> 20, record.seconds);
+    status.record = Some(record);
+    Ok(())
+}
+
+/// The root filesystem: the squashfs's tree, the disk's fstab, the netboot files and the
+/// preloaded images' blobs. Returns the bytes written.
+fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &Path, dir: &Path, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<u64> {
+    status.bytes_total = tree_bytes(&live.tree)? + fs::metadata(&live.file)?.len();
+    publish(status);
+    // cp -a keeps owners, modes, times, hard links, special files and extended attributes
+    // (file capabilities among them).
+    let out = Command::new("cp").arg("-a").arg("--sparse=always").arg(live.tree.join(".")).arg(dir).stderr(Stdio::piped()).output().context("running cp")?;
+    if !out.status.success() {
+        bail!("copying the image's tree: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let mut bytes = tree_bytes(dir)?;
+    status.bytes_done = bytes;
+    publish(status);
+    fs::write(dir.join("etc/fstab"), &manifest.fstab)?;
+
+    let pxe_dir = dir.join(crate::pxe::ARTIFACT_DIR.trim_start_matches('/'));
+    fs::create_dir_all(&pxe_dir)?;
+    fs::set_permissions(&pxe_dir, fs::Permissions::from_mode(0o755))?;
+    for (file, sha) in &manifest.files {
+        let to = pxe_dir.join(file);
+        if file.ends_with(".efi") {
+            fs::copy(uki, &to)?;
+        } else {
+            fetcher.fetch_to(file, sha, &to)?;
+        }
+        bytes += fs::metadata(&to)?.len();
+    }
+    let squashfs = pxe_dir.join(format!("{}.squashfs", manifest.image));
+    fs::copy(&live.file, &squashfs).with_context(|| format!("copying {}", live.file.display()))?;
+    bytes += fs::metadata(&squashfs)?.len();
+    status.bytes_done = bytes;
+    publish(status);
+
+    // The blobs the squashfs left out, from the master, each checked against its digest.
+    let layout = dir.join(preload::LAYOUT_DIR.trim_start_matches('/'));
+    let source = preload::Source { layout: layout.clone(), remote: Some(format!("{}/{}", fetcher.base, preload::REMOTE_DIR)) };
+    let entries = preload::read_layout(&layout)?;
+    for (hex, _) in preload::blobs(&source, &entries)? {
+        let to = layout.join("blobs/sha256").join(&hex);
+        if !to.exists() {
+            fs::create_dir_all(to.parent().expect("blob dir"))?;
+            fetcher.fetch_to(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), &hex, &to)?;
+            bytes += fs::metadata(&to)?.len();
+        }
+    }
+    status.bytes_done = bytes;
+    publish(status);
+    let st = Command::new("sync").arg("--file-system").arg(dir).status().context("running sync")?;
+    if !st.success() {
+        bail!("sync of the new root filesystem failed");
+    }
+    Ok(bytes)
+}
+
+/// Reads the new root back (the page cache dropped before) and compares it with the image's
+/// tree: every entry's type, owner, mode and link target, every regular file's content; then
+/// the files added to it.
+fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()> {
+    let fstab = Path::new("etc/fstab");
+    // Added to the tree (and checked below), or made by mkfs.
+    let added = [crate::pxe::ARTIFACT_DIR, &format!("{}/blobs", preload::LAYOUT_DIR), "/lost+found"].map(|p| PathBuf::from(p.trim_start_matches('/')));
+    compare_tree(&live.tree, dir, &|rel| rel == fstab || added.iter().any(|a| a == rel))?;
+    if fs::read_to_string(dir.join(fstab))? != manifest.fstab {
+        bail!("/etc/fstab read back from the new root is not the disk image's");
+    }
+    let pxe_dir = dir.join(crate::pxe::ARTIFACT_DIR.trim_start_matches('/'));
+    for (file, sha) in &manifest.files {
+        if sha256_file(&pxe_dir.join(file))? != *sha {
+            bail!("{} read back from the new root does not match its sha256", file);
+        }
+    }
+    if sha256_file(&pxe_dir.join(format!("{}.squashfs", manifest.image)))? != sha256_file(&live.file)? {
+        bail!("the squashfs read back from the new root is not the one this node booted");
+    }
+    let layout = dir.join(preload::LAYOUT_DIR.trim_start_matches('/'));
+    for e in fs::read_dir(layout.join("blobs/sha256")).into_iter().flatten().flatten() {
+        let hex = e.file_name().to_string_lossy().into_owned();
+        if sha256_file(&e.path())? != hex {
+            bail!("preloaded blob sha256:{hex} read back from the new root does not match its digest");
+        }
+    }
+    Ok(())
+}
+
+/// Compares the tree at `b` with the one at `a`, skipping the relative paths `skip` names.
+pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let ma = fs::symlink_metadata(&pa).with_context(|| format!("reading {}", pa.display()))?;
+        let mb = fs::symlink_metadata(&pb).with_context(|| format!("/{} is missing from the copy", rel.display()))?;
+        let what = |m: &fs::Metadata| (m.mode(), m.uid(), m.gid());
+        if what(&ma) != what(&mb) {
+            bail!("/{}: the copy has mode/owner {:o} {}:{}, the image {:o} {}:{}", rel.display(), mb.mode(), mb.uid(), mb.gid(), ma.mode(), ma.uid(), ma.gid());
+        }
+        let ft = ma.file_type();
+        if ft.is_dir() {
+            for e in fs::read_dir(&pa)? {
+                let r = rel.join(e?.file_name());
+                if !skip(&r) {
+                    stack.push(r);
+                }
+            }
+            // Nothing extra in the copy either.
+            for e in fs::read_dir(&pb)? {
+                let r = rel.join(e?.file_name());
+                if !skip(&r) && fs::symlink_metadata(a.join(&r)).is_err() {
+                    bail!("/{} is in the copy but not in the image", r.display());
+                }
+            }
+        } else if ft.is_symlink() {
+            if fs::read_link(&pa)? != fs::read_link(&pb)? {
+                bail!("/{}: the copy's link target differs", rel.display());
+            }
+        } else if ft.is_file() {
+            if ma.len() != mb.len() || sha256_file(&pa)? != sha256_file(&pb)? {
+                bail!("/{}: the copy's content differs from the image's", rel.display());
+            }
+        } else if ma.rdev() != mb.rdev() {
+            bail!("/{}: the copy's device number differs", rel.display());
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the regular files under `dir` (each hard-linked file once).
+fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && seen.insert((m.dev(), m.ino())) {
+                total += m.len();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Fetches netboot files from the master.
+struct Fetcher {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Fetcher {
+    fn new(base: &str) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(10))
+            .timeout_read(std::time::Duration::from_secs(60))
+            .build();
+        Fetcher { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    /// `<base>/<rel>` into `to`, checked against `sha256`; nothing is left at `to` on failure.
+    fn fetch_to(&self, rel: &str, sha256: &str, to: &Path) -> Result<()> {
+        let url = format!("{}/{rel}", self.base);
+        let resp = self.agent.get(&url).call().with_context(|| format!("fetching {url}"))?;
+        let mut body = resp.into_reader();
+        let tmp = to.with_extension("part");
+        let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = body.read(&mut buf).with_context(|| format!("reading {url}"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+        }
+        let got = hex::encode(h.finalize());
+        if got != sha256 {
+            drop(out);
+            let _ = fs::remove_file(&tmp);
+            bail!("{url} does not match the image's sha256 for it (got {got}, expected {sha256}); is the master serving another build?");
+        }
+        out.sync_all()?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+        fs::rename(&tmp, to)?;
+        Ok(())
+    }
+}
+
+fn sfdisk(dev: &str, script: &str) -> Result<()> {
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--wipe", "always"])
+        .arg(dev)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running sfdisk (package fdisk)")?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("writing the partition table: sfdisk: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn mkfs_ext4(dev: &Path, f: &Ext4Format) -> Result<()> {
+    crate::disks::zap::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-t", "ext4", "-L", &f.label, "-U", &f.uuid, "-E"])
+            .arg(format!("root_owner=0:0,hash_seed={}", f.uuid))
+            .arg(dev),
+    )
+    .with_context(|| format!("making the {} filesystem", f.label))
+}
+
+/// Drops clean page cache, so what is read back comes from the disk.
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = fs::write("/proc/sys/vm/drop_caches", "1\n");
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_squashfs_live_boot_mounted_and_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("block/loop0/loop")).unwrap();
+        fs::write(d.path().join("block/loop0/loop/backing_file"), "/run/live/medium/live/pxe-test.squashfs\n").unwrap();
+        let mountinfo = "22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw,lowerdir=/run/live/rootfs/pxe-test.squashfs\n\
+                         30 22 7:0 / /run/live/rootfs/pxe-test.squashfs ro,noatime shared:9 - squashfs /dev/loop0 ro,errors=continue\n";
+        let r = live_root(mountinfo, d.path()).unwrap();
+        assert_eq!(r.tree, Path::new("/run/live/rootfs/pxe-test.squashfs"));
+        assert_eq!(r.file, Path::new("/run/live/medium/live/pxe-test.squashfs"));
+        let err = live_root("22 1 0:21 / / rw - ext4 /dev/vda2 rw\n", d.path()).unwrap_err().to_string();
+        assert!(err.contains("not netbooted"), "{err}");
+        assert_eq!(unescape("/run/live/a\\040b"), "/run/live/a b");
+    }
+
+    #[test]
+    fn the_base_url_is_where_the_squashfs_came_from() {
+        assert_eq!(base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(), Some("http://10.0.0.1:9743/pxe"));
+        assert_eq!(base_url("root=PARTUUID=x ro"), None);
+    }
+
+    #[test]
+    fn a_copy_is_compared_entry_by_entry() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for d in [a.path(), b.path()] {
+            fs::create_dir_all(d.join("etc/x")).unwrap();
+            fs::write(d.join("etc/x/f"), "same").unwrap();
+            fs::write(d.join("etc/fstab"), if d == a.path() { "netboot" } else { "disk" }).unwrap();
+            std::os::unix::fs::symlink("x/f", d.join("etc/l")).unwrap();
+        }
+        let skip_fstab = |r: &Path| r == Path::new("etc/fstab");
+        compare_tree(a.path(), b.path(), &skip_fstab).unwrap();
+        assert!(compare_tree(a.path(), b.path(), &|_| false).unwrap_err().to_string().contains("etc/fstab"));
+        fs::write(b.path().join("etc/x/f"), "diff").unwrap();
+        assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("content differs"));
+        fs::write(b.path().join("etc/x/f"), "same").unwrap();
+        fs::set_permissions(b.path().join("etc/x/f"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("mode/owner"));
+        fs::set_permissions(b.path().join("etc/x/f"), fs::Permissions::from_mode(fs::metadata(a.path().join("etc/x/f")).unwrap().mode())).unwrap();
+        fs::write(b.path().join("etc/extra"), "").unwrap();
+        assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("not in the image"));
+        fs::remove_file(b.path().join("etc/extra")).unwrap();
+        fs::remove_file(b.path().join("etc/l")).unwrap();
+        assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("missing"));
+        std::os::unix::fs::symlink("elsewhere", b.path().join("etc/l")).unwrap();
+        assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("link target"));
+    }
+}
