@@ -128,11 +128,17 @@ pub struct PreloadStatus {
     pub failed: Vec<ImportFailure>,
     /// Rounds run so far this boot.
     pub rounds: u32,
+    /// Where blobs missing from the image's layout come from (a netbooted node's master).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Blobs fetched from `source` this boot (each checked against its digest).
+    #[serde(default)]
+    pub fetched: u64,
 }
 
 impl Default for PreloadStatus {
     fn default() -> Self {
-        PreloadStatus { state: "none".into(), total: 0, imported: 0, present: 0, failed: Vec::new(), rounds: 0 }
+        PreloadStatus { state: "none".into(), total: 0, imported: 0, present: 0, failed: Vec::new(), rounds: 0, source: None, fetched: 0 }
     }
 }
 
@@ -219,8 +225,9 @@ impl Containerd {
         Ok(parse_image_check(&String::from_utf8_lossy(&out.stdout)))
     }
 
-    /// Streams `entry` (and only it) as an OCI archive into `ctr images import`.
-    pub fn import(&self, source: &Source, entry: &Entry) -> Result<()> {
+    /// Streams `entry` (and only it) as an OCI archive into `ctr images import`; returns how
+    /// many of its blobs came from the source's server.
+    pub fn import(&self, source: &Source, entry: &Entry) -> Result<u64> {
         let mut child = self
             .ctr()
             .args(["images", "import", "-"])
@@ -233,27 +240,35 @@ impl Containerd {
         let written = write_archive(source, entry, stdin);
         let out = child.wait_with_output()?;
         // A blob that failed its digest is the cause even when ctr saw the stream cut short.
-        written?;
+        let fetched = written?;
         if !out.status.success() {
             bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(())
+        Ok(fetched)
     }
 }
 
 /// One image of the layout as an OCI archive (tar): oci-layout, an index with just this image,
 /// and the blobs its manifest names. Blobs missing from the local layout are streamed from the
 /// source's server; each is checked against its digest and size as it passes.
-fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<()> {
+fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<u64> {
     let hex = |d: &str| {
         d.strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(str::to_string)
             .with_context(|| format!("{d} is not a sha256 digest"))
     };
+    let mut fetched = 0;
+    let mut counted = |h: &str| {
+        if !source.local_blob(h).exists() {
+            fetched += 1;
+        }
+    };
+    counted(&hex(&entry.digest)?);
     let manifest_bytes = source.read_small(&hex(&entry.digest)?).context("reading the image manifest")?;
     let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).context("the image manifest is not JSON")?;
     let config = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
+    counted(&hex(&config)?);
     let config_bytes = source.read_small(&hex(&config)?).context("reading the image config")?;
     let mut layers = Vec::new();
     for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
@@ -294,6 +309,7 @@ fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<()> 
             tar.append_path_with_name(&path, &name).with_context(|| format!("adding {}", path.display()))?;
             continue;
         }
+        fetched += 1;
         let url = source.url(&h).unwrap_or_default();
         let mut body = Hashing { inner: source.fetch(&h)?.take(size), hash: Sha256::new(), bytes: 0 };
         tar.append_data(&mut header(size), &name, &mut body).with_context(|| format!("streaming {url}"))?;
@@ -303,7 +319,7 @@ fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<()> 
         }
     }
     tar.finish()?;
-    Ok(())
+    Ok(fetched)
 }
 
 /// Every blob the `entries` need (manifest, config, layers), by hex digest with its size, each
@@ -331,6 +347,7 @@ pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
 pub fn round(containerd: &Containerd, source: &Source, entries: &[Entry], mut status: PreloadStatus, progress: &mut dyn FnMut(&PreloadStatus)) -> PreloadStatus {
     status.rounds += 1;
     status.total = entries.len();
+    status.source = source.remote.clone();
     status.failed.clear();
     status.present = 0;
     let have = match containerd.images() {
@@ -348,7 +365,8 @@ pub fn round(containerd: &Containerd, source: &Source, entries: &[Entry], mut st
             continue;
         }
         progress(&status);
-        let res = containerd.import(source, e).and_then(|()| {
+        let res = containerd.import(source, e).and_then(|fetched| {
+            status.fetched += fetched;
             let after = containerd.images()?;
             match after.get(&e.name) {
                 Some(d) if *d == e.digest => Ok(()),
@@ -473,7 +491,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (e, _) = layout_with_one_image(d.path());
         let mut buf = Vec::new();
-        write_archive(&Source::local(d.path()), &e, &mut buf).unwrap();
+        assert_eq!(write_archive(&Source::local(d.path()), &e, &mut buf).unwrap(), 0);
         let names = archive_names(&buf);
         assert_eq!(names.len(), 5, "{names:?}");
         assert!(names.contains(&"oci-layout".to_string()) && names.contains(&"index.json".to_string()));
@@ -511,7 +529,7 @@ mod tests {
         let source = Source::for_boot(node.path(), &format!("initrd=initrd boot=live fetch={url} console=ttyS0"));
         assert_eq!(source.remote.as_deref(), Some(url.replace("/x.squashfs", "/preload").as_str()));
         let mut buf = Vec::new();
-        write_archive(&source, &e, &mut buf).unwrap();
+        assert_eq!(write_archive(&source, &e, &mut buf).unwrap(), 3, "manifest, config and layer came from the server");
         assert_eq!(archive_names(&buf).len(), 5);
 
         // A damaged layer on the server: the stream is refused, naming the blob.
@@ -528,6 +546,17 @@ mod tests {
         // A missing blob (and no server at all) is an error that says where it looked.
         let err = format!("{:#}", write_archive(&Source::local(node.path()), &e, &mut Vec::new()).unwrap_err());
         assert!(err.contains("reading") && err.contains(&node.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn the_blobs_an_image_needs_are_listed_once_each() {
+        let d = tempfile::tempdir().unwrap();
+        let (e, layer) = layout_with_one_image(d.path());
+        let twice = [e.clone(), Entry { name: "r/app:latest".into(), ..e.clone() }];
+        let b = blobs(&Source::local(d.path()), &twice).unwrap();
+        assert_eq!(b.len(), 3, "manifest, config, layer: {b:?}");
+        assert_eq!(b[0].0, e.digest.trim_start_matches("sha256:"));
+        assert!(b.contains(&(layer, (1 << 20) + 5)), "{b:?}");
     }
 
     #[test]

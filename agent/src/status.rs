@@ -348,6 +348,9 @@ impl std::fmt::Display for Status {
         writeln!(f, "system   {}{failed}", self.system.state)?;
         let p = &self.preload;
         writeln!(f, "preload  {} ({} of {} imported this boot, {} already present, {} failed)", p.state, p.imported, p.total, p.present, p.failed.len())?;
+        if let Some(src) = &p.source {
+            writeln!(f, "         {} blobs fetched from {src}", p.fetched)?;
+        }
         for x in &p.failed {
             writeln!(f, "         {}: {}", x.name, x.error)?;
         }

@@ -98,8 +98,9 @@ pub struct VmConfig {
     /// Raw disk files attached as they are (no overlay): the test owns them and reads them
     /// after the VM is gone.
     pub extra_disks: Vec<ExtraDisk>,
-    /// Boot from the network first (the NIC's iPXE ROM), as a diskless PC does.
-    pub net_boot: bool,
+    /// The NIC's place in the firmware's boot order (its iPXE ROM): `Some(0)` boots from the
+    /// network first, as a diskless PC does; `None`: the NIC is not a boot device.
+    pub net_boot: Option<u32>,
 }
 
 /// A raw disk file attached to a VM directly.
@@ -144,7 +145,7 @@ impl VmConfig {
             net: Net::Isolated,
             os_serial: None,
             extra_disks: Vec::new(),
-            net_boot: false,
+            net_boot: None,
         }
     }
 }
@@ -244,7 +245,7 @@ impl Vm {
                 cmd.arg("-netdev")
                     .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
                     .arg("-device")
-                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", if cfg.net_boot { ",bootindex=0" } else { "" }));
+                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", cfg.net_boot.map(|b| format!(",bootindex={b}")).unwrap_or_default()));
             }
         }
         let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));

@@ -4,15 +4,19 @@
 //! fetches the kernel, initrd and squashfs from the master, runs the same agent from memory
 //! and joins the master's cluster as a worker. The squashfs carries the preloaded images'
 //! index but not their blobs: the worker streams those from the master into containerd, and
-//! runs one of the images.
+//! runs one of the images. The image has `[install] netboot = true`: the diskless worker has
+//! no disk to install onto and says so; then a PC with a blank disk (disk first in its boot
+//! order, then the network, as lab PCs are set up for PXE installs) netboots, installs itself
+//! onto that disk from the image it runs, reboots into the installed system and joins again.
 
 use std::time::Duration;
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
+use qemu_tests::disks::{self, GIB};
 use qemu_tests::images;
 use qemu_tests::lan::Lan;
-use qemu_tests::vm::{self, Net, Vm, VmConfig};
+use qemu_tests::vm::{self, ExtraDisk, Net, Vm, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(600);
 
@@ -51,7 +55,7 @@ fn worker_netboots_from_master() -> Result<()> {
     // A PC without any disk, booting from its NIC.
     let mut w = VmConfig::new("worker", &built.image);
     w.disks.clear();
-    w.net_boot = true;
+    w.net_boot = Some(0);
     // The root filesystem lives in memory: the squashfs and what the node writes.
     w.memory_mib = 3072;
     w.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:02".into() };
@@ -62,9 +66,15 @@ fn worker_netboots_from_master() -> Result<()> {
     assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
     assert_eq!(joined.cluster_uid, ready.cluster_uid, "the worker joined the master's cluster");
     assert!(joined.node.disks.is_empty(), "the worker has no disk: {:?}", joined.node.disks);
+    let install = joined.install.clone().expect("the netboot install's status");
+    assert_eq!(install.state, "refused", "{install:?}");
+    assert!(install.message.contains("no disk is safe") && install.message.contains("running netbooted"), "{}", install.message);
     // The preloaded images came from the master, and one of them runs on the worker.
     let s = worker.wait_status("preloaded images imported", BOOT, |s| s.preload.state == "done")?;
     assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
+    assert_eq!(s.preload.source, Some(format!("http://{master_ip}:9743/pxe/preload")), "{:?}", s.preload);
+    // Two images, each a manifest, a config and a layer.
+    assert_eq!(s.preload.fetched, 6, "{:?}", s.preload);
     let line = worker.wait_for("preload-check:", BOOT)?;
     assert!(line.contains("labforge-preload-ok from-the-vm"), "the image fetched from the master ran: {line}");
     worker.wait_booted(BOOT)?;
@@ -75,9 +85,52 @@ fn worker_netboots_from_master() -> Result<()> {
     let after = master.wait_status("the worker seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
     let served = after.pxe.as_ref().map(|p| p.served).unwrap_or(0);
     assert!(served >= 5, "boot.ipxe, the image's script, kernel, initrd and squashfs were served: {served}");
-    let blobs = after.pxe.as_ref().map(|p| p.preload_served).unwrap_or(0);
-    // Two images, each a manifest, a config and a layer.
-    assert!(blobs >= 6, "the worker fetched the preloaded blobs from the master: {blobs}");
+    master.check_console_health()?;
+    drop(worker);
+
+    // A PC with a blank disk, booting its disk first and the network second: the blank disk
+    // does not boot, so it netboots, installs itself and reboots into the disk.
+    let blank = disks::blank(&dir.join("pc-disk.raw"), 8 * GIB)?;
+    let mut p = VmConfig::new("pc", &built.image);
+    p.disks.clear();
+    p.extra_disks = vec![ExtraDisk { path: blank.clone(), serial: "lf-pc".into(), usb: false, read_only: false, discard: true, bootindex: Some(0) }];
+    p.net_boot = Some(1);
+    p.memory_mib = 3072;
+    p.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:03".into() };
+    let mut pc = Vm::start(&p, &dir)?;
+    pc.wait_for("labforge: booting pxe-test from", BOOT)?;
+    let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
+    assert_eq!(done.phase, "installed", "{}", done.message);
+    let install = done.install.clone().expect("install status");
+    assert_eq!(install.target.as_deref(), Some("/dev/disk/by-id/virtio-lf-pc"));
+    assert_eq!(install.source.as_deref(), Some(format!("http://{master_ip}:9743/pxe").as_str()));
+    let record = install.record.clone().expect("the install record");
+    assert!(record.bytes > 500 << 20, "{record:?}");
+    assert!(done.message.contains("rebooting"), "{}", done.message);
+    pc.wait_stopped(BOOT)?;
+
+    // Power back on: the disk comes first and boots the installed system.
+    let mut pc = Vm::restart(&p, &dir)?;
+    let booted = pc.wait_booted(BOOT)?;
+    let installed = booted.install.clone().expect("the installed node reports how it was installed");
+    assert_eq!(installed.state, "installed");
+    assert_eq!(installed.record.as_ref().map(|r| r.source.as_str()), Some(format!("http://{master_ip}:9743/pxe").as_str()));
+    assert!(booted.state.size_bytes > 5 * GIB, "the state partition filled the 8 GiB disk: {} bytes", booted.state.size_bytes);
+    let rejoined = pc.wait_status("installed pc ready", BOOT, |s| s.phase == "ready")?;
+    assert_eq!((rejoined.role.as_str(), rejoined.cluster_uid.clone()), ("worker", ready.cluster_uid.clone()), "{}", rejoined.message);
+    // Its preloaded images came onto the disk during the install: imported from there.
+    let s = pc.wait_status("preloaded images imported from the disk", BOOT, |s| s.preload.state == "done")?;
+    assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
+    assert_eq!((s.preload.source.as_deref(), s.preload.fetched), (None, 0), "{:?}", s.preload);
+    let line = pc.wait_for("preload-check:", BOOT)?;
+    assert!(line.contains("labforge-preload-ok from-the-vm"), "{line}");
+    pc.check_console_health()?;
+
+    // The master served the blobs: six to the worker's import, six to the pc's install.
+    let hostname = rejoined.node.hostname.clone();
+    let seen = master.wait_status("the installed pc seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
+    let blobs = seen.pxe.as_ref().map(|p| p.preload_served).unwrap_or(0);
+    assert!(blobs >= 12, "preloaded blobs served by the master: {blobs}");
     master.check_console_health()?;
     Ok(())
 }

@@ -25,7 +25,7 @@ fn main() -> Result<()> {
         for _ in 0..n {
             let mut w = vm::VmConfig::new(&format!("worker{next_mac}"), &built.image);
             w.disks.clear();
-            w.net_boot = true;
+            w.net_boot = Some(0);
             w.memory_mib = 3072;
             w.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: format!("52:54:00:4d:00:{next_mac:02x}") };
             next_mac += 1;
