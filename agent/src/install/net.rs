@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::write::{existing, partition, with_mount, InstallStatus};
+use super::write::{existing, partition, sha256_file, with_mount, InstallStatus};
 use super::{choose, name, Choice, InstallConfig, InstallRecord, RECORD_FILE};
 use crate::disks::probe;
 use crate::preload;
@@ -114,26 +114,9 @@ pub fn live_root(mountinfo: &str, sys: &Path) -> Result<LiveRoot> {
         let dev = source.rsplit('/').next().unwrap_or_default();
         let backing = sys.join("block").join(dev).join("loop/backing_file");
         let file = fs::read_to_string(&backing).with_context(|| format!("reading {} (the squashfs at {point} is not on a loop device)", backing.display()))?;
-        return Ok(LiveRoot { tree: PathBuf::from(unescape(point)), file: PathBuf::from(file.trim()) });
+        return Ok(LiveRoot { tree: PathBuf::from(crate::disks::probe::unescape(point)), file: PathBuf::from(file.trim()) });
     }
     bail!("no squashfs mounted under /run/live: this node was not netbooted by live-boot")
-}
-
-/// mountinfo escapes spaces and the like as `\040`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The netboot base URL (`http://master:9743/pxe`) of a node booted with `fetch=URL`.
@@ -161,7 +144,7 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     let manifest = NetManifest::load(manifest_path)?;
     let base = base_url(cmdline).context("the kernel command line has no fetch= URL: this node was not netbooted")?;
     status.source = Some(base.clone());
-    let live = live_root(&fs::read_to_string("/proc/self/mountinfo")?, &roots.sys)?;
+    let live = live_root(&fs::read_to_string(roots.proc.join("self/mountinfo"))?, &roots.sys)?;
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
     let disks = probe::scan(roots).context("taking the disk inventory")?;
     let existing = |d: &crate::disks::DiskFacts| existing(roots, d, &manifest.disk_uuid);
@@ -338,42 +321,42 @@ fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()
     Ok(())
 }
 
-/// Compares the tree at `b` with the one at `a`, skipping the relative paths `skip` names.
+/// Compares the tree at `b` with the one at `a`, skipping the relative paths `skip` names
+/// (and what is below them).
 pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let (pa, pb) = (a.join(&rel), b.join(&rel));
-        let ma = fs::symlink_metadata(&pa).with_context(|| format!("reading {}", pa.display()))?;
+    let walk = |root: &Path| {
+        let root = root.to_path_buf();
+        walkdir::WalkDir::new(&root).into_iter().filter_entry(move |e| e.path().strip_prefix(&root).map_or(true, |r| r.as_os_str().is_empty() || !skip(r)))
+    };
+    for e in walk(a) {
+        let e = e.with_context(|| format!("reading {}", a.display()))?;
+        let rel = e.path().strip_prefix(a).expect("under a");
+        let pb = b.join(rel);
+        let ma = e.metadata()?;
         let mb = fs::symlink_metadata(&pb).with_context(|| format!("/{} is missing from the copy", rel.display()))?;
         let what = |m: &fs::Metadata| (m.mode(), m.uid(), m.gid());
         if what(&ma) != what(&mb) {
             bail!("/{}: the copy has mode/owner {:o} {}:{}, the image {:o} {}:{}", rel.display(), mb.mode(), mb.uid(), mb.gid(), ma.mode(), ma.uid(), ma.gid());
         }
         let ft = ma.file_type();
-        if ft.is_dir() {
-            for e in fs::read_dir(&pa)? {
-                let r = rel.join(e?.file_name());
-                if !skip(&r) {
-                    stack.push(r);
-                }
-            }
-            // Nothing extra in the copy either.
-            for e in fs::read_dir(&pb)? {
-                let r = rel.join(e?.file_name());
-                if !skip(&r) && fs::symlink_metadata(a.join(&r)).is_err() {
-                    bail!("/{} is in the copy but not in the image", r.display());
-                }
-            }
-        } else if ft.is_symlink() {
-            if fs::read_link(&pa)? != fs::read_link(&pb)? {
+        if ft.is_symlink() {
+            if fs::read_link(e.path())? != fs::read_link(&pb)? {
                 bail!("/{}: the copy's link target differs", rel.display());
             }
         } else if ft.is_file() {
-            if ma.len() != mb.len() || sha256_file(&pa)? != sha256_file(&pb)? {
+            if ma.len() != mb.len() || sha256_file(e.path())? != sha256_file(&pb)? {
                 bail!("/{}: the copy's content differs from the image's", rel.display());
             }
-        } else if ma.rdev() != mb.rdev() {
+        } else if !ft.is_dir() && ma.rdev() != mb.rdev() {
             bail!("/{}: the copy's device number differs", rel.display());
+        }
+    }
+    // Nothing extra in the copy either.
+    for e in walk(b) {
+        let e = e.with_context(|| format!("reading {}", b.display()))?;
+        let rel = e.path().strip_prefix(b).expect("under b");
+        if fs::symlink_metadata(a.join(rel)).is_err() {
+            bail!("/{} is in the copy but not in the image", rel.display());
         }
     }
     Ok(())
@@ -383,16 +366,10 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
 fn tree_bytes(dir: &Path) -> Result<u64> {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-            let e = e?;
-            let m = e.metadata()?;
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() && seen.insert((m.dev(), m.ino())) {
-                total += m.len();
-            }
+    for e in walkdir::WalkDir::new(dir) {
+        let m = e.with_context(|| format!("reading {}", dir.display()))?.metadata()?;
+        if m.is_file() && seen.insert((m.dev(), m.ino())) {
+            total += m.len();
         }
     }
     Ok(total)
@@ -476,13 +453,6 @@ fn drop_caches() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "1\n");
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,7 +469,6 @@ mod tests {
         assert_eq!(r.file, Path::new("/run/live/medium/live/pxe-test.squashfs"));
         let err = live_root("22 1 0:21 / / rw - ext4 /dev/vda2 rw\n", d.path()).unwrap_err().to_string();
         assert!(err.contains("not netbooted"), "{err}");
-        assert_eq!(unescape("/run/live/a\\040b"), "/run/live/a b");
     }
 
     #[test]

@@ -229,7 +229,7 @@ pub(super) fn with_mount<T>(dev: &Path, fstype: &str, read_only: bool, f: impl F
     out
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
+pub(super) fn sha256_file(p: &Path) -> Result<String> {
     let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
