@@ -15,7 +15,9 @@
 #                           `bmaptool copy` of the same .zst and block map and `dd` of the raw
 #                           image (scripts/bench-flash.sh); labforge also reads everything back
 #   netboot_*               a master of qemu-tests/images/pxe.toml serving netboot to diskless VMs:
-#                           power-on to "joined" for one node, and for three at once
+#                           power-on to "joined" for one node, and for three at once; then a PC
+#                           with a blank disk installing itself over the network (power-on to
+#                           "installed", and to "ready" from its disk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
@@ -129,7 +131,7 @@ cat > "$B/results.json" <<JSON
 JSON
 echo "bench: flashing (labforge flash vs bmaptool copy vs dd)" >&2
 scripts/bench-flash.sh "$B/out/demo.img" "$B/flash.json" >/dev/null
-echo "bench: netboot (one node, then three at once)" >&2
+echo "bench: netboot (one node, then three at once, then an install over the network)" >&2
 target/release/labforge-bench-netboot > "$B/netboot.json"
 jq -s '.[0] + .[1] + .[2]' "$B/results.json" "$B/flash.json" "$B/netboot.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
 rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp" "$B/pull-cache" "$B"/skopeo-*

@@ -18,6 +18,8 @@ pub mod secret;
 pub mod state;
 pub mod status;
 pub mod system;
+#[cfg(test)]
+pub(crate) mod testhttp;
 
 /// The systemd unit the builder installs for the agent.
 pub const SYSTEMD_UNIT: &str = include_str!("../labforge-agent.service");

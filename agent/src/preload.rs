@@ -497,26 +497,10 @@ mod tests {
         assert!(names.contains(&"oci-layout".to_string()) && names.contains(&"index.json".to_string()));
     }
 
-    /// Serves `dir`'s blobs over HTTP on loopback as the master does (`GET
-    /// /pxe/preload/blobs/sha256/<hex>`), one connection at a time, until dropped.
+    /// Serves `dir` (a layout) as the master does, under `/pxe/preload`; returns the squashfs
+    /// URL a node netbooted from it has on its command line.
     fn serve_blobs(dir: PathBuf) -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { return };
-                let mut req = [0u8; 2048];
-                let n = conn.read(&mut req).unwrap_or(0);
-                let line = String::from_utf8_lossy(&req[..n]).lines().next().unwrap_or_default().to_string();
-                let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
-                let body = path.strip_prefix("/pxe/preload/blobs/sha256/").and_then(|h| fs::read(dir.join("blobs/sha256").join(h)).ok());
-                let _ = match body {
-                    Some(b) => conn.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len()).as_bytes()).and_then(|()| conn.write_all(&b)),
-                    None => conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-                };
-            }
-        });
-        format!("http://{addr}/pxe/x.squashfs")
+        format!("{}/pxe/x.squashfs", crate::testhttp::serve(dir, "/pxe/preload"))
     }
 
     #[test]

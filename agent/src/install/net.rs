@@ -181,6 +181,14 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     // before the disk is touched.
     let uki = work.path().join("uki.efi");
     fetcher.fetch_to(&format!("{}.efi", manifest.image), &manifest.uki_sha256, &uki)?;
+    for file in manifest.files.keys().filter(|f| !f.ends_with(".efi")) {
+        fetcher.check(file, None)?;
+    }
+    let served_layout = preload::Source { layout: PathBuf::from(preload::LAYOUT_DIR), remote: Some(format!("{base}/{}", preload::REMOTE_DIR)) };
+    let blobs = preload::blobs(&served_layout, &preload::read_layout(Path::new(preload::LAYOUT_DIR))?)?;
+    for (hex, size) in &blobs {
+        fetcher.check(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), Some(*size))?;
+    }
 
     let run = |c: &mut Command| crate::disks::zap::run(c);
     let partly = |e: anyhow::Error| e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"));
@@ -205,7 +213,7 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     .map_err(partly)?;
 
     mkfs_ext4(&root, &manifest.root).map_err(partly)?;
-    let copied = with_mount(&root, "ext4", false, |dir| fill_root(&manifest, &live, &fetcher, &uki, dir, status, publish)).map_err(partly)?;
+    let copied = with_mount(&root, "ext4", false, |dir| fill_root(&manifest, &live, &fetcher, &uki, &blobs, dir, status, publish)).map_err(partly)?;
 
     status.state = "verifying".into();
     publish(status);
@@ -238,7 +246,8 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
 
 /// The root filesystem: the squashfs's tree, the disk's fstab, the netboot files and the
 /// preloaded images' blobs. Returns the bytes written.
-fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &Path, dir: &Path, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<u64> {
+#[allow(clippy::too_many_arguments)]
+fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &Path, blobs: &[(String, u64)], dir: &Path, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<u64> {
     status.bytes_total = tree_bytes(&live.tree)? + fs::metadata(&live.file)?.len();
     publish(status);
     // cp -a keeps owners, modes, times, hard links, special files and extended attributes
@@ -272,13 +281,11 @@ fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &P
 
     // The blobs the squashfs left out, from the master, each checked against its digest.
     let layout = dir.join(preload::LAYOUT_DIR.trim_start_matches('/'));
-    let source = preload::Source { layout: layout.clone(), remote: Some(format!("{}/{}", fetcher.base, preload::REMOTE_DIR)) };
-    let entries = preload::read_layout(&layout)?;
-    for (hex, _) in preload::blobs(&source, &entries)? {
-        let to = layout.join("blobs/sha256").join(&hex);
+    for (hex, _) in blobs {
+        let to = layout.join("blobs/sha256").join(hex);
         if !to.exists() {
             fs::create_dir_all(to.parent().expect("blob dir"))?;
-            fetcher.fetch_to(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), &hex, &to)?;
+            fetcher.fetch_to(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), hex, &to)?;
             bytes += fs::metadata(&to)?.len();
         }
     }
@@ -390,6 +397,19 @@ impl Fetcher {
         Fetcher { base: base.trim_end_matches('/').to_string(), agent }
     }
 
+    /// Whether the master serves `<base>/<rel>` (of `size` bytes, if given), without fetching it.
+    fn check(&self, rel: &str, size: Option<u64>) -> Result<()> {
+        let url = format!("{}/{rel}", self.base);
+        let resp = self.agent.get(&url).call().with_context(|| format!("the master does not serve {url}, which the install needs; nothing was written"))?;
+        let len = resp.header("Content-Length").and_then(|l| l.parse::<u64>().ok());
+        if let (Some(want), Some(got)) = (size, len) {
+            if want != got {
+                bail!("{url} is {got} bytes, the image's index says {want}; is the master serving another build? Nothing was written");
+            }
+        }
+        Ok(())
+    }
+
     /// `<base>/<rel>` into `to`, checked against `sha256`; nothing is left at `to` on failure.
     fn fetch_to(&self, rel: &str, sha256: &str, to: &Path) -> Result<()> {
         let url = format!("{}/{rel}", self.base);
@@ -475,6 +495,51 @@ mod tests {
     fn the_base_url_is_where_the_squashfs_came_from() {
         assert_eq!(base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(), Some("http://10.0.0.1:9743/pxe"));
         assert_eq!(base_url("root=PARTUUID=x ro"), None);
+    }
+
+    #[test]
+    fn files_from_the_master_are_checked_and_nothing_is_left_of_a_bad_one() {
+        let served = tempfile::tempdir().unwrap();
+        fs::write(served.path().join("demo.efi"), b"a kernel image").unwrap();
+        let base = format!("{}/pxe", crate::testhttp::serve(served.path().to_path_buf(), "/pxe"));
+        let f = Fetcher::new(&base);
+        let to = tempfile::tempdir().unwrap();
+        let good = hex::encode(Sha256::digest(b"a kernel image"));
+        f.fetch_to("demo.efi", &good, &to.path().join("uki.efi")).unwrap();
+        assert_eq!(fs::read(to.path().join("uki.efi")).unwrap(), b"a kernel image");
+        let err = f.fetch_to("demo.efi", &"0".repeat(64), &to.path().join("other.efi")).unwrap_err().to_string();
+        assert!(err.contains("does not match") && err.contains("another build"), "{err}");
+        let err = format!("{:#}", f.fetch_to("missing.efi", &good, &to.path().join("missing.efi")).unwrap_err());
+        assert!(err.contains("missing.efi") && err.contains("404"), "{err}");
+        f.check("demo.efi", Some(14)).unwrap();
+        assert!(f.check("demo.efi", Some(15)).unwrap_err().to_string().contains("another build"));
+        assert!(f.check("missing.efi", None).unwrap_err().to_string().contains("nothing was written"));
+        let left: Vec<_> = fs::read_dir(to.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["uki.efi"], "no partial file is left behind");
+    }
+
+    #[test]
+    fn the_manifest_must_be_there_and_of_this_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", NetManifest::load(&d.path().join("netinstall.json")).unwrap_err());
+        assert!(err.contains("pxe output"), "{err}");
+        let m = NetManifest {
+            schema_version: NET_SCHEMA_VERSION + 1,
+            image: "demo".into(),
+            input_hash: "ab".into(),
+            disk_uuid: "u".into(),
+            disk_size: 1,
+            sfdisk: "label: gpt\n".into(),
+            esp: VfatFormat { label: "LABFORGEESP".into(), volume_id: "0123abcd".into(), sectors_per_cluster: 1 },
+            root: Ext4Format { label: "LABFORGE_ROOT".into(), uuid: "r".into() },
+            state: Ext4Format { label: "LABFORGE_STATE".into(), uuid: "s".into() },
+            uki_sha256: "00".into(),
+            fstab: String::new(),
+            files: BTreeMap::new(),
+        };
+        fs::write(d.path().join("netinstall.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        let err = NetManifest::load(&d.path().join("netinstall.json")).unwrap_err().to_string();
+        assert!(err.contains("schema"), "{err}");
     }
 
     #[test]
