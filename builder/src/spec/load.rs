@@ -291,6 +291,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     if spec.pxe.serve && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
         return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));
     }
+    if spec.install.netboot && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
+        return Err(invalid(&["install", "netboot"], "installing over the network needs the pxe output (nodes netboot it): add \"pxe\" to outputs".into()));
+    }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {
             return Err(invalid(&["packages", &i.to_string()], format!("{p:?} is not a Debian package name")));

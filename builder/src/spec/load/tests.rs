@@ -62,6 +62,7 @@ fn bad_files_are_located(
 #[case::force_everything("[disks]\nwipe = \"force\"\n[disks.match]\nby-id = [\"/dev/disk/by-id/*\"]\n", "disks", "includes the OS disk")]
 #[case::install_by_kernel_name("[install]\ntarget = \"/dev/sda\"\n", "install", "kernel names such as /dev/sda change")]
 #[case::pxe_without_output("[pxe]\nserve = true\n", "pxe.serve", "add \"pxe\" to outputs")]
+#[case::netinstall_without_output("[install]\nnetboot = true\n", "install.netboot", "add \"pxe\" to outputs")]
 #[case::pxe_bad_range("outputs = [\"raw\", \"pxe\"]\n[pxe]\nserve = true\ndhcp-range = \"10.0.0.9,10.0.0.1\"\n", "pxe", "ends before it starts")]
 fn invalid_values_are_rejected(#[case] extra: &str, #[case] field: &str, #[case] message: &str) {
     let d = tempfile::tempdir().unwrap();
