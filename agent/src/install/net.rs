@@ -196,7 +196,8 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
     let _ = run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
-    let (esp, root, state) = (partition(roots, &fresh.name, 1)?, partition(roots, &fresh.name, 2)?, partition(roots, &fresh.name, 3)?);
+    let part = |n| partition(roots, &fresh.name, n).map_err(partly);
+    let (esp, root, state) = (part(1)?, part(2)?, part(3)?);
 
     let e = &manifest.esp;
     run(Command::new("mkfs.vfat")
