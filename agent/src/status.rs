@@ -344,6 +344,9 @@ impl std::fmt::Display for Status {
         if let Some(i) = &self.install {
             writeln!(f, "install  {} ({})", i.state, i.message)?;
         }
+        if let Some(p) = &self.pxe {
+            writeln!(f, "pxe      {} {} {} ({} files and {} preload blobs served) {}", p.state, p.mode, p.url, p.served, p.preload_served, p.message)?;
+        }
         let failed = if self.system.failed_units.is_empty() { String::new() } else { format!(" (failed: {})", self.system.failed_units.join(" ")) };
         writeln!(f, "system   {}{failed}", self.system.state)?;
         let p = &self.preload;

@@ -101,6 +101,9 @@ pub struct VmConfig {
     /// The NIC's place in the firmware's boot order (its iPXE ROM): `Some(0)` boots from the
     /// network first, as a diskless PC does; `None`: the NIC is not a boot device.
     pub net_boot: Option<u32>,
+    /// Netboot with the firmware's own PXE client (OVMF's network stack) instead of the NIC's
+    /// iPXE option ROM, as PCs whose firmware has no iPXE do: the NIC gets no ROM.
+    pub firmware_pxe: bool,
 }
 
 /// A raw disk file attached to a VM directly.
@@ -146,6 +149,7 @@ impl VmConfig {
             os_serial: None,
             extra_disks: Vec::new(),
             net_boot: None,
+            firmware_pxe: false,
         }
     }
 }
@@ -245,7 +249,11 @@ impl Vm {
                 cmd.arg("-netdev")
                     .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
                     .arg("-device")
-                    .arg(format!("virtio-net-pci,netdev=n0,mac={mac}{}", cfg.net_boot.map(|b| format!(",bootindex={b}")).unwrap_or_default()));
+                    .arg(format!(
+                        "virtio-net-pci,netdev=n0,mac={mac}{}{}",
+                        cfg.net_boot.map(|b| format!(",bootindex={b}")).unwrap_or_default(),
+                        if cfg.firmware_pxe { ",romfile=" } else { "" }
+                    ));
             }
         }
         let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));

@@ -52,15 +52,18 @@ fn worker_netboots_from_master() -> Result<()> {
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
     assert_eq!(pxe.url, format!("http://{master_ip}:9743/pxe/boot.ipxe"));
 
-    // A PC without any disk, booting from its NIC.
+    // A PC without any disk, booting from its NIC with the firmware's own PXE client: the
+    // master's TFTP hands it iPXE, which then boots over HTTP.
     let mut w = VmConfig::new("worker", &built.image);
     w.disks.clear();
     w.net_boot = Some(0);
+    w.firmware_pxe = true;
     // The root filesystem lives in memory: the squashfs and what the node writes.
     w.memory_mib = 3072;
     w.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:02".into() };
     let mut worker = Vm::start(&w, &dir)?;
     worker.wait_for("labforge: booting pxe-test from", BOOT)?;
+    assert!(worker.console().iter().any(|l| l.contains("Start PXE over IPv4")), "the firmware's PXE client started the netboot");
     let joined = worker.wait_status("worker ready", BOOT, |s| s.phase == "ready")?;
     assert_eq!(joined.role, "worker", "{}", joined.message);
     assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
