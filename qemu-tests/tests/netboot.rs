@@ -46,7 +46,7 @@ fn worker_netboots_from_master() -> Result<()> {
     m.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:01".into() };
     let mut master = Vm::start(&m, &dir)?;
     let ready = master.wait_status("master ready", BOOT, |s| s.phase == "ready" && s.role == "master")?;
-    let serving = master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| p.state != ""))?;
+    let serving = master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| !p.state.is_empty()))?;
     let pxe = serving.pxe.clone().expect("pxe status");
     assert_eq!((pxe.state.as_str(), pxe.mode.as_str()), ("serving", "proxy-dhcp"), "{pxe:?}");
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
