@@ -347,6 +347,11 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
             bail!("/{}: the copy has mode/owner {:o} {}:{}, the image {:o} {}:{}", rel.display(), mb.mode(), mb.uid(), mb.gid(), ma.mode(), ma.uid(), ma.gid());
         }
         let ft = ma.file_type();
+        // File capabilities (security.capability) and ACLs live here; cp does not say when it
+        // could not keep them.
+        if !ft.is_symlink() && xattrs(e.path())? != xattrs(&pb)? {
+            bail!("/{}: the copy's extended attributes differ from the image's", rel.display());
+        }
         if ft.is_symlink() {
             if fs::read_link(e.path())? != fs::read_link(&pb)? {
                 bail!("/{}: the copy's link target differs", rel.display());
@@ -368,6 +373,16 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
         }
     }
     Ok(())
+}
+
+/// The extended attributes of `p` (not following a symlink), by name.
+fn xattrs(p: &Path) -> Result<BTreeMap<std::ffi::OsString, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for name in xattr::list(p).with_context(|| format!("listing the extended attributes of {}", p.display()))? {
+        let value = xattr::get(p, &name)?.unwrap_or_default();
+        out.insert(name, value);
+    }
+    Ok(out)
 }
 
 /// Bytes of the regular files under `dir` (each hard-linked file once).
@@ -569,5 +584,12 @@ mod tests {
         assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("missing"));
         std::os::unix::fs::symlink("elsewhere", b.path().join("etc/l")).unwrap();
         assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("link target"));
+        fs::remove_file(b.path().join("etc/l")).unwrap();
+        std::os::unix::fs::symlink("x/f", b.path().join("etc/l")).unwrap();
+        compare_tree(a.path(), b.path(), &skip_fstab).unwrap();
+        // An extended attribute the copy lost (where this filesystem keeps user attributes).
+        if xattr::set(a.path().join("etc/x/f"), "user.labforge", b"cap").is_ok() {
+            assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("extended attributes"));
+        }
     }
 }
