@@ -1,13 +1,14 @@
 //! Netboot on a real LAN of VMs (a network namespace with a bridge, and the LAN's own DHCP
 //! server from the test): a master booted from its disk serves netboot with proxy-DHCP, TFTP
-//! and HTTP; a PC with no disk at all boots from its NIC (the iPXE ROM of Debian's ipxe-qemu),
-//! fetches the kernel, initrd and squashfs from the master, runs the same agent from memory
-//! and joins the master's cluster as a worker. The squashfs carries the preloaded images'
-//! index but not their blobs: the worker streams those from the master into containerd, and
-//! runs one of the images. The image has `[install] netboot = true`: the diskless worker has
-//! no disk to install onto and says so; then a PC with a blank disk (disk first in its boot
-//! order, then the network, as lab PCs are set up for PXE installs) netboots, installs itself
-//! onto that disk from the image it runs, reboots into the installed system and joins again.
+//! and HTTP. A PC whose only disk holds data boots from its NIC with the firmware's own PXE
+//! client (TFTP hands it iPXE), fetches the kernel, initrd and squashfs from the master, runs
+//! the same agent from memory and joins the master's cluster as a worker. The squashfs carries
+//! the preloaded images' index but not their blobs: the worker streams those from the master
+//! into containerd, and runs one of the images. The image has `[install] netboot = true`: the
+//! worker's disk holds data, so it does not install, says why, and leaves the disk as it was.
+//! Then a PC with a blank disk (disk first in its boot order, then the network, as lab PCs are
+//! set up for PXE installs) netboots through its NIC's iPXE ROM, installs itself onto that disk
+//! from the image it runs, reboots into the installed system and joins again.
 
 use std::time::Duration;
 
@@ -52,10 +53,13 @@ fn worker_netboots_from_master() -> Result<()> {
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
     assert_eq!(pxe.url, format!("http://{master_ip}:9743/pxe/boot.ipxe"));
 
-    // A PC without any disk, booting from its NIC with the firmware's own PXE client: the
-    // master's TFTP hands it iPXE, which then boots over HTTP.
+    // A PC whose only disk holds data (a lab PC's own files), booting from its NIC with the
+    // firmware's own PXE client: the master's TFTP hands it iPXE, which then boots over HTTP.
+    let data = disks::ext4(&dir.join("worker-data.raw"), 10 * GIB, &[("thesis.tex", "\\chapter{Results}\n")])?;
+    let data_before = disks::digest(&data)?;
     let mut w = VmConfig::new("worker", &built.image);
     w.disks.clear();
+    w.extra_disks = vec![ExtraDisk { path: data.clone(), serial: "lf-data".into(), usb: false, read_only: false, discard: true, bootindex: None }];
     w.net_boot = Some(0);
     w.firmware_pxe = true;
     // The root filesystem lives in memory: the squashfs and what the node writes.
@@ -68,10 +72,12 @@ fn worker_netboots_from_master() -> Result<()> {
     assert_eq!(joined.role, "worker", "{}", joined.message);
     assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
     assert_eq!(joined.cluster_uid, ready.cluster_uid, "the worker joined the master's cluster");
-    assert!(joined.node.disks.is_empty(), "the worker has no disk: {:?}", joined.node.disks);
+    // Its only disk holds data: the install refuses it and the node runs netbooted.
     let install = joined.install.clone().expect("the netboot install's status");
     assert_eq!(install.state, "refused", "{install:?}");
-    assert!(install.message.contains("no disk is safe") && install.message.contains("running netbooted"), "{}", install.message);
+    for says in ["no disk is safe", "virtio-lf-data: it holds data", "running netbooted"] {
+        assert!(install.message.contains(says), "{says:?} not in: {}", install.message);
+    }
     // The preloaded images came from the master, and one of them runs on the worker.
     let s = worker.wait_status("preloaded images imported", BOOT, |s| s.preload.state == "done")?;
     assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
@@ -89,7 +95,8 @@ fn worker_netboots_from_master() -> Result<()> {
     let served = after.pxe.as_ref().map(|p| p.served).unwrap_or(0);
     assert!(served >= 5, "boot.ipxe, the image's script, kernel, initrd and squashfs were served: {served}");
     master.check_console_health()?;
-    drop(worker);
+    worker.power_cut()?;
+    assert_eq!(disks::digest(&data)?, data_before, "the worker's data disk is untouched");
 
     // A PC with a blank disk, booting its disk first and the network second: the blank disk
     // does not boot, so it netboots, installs itself and reboots into the disk.

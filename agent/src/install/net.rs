@@ -375,10 +375,16 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
     Ok(())
 }
 
-/// The extended attributes of `p` (not following a symlink), by name.
+/// The extended attributes of `p` (not following a symlink), by name. A filesystem that holds
+/// none (a squashfs made without an xattr table says "not supported") has none.
 fn xattrs(p: &Path) -> Result<BTreeMap<std::ffi::OsString, Vec<u8>>> {
     let mut out = BTreeMap::new();
-    for name in xattr::list(p).with_context(|| format!("listing the extended attributes of {}", p.display()))? {
+    let names = match xattr::list(p) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing the extended attributes of {}", p.display())),
+    };
+    for name in names {
         let value = xattr::get(p, &name)?.unwrap_or_default();
         out.insert(name, value);
     }
