@@ -135,6 +135,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_netinstall_manifest_describes_the_disk_the_disk_stage_makes() {
+        let spec: Spec = toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n").unwrap();
+        let layout = Layout::new(&spec, "0123abcd");
+        let files = [("lab.vmlinuz".to_string(), "aa".to_string())].into_iter().collect();
+        let m = net_manifest(&spec, &layout, "0123abcd", "LABEL=LABFORGE_ROOT / ext4 defaults 0 1\n", "bb".into(), files);
+        assert_eq!((m.disk_uuid.as_str(), m.disk_size), (layout.disk_uuid.as_str(), layout.size_bytes));
+        assert_eq!(m.sfdisk, layout.sfdisk_script());
+        assert!(m.sfdisk.contains(&format!("label-id: {}", layout.disk_uuid)));
+        let esp = layout.part(ESP_LABEL);
+        assert_eq!(m.esp.volume_id, esp.fs_uuid.replace('-', "")[..8]);
+        assert_eq!(m.esp.sectors_per_cluster, fat32_sectors_per_cluster(esp.size_bytes));
+        assert_eq!((m.root.label.as_str(), m.root.uuid.as_str()), (ROOT_LABEL, layout.part(ROOT_LABEL).fs_uuid.as_str()));
+        assert_eq!((m.state.label.as_str(), m.state.uuid.as_str()), (STATE_LABEL, layout.part(STATE_LABEL).fs_uuid.as_str()));
+        // What the agent reads back.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("netinstall.json");
+        fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        assert_eq!(NetManifest::load(&p).unwrap(), m);
+    }
+
+    #[test]
     fn the_script_boots_the_squashfs_from_the_base_it_is_given() {
         let spec: Spec = toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n[kernel]\ncmdline = \"console=ttyS0\"\n").unwrap();
         let s = ipxe_script(&spec, "0123456789abcdef0123");
