@@ -258,14 +258,10 @@ async fn pxe_file(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(serving) = serving else {
-        return (StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response();
+    let serving = match netboot_client(&s, peer) {
+        Ok(serving) => serving,
+        Err(refused) => return refused,
     };
-    if !serving.allows(peer.ip()) {
-        tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
-        return (StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response();
-    }
     if !crate::pxe::safe_name(&file) {
         return (StatusCode::NOT_FOUND, "no such file\n").into_response();
     }
@@ -287,19 +283,29 @@ async fn preload_blob(
     axum::extract::Path(hex): axum::extract::Path<String>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(serving) = serving else {
-        return (StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response();
-    };
-    if !serving.allows(peer.ip()) {
-        tracing::warn!(%peer, "refused a preload request from outside the cluster LAN");
-        return (StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response();
+    if let Err(refused) = netboot_client(&s, peer) {
+        return refused;
     }
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return (StatusCode::NOT_FOUND, "no such blob\n").into_response();
     }
     s.preload_served.fetch_add(1, Ordering::Relaxed);
     serve_file(&std::path::Path::new(crate::preload::LAYOUT_DIR).join("blobs/sha256").join(&hex)).await
+}
+
+/// What this node serves to `peer` under `/pxe/`, or the refusal: nothing while it does not
+/// serve netboot, and nothing to addresses outside the cluster LAN.
+fn netboot_client(s: &Shared, peer: SocketAddr) -> Result<crate::pxe::Serving, axum::response::Response> {
+    use axum::response::IntoResponse;
+    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(serving) = serving else {
+        return Err((StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response());
+    };
+    if !serving.allows(peer.ip()) {
+        tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
+        return Err((StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response());
+    }
+    Ok(serving)
 }
 
 /// A file as the body, streamed, with its length.
