@@ -50,10 +50,7 @@ impl Source {
     /// The source for a node booted with `cmdline`: a netboot (`boot=live fetch=URL`) reads
     /// the blobs from `preload/` beside the squashfs at URL.
     pub fn for_boot(layout: &Path, cmdline: &str) -> Self {
-        let remote = crate::pxe::netbooted(cmdline)
-            .then(|| cmdline.split_whitespace().find_map(|w| w.strip_prefix("fetch=")))
-            .flatten()
-            .and_then(|url| url.rsplit_once('/').map(|(dir, _)| format!("{dir}/{REMOTE_DIR}")));
+        let remote = crate::pxe::base_url(cmdline).map(|base| format!("{base}/{REMOTE_DIR}"));
         Source { layout: layout.to_path_buf(), remote }
     }
 

@@ -61,6 +61,15 @@ pub fn netbooted(cmdline: &str) -> bool {
     words.contains(&"boot=live") && words.iter().any(|w| w.starts_with("fetch="))
 }
 
+/// Where a netbooted node's files are served (`http://master:9743/pxe`): the directory of the
+/// `fetch=` URL its squashfs came from; `None` if this boot was not a netboot.
+pub fn base_url(cmdline: &str) -> Option<String> {
+    netbooted(cmdline)
+        .then(|| cmdline.split_whitespace().find_map(|w| w.strip_prefix("fetch=")))
+        .flatten()
+        .and_then(|u| u.rsplit_once('/').map(|(d, _)| d.to_string()))
+}
+
 /// The PXE part of `/status` (on a master with `[pxe] serve`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PxeStatus {

@@ -119,14 +119,6 @@ pub fn live_root(mountinfo: &str, sys: &Path) -> Result<LiveRoot> {
     bail!("no squashfs mounted under /run/live: this node was not netbooted by live-boot")
 }
 
-/// The netboot base URL (`http://master:9743/pxe`) of a node booted with `fetch=URL`.
-pub fn base_url(cmdline: &str) -> Option<String> {
-    crate::pxe::netbooted(cmdline)
-        .then(|| cmdline.split_whitespace().find_map(|w| w.strip_prefix("fetch=")))
-        .flatten()
-        .and_then(|u| u.rsplit_once('/').map(|(d, _)| d.to_string()))
-}
-
 /// Runs the netboot install: choose, write, verify. Returns the final status (`installed`,
 /// `refused` or `failed`); `record` is set only when this run wrote a disk.
 pub fn run(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, publish: &mut dyn FnMut(&InstallStatus)) -> InstallStatus {
@@ -142,7 +134,7 @@ pub fn run(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &pro
 
 fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<()> {
     let manifest = NetManifest::load(manifest_path)?;
-    let base = base_url(cmdline).context("the kernel command line has no fetch= URL: this node was not netbooted")?;
+    let base = crate::pxe::base_url(cmdline).context("the kernel command line has no fetch= URL: this node was not netbooted")?;
     status.source = Some(base.clone());
     let live = live_root(&fs::read_to_string(roots.proc.join("self/mountinfo"))?, &roots.sys)?;
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
@@ -515,8 +507,8 @@ mod tests {
 
     #[test]
     fn the_base_url_is_where_the_squashfs_came_from() {
-        assert_eq!(base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(), Some("http://10.0.0.1:9743/pxe"));
-        assert_eq!(base_url("root=PARTUUID=x ro"), None);
+        assert_eq!(crate::pxe::base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(), Some("http://10.0.0.1:9743/pxe"));
+        assert_eq!(crate::pxe::base_url("root=PARTUUID=x ro"), None);
     }
 
     #[test]
