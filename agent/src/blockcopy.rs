@@ -123,7 +123,11 @@ fn pipeline(src: &mut dyn Source, ranges: &[Range], shift: u64, consume: &mut Co
         let mut done = 0u64;
         for chunk in full_rx.iter() {
             let (i, at, buf, n) = chunk.map_err(|e| {
-                let e = if e.kind() == io::ErrorKind::UnexpectedEof { io::Error::new(e.kind(), "the image ends early") } else { e };
+                let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(e.kind(), "the image ends early")
+                } else {
+                    e
+                };
                 anyhow::Error::new(e).context(format!("reading at byte {}", shift + done))
             })?;
             consume(i, at, &buf[..n])?;
@@ -178,7 +182,13 @@ impl<'a> RangeHashes<'a> {
 /// against its sha256 on the way, then syncs `dst`, drops it from the page cache and reads every
 /// range back to check it again. Ranges without a sha256 are checked on read-back against the
 /// hash taken while reading them. One thread reads (decompresses); this one writes and hashes.
-pub fn copy(src: &mut dyn Source, ranges: &[Range], dst: &File, dst_offset: u64, progress: &mut Progress<'_>) -> Result<Copied> {
+pub fn copy(
+    src: &mut dyn Source,
+    ranges: &[Range],
+    dst: &File,
+    dst_offset: u64,
+    progress: &mut Progress<'_>,
+) -> Result<Copied> {
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     let started = std::time::Instant::now();
     let mut hashes = RangeHashes::new(ranges);
@@ -215,7 +225,13 @@ pub fn copy(src: &mut dyn Source, ranges: &[Range], dst: &File, dst_offset: u64,
 
 /// Reads the ranges back from `dst` (after dropping them from the page cache, so the device
 /// answers, not memory) and compares each with its hash.
-pub fn verify(dst: &File, dst_offset: u64, ranges: &[Range], hashes: &[[u8; 32]], progress: &mut Progress<'_>) -> Result<()> {
+pub fn verify(
+    dst: &File,
+    dst_offset: u64,
+    ranges: &[Range],
+    hashes: &[[u8; 32]],
+    progress: &mut Progress<'_>,
+) -> Result<()> {
     drop_cache(dst);
     let total: u64 = ranges.iter().map(|r| r.len).sum();
     let mut done = 0u64;

@@ -65,11 +65,7 @@ pub enum Command {
     /// removable media with install mode on and, if so, writes the units that keep the stick
     /// read-only.
     #[command(hide = true)]
-    LiveGenerator {
-        normal: PathBuf,
-        early: Option<PathBuf>,
-        late: Option<PathBuf>,
-    },
+    LiveGenerator { normal: PathBuf, early: Option<PathBuf>, late: Option<PathBuf> },
     /// Ask a master for join info with this node's secret (checks that the secret and the
     /// exchange work; prints the info without the token).
     JoinInfo {
@@ -87,8 +83,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::LiveGenerator { normal, early, .. } => {
             let early = early.unwrap_or(normal);
             let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-            if let Some(live) = crate::install::live::generate(&early, std::path::Path::new(config::DEFAULT_PATH), &cmdline, std::path::Path::new("/sys"))? {
-                eprintln!("labforge-live: booted from {} ({}) with install mode on: a live session, nothing is written to it", live.disk, live.reason);
+            if let Some(live) = crate::install::live::generate(
+                &early,
+                std::path::Path::new(config::DEFAULT_PATH),
+                &cmdline,
+                std::path::Path::new("/sys"),
+            )? {
+                eprintln!(
+                    "labforge-live: booted from {} ({}) with install mode on: a live session, nothing is written to it",
+                    live.disk, live.reason
+                );
             }
             Ok(())
         }
@@ -115,8 +119,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let entries = crate::preload::read_layout(&layout)?;
             let containerd = crate::preload::Containerd { address, namespace };
             let source = match from {
-                Some(url) => crate::preload::Source { layout: layout.clone(), remote: Some(url.trim_end_matches('/').to_string()) },
-                None => crate::preload::Source::for_boot(&layout, &std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
+                Some(url) => crate::preload::Source {
+                    layout: layout.clone(),
+                    remote: Some(url.trim_end_matches('/').to_string()),
+                },
+                None => crate::preload::Source::for_boot(
+                    &layout,
+                    &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+                ),
             };
             let s = crate::preload::round(&containerd, &source, &entries, Default::default(), &mut |_| {});
             println!("{}", serde_json::to_string_pretty(&s)?);

@@ -189,10 +189,9 @@ impl NodeConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading node config {}", path.display()))?;
-        let cfg: NodeConfig = toml::from_str(&text)
-            .with_context(|| format!("parsing node config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading node config {}", path.display()))?;
+        let cfg: NodeConfig =
+            toml::from_str(&text).with_context(|| format!("parsing node config {}", path.display()))?;
         if cfg.schema_version != SCHEMA_VERSION {
             bail!(
                 "node config {} has schema version {}, this agent reads {}; rebuild the image with a matching labforge",
@@ -324,9 +323,9 @@ pub fn render_hostname(pattern: &str, mac_hex: &str, machine_id: &str) -> Result
         match name {
             "mac" => out.push_str(&mac_hex[mac_hex.len().saturating_sub(6)..]),
             "machine-id" => out.push_str(&machine_id[..machine_id.len().min(8)]),
-            other => bail!(
-                "unknown placeholder {{{other}}} in hostname pattern {pattern:?}; known: {{mac}}, {{machine-id}}"
-            ),
+            other => {
+                bail!("unknown placeholder {{{other}}} in hostname pattern {pattern:?}; known: {{mac}}, {{machine-id}}")
+            }
         }
         rest = &rest[start + len + 1..];
     }
@@ -400,7 +399,8 @@ mod tests {
         assert!(!cfg.install.netboot, "a netbooted node installs itself only when asked to");
         let w = cfg.apply_cmdline("labforge.install-netboot=yes labforge.install-netboot=maybe");
         assert!(cfg.install.netboot && w.len() == 1 && w[0].contains("yes or no"), "{w:?}");
-        let w = cfg.apply_cmdline("labforge.install=off labforge.install-target=/dev/sda labforge.install-target=serial:WD-1");
+        let w = cfg
+            .apply_cmdline("labforge.install=off labforge.install-target=/dev/sda labforge.install-target=serial:WD-1");
         assert_eq!(cfg.install.mode, crate::install::InstallMode::Off);
         assert_eq!(cfg.install.target.as_deref(), Some("serial:WD-1"));
         assert_eq!(w.len(), 1, "{w:?}");
@@ -414,7 +414,8 @@ mod tests {
     #[test]
     fn config_partition_overrides_cluster_keys() {
         let mut cfg = NodeConfig::new("demo", "lab-{mac}");
-        cfg.apply_partition_toml("hostname = \"room1-{mac}\"\n[cluster]\nrole = \"worker\"\nminimum-nodes = 4\n").unwrap();
+        cfg.apply_partition_toml("hostname = \"room1-{mac}\"\n[cluster]\nrole = \"worker\"\nminimum-nodes = 4\n")
+            .unwrap();
         assert_eq!(cfg.hostname, "room1-{mac}");
         assert_eq!(cfg.cluster.role, RolePolicy::Worker);
         assert_eq!(cfg.cluster.minimum_nodes, 4);

@@ -182,7 +182,8 @@ impl Agent {
             warn!("telling systemd we are ready: {e}");
         }
         // Booted from a stick with install mode on: install, and be nothing else this boot.
-        let live = crate::install::live::Live::current().filter(|_| self.cfg.install.mode == crate::install::InstallMode::Auto);
+        let live = crate::install::live::Live::current()
+            .filter(|_| self.cfg.install.mode == crate::install::InstallMode::Auto);
         if let Some(live) = live {
             self.install_session(live).await;
             let mut tick = tokio::time::interval(TICK);
@@ -196,7 +197,11 @@ impl Agent {
         // Netbooted with [install] netboot: install onto the PC's disk first (before the disks
         // are looked at for Ceph), and reboot into it.
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        if crate::pxe::netbooted(&cmdline) && self.cfg.install.netboot && self.cfg.install.mode != crate::install::InstallMode::Off && self.netboot_install(cmdline).await {
+        if crate::pxe::netbooted(&cmdline)
+            && self.cfg.install.netboot
+            && self.cfg.install.mode != crate::install::InstallMode::Off
+            && self.netboot_install(cmdline).await
+        {
             let mut tick = tokio::time::interval(TICK);
             loop {
                 tokio::select! {
@@ -252,10 +257,14 @@ impl Agent {
     /// safe disk, a disk installed already, a failure), the node runs on netbooted.
     async fn netboot_install(&mut self, cmdline: String) -> bool {
         let cfg = self.cfg.install.clone();
-        self.run_install("netbooted: installing onto this PC's disk".into(), "it boots from its disk if the disk comes before the network in the boot order", move |publish| {
-            let manifest = std::path::Path::new(crate::install::net::NET_MANIFEST);
-            crate::install::net::run(&cfg, manifest, &cmdline, &crate::disks::probe::Roots::default(), publish)
-        })
+        self.run_install(
+            "netbooted: installing onto this PC's disk".into(),
+            "it boots from its disk if the disk comes before the network in the boot order",
+            move |publish| {
+                let manifest = std::path::Path::new(crate::install::net::NET_MANIFEST);
+                crate::install::net::run(&cfg, manifest, &cmdline, &crate::disks::probe::Roots::default(), publish)
+            },
+        )
         .await
     }
 
@@ -265,7 +274,9 @@ impl Agent {
         &mut self,
         intro: String,
         after: &str,
-        job: impl FnOnce(&mut dyn FnMut(&crate::install::write::InstallStatus)) -> crate::install::write::InstallStatus + Send + 'static,
+        job: impl FnOnce(&mut dyn FnMut(&crate::install::write::InstallStatus)) -> crate::install::write::InstallStatus
+            + Send
+            + 'static,
     ) -> bool {
         use crate::install::write::InstallStatus;
         self.refresh_system().await;
@@ -283,7 +294,11 @@ impl Agent {
             Ok(job(&mut publish))
         })
         .await;
-        let result = result.unwrap_or_else(|e| InstallStatus { state: "failed".into(), message: format!("{e:#}"), ..Default::default() });
+        let result = result.unwrap_or_else(|e| InstallStatus {
+            state: "failed".into(),
+            message: format!("{e:#}"),
+            ..Default::default()
+        });
         self.shared.status.write().await.install = Some(result.clone());
         let phase = match result.state.as_str() {
             "installed" => "installed",
@@ -304,7 +319,8 @@ impl Agent {
             return false;
         }
         match blocking(|| {
-            let st = std::process::Command::new("systemctl").arg("reboot").status().context("running systemctl reboot")?;
+            let st =
+                std::process::Command::new("systemctl").arg("reboot").status().context("running systemctl reboot")?;
             anyhow::ensure!(st.success(), "systemctl reboot failed");
             Ok(())
         })
@@ -338,9 +354,8 @@ impl Agent {
             settle: Duration::from_secs(self.cfg.cluster.settle_seconds),
         };
         let decision = election::decide(&me, &views, self.started.elapsed(), &params);
-        let address_of = |id: &str| {
-            peers.iter().find(|p| p.beacon.node.id == id).map(|p| format!("{}:{}", p.from, p.beacon.port))
-        };
+        let address_of =
+            |id: &str| peers.iter().find(|p| p.beacon.node.id == id).map(|p| format!("{}:{}", p.from, p.beacon.port));
         match decision {
             Decision::Wait { reason } => {
                 let phase = if self.started.elapsed() < params.settle { "discovering" } else { "electing" };
@@ -372,7 +387,10 @@ impl Agent {
                 match (ready, address_of(&master)) {
                     (true, Some(addr)) => self.follow(&uid, &addr).await?,
                     _ if self.state.joined => self.set_phase("ready", "joined; master not in sight").await,
-                    _ => self.set_phase("waiting-for-master", &format!("waiting for {master} to lead cluster {uid}")).await,
+                    _ => {
+                        self.set_phase("waiting-for-master", &format!("waiting for {master} to lead cluster {uid}"))
+                            .await
+                    }
                 }
             }
             Decision::Conflict { uid, master, reason } => {
@@ -457,7 +475,13 @@ impl Agent {
                 token_expires: 0,
             };
             if self.cfg.kubernetes.enabled {
-                let token = self.state.join_info.as_ref().map(|j| j.token.clone()).filter(|t| !t.is_empty()).unwrap_or_else(kubeadm::new_token);
+                let token = self
+                    .state
+                    .join_info
+                    .as_ref()
+                    .map(|j| j.token.clone())
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(kubeadm::new_token);
                 info.token = token.clone();
                 info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
                 // Remember the token before kubeadm sees it, so a power cut mid-init resumes
@@ -524,9 +548,17 @@ impl Agent {
                 Ok(Some(exit)) => {
                     self.pxe_dnsmasq = None;
                     self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
-                    let msg = format!("dnsmasq stopped ({exit}); starting it again in 10 s (its log is in the journal)");
+                    let msg =
+                        format!("dnsmasq stopped ({exit}); starting it again in 10 s (its log is in the journal)");
                     error!("{msg}");
-                    self.publish_pxe(PxeStatus { state: "failed".into(), message: msg, served, preload_served, ..Default::default() }).await;
+                    self.publish_pxe(PxeStatus {
+                        state: "failed".into(),
+                        message: msg,
+                        served,
+                        preload_served,
+                        ..Default::default()
+                    })
+                    .await;
                     return;
                 }
                 Err(e) => warn!("checking dnsmasq: {e}"),
@@ -539,7 +571,10 @@ impl Agent {
         let url = format!("http://{}:{}/pxe/boot.ipxe", lan.address, self.cfg.status_port);
         let mode = if self.cfg.pxe.dhcp_range.is_some() { "dhcp" } else { "proxy-dhcp" };
         let unavailable = if pxe::image_script(dir, &self.cfg.image).is_none() {
-            Some(format!("this image carries no netboot files in {}: build it with \"pxe\" in outputs", pxe::ARTIFACT_DIR))
+            Some(format!(
+                "this image carries no netboot files in {}: build it with \"pxe\" in outputs",
+                pxe::ARTIFACT_DIR
+            ))
         } else if !Path::new(pxe::IPXE_DIR).join("ipxe.efi").is_file() {
             Some(format!("{}/ipxe.efi is missing (Debian package ipxe)", pxe::IPXE_DIR))
         } else {
@@ -548,26 +583,68 @@ impl Agent {
         if let Some(msg) = unavailable {
             self.pxe_retry = Some(Instant::now() + Duration::from_secs(3600));
             error!("not serving netboot: {msg}");
-            self.publish_pxe(PxeStatus { state: "unavailable".into(), mode: mode.into(), url, message: msg, served, preload_served }).await;
+            self.publish_pxe(PxeStatus {
+                state: "unavailable".into(),
+                mode: mode.into(),
+                url,
+                message: msg,
+                served,
+                preload_served,
+            })
+            .await;
             return;
         }
         let leases = Path::new(&self.cfg.state_dir).join("pxe.leases");
-        let started = pxe::dnsmasq_args(&lan.interface, lan.address, lan.netmask, &url, Path::new(pxe::IPXE_DIR), self.cfg.pxe.dhcp_range.as_deref(), &leases)
-            .and_then(|args| std::process::Command::new("dnsmasq").args(args).stdin(std::process::Stdio::null()).spawn().context("starting dnsmasq"));
+        let started = pxe::dnsmasq_args(
+            &lan.interface,
+            lan.address,
+            lan.netmask,
+            &url,
+            Path::new(pxe::IPXE_DIR),
+            self.cfg.pxe.dhcp_range.as_deref(),
+            &leases,
+        )
+        .and_then(|args| {
+            std::process::Command::new("dnsmasq")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .context("starting dnsmasq")
+        });
         match started {
             Ok(child) => {
                 self.pxe_dnsmasq = Some(child);
                 let network = Ipv4Addr::from(u32::from(lan.address) & u32::from(lan.netmask));
-                *self.shared.pxe.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some(pxe::Serving { dir: dir.to_path_buf(), image: self.cfg.image.clone(), network, netmask: lan.netmask });
+                *self.shared.pxe.write().unwrap_or_else(|e| e.into_inner()) = Some(pxe::Serving {
+                    dir: dir.to_path_buf(),
+                    image: self.cfg.image.clone(),
+                    network,
+                    netmask: lan.netmask,
+                });
                 info!(%url, mode, "serving netboot");
                 let msg = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);
-                self.publish_pxe(PxeStatus { state: "serving".into(), mode: mode.into(), url, message: msg, served, preload_served }).await;
+                self.publish_pxe(PxeStatus {
+                    state: "serving".into(),
+                    mode: mode.into(),
+                    url,
+                    message: msg,
+                    served,
+                    preload_served,
+                })
+                .await;
             }
             Err(e) => {
                 self.pxe_retry = Some(Instant::now() + Duration::from_secs(10));
                 error!("{e:#}");
-                self.publish_pxe(PxeStatus { state: "failed".into(), mode: mode.into(), url, message: format!("{e:#}"), served, preload_served }).await;
+                self.publish_pxe(PxeStatus {
+                    state: "failed".into(),
+                    mode: mode.into(),
+                    url,
+                    message: format!("{e:#}"),
+                    served,
+                    preload_served,
+                })
+                .await;
             }
         }
     }
@@ -595,7 +672,11 @@ impl Agent {
             }
         }
         let state_dir = Path::new(&self.cfg.state_dir);
-        let text = crate::disks::ceph::render(&self.ceph_nodes, &self.cfg.disks.ceph_image, &state_dir.join("rook").to_string_lossy());
+        let text = crate::disks::ceph::render(
+            &self.ceph_nodes,
+            &self.cfg.disks.ceph_image,
+            &state_dir.join("rook").to_string_lossy(),
+        );
         if self.ceph_written.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
@@ -631,7 +712,11 @@ impl Agent {
     async fn follow(&mut self, uid: &str, master_addr: &str) -> Result<()> {
         if self.state.joined {
             if let Some(info) = self.state.join_info.clone() {
-                node::set_hosts_entry(Path::new("/etc/hosts"), &kubeadm::endpoint_host(&self.cfg.cluster), &info.master_address)?;
+                node::set_hosts_entry(
+                    Path::new("/etc/hosts"),
+                    &kubeadm::endpoint_host(&self.cfg.cluster),
+                    &info.master_address,
+                )?;
                 self.set_join_info(&info).await;
             }
             self.set_phase("ready", "joined").await;
@@ -647,22 +732,35 @@ impl Agent {
                 return Ok(());
             }
         };
-        anyhow::ensure!(info.cluster_uid == uid, "the master answered for cluster {}, expected {uid}", info.cluster_uid);
-        node::set_hosts_entry(Path::new("/etc/hosts"), &kubeadm::endpoint_host(&self.cfg.cluster), &info.master_address)?;
+        anyhow::ensure!(
+            info.cluster_uid == uid,
+            "the master answered for cluster {}, expected {uid}",
+            info.cluster_uid
+        );
+        node::set_hosts_entry(
+            Path::new("/etc/hosts"),
+            &kubeadm::endpoint_host(&self.cfg.cluster),
+            &info.master_address,
+        )?;
         self.state.join_info = Some(info.clone());
         self.store.save(&self.state)?;
         if self.cfg.kubernetes.enabled {
             if Path::new(kubeadm::KUBELET_CONF).exists() {
                 info!("kubelet is already configured on this node; not running kubeadm join again");
             } else {
-                let argv = kubeadm::join_argv(&info.endpoint, &info.token, &info.ca_cert_hash, &self.inventory.hostname);
+                let argv =
+                    kubeadm::join_argv(&info.endpoint, &info.token, &info.ca_cert_hash, &self.inventory.hostname);
                 blocking(move || kubeadm::run(&argv)).await?;
             }
         }
         self.state.joined = true;
         self.store.save(&self.state)?;
         self.set_join_info(&info).await;
-        let msg = if self.cfg.kubernetes.enabled { "joined" } else { "joined (kubernetes disabled in this image: no kubeadm was run)" };
+        let msg = if self.cfg.kubernetes.enabled {
+            "joined"
+        } else {
+            "joined (kubernetes disabled in this image: no kubeadm was run)"
+        };
         self.set_phase("ready", msg).await;
         Ok(())
     }
@@ -875,12 +973,10 @@ fn apply_hostname(cfg: &NodeConfig, inv: &Inventory) {
 }
 
 fn state_volume(dir: &str) -> StateVolume {
-    let size_bytes = nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks() * s.fragment_size())
-        .unwrap_or_else(|e| {
-            warn!("reading size of state dir {dir}: {e}");
-            0
-        });
+    let size_bytes = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks() * s.fragment_size()).unwrap_or_else(|e| {
+        warn!("reading size of state dir {dir}: {e}");
+        0
+    });
     StateVolume { dir: dir.into(), size_bytes }
 }
 

@@ -40,20 +40,29 @@ pub enum RolePolicy {
 pub enum Allegiance {
     #[default]
     None,
-    Master { uid: String, committed: bool },
-    Follower { uid: String, master: NodeId },
+    Master {
+        uid: String,
+        committed: bool,
+    },
+    Follower {
+        uid: String,
+        master: NodeId,
+    },
     /// Forced to `role=master` while another master leads `uid`: refuses to join, and never
     /// claims either (that would make a second cluster the moment the other master is away).
-    Refused { uid: String, master: NodeId },
+    Refused {
+        uid: String,
+        master: NodeId,
+    },
 }
 
 impl Allegiance {
     pub fn uid(&self) -> Option<&str> {
         match self {
             Allegiance::None => None,
-            Allegiance::Master { uid, .. }
-            | Allegiance::Follower { uid, .. }
-            | Allegiance::Refused { uid, .. } => Some(uid),
+            Allegiance::Master { uid, .. } | Allegiance::Follower { uid, .. } | Allegiance::Refused { uid, .. } => {
+                Some(uid)
+            }
         }
     }
 }
@@ -135,10 +144,8 @@ fn claims<'a>(all: &[&'a NodeView]) -> Vec<Claim<'a>> {
     }
     for c in &mut out {
         c.master_view = all.iter().copied().find(|v| v.id == c.master);
-        c.followers = all
-            .iter()
-            .filter(|v| matches!(&v.allegiance, Allegiance::Follower { uid, .. } if uid == c.uid))
-            .count();
+        c.followers =
+            all.iter().filter(|v| matches!(&v.allegiance, Allegiance::Follower { uid, .. } if uid == c.uid)).count();
         // A master that claims the uid is the authority on whether it is committed.
         if let Some(Allegiance::Master { uid, committed }) = c.master_view.map(|v| &v.allegiance) {
             if uid == c.uid {

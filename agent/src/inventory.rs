@@ -55,10 +55,7 @@ impl Inventory {
     /// node) so the pure parts can be tested without one.
     pub fn take(roots: &Roots, addresses: &dyn Fn(&str) -> Vec<String>) -> Result<Self> {
         let machine_id = read_trim(&roots.etc.join("machine-id")).context("reading machine-id")?;
-        let hostname = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default();
+        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
         Ok(Inventory {
             machine_id,
             hostname,
@@ -145,7 +142,9 @@ mod tests {
                 fs::create_dir_all(p.join("device")).unwrap();
             }
         }
-        for (disk, sectors, removable, dev) in [("vda", "4194304", "0", true), ("sda", "2048", "1", true), ("loop0", "8", "0", false)] {
+        for (disk, sectors, removable, dev) in
+            [("vda", "4194304", "0", true), ("sda", "2048", "1", true), ("loop0", "8", "0", false)]
+        {
             let p = r.sys.join("block").join(disk);
             w(p.join("size"), sectors);
             w(p.join("removable"), removable);

@@ -93,8 +93,16 @@ pub fn init_argv(config: &Path) -> Vec<String> {
 
 pub fn join_argv(endpoint: &str, token: &str, ca_hash: &str, node_name: &str) -> Vec<String> {
     [
-        "join", endpoint, "--token", token, "--discovery-token-ca-cert-hash", ca_hash, "--node-name", node_name,
-        "--cri-socket", CRI_SOCKET,
+        "join",
+        endpoint,
+        "--token",
+        token,
+        "--discovery-token-ca-cert-hash",
+        ca_hash,
+        "--node-name",
+        node_name,
+        "--cri-socket",
+        CRI_SOCKET,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -108,7 +116,8 @@ pub fn token_create_argv(token: &str) -> Vec<String> {
 /// `sha256:<hex>` of the CA certificate's SubjectPublicKeyInfo, the value kubeadm's
 /// `--discovery-token-ca-cert-hash` pins.
 pub fn ca_cert_hash(pem: &[u8]) -> Result<String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow::anyhow!("reading CA certificate PEM: {e}"))?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow::anyhow!("reading CA certificate PEM: {e}"))?;
     let cert = pem.parse_x509().map_err(|e| anyhow::anyhow!("parsing CA certificate: {e}"))?;
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(cert.public_key().raw))))
 }
@@ -206,10 +215,8 @@ mod tests {
             .output()
             .unwrap();
         assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-        let pipeline = format!(
-            "openssl x509 -pubkey -in {} | openssl pkey -pubin -outform der | sha256sum",
-            crt.display()
-        );
+        let pipeline =
+            format!("openssl x509 -pubkey -in {} | openssl pkey -pubin -outform der | sha256sum", crt.display());
         let out = Command::new("sh").arg("-c").arg(&pipeline).output().unwrap();
         let want = format!("sha256:{}", &String::from_utf8_lossy(&out.stdout)[..64]);
         assert_eq!(ca_cert_hash(&std::fs::read(&crt).unwrap()).unwrap(), want);

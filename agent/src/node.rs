@@ -21,22 +21,20 @@ pub struct Lan {
 /// Finds the LAN interface (`auto`: the first physical NIC with an IPv4 address) and its
 /// address and broadcast address, if it has one yet.
 pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
-    let names: Vec<&str> = if selector == "auto" {
-        inventory.nics.iter().map(|n| n.name.as_str()).collect()
-    } else {
-        vec![selector]
-    };
+    let names: Vec<&str> =
+        if selector == "auto" { inventory.nics.iter().map(|n| n.name.as_str()).collect() } else { vec![selector] };
     let addrs = nix::ifaddrs::getifaddrs().ok()?.collect::<Vec<_>>();
     for name in names {
         for a in addrs.iter().filter(|a| a.interface_name == name) {
             let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
-            let broadcast = a
-                .broadcast
+            let broadcast =
+                a.broadcast.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()).unwrap_or(Ipv4Addr::BROADCAST);
+            let netmask = a
+                .netmask
                 .as_ref()
                 .and_then(|s| s.as_sockaddr_in())
                 .map(|s| s.ip())
-                .unwrap_or(Ipv4Addr::BROADCAST);
-            let netmask = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()).unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+                .unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
             return Some(Lan { interface: name.to_string(), address: ip, broadcast, netmask });
         }
     }

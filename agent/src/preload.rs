@@ -64,7 +64,9 @@ impl Source {
 
     /// Opens blob `hex` over HTTP; returns the body and its length if the server sent one.
     fn fetch(&self, hex: &str) -> Result<Box<dyn Read + Send + Sync>> {
-        let url = self.url(hex).with_context(|| format!("blob sha256:{hex} is missing from {} and no netboot server is known", self.layout.display()))?;
+        let url = self.url(hex).with_context(|| {
+            format!("blob sha256:{hex} is missing from {} and no netboot server is known", self.layout.display())
+        })?;
         let resp = ureq::AgentBuilder::new()
             .timeout_connect(std::time::Duration::from_secs(10))
             .timeout_read(std::time::Duration::from_secs(60))
@@ -82,14 +84,19 @@ impl Source {
             Ok(d) => (d, local.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.remote.is_some() => {
                 let mut d = Vec::new();
-                self.fetch(hex)?.take(SMALL_BLOB_MAX + 1).read_to_end(&mut d).with_context(|| format!("reading sha256:{hex} from {}", self.remote.as_deref().unwrap_or("")))?;
+                self.fetch(hex)?
+                    .take(SMALL_BLOB_MAX + 1)
+                    .read_to_end(&mut d)
+                    .with_context(|| format!("reading sha256:{hex} from {}", self.remote.as_deref().unwrap_or("")))?;
                 (d, self.url(hex).unwrap_or_default())
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", local.display())),
         };
         let got = hex::encode(Sha256::digest(&data));
         if got != hex {
-            bail!("{from} does not match its digest (sha256 {got}, expected {hex}); it is damaged or not what was built");
+            bail!(
+                "{from} does not match its digest (sha256 {got}, expected {hex}); it is damaged or not what was built"
+            );
         }
         Ok(data)
     }
@@ -135,7 +142,16 @@ pub struct PreloadStatus {
 
 impl Default for PreloadStatus {
     fn default() -> Self {
-        PreloadStatus { state: "none".into(), total: 0, imported: 0, present: 0, failed: Vec::new(), rounds: 0, source: None, fetched: 0 }
+        PreloadStatus {
+            state: "none".into(),
+            total: 0,
+            imported: 0,
+            present: 0,
+            failed: Vec::new(),
+            rounds: 0,
+            source: None,
+            fetched: 0,
+        }
     }
 }
 
@@ -162,7 +178,8 @@ pub fn read_layout(dir: &Path) -> Result<Vec<Entry>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let index: serde_json::Value = serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let mut out = Vec::new();
     for m in index["manifests"].as_array().cloned().unwrap_or_default() {
         let name = m["annotations"]["io.containerd.image.name"].as_str().context("a preloaded image without a name")?;
@@ -185,7 +202,8 @@ pub fn parse_image_check(out: &str) -> HashMap<String, String> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (name, digest, status, unpacked) = (f.first()?, f.get(2)?, f.get(3)?, f.last()?);
-            (digest.starts_with("sha256:") && *status == "complete" && *unpacked == "true").then(|| (name.to_string(), digest.to_string()))
+            (digest.starts_with("sha256:") && *status == "complete" && *unpacked == "true")
+                .then(|| (name.to_string(), digest.to_string()))
         })
         .collect()
 }
@@ -210,7 +228,8 @@ impl Containerd {
     }
 
     pub fn ready(&self) -> bool {
-        self.address.exists() && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        self.address.exists()
+            && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
     /// Images that are complete and unpacked, by name.
@@ -263,7 +282,8 @@ fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<u64>
     };
     counted(&hex(&entry.digest)?);
     let manifest_bytes = source.read_small(&hex(&entry.digest)?).context("reading the image manifest")?;
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).context("the image manifest is not JSON")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_bytes).context("the image manifest is not JSON")?;
     let config = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
     counted(&hex(&config)?);
     let config_bytes = source.read_small(&hex(&config)?).context("reading the image config")?;
@@ -312,7 +332,10 @@ fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<u64>
         tar.append_data(&mut header(size), &name, &mut body).with_context(|| format!("streaming {url}"))?;
         let got = hex::encode(body.hash.finalize());
         if body.bytes != size || got != h {
-            bail!("{url} does not match its digest ({} of {size} bytes, sha256 {got}); nothing of it is kept", body.bytes);
+            bail!(
+                "{url} does not match its digest ({} of {size} bytes, sha256 {got}); nothing of it is kept",
+                body.bytes
+            );
         }
     }
     tar.finish()?;
@@ -324,7 +347,11 @@ fn write_archive(source: &Source, entry: &Entry, out: impl Write) -> Result<u64>
 pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
     let mut out: Vec<(String, u64)> = Vec::new();
     let mut add = |d: &str, size: u64| -> Result<String> {
-        let h = d.strip_prefix("sha256:").filter(|h| h.len() == 64).with_context(|| format!("{d} is not a sha256 digest"))?.to_string();
+        let h = d
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64)
+            .with_context(|| format!("{d} is not a sha256 digest"))?
+            .to_string();
         if !out.iter().any(|(x, _)| *x == h) {
             out.push((h.clone(), size));
         }
@@ -332,7 +359,8 @@ pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
     };
     for e in entries {
         let m = add(&e.digest, e.size)?;
-        let manifest: serde_json::Value = serde_json::from_slice(&source.read_small(&m)?).context("the image manifest is not JSON")?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&source.read_small(&m)?).context("the image manifest is not JSON")?;
         for d in std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().into_iter().flatten()) {
             add(d["digest"].as_str().context("a descriptor without digest")?, d["size"].as_u64().unwrap_or(0))?;
         }
@@ -341,7 +369,13 @@ pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
 }
 
 /// One round: imports what containerd lacks. Returns the status after the round.
-pub fn round(containerd: &Containerd, source: &Source, entries: &[Entry], mut status: PreloadStatus, progress: &mut dyn FnMut(&PreloadStatus)) -> PreloadStatus {
+pub fn round(
+    containerd: &Containerd,
+    source: &Source,
+    entries: &[Entry],
+    mut status: PreloadStatus,
+    progress: &mut dyn FnMut(&PreloadStatus),
+) -> PreloadStatus {
     status.rounds += 1;
     status.total = entries.len();
     status.source = source.remote.clone();
@@ -461,7 +495,11 @@ mod tests {
         drop(sparse);
         fs::OpenOptions::new().append(true).open(blobs.join(&l)).unwrap().write_all(b"layer").unwrap();
         let c = put(b"{}");
-        let m = put(format!(r#"{{"config":{{"digest":"sha256:{c}","size":2}},"layers":[{{"digest":"sha256:{l}","size":{}}}]}}"#, layer.len()).as_bytes());
+        let m = put(format!(
+            r#"{{"config":{{"digest":"sha256:{c}","size":2}},"layers":[{{"digest":"sha256:{l}","size":{}}}]}}"#,
+            layer.len()
+        )
+        .as_bytes());
         put(b"not this");
         (Entry { name: "r/app:1".into(), digest: format!("sha256:{m}"), media_type: "m".into(), size: 10 }, l)
     }
@@ -470,7 +508,11 @@ mod tests {
         let mut names = Vec::new();
         for e in tar::Archive::new(buf).entries().unwrap() {
             let mut e = e.unwrap();
-            assert_eq!(e.header().entry_type(), tar::EntryType::Regular, "plain files only: containerd skips sparse entries");
+            assert_eq!(
+                e.header().entry_type(),
+                tar::EntryType::Regular,
+                "plain files only: containerd skips sparse entries"
+            );
             let name = e.path().unwrap().display().to_string();
             let mut data = Vec::new();
             e.read_to_end(&mut data).unwrap();
@@ -543,6 +585,11 @@ mod tests {
     #[test]
     fn only_a_netboot_has_a_remote_source() {
         assert_eq!(Source::for_boot(Path::new("/l"), "root=PARTUUID=x ro").remote, None);
-        assert_eq!(Source::for_boot(Path::new("/l"), "boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs").remote.as_deref(), Some("http://10.0.0.1:9743/pxe/preload"));
+        assert_eq!(
+            Source::for_boot(Path::new("/l"), "boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs")
+                .remote
+                .as_deref(),
+            Some("http://10.0.0.1:9743/pxe/preload")
+        );
     }
 }

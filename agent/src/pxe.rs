@@ -46,7 +46,9 @@ impl PxeConfig {
 }
 
 fn parse_range(r: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
-    let (a, b) = r.split_once(',').with_context(|| format!("dhcp-range {r:?} must be \"FIRST,LAST\", e.g. \"10.0.0.100,10.0.0.199\""))?;
+    let (a, b) = r
+        .split_once(',')
+        .with_context(|| format!("dhcp-range {r:?} must be \"FIRST,LAST\", e.g. \"10.0.0.100,10.0.0.199\""))?;
     let a: Ipv4Addr = a.trim().parse().with_context(|| format!("dhcp-range {r:?}: {a:?} is not an IPv4 address"))?;
     let b: Ipv4Addr = b.trim().parse().with_context(|| format!("dhcp-range {r:?}: {b:?} is not an IPv4 address"))?;
     if u32::from(a) > u32::from(b) {
@@ -103,7 +105,9 @@ impl Serving {
         let mask = u32::from(self.netmask);
         match peer {
             std::net::IpAddr::V4(v4) => u32::from(v4) & mask == u32::from(self.network) & mask,
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| u32::from(v4) & mask == u32::from(self.network) & mask),
+            std::net::IpAddr::V6(v6) => {
+                v6.to_ipv4_mapped().is_some_and(|v4| u32::from(v4) & mask == u32::from(self.network) & mask)
+            }
         }
     }
 }
@@ -126,7 +130,15 @@ pub fn safe_name(name: &str) -> bool {
 
 /// dnsmasq's argv for serving netboot on `lan` (address `addr`, netmask `mask`), with the
 /// HTTP script at `url`, TFTP from `tftp_root`, and full DHCP on `range` if given.
-pub fn dnsmasq_args(interface: &str, addr: Ipv4Addr, mask: Ipv4Addr, url: &str, tftp_root: &Path, range: Option<&str>, leases: &Path) -> Result<Vec<String>> {
+pub fn dnsmasq_args(
+    interface: &str,
+    addr: Ipv4Addr,
+    mask: Ipv4Addr,
+    url: &str,
+    tftp_root: &Path,
+    range: Option<&str>,
+    leases: &Path,
+) -> Result<Vec<String>> {
     let network = Ipv4Addr::from(u32::from(addr) & u32::from(mask));
     let mut a: Vec<String> = [
         "--keep-in-foreground",
@@ -183,9 +195,19 @@ mod tests {
         assert!(a.contains(&format!("--dhcp-boot=tag:ipxe,{url}")));
         assert!(a.contains(&"--pxe-service=tag:!ipxe,x86-64_EFI,labforge netboot,ipxe.efi".to_string()));
         assert!(a.contains(&"--port=0".to_string()) && a.contains(&"--interface=enp0s1".to_string()));
-        let a = dnsmasq_args("enp0s1", addr, mask, url, Path::new("/usr/lib/ipxe"), Some("10.77.0.100,10.77.0.150"), Path::new("/run/l")).unwrap();
+        let a = dnsmasq_args(
+            "enp0s1",
+            addr,
+            mask,
+            url,
+            Path::new("/usr/lib/ipxe"),
+            Some("10.77.0.100,10.77.0.150"),
+            Path::new("/run/l"),
+        )
+        .unwrap();
         assert!(a.contains(&"--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h".to_string()), "{a:?}");
-        assert!(dnsmasq_args("e", addr, mask, url, Path::new("/x"), Some("10.0.0.9,10.0.0.1"), Path::new("/run/l")).is_err());
+        assert!(dnsmasq_args("e", addr, mask, url, Path::new("/x"), Some("10.0.0.9,10.0.0.1"), Path::new("/run/l"))
+            .is_err());
     }
 
     #[test]
@@ -196,6 +218,9 @@ mod tests {
             assert!(!safe_name(bad), "{bad}");
         }
         assert!(safe_name("demo.squashfs"));
-        assert_eq!(boot_script("http://10.0.0.1:9743/pxe", "demo"), "#!ipxe\nset labforge-base http://10.0.0.1:9743/pxe\nchain ${labforge-base}/demo.ipxe\n");
+        assert_eq!(
+            boot_script("http://10.0.0.1:9743/pxe", "demo"),
+            "#!ipxe\nset labforge-base http://10.0.0.1:9743/pxe\nchain ${labforge-base}/demo.ipxe\n"
+        );
     }
 }

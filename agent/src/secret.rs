@@ -23,7 +23,8 @@ impl std::fmt::Debug for Secret {
 impl Secret {
     pub fn generate() -> Result<Self> {
         let mut b = [0u8; LEN];
-        getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("reading random bytes for the cluster secret: {e}"))?;
+        getrandom::getrandom(&mut b)
+            .map_err(|e| anyhow::anyhow!("reading random bytes for the cluster secret: {e}"))?;
         Ok(Secret(b))
     }
 

@@ -49,7 +49,10 @@ impl Store {
         match fs::read(&self.path) {
             Ok(bytes) => {
                 let s: State = serde_json::from_slice(&bytes).with_context(|| {
-                    format!("state file {} is unreadable; move it aside only if this node should forget its cluster", self.path.display())
+                    format!(
+                        "state file {} is unreadable; move it aside only if this node should forget its cluster",
+                        self.path.display()
+                    )
                 })?;
                 if s.version != VERSION {
                     bail!("state file {} has version {}, this agent reads {VERSION}", self.path.display(), s.version);

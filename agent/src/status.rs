@@ -15,12 +15,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
+use crate::disks::DisksStatus;
 use crate::inventory::Inventory;
 use crate::join::{self, JoinInfo};
+use crate::preload::PreloadStatus;
 use crate::secret::Secret;
 use crate::system::SystemHealth;
-use crate::preload::PreloadStatus;
-use crate::disks::DisksStatus;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
@@ -322,9 +322,8 @@ async fn serve_file(path: &std::path::Path) -> axum::response::Response {
 
 /// Serves the status and join endpoints until the future is dropped.
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding status endpoint on {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status endpoint on {addr}"))?;
     axum::serve(listener, router(shared).into_make_service_with_connect_info::<SocketAddr>())
         .await
         .context("serving status endpoint")
@@ -351,19 +350,41 @@ impl std::fmt::Display for Status {
             writeln!(f, "install  {} ({})", i.state, i.message)?;
         }
         if let Some(p) = &self.pxe {
-            writeln!(f, "pxe      {} {} {} ({} files and {} preload blobs served) {}", p.state, p.mode, p.url, p.served, p.preload_served, p.message)?;
+            writeln!(
+                f,
+                "pxe      {} {} {} ({} files and {} preload blobs served) {}",
+                p.state, p.mode, p.url, p.served, p.preload_served, p.message
+            )?;
         }
-        let failed = if self.system.failed_units.is_empty() { String::new() } else { format!(" (failed: {})", self.system.failed_units.join(" ")) };
+        let failed = if self.system.failed_units.is_empty() {
+            String::new()
+        } else {
+            format!(" (failed: {})", self.system.failed_units.join(" "))
+        };
         writeln!(f, "system   {}{failed}", self.system.state)?;
         let p = &self.preload;
-        writeln!(f, "preload  {} ({} of {} imported this boot, {} already present, {} failed)", p.state, p.imported, p.total, p.present, p.failed.len())?;
+        writeln!(
+            f,
+            "preload  {} ({} of {} imported this boot, {} already present, {} failed)",
+            p.state,
+            p.imported,
+            p.total,
+            p.present,
+            p.failed.len()
+        )?;
         if let Some(src) = &p.source {
             writeln!(f, "         {} blobs fetched from {src}", p.fetched)?;
         }
         for x in &p.failed {
             writeln!(f, "         {}: {}", x.name, x.error)?;
         }
-        writeln!(f, "cluster  {} (master {}, kubernetes {})", self.cluster_uid.as_deref().unwrap_or("-"), self.master_address.as_deref().unwrap_or("-"), self.kubernetes)?;
+        writeln!(
+            f,
+            "cluster  {} (master {}, kubernetes {})",
+            self.cluster_uid.as_deref().unwrap_or("-"),
+            self.master_address.as_deref().unwrap_or("-"),
+            self.kubernetes
+        )?;
         for p in &self.peers {
             writeln!(f, "peer     {} {} {} {}", p.hostname, p.address, p.role, p.id)?;
         }
@@ -372,14 +393,36 @@ impl std::fmt::Display for Status {
             let state = if n.up { "up" } else { "down" };
             writeln!(f, "nic      {} {} {} {}", n.name, n.mac, state, n.addresses.join(" "))?;
         }
-        writeln!(f, "disks    {} (wipe = {}; lvm {}, rbd {}){}", self.disks.state, self.disks.wipe, yes(self.disks.lvm), yes(self.disks.rbd), if self.disks.message.is_empty() { String::new() } else { format!(": {}", self.disks.message) })?;
+        writeln!(
+            f,
+            "disks    {} (wipe = {}; lvm {}, rbd {}){}",
+            self.disks.state,
+            self.disks.wipe,
+            yes(self.disks.lvm),
+            yes(self.disks.rbd),
+            if self.disks.message.is_empty() { String::new() } else { format!(": {}", self.disks.message) }
+        )?;
         for d in &self.disks.disks {
             let id = d.facts.by_id.first().map(String::as_str).unwrap_or("-");
             let ceph = if d.ceph { " ceph" } else { "" };
-            writeln!(f, "disk     {} {} {} {:?}{ceph} {id}: {} ({})", d.facts.name, bytesize::ByteSize(d.facts.size_bytes), d.class.as_str(), d.action, d.reason, d.class_reason)?;
+            writeln!(
+                f,
+                "disk     {} {} {} {:?}{ceph} {id}: {} ({})",
+                d.facts.name,
+                bytesize::ByteSize(d.facts.size_bytes),
+                d.class.as_str(),
+                d.action,
+                d.reason,
+                d.class_reason
+            )?;
         }
         if let Some(c) = &self.ceph {
-            writeln!(f, "ceph     {} ({} nodes with devices)", c.manifest, c.nodes.values().filter(|d| !d.is_empty()).count())?;
+            writeln!(
+                f,
+                "ceph     {} ({} nodes with devices)",
+                c.manifest,
+                c.nodes.values().filter(|d| !d.is_empty()).count()
+            )?;
         }
         Ok(())
     }

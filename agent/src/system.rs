@@ -53,7 +53,11 @@ fn parse_state(stdout: &str) -> String {
     const KNOWN: &[&str] =
         &["initializing", "starting", "running", "degraded", "maintenance", "stopping", "offline", "unknown"];
     let s = stdout.trim();
-    if KNOWN.contains(&s) { s.to_string() } else { "unknown".to_string() }
+    if KNOWN.contains(&s) {
+        s.to_string()
+    } else {
+        "unknown".to_string()
+    }
 }
 
 /// The unit names of `systemctl list-units --state=failed --plain --no-legend` output.

@@ -23,7 +23,10 @@ pub fn serve(dir: PathBuf, prefix: &'static str) -> String {
                 .and_then(|p| std::fs::read(dir.join(p)).ok());
             let _ = match body {
                 Some(b) => conn
-                    .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len()).as_bytes())
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())
+                            .as_bytes(),
+                    )
                     .and_then(|()| conn.write_all(&b)),
                 None => conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
             };

@@ -45,8 +45,10 @@ fn mapped_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
 pub fn create(image: &Path) -> Result<String> {
     let mut file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let size = file.metadata()?.len();
-    let spans: Vec<(u64, u64)> =
-        mapped_ranges(&file, size).into_iter().map(|(first, last)| (first * BLOCK_SIZE, ((last + 1) * BLOCK_SIZE).min(size))).collect();
+    let spans: Vec<(u64, u64)> = mapped_ranges(&file, size)
+        .into_iter()
+        .map(|(first, last)| (first * BLOCK_SIZE, ((last + 1) * BLOCK_SIZE).min(size)))
+        .collect();
     let ranges = hash_spans(&mut file, &spans)
         .with_context(|| format!("reading {}", image.display()))?
         .into_iter()

@@ -127,9 +127,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Write a new cluster secret (32 random bytes as hex, mode 0600) to FILE.
-    New {
-        file: PathBuf,
-    },
+    New { file: PathBuf },
 }
 
 pub fn init_logging(verbose: u8) {
@@ -158,7 +156,11 @@ fn options(spec: SpecArgs, out: PathBuf, force: bool) -> BuildOptions {
         mirror: spec.mirror,
         agent: spec.agent,
         force,
-        registry: crate::registry::RegistryOptions { plain_http: spec.plain_http, ca_files: spec.ca_file, parallel: spec.parallel },
+        registry: crate::registry::RegistryOptions {
+            plain_http: spec.plain_http,
+            ca_files: spec.ca_file,
+            parallel: spec.parallel,
+        },
         update_lock: spec.update_lock,
         lock_file: spec.lock_file,
     }
@@ -223,7 +225,11 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("image      {}", plan.spec.name);
                 println!("input hash {}", plan.input_hash);
-                println!("rootfs     {} ({})", &plan.rootfs_key[..16], if cached { "cached" } else { "will run mmdebstrap" });
+                println!(
+                    "rootfs     {} ({})",
+                    &plan.rootfs_key[..16],
+                    if cached { "cached" } else { "will run mmdebstrap" }
+                );
                 println!("           {}", cmd.display());
                 for o in &plan.spec.overlays {
                     println!("overlay    {}", o.display());
@@ -234,11 +240,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("cmdline    {}", build::disk::cmdline(&layout, &plan.spec));
                 let d = &plan.spec.disks;
                 let selected = match &d.select {
-                    Some(m) => format!(", match by-id {:?} size {}", m.by_id, m.size.map(|r| r.to_string()).unwrap_or_else(|| "any".into())),
+                    Some(m) => format!(
+                        ", match by-id {:?} size {}",
+                        m.by_id,
+                        m.size.map(|r| r.to_string()).unwrap_or_else(|| "any".into())
+                    ),
                     None => String::new(),
                 };
                 println!("disks      wipe = {}, min-size {}{selected}", d.wipe.as_str(), d.min_size);
-                if d.wipe == labforge_agent::disks::Wipe::Force && d.select.as_ref().is_some_and(|m| m.by_id.is_empty()) {
+                if d.wipe == labforge_agent::disks::Wipe::Force && d.select.as_ref().is_some_and(|m| m.by_id.is_empty())
+                {
                     eprintln!("warning: wipe = \"force\" selects disks by size alone; a disk holding data in that range is wiped. The agent never wipes the OS disk, removable disks or Ceph OSDs, but naming the disks by id is safer.");
                 }
                 for (r, d) in &plan.preload {
@@ -291,15 +302,29 @@ pub fn run(cli: Cli) -> Result<()> {
             let moved = reg.transfer.bytes.load(std::sync::atomic::Ordering::Relaxed);
             let secs = started.elapsed().as_secs_f64();
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-                    "images": pulled, "transferred_bytes": moved, "seconds": secs, "lock_file": plan.lock_path,
-                }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "images": pulled, "transferred_bytes": moved, "seconds": secs, "lock_file": plan.lock_path,
+                    }))?
+                );
             } else {
                 for p in &pulled {
-                    eprintln!("  {:<56} {}  {:>10}", p.name, &p.digest[..19], bytesize::ByteSize(p.size_bytes).to_string());
+                    eprintln!(
+                        "  {:<56} {}  {:>10}",
+                        p.name,
+                        &p.digest[..19],
+                        bytesize::ByteSize(p.size_bytes).to_string()
+                    );
                 }
                 let total: u64 = pulled.iter().map(|p| p.size_bytes).sum();
-                eprintln!("{} images, {} ({} transferred) in {secs:.1}s; pinned in {}", pulled.len(), bytesize::ByteSize(total), bytesize::ByteSize(moved), plan.lock_path.display());
+                eprintln!(
+                    "{} images, {} ({} transferred) in {secs:.1}s; pinned in {}",
+                    pulled.len(),
+                    bytesize::ByteSize(total),
+                    bytesize::ByteSize(moved),
+                    plan.lock_path.display()
+                );
             }
             Ok(())
         }
@@ -312,7 +337,12 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{:<56} {:<19} {:>10}", "REF", "DIGEST", "SIZE");
                 for i in &list {
-                    println!("{:<56} {:<19} {:>10}", i.name, &i.digest[..19.min(i.digest.len())], bytesize::ByteSize(i.size_bytes).to_string());
+                    println!(
+                        "{:<56} {:<19} {:>10}",
+                        i.name,
+                        &i.digest[..19.min(i.digest.len())],
+                        bytesize::ByteSize(i.size_bytes).to_string()
+                    );
                 }
             }
             Ok(())
@@ -337,8 +367,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { image, json } => {
             let manifest = crate::inspect::find_manifest(&image)?;
             let text = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
-            let m: build::manifest::Manifest = serde_json::from_slice(&text)
-                .with_context(|| format!("parsing {}", manifest.display()))?;
+            let m: build::manifest::Manifest =
+                serde_json::from_slice(&text).with_context(|| format!("parsing {}", manifest.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {

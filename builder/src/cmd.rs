@@ -52,7 +52,11 @@ impl Cmd {
         std::iter::once(self.program.clone())
             .chain(self.args.iter().map(|a| {
                 let s = a.to_string_lossy();
-                if s.contains(' ') { format!("'{s}'") } else { s.into_owned() }
+                if s.contains(' ') {
+                    format!("'{s}'")
+                } else {
+                    s.into_owned()
+                }
             }))
             .collect::<Vec<_>>()
             .join(" ")
@@ -64,9 +68,7 @@ impl Cmd {
         interrupt::check()?;
         tracing::debug!(cmd = %self.display(), "running");
         let stdin = match &self.stdin {
-            Some(p) => Stdio::from(
-                std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
-            ),
+            Some(p) => Stdio::from(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?),
             None => Stdio::null(),
         };
         let mut command = Command::new(&self.program);

@@ -92,7 +92,8 @@ pub fn default_bmap(image: &Path) -> Option<PathBuf> {
 pub fn read_bmap(path: &Path) -> Result<(u64, Vec<Range>)> {
     let xml = fs::read_to_string(path).with_context(|| format!("reading block map {}", path.display()))?;
     check_bmap_checksum(&xml).with_context(|| format!("block map {}", path.display()))?;
-    let map = bmap_parser::Bmap::from_xml(&xml).map_err(|e| anyhow::anyhow!("parsing block map {}: {e}", path.display()))?;
+    let map =
+        bmap_parser::Bmap::from_xml(&xml).map_err(|e| anyhow::anyhow!("parsing block map {}: {e}", path.display()))?;
     let size = map.image_size();
     let ranges = map
         .block_map()
@@ -126,7 +127,11 @@ fn check_bmap_checksum(xml: &str) -> Result<()> {
 pub fn refusal(d: &DiskFacts, image_size: u64, force: bool) -> Option<String> {
     let what = describe(d);
     if !d.boot.is_empty() {
-        return Some(format!("{} {what} {}: it is this host's system disk; labforge flash never writes it", d.path, d.boot.join(", ")));
+        return Some(format!(
+            "{} {what} {}: it is this host's system disk; labforge flash never writes it",
+            d.path,
+            d.boot.join(", ")
+        ));
     }
     if d.read_only {
         return Some(format!("{} {what} is read-only (a write-protect switch on the stick?)", d.path));
@@ -143,7 +148,12 @@ pub fn refusal(d: &DiskFacts, image_size: u64, force: bool) -> Option<String> {
         return None;
     }
     if !d.mounts.is_empty() || !d.holders.is_empty() {
-        let using: Vec<String> = d.mounts.iter().map(|m| format!("mounted at {m}")).chain(d.holders.iter().map(|h| format!("held by {h}"))).collect();
+        let using: Vec<String> = d
+            .mounts
+            .iter()
+            .map(|m| format!("mounted at {m}"))
+            .chain(d.holders.iter().map(|h| format!("held by {h}")))
+            .collect();
         return Some(format!("{} {what} is in use ({}); unmount it first (or pass --force)", d.path, using.join(", ")));
     }
     let removable = d.removable || matches!(d.transport.as_deref(), Some("usb" | "mmc"));
@@ -185,8 +195,14 @@ fn open_target(path: &Path, image_size: u64, force: bool, roots: &probe::Roots) 
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .with_context(|| format!("{} has no entry in {}", path.display(), sys.display()))?;
         if sys.join("partition").exists() {
-            let disk = fs::canonicalize(&sys).ok().and_then(|p| p.parent()?.file_name().map(|n| n.to_string_lossy().into_owned()));
-            bail!("{} is a partition; give the whole disk (/dev/{})", path.display(), disk.unwrap_or_else(|| "…".into()));
+            let disk = fs::canonicalize(&sys)
+                .ok()
+                .and_then(|p| p.parent()?.file_name().map(|n| n.to_string_lossy().into_owned()));
+            bail!(
+                "{} is a partition; give the whole disk (/dev/{})",
+                path.display(),
+                disk.unwrap_or_else(|| "…".into())
+            );
         }
         let facts = probe::block_device(roots, &name)?;
         if let Some(why) = refusal(&facts, image_size, force) {
@@ -199,12 +215,20 @@ fn open_target(path: &Path, image_size: u64, force: bool, roots: &probe::Roots) 
             o.custom_flags(libc::O_EXCL);
         }
         let file = o.open(path).map_err(|e| {
-            let hint = if e.raw_os_error() == Some(libc::EBUSY) { ": it is in use (mounted, or held by another program)" } else { "" };
+            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                ": it is in use (mounted, or held by another program)"
+            } else {
+                ""
+            };
             anyhow::anyhow!("opening {} for writing: {e}{hint}", path.display())
         })?;
         Ok(Target { file, block: true })
     } else if md.is_file() {
-        let file = OpenOptions::new().read(true).write(true).open(path).with_context(|| format!("opening {} for writing", path.display()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {} for writing", path.display()))?;
         if md.len() < image_size {
             file.set_len(image_size).with_context(|| format!("extending {}", path.display()))?;
         }
@@ -238,13 +262,20 @@ pub fn flash(opts: &FlashOptions, roots: &probe::Roots) -> Result<Flashed> {
             let Some(size) = image.size else {
                 bail!("{} does not record its size and has no block map beside it; pass --bmap", opts.image.display());
             };
-            let ranges = if image.zstd { vec![Range { offset: 0, len: size, sha256: None }] } else { blockcopy::data_ranges(&image.file, size) };
+            let ranges = if image.zstd {
+                vec![Range { offset: 0, len: size, sha256: None }]
+            } else {
+                blockcopy::data_ranges(&image.file, size)
+            };
             (size, ranges)
         }
     };
     let target = open_target(&opts.target, size, opts.force, roots)?;
     if bmap.is_none() {
-        tracing::warn!("no block map for {}: writing every block it holds, checked only by reading it back", opts.image.display());
+        tracing::warn!(
+            "no block map for {}: writing every block it holds, checked only by reading it back",
+            opts.image.display()
+        );
     }
     let mapped: u64 = ranges.iter().map(|r| r.len).sum();
     tracing::info!(
@@ -311,9 +342,11 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>9} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg:>9} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         b.set_message("writing");
         b

@@ -21,11 +21,31 @@ pub struct Requirement {
 pub const EFI_STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
 pub const REQUIREMENTS: &[Requirement] = &[
-    Requirement { what: "mmdebstrap", package: "mmdebstrap", purpose: "root filesystem from distribution packages", always: true },
-    Requirement { what: "/usr/share/keyrings/debian-archive-keyring.gpg", package: "debian-archive-keyring", purpose: "verifying Debian's archive", always: false },
-    Requirement { what: "mkfs.ext4", package: "e2fsprogs", purpose: "root and state filesystems without mounting", always: true },
+    Requirement {
+        what: "mmdebstrap",
+        package: "mmdebstrap",
+        purpose: "root filesystem from distribution packages",
+        always: true,
+    },
+    Requirement {
+        what: "/usr/share/keyrings/debian-archive-keyring.gpg",
+        package: "debian-archive-keyring",
+        purpose: "verifying Debian's archive",
+        always: false,
+    },
+    Requirement {
+        what: "mkfs.ext4",
+        package: "e2fsprogs",
+        purpose: "root and state filesystems without mounting",
+        always: true,
+    },
     Requirement { what: "mkfs.vfat", package: "dosfstools", purpose: "EFI system partition", always: true },
-    Requirement { what: "mcopy", package: "mtools", purpose: "copying the UKI into the ESP without mounting", always: true },
+    Requirement {
+        what: "mcopy",
+        package: "mtools",
+        purpose: "copying the UKI into the ESP without mounting",
+        always: true,
+    },
     Requirement { what: "sfdisk", package: "fdisk", purpose: "GPT partition table", always: true },
     Requirement { what: "objcopy", package: "binutils", purpose: "assembling the UKI", always: true },
     Requirement { what: EFI_STUB, package: "systemd-boot-efi", purpose: "UEFI stub of the UKI", always: true },
@@ -35,12 +55,32 @@ pub const REQUIREMENTS: &[Requirement] = &[
     Requirement { what: "gpg", package: "gpg", purpose: "checking fingerprints of repository keys", always: false },
     Requirement { what: "curl", package: "curl", purpose: "fetching repository keys named by URL", always: false },
     Requirement { what: "qemu-img", package: "qemu-utils", purpose: "qcow2 output", always: false },
-    Requirement { what: "mksquashfs", package: "squashfs-tools", purpose: "pxe output (the netboot root filesystem)", always: false },
-    Requirement { what: "qemu-system-x86_64", package: "qemu-system-x86", purpose: "booting images (make demo, tests)", always: false },
-    Requirement { what: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", purpose: "UEFI firmware for QEMU", always: false },
+    Requirement {
+        what: "mksquashfs",
+        package: "squashfs-tools",
+        purpose: "pxe output (the netboot root filesystem)",
+        always: false,
+    },
+    Requirement {
+        what: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        purpose: "booting images (make demo, tests)",
+        always: false,
+    },
+    Requirement {
+        what: "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        package: "ovmf",
+        purpose: "UEFI firmware for QEMU",
+        always: false,
+    },
     Requirement { what: "bmaptool", package: "bmap-tools", purpose: "checking .bmap files (tests)", always: false },
     Requirement { what: "dnsmasq", package: "dnsmasq-base", purpose: "DHCP on the test LANs (tests)", always: false },
-    Requirement { what: "ip", package: "iproute2", purpose: "network namespaces for the test LANs (tests)", always: false },
+    Requirement {
+        what: "ip",
+        package: "iproute2",
+        purpose: "network namespaces for the test LANs (tests)",
+        always: false,
+    },
 ];
 
 /// Where `what` is found, if anywhere.
@@ -58,7 +98,10 @@ pub fn locate(what: &str) -> Option<PathBuf> {
 /// "install Debian package X" for a known tool, or a generic hint.
 pub fn install_hint(program: &str) -> String {
     match REQUIREMENTS.iter().find(|r| r.what == program) {
-        Some(r) => format!("install the Debian package `{}` (apt-get install {}), or run `labforge doctor`", r.package, r.package),
+        Some(r) => format!(
+            "install the Debian package `{}` (apt-get install {}), or run `labforge doctor`",
+            r.package, r.package
+        ),
         None => "install it, or run `labforge doctor` to list what labforge needs".into(),
     }
 }
@@ -75,7 +118,13 @@ pub struct Check {
 pub fn check_all() -> Vec<Check> {
     REQUIREMENTS
         .iter()
-        .map(|r| Check { what: r.what, package: r.package, purpose: r.purpose, required: r.always, found: locate(r.what) })
+        .map(|r| Check {
+            what: r.what,
+            package: r.package,
+            purpose: r.purpose,
+            required: r.always,
+            found: locate(r.what),
+        })
         .collect()
 }
 

@@ -12,10 +12,7 @@ pub fn find_manifest(image: &Path) -> Result<PathBuf> {
     if name.ends_with(".manifest.json") {
         return Ok(image.to_path_buf());
     }
-    let stem = [".img.zst", ".img.bmap", ".img", ".qcow2"]
-        .iter()
-        .find_map(|s| name.strip_suffix(s))
-        .unwrap_or(&name);
+    let stem = [".img.zst", ".img.bmap", ".img", ".qcow2"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
     let m = image.with_file_name(format!("{stem}.manifest.json"));
     if !m.is_file() {
         bail!("no manifest {} beside {}; was the image built by labforge?", m.display(), image.display());
@@ -71,19 +68,25 @@ pub fn preloaded_images(image: &Path) -> Result<Vec<ImageEntry>> {
     if name.ends_with(".zst") || name.ends_with(".qcow2") || name.ends_with(".bmap") || name.ends_with(".json") {
         bail!("{} is not a raw image; give the `.img` file", image.display());
     }
-    let out = crate::cmd::Cmd::new("sfdisk").arg("--json").arg(image).run()
+    let out = crate::cmd::Cmd::new("sfdisk")
+        .arg("--json")
+        .arg(image)
+        .run()
         .with_context(|| format!("{} has no readable partition table; is it a labforge image?", image.display()))?;
     let table: serde_json::Value = serde_json::from_str(&out)?;
     let parts = table["partitiontable"]["partitions"].as_array().cloned().unwrap_or_default();
     let sector = table["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
-    let root = parts
-        .iter()
-        .find(|p| p["name"].as_str() == Some(crate::build::disk::ROOT_LABEL))
-        .with_context(|| format!("{} has no {} partition; is it a labforge image?", image.display(), crate::build::disk::ROOT_LABEL))?;
+    let root =
+        parts.iter().find(|p| p["name"].as_str() == Some(crate::build::disk::ROOT_LABEL)).with_context(|| {
+            format!("{} has no {} partition; is it a labforge image?", image.display(), crate::build::disk::ROOT_LABEL)
+        })?;
     let offset = root["start"].as_u64().unwrap_or(0) * sector;
     let dev = format!("{}?offset={offset}", image.display());
     let cat = |path: &str| -> Result<Vec<u8>> {
-        let out = std::process::Command::new("debugfs").args(["-R", &format!("cat {path}"), &dev]).output().context("running debugfs (apt-get install e2fsprogs)")?;
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}"), &dev])
+            .output()
+            .context("running debugfs (apt-get install e2fsprogs)")?;
         Ok(out.stdout)
     };
     let dir = crate::build::preload::LAYOUT_DIR;
@@ -91,7 +94,8 @@ pub fn preloaded_images(image: &Path) -> Result<Vec<ImageEntry>> {
     if index.is_empty() {
         return Ok(Vec::new());
     }
-    let index: serde_json::Value = serde_json::from_slice(&index).context("the image's preload index.json is not JSON")?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&index).context("the image's preload index.json is not JSON")?;
     let mut list = Vec::new();
     for m in index["manifests"].as_array().cloned().unwrap_or_default() {
         let digest = m["digest"].as_str().unwrap_or_default().to_string();

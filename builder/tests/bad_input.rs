@@ -75,7 +75,8 @@ fn assert_clean(out: &Path, cache: &Path) {
     };
     assert_eq!(leftovers(out), Vec::<String>::new(), "output directory must stay empty");
     assert_eq!(leftovers(&cache.join("tmp")), Vec::<String>::new(), "temporary build dirs must be removed");
-    let partial: Vec<String> = leftovers(&cache.join("rootfs")).into_iter().filter(|n| n.starts_with(".partial")).collect();
+    let partial: Vec<String> =
+        leftovers(&cache.join("rootfs")).into_iter().filter(|n| n.starts_with(".partial")).collect();
     assert!(partial.is_empty(), "no partial cache entries: {partial:?}");
 }
 
@@ -154,8 +155,11 @@ fn unreachable_mirror_is_reported_and_nothing_is_cached() {
     let out = c.build(&spec, &["--mirror", &mirror]);
     assert_error(&out, &[&mirror, "could not be reached", "--mirror"]);
     c.assert_nothing_left();
-    let cached: Vec<_> = fs::read_dir(c.path("cache/rootfs")).unwrap().filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "tar")).collect();
+    let cached: Vec<_> = fs::read_dir(c.path("cache/rootfs"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "tar"))
+        .collect();
     assert!(cached.is_empty(), "a failed rootfs is never cached");
 }
 
@@ -230,10 +234,7 @@ fn interrupt_mid_build_removes_everything() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let (done, exited) = std::sync::mpsc::channel();
     std::thread::spawn(move || done.send(child.wait_with_output()));
-    let out = exited
-        .recv_timeout(Duration::from_secs(60))
-        .expect("labforge stops within 60s of ^C")
-        .unwrap();
+    let out = exited.recv_timeout(Duration::from_secs(60)).expect("labforge stops within 60s of ^C").unwrap();
     let (status, stderr) = (out.status, String::from_utf8_lossy(&out.stderr).into_owned());
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");

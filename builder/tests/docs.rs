@@ -25,7 +25,11 @@ fn resolve<'a>(v: &'a Value, defs: &'a Value) -> &'a Value {
     }
     for k in ["allOf", "anyOf"] {
         if let Some(list) = v.get(k).and_then(Value::as_array) {
-            if let Some(obj) = list.iter().map(|x| resolve(x, defs)).find(|x| x.get("properties").is_some() || x.get("additionalProperties").is_some_and(Value::is_object) || x.get("items").is_some()) {
+            if let Some(obj) = list.iter().map(|x| resolve(x, defs)).find(|x| {
+                x.get("properties").is_some()
+                    || x.get("additionalProperties").is_some_and(Value::is_object)
+                    || x.get("items").is_some()
+            }) {
                 return obj;
             }
         }
@@ -68,7 +72,10 @@ fn readme_spec_table_matches_the_spec_types() {
     let readme = readme_keys();
     let undocumented: Vec<_> = schema.difference(&readme).collect();
     let stale: Vec<_> = readme.difference(&schema).collect();
-    assert!(undocumented.is_empty() && stale.is_empty(), "README spec table out of date.\nmissing: {undocumented:?}\nnot in the types: {stale:?}");
+    assert!(
+        undocumented.is_empty() && stale.is_empty(),
+        "README spec table out of date.\nmissing: {undocumented:?}\nnot in the types: {stale:?}"
+    );
     assert!(schema.contains("disk.root-size") && schema.contains("users[].ssh-authorized-keys"));
 }
 
@@ -103,7 +110,11 @@ fn shipped_specs_parse_and_plan() {
     // The Ubuntu archive keyring is present (make host-deps installs it).
     plan.preflight().unwrap();
     for p in ["kubeadm", "kubelet", "kubectl", "containerd", "lvm2", "linux-image-generic"] {
-        assert!(plan.packages.iter().any(|x| x == p || x.starts_with(&format!("{p}="))), "lab image installs {p}: {:?}", plan.packages);
+        assert!(
+            plan.packages.iter().any(|x| x == p || x.starts_with(&format!("{p}="))),
+            "lab image installs {p}: {:?}",
+            plan.packages
+        );
     }
     let k8s = plan.repositories.iter().find(|r| r.line.contains("pkgs.k8s.io")).expect("Kubernetes repository");
     assert_eq!(k8s.fingerprint.as_deref(), Some("DE15B14486CD377B9E876E1A234654DA9A296436"));

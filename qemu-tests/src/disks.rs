@@ -30,7 +30,8 @@ pub fn ext4(path: &Path, size: u64, files: &[(&str, &str)]) -> Result<PathBuf> {
         fs::create_dir_all(p.parent().expect("a directory"))?;
         fs::write(p, text)?;
     }
-    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-L", "photos", "-d"]).arg(content.path()).arg(path).output()?;
+    let out =
+        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "photos", "-d"]).arg(content.path()).arg(path).output()?;
     if !out.status.success() {
         bail!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
     }

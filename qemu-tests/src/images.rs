@@ -96,8 +96,10 @@ pub fn image_with_test_preloads(spec: &str) -> Result<TestImage> {
     p.image("labforge-test/hello", "1", "amd64", &[("hello", &hello, 0o755)], &["/hello"])?;
     let other = static_hello(work.path(), "labforge-preload-multi")?;
     let (a, asz, _) = p.image("labforge-test/multi", "amd64", "amd64", &[("hello", &other, 0o755)], &["/hello"])?;
-    let (b, bsz, _) = p.image("labforge-test/multi", "arm64", "arm64", &[("hello", b"not an amd64 program", 0o755)], &["/hello"])?;
+    let (b, bsz, _) =
+        p.image("labforge-test/multi", "arm64", "arm64", &[("hello", b"not an amd64 program", 0o755)], &["/hello"])?;
     p.index("labforge-test/multi", "1", &[(a, asz, "amd64"), (b, bsz, "arm64")])?;
-    let opts = labforge::registry::RegistryOptions { plain_http: vec![reg.addr.clone()], ca_files: vec![], parallel: 8 };
+    let opts =
+        labforge::registry::RegistryOptions { plain_http: vec![reg.addr.clone()], ca_files: vec![], parallel: 8 };
     image_with(spec, opts)
 }

@@ -99,7 +99,8 @@ impl Pusher {
 
     pub fn blob(&self, repo: &str, data: &[u8]) -> Result<String> {
         let d = digest(data);
-        let resp = ureq::post(&format!("{}/v2/{repo}/blobs/uploads/", self.base)).call().context("starting a blob upload")?;
+        let resp =
+            ureq::post(&format!("{}/v2/{repo}/blobs/uploads/", self.base)).call().context("starting a blob upload")?;
         let loc = resp.header("Location").context("upload without Location")?.to_string();
         let loc = if loc.starts_with("http") { loc } else { format!("{}{loc}", self.base) };
         let sep = if loc.contains('?') { '&' } else { '?' };
@@ -121,7 +122,14 @@ impl Pusher {
     /// A single-layer linux image whose layer holds `files` (path, bytes, mode) and whose
     /// entrypoint is `entrypoint`. Deterministic: the same files give the same digests.
     /// Returns (manifest digest, manifest size, layer digest).
-    pub fn image(&self, repo: &str, tag: &str, arch: &str, files: &[(&str, &[u8], u32)], entrypoint: &[&str]) -> Result<(String, usize, String)> {
+    pub fn image(
+        &self,
+        repo: &str,
+        tag: &str,
+        arch: &str,
+        files: &[(&str, &[u8], u32)],
+        entrypoint: &[&str],
+    ) -> Result<(String, usize, String)> {
         let layer = tar_layer(files)?;
         let layer_digest = self.blob(repo, &layer)?;
         let config = serde_json::to_vec(&serde_json::json!({
@@ -142,7 +150,13 @@ impl Pusher {
     }
 
     /// An amd64 image with one layer per file (for sizeable, many-layer test images).
-    pub fn image_layers(&self, repo: &str, tag: &str, files: &[(&str, &[u8], u32)], entrypoint: &[&str]) -> Result<String> {
+    pub fn image_layers(
+        &self,
+        repo: &str,
+        tag: &str,
+        files: &[(&str, &[u8], u32)],
+        entrypoint: &[&str],
+    ) -> Result<String> {
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         for f in files {
@@ -170,7 +184,9 @@ impl Pusher {
             .iter()
             .map(|(d, s, arch)| serde_json::json!({ "mediaType": OCI_MANIFEST, "digest": d, "size": s, "platform": { "os": "linux", "architecture": arch } }))
             .collect();
-        let body = serde_json::to_vec(&serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests }))?;
+        let body = serde_json::to_vec(
+            &serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests }),
+        )?;
         self.manifest(repo, tag, OCI_INDEX, &body)
     }
 }
@@ -200,7 +216,8 @@ pub fn static_hello(dir: &Path, message: &str) -> Result<Vec<u8>> {
         format!("#include <stdio.h>\nint main(int c, char **v) {{ printf(\"{message}\"); for (int i = 1; i < c; i++) printf(\" %s\", v[i]); printf(\"\\n\"); return 0; }}\n"),
     )?;
     let bin = dir.join("hello");
-    let out = Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src).output().context("running gcc")?;
+    let out =
+        Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src).output().context("running gcc")?;
     if !out.status.success() {
         bail!("gcc -static failed (apt-get install gcc libc6-dev): {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -307,13 +324,20 @@ fn serve(conn: TcpStream, upstream: &str, me: &str, fault: &Mutex<Fault>, blobs:
         if req.path.starts_with("/token") {
             let want = format!("Basic {}", base64_encode(format!("{user}:{password}").as_bytes()));
             if header("authorization").as_deref() != Some(want.as_str()) {
-                return respond(&mut w, 401, &[], br#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#);
+                return respond(
+                    &mut w,
+                    401,
+                    &[],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
+                );
             }
-            let body = serde_json::to_vec(&serde_json::json!({ "token": TOKEN, "access_token": TOKEN, "expires_in": 300 }))?;
+            let body =
+                serde_json::to_vec(&serde_json::json!({ "token": TOKEN, "access_token": TOKEN, "expires_in": 300 }))?;
             return respond(&mut w, 200, &[("Content-Type".into(), "application/json".into())], &body);
         }
         if header("authorization").as_deref() != Some(&format!("Bearer {TOKEN}")) {
-            let challenge = format!("Bearer realm=\"http://{me}/token\",service=\"labforge-test\",scope=\"repository:x:pull\"");
+            let challenge =
+                format!("Bearer realm=\"http://{me}/token\",service=\"labforge-test\",scope=\"repository:x:pull\"");
             return respond(
                 &mut w,
                 401,
@@ -389,7 +413,8 @@ pub fn assert_cache_sound(cache_dir: &Path) -> Result<usize> {
         }
         n += 1;
     }
-    let tmp: Vec<PathBuf> = fs::read_dir(cache_dir.join("blobs/tmp")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let tmp: Vec<PathBuf> =
+        fs::read_dir(cache_dir.join("blobs/tmp")).into_iter().flatten().flatten().map(|e| e.path()).collect();
     if !tmp.is_empty() {
         bail!("partial downloads left behind: {tmp:?}");
     }

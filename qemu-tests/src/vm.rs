@@ -60,7 +60,13 @@ fn probe_kvm() -> Result<bool> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let verdict = loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.contains("emulation failure") || l.contains("KVM internal error") || l.contains("failed to initialize kvm") => break false,
+            Ok(l)
+                if l.contains("emulation failure")
+                    || l.contains("KVM internal error")
+                    || l.contains("failed to initialize kvm") =>
+            {
+                break false
+            }
             // OVMF's boot manager speaks once the firmware has run: KVM works.
             Ok(l) if l.contains("BdsDxe") || l.contains("UEFI") => break true,
             Ok(_) => continue,
@@ -231,7 +237,8 @@ impl Vm {
         }
         for (i, d) in cfg.extra_disks.iter().enumerate() {
             let ro = if d.read_only { ",readonly=on" } else { "" };
-            cmd.arg("-drive").arg(format!("if=none,id=extra{i},format=raw,discard=unmap,file={}{ro}", d.path.display()));
+            cmd.arg("-drive")
+                .arg(format!("if=none,id=extra{i},format=raw,discard=unmap,file={}{ro}", d.path.display()));
             let dev = match (d.usb, d.discard) {
                 (true, _) => "usb-storage,bus=xhci.0",
                 (false, true) => "virtio-blk-pci",
@@ -246,14 +253,13 @@ impl Vm {
                 cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
             }
             Net::Tap { tap, mac, .. } => {
-                cmd.arg("-netdev")
-                    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
-                    .arg("-device")
-                    .arg(format!(
+                cmd.arg("-netdev").arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no")).arg("-device").arg(
+                    format!(
                         "virtio-net-pci,netdev=n0,mac={mac}{}{}",
                         cfg.net_boot.map(|b| format!(",bootindex={b}")).unwrap_or_default(),
                         if cfg.firmware_pxe { ",romfile=" } else { "" }
-                    ));
+                    ),
+                );
             }
         }
         let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));
@@ -330,7 +336,12 @@ impl Vm {
     pub fn wait_booted(&mut self, within: Duration) -> Result<Status> {
         let s = self.wait_status("systemd finished booting", within, |s| s.system.booted())?;
         if !s.system.failed_units.is_empty() {
-            bail!("units failed on {}: {:?} (full log: {})", s.node.hostname, s.system.failed_units, self.log.display());
+            bail!(
+                "units failed on {}: {:?} (full log: {})",
+                s.node.hostname,
+                s.system.failed_units,
+                self.log.display()
+            );
         }
         Ok(s)
     }
@@ -404,7 +415,12 @@ pub fn parse_status(line: &str) -> Option<Status> {
 
 /// Sends each line of `stream` (prefixed) to `tx`, and to `log` when given, until either end
 /// closes. Serial output is not always UTF-8; it is passed on lossily.
-fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>, prefix: &'static str, mut log: Option<fs::File>) {
+fn forward_lines(
+    stream: impl std::io::Read + Send + 'static,
+    tx: mpsc::Sender<String>,
+    prefix: &'static str,
+    mut log: Option<fs::File>,
+) {
     std::thread::spawn(move || {
         // systemd redraws "A start job is running..." with bare carriage returns: treat them as
         // line ends too, or a hang would show nothing at all in the log.

@@ -68,7 +68,11 @@ fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
     let status = node.wait_status("phase needs-secret", BOOT, |s| s.phase == "needs-secret")?;
     assert_eq!(status.role, "undecided");
     assert!(status.cluster_uid.is_none());
-    assert!(status.message.contains("64 hex digits") && status.message.contains("labforge secret new"), "{}", status.message);
+    assert!(
+        status.message.contains("64 hex digits") && status.message.contains("labforge secret new"),
+        "{}",
+        status.message
+    );
     // The rest of the node still boots cleanly.
     node.wait_booted(BOOT)?;
     node.check_console_health()?;

@@ -67,7 +67,14 @@ impl Room {
         // One blank data disk each: the agents zap it and offer it to Ceph; the master lists
         // every node's in the CephCluster.
         let data = qemu_tests::disks::blank(&self.dir.join(format!("node{i}-data.raw")), 12 * qemu_tests::disks::GIB)?;
-        cfg.extra_disks.push(ExtraDisk { path: data, serial: format!("lf-data{i}"), usb: false, read_only: false, discard: true, bootindex: None });
+        cfg.extra_disks.push(ExtraDisk {
+            path: data,
+            serial: format!("lf-data{i}"),
+            usb: false,
+            read_only: false,
+            discard: true,
+            bootindex: None,
+        });
         if labforge_toml.is_some() || secret.is_some() {
             let part = self.dir.join(format!("node{i}-config.img"));
             lan::config_partition(&part, labforge_toml, secret)?;
@@ -172,7 +179,10 @@ fn master_init(room: &Room, master: usize, master_ip: &str) -> Result<(String, S
         return Ok((String::new(), String::new()));
     }
     let calls = kubeadm_calls(room.nodes[master].vm.as_ref().unwrap());
-    assert_eq!(calls.argv, vec![vec!["init".to_string(), "--config".into(), "/var/lib/labforge/kubeadm/init.yaml".into()]]);
+    assert_eq!(
+        calls.argv,
+        vec![vec!["init".to_string(), "--config".into(), "/var/lib/labforge/kubeadm/init.yaml".into()]]
+    );
     let d = docs(calls.configs.first().context("init config recorded")?);
     assert_eq!(d[0]["kind"], "InitConfiguration");
     assert_eq!(d[0]["localAPIEndpoint"]["advertiseAddress"], master_ip, "node IP pinned");
@@ -189,8 +199,16 @@ fn assert_joined_with(room: &Room, worker: usize, token: &str, ca_hash: &str, ho
     }
     let calls = kubeadm_calls(room.nodes[worker].vm.as_ref().unwrap());
     let want: Vec<String> = [
-        "join", "lab-api:6443", "--token", token, "--discovery-token-ca-cert-hash", ca_hash, "--node-name", hostname,
-        "--cri-socket", "unix:///run/containerd/containerd.sock",
+        "join",
+        "lab-api:6443",
+        "--token",
+        token,
+        "--discovery-token-ca-cert-hash",
+        ca_hash,
+        "--node-name",
+        hostname,
+        "--cri-socket",
+        "unix:///run/containerd/containerd.sock",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -228,7 +246,9 @@ fn three_nodes_elect_one_master() -> Result<()> {
     // Every node's data disk, by its by-id path, in the master's CephCluster.
     let want: std::collections::BTreeMap<String, Vec<String>> =
         (0..3).map(|i| (ready[i].node.hostname.clone(), vec![format!("/dev/disk/by-id/virtio-lf-data{i}")])).collect();
-    let s = room.wait_status(master, "the CephCluster lists every node's disk", |s| s.ceph.as_ref().is_some_and(|c| c.nodes == want))?;
+    let s = room.wait_status(master, "the CephCluster lists every node's disk", |s| {
+        s.ceph.as_ref().is_some_and(|c| c.nodes == want)
+    })?;
     assert_eq!(s.ceph.unwrap().manifest, "/var/lib/labforge/manifests/ceph-cluster.yaml");
     room.check_health()
 }
@@ -276,10 +296,22 @@ fn rogue_node_is_ignored() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let rogue_file = dir.path().join("rogue.secret");
     labforge_agent::secret::Secret::parse(&rogue_secret)?.write_new(&rogue_file)?;
-    let refused = room.agent_cli(&["join-info", "--master", &format!("{master_ip}:9743"), "--secret-file", rogue_file.to_str().unwrap()])?;
+    let refused = room.agent_cli(&[
+        "join-info",
+        "--master",
+        &format!("{master_ip}:9743"),
+        "--secret-file",
+        rogue_file.to_str().unwrap(),
+    ])?;
     assert!(!refused.status.success(), "join info must not be served to the rogue");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("403"), "{}", String::from_utf8_lossy(&refused.stderr));
-    let served = room.agent_cli(&["join-info", "--master", &format!("{master_ip}:9743"), "--secret-file", room.secret_file().to_str().unwrap()])?;
+    let served = room.agent_cli(&[
+        "join-info",
+        "--master",
+        &format!("{master_ip}:9743"),
+        "--secret-file",
+        room.secret_file().to_str().unwrap(),
+    ])?;
     assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
     let after = room.query(&master_ip)?;
     assert!(after.counters.join_rejected >= 1 && after.counters.join_served >= 3, "{:?}", after.counters);

@@ -187,7 +187,10 @@ fn power_cut_during_zap() -> Result<()> {
     assert!(e.reason.contains("resuming"), "{}", e.reason);
     let zap = e.zap.clone().expect("zap record");
     assert_eq!((zap.attempts, zap.started_boot, zap.boot), (2, 1, 2), "{zap:?}");
-    assert!(!e.facts.discard && !zap.steps.contains(&"discard".to_string()), "no discard on a disk without it: {zap:?}");
+    assert!(
+        !e.facts.discard && !zap.steps.contains(&"discard".to_string()),
+        "no discard on a disk without it: {zap:?}"
+    );
     assert_eq!(zap.steps.last().map(String::as_str), Some("verified"));
     for serial in ["lf-blank", "lf-small"] {
         let d = check(&s, serial, Class::Blank, Action::Use, true);

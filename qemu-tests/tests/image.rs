@@ -54,7 +54,11 @@ fn demo_image_is_well_formed() -> Result<()> {
     // The UKI sits at the removable-media path and carries the cmdline from the manifest.
     let esp_offset = parts[0]["start"].as_u64().unwrap() * 512;
     let uki = scratch.path().join("BOOTX64.EFI");
-    run(Command::new("mcopy").arg("-i").arg(format!("{}@@{esp_offset}", image.display())).arg("::/EFI/BOOT/BOOTX64.EFI").arg(&uki))?;
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(format!("{}@@{esp_offset}", image.display()))
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&uki))?;
     let sections = run(Command::new("objdump").arg("-h").arg(&uki))?;
     for s in [".osrel", ".cmdline", ".initrd", ".linux"] {
         assert!(sections.contains(s), "UKI has section {s}:\n{sections}");
@@ -68,7 +72,12 @@ fn demo_image_is_well_formed() -> Result<()> {
 
     // The root filesystem, read without mounting.
     let root = scratch.path().join("root.img");
-    extract_partition(&image, parts[1]["start"].as_u64().unwrap() * 512, parts[1]["size"].as_u64().unwrap() * 512, &root)?;
+    extract_partition(
+        &image,
+        parts[1]["start"].as_u64().unwrap() * 512,
+        parts[1]["size"].as_u64().unwrap() * 512,
+        &root,
+    )?;
     let debugfs = |req: &str| run(Command::new("debugfs").arg("-R").arg(req).arg(&root));
     let label = run(Command::new("e2label").arg(&root))?;
     assert_eq!(label.trim(), "LABFORGE_ROOT");
@@ -79,7 +88,13 @@ fn demo_image_is_well_formed() -> Result<()> {
     assert_eq!(cfg.image, "demo");
     assert_eq!(debugfs("cat /etc/machine-id")?, "", "each node makes its own machine id");
     let shadow = debugfs("cat /etc/shadow")?;
-    assert!(shadow.lines().all(|l| { let h = l.split(':').nth(1).unwrap_or("*"); h.starts_with('*') || h.starts_with('!') }), "no passwords:\n{shadow}");
+    assert!(
+        shadow.lines().all(|l| {
+            let h = l.split(':').nth(1).unwrap_or("*");
+            h.starts_with('*') || h.starts_with('!')
+        }),
+        "no passwords:\n{shadow}"
+    );
     let agent = debugfs("stat /usr/bin/labforge-agent")?;
     assert!(agent.contains("Mode:  0755") && agent.contains("User:     0"), "{agent}");
     // The cluster secret: baked readable by root only, and the same one kept beside the outputs.
@@ -109,7 +124,12 @@ fn demo_image_is_well_formed() -> Result<()> {
     // bmaptool (the reference implementation) accepts our block map and restores the image
     // from the .zst bit for bit.
     let restored = scratch.path().join("restored.img");
-    run(Command::new("bmaptool").arg("copy").arg("--bmap").arg(dir.join("demo.img.bmap")).arg(dir.join("demo.img.zst")).arg(&restored))?;
+    run(Command::new("bmaptool")
+        .arg("copy")
+        .arg("--bmap")
+        .arg(dir.join("demo.img.bmap"))
+        .arg(dir.join("demo.img.zst"))
+        .arg(&restored))?;
     let want = &manifest.artifacts.iter().find(|a| a.file == "demo.img").unwrap().sha256;
     assert_eq!(&run(Command::new("sha256sum").arg(&restored))?[..64], want);
     Ok(())
@@ -126,7 +146,13 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
     fs::write(overlay.join("etc/lab-note"), "first\n")?;
     let spec = dir.path().join("spec.toml");
     let write_spec = |extra: &str| {
-        fs::write(&spec, format!("extends = \"{}\"\nname = \"overlaytest\"\noverlays = [\"overlay\"]\noutputs = [\"raw\"]\n{extra}", ws.join("images/demo.toml").display()))
+        fs::write(
+            &spec,
+            format!(
+                "extends = \"{}\"\nname = \"overlaytest\"\noverlays = [\"overlay\"]\noutputs = [\"raw\"]\n{extra}",
+                ws.join("images/demo.toml").display()
+            ),
+        )
     };
     write_spec("")?;
     let out = dir.path().join("out");
@@ -151,7 +177,11 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
     let rootfs = second.manifest.stages.iter().find(|s| s.stage == "rootfs").unwrap();
     assert!(rootfs.cached, "an overlay-only change does not re-run mmdebstrap");
     assert!(first.manifest.cluster_secret.starts_with("generated"), "{}", first.manifest.cluster_secret);
-    assert!(second.manifest.cluster_secret.starts_with("kept"), "a rebuilt image stays in its cluster: {}", second.manifest.cluster_secret);
+    assert!(
+        second.manifest.cluster_secret.starts_with("kept"),
+        "a rebuilt image stays in its cluster: {}",
+        second.manifest.cluster_secret
+    );
 
     // Same inputs again: nothing to do.
     assert!(build::build(&opts)?.up_to_date);

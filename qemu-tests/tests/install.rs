@@ -36,7 +36,14 @@ fn stick(built: &images::TestImage, dir: &Path) -> Result<PathBuf> {
 }
 
 fn attach(path: &Path, serial: &str, usb: bool, bootindex: u32) -> ExtraDisk {
-    ExtraDisk { path: path.to_path_buf(), serial: serial.into(), usb, read_only: false, discard: true, bootindex: Some(bootindex) }
+    ExtraDisk {
+        path: path.to_path_buf(),
+        serial: serial.into(),
+        usb,
+        read_only: false,
+        discard: true,
+        bootindex: Some(bootindex),
+    }
 }
 
 /// A PC with no disk of its own but the ones given (the stick first in the boot order).
@@ -79,7 +86,11 @@ fn usb_installs_to_internal_disk() -> Result<()> {
     let installed = booted.install.clone().expect("the installed node reports how it was installed");
     assert_eq!(installed.state, "installed");
     assert_eq!(installed.record.as_ref().map(|r| r.target.as_str()), Some("/dev/disk/by-id/virtio-lf-internal"));
-    assert!(booted.state.size_bytes > 5 * GIB, "the state partition filled the 8 GiB disk: {} bytes", booted.state.size_bytes);
+    assert!(
+        booted.state.size_bytes > 5 * GIB,
+        "the state partition filled the 8 GiB disk: {} bytes",
+        booted.state.size_bytes
+    );
     let ready = vm.wait_status("phase ready", BOOT, |s| s.phase == "ready")?;
     assert_eq!(ready.role, "master");
     vm.check_console_health()?;
@@ -98,7 +109,8 @@ fn install_refuses_without_safe_target() -> Result<()> {
 
     let cfg = pc(&image, vec![attach(&stick, "lf-stick", true, 0), attach(&data, "lf-data", false, 1)]);
     let mut vm = Vm::start(&cfg, &dir)?;
-    let refused = vm.wait_status("install refused", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
+    let refused =
+        vm.wait_status("install refused", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
     assert_eq!(refused.phase, "install-refused", "{}", refused.message);
     assert_eq!(refused.install.as_ref().map(|i| i.state.as_str()), Some("refused"));
     for says in ["nothing was written", "virtio-lf-data: it holds data", "labforge.install-target=/dev/disk/by-id/"] {

@@ -13,11 +13,11 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use sha2::{Digest, Sha256};
 use qemu_tests::disks::{self, GIB};
 use qemu_tests::images;
 use qemu_tests::lan::Lan;
 use qemu_tests::vm::{self, ExtraDisk, Net, Vm, VmConfig};
+use sha2::{Digest, Sha256};
 
 const BOOT: Duration = Duration::from_secs(600);
 
@@ -26,18 +26,28 @@ fn worker_netboots_from_master() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
     let built = images::image_with_test_preloads("qemu-tests/images/pxe.toml")?;
     // The build lists every netboot file in its manifest, with the sha256 of what it wrote.
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(built.out.join("pxe-test.manifest.json"))?)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(built.out.join("pxe-test.manifest.json"))?)?;
     for ext in ["vmlinuz", "initrd", "squashfs", "ipxe"] {
         let file = format!("pxe-test.{ext}");
-        let entry = manifest["artifacts"].as_array().and_then(|a| a.iter().find(|x| x["file"] == file.as_str())).unwrap_or_else(|| panic!("{file} in the manifest"));
+        let entry = manifest["artifacts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["file"] == file.as_str()))
+            .unwrap_or_else(|| panic!("{file} in the manifest"));
         let bytes = std::fs::read(built.out.join(&file))?;
         assert_eq!(entry["sha256"].as_str(), Some(hex::encode(Sha256::digest(&bytes)).as_str()), "{file}");
     }
     // The squashfs holds the layout's index and no blob.
-    let listing = std::process::Command::new("unsquashfs").args(["-lc", "-d", ""]).arg(built.out.join("pxe-test.squashfs")).output()?;
+    let listing = std::process::Command::new("unsquashfs")
+        .args(["-lc", "-d", ""])
+        .arg(built.out.join("pxe-test.squashfs"))
+        .output()?;
     assert!(listing.status.success(), "unsquashfs: {}", String::from_utf8_lossy(&listing.stderr));
     let listing = String::from_utf8_lossy(&listing.stdout);
-    assert!(listing.lines().any(|l| l.trim_end() == "/usr/lib/labforge/preload/index.json"), "the index is in the squashfs");
+    assert!(
+        listing.lines().any(|l| l.trim_end() == "/usr/lib/labforge/preload/index.json"),
+        "the index is in the squashfs"
+    );
     assert!(!listing.contains("/usr/lib/labforge/preload/blobs/"), "no blob in the squashfs");
 
     let dir = vm::scenario_dir("worker_netboots_from_master")?;
@@ -47,7 +57,8 @@ fn worker_netboots_from_master() -> Result<()> {
     m.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:01".into() };
     let mut master = Vm::start(&m, &dir)?;
     let ready = master.wait_status("master ready", BOOT, |s| s.phase == "ready" && s.role == "master")?;
-    let serving = master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| !p.state.is_empty()))?;
+    let serving =
+        master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| !p.state.is_empty()))?;
     let pxe = serving.pxe.clone().expect("pxe status");
     assert_eq!((pxe.state.as_str(), pxe.mode.as_str()), ("serving", "proxy-dhcp"), "{pxe:?}");
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
@@ -59,7 +70,14 @@ fn worker_netboots_from_master() -> Result<()> {
     let data_before = disks::digest(&data)?;
     let mut w = VmConfig::new("worker", &built.image);
     w.disks.clear();
-    w.extra_disks = vec![ExtraDisk { path: data.clone(), serial: "lf-data".into(), usb: false, read_only: false, discard: true, bootindex: None }];
+    w.extra_disks = vec![ExtraDisk {
+        path: data.clone(),
+        serial: "lf-data".into(),
+        usb: false,
+        read_only: false,
+        discard: true,
+        bootindex: None,
+    }];
     w.net_boot = Some(0);
     w.firmware_pxe = true;
     // The root filesystem lives in memory: the squashfs and what the node writes.
@@ -67,7 +85,10 @@ fn worker_netboots_from_master() -> Result<()> {
     w.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:02".into() };
     let mut worker = Vm::start(&w, &dir)?;
     worker.wait_for("labforge: booting pxe-test from", BOOT)?;
-    assert!(worker.console().iter().any(|l| l.contains("Start PXE over IPv4")), "the firmware's PXE client started the netboot");
+    assert!(
+        worker.console().iter().any(|l| l.contains("Start PXE over IPv4")),
+        "the firmware's PXE client started the netboot"
+    );
     let joined = worker.wait_status("worker ready", BOOT, |s| s.phase == "ready")?;
     assert_eq!(joined.role, "worker", "{}", joined.message);
     assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
@@ -91,7 +112,8 @@ fn worker_netboots_from_master() -> Result<()> {
 
     // The master reports the new peer (a change of the peers in sight prints a line).
     let hostname = joined.node.hostname.clone();
-    let after = master.wait_status("the worker seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
+    let after = master
+        .wait_status("the worker seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
     let served = after.pxe.as_ref().map(|p| p.served).unwrap_or(0);
     assert!(served >= 5, "boot.ipxe, the image's script, kernel, initrd and squashfs were served: {served}");
     master.check_console_health()?;
@@ -103,13 +125,22 @@ fn worker_netboots_from_master() -> Result<()> {
     let blank = disks::blank(&dir.join("pc-disk.raw"), 8 * GIB)?;
     let mut p = VmConfig::new("pc", &built.image);
     p.disks.clear();
-    p.extra_disks = vec![ExtraDisk { path: blank.clone(), serial: "lf-pc".into(), usb: false, read_only: false, discard: true, bootindex: Some(0) }];
+    p.extra_disks = vec![ExtraDisk {
+        path: blank.clone(),
+        serial: "lf-pc".into(),
+        usb: false,
+        read_only: false,
+        discard: true,
+        bootindex: Some(0),
+    }];
     p.net_boot = Some(1);
     p.memory_mib = 3072;
     p.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:03".into() };
     let mut pc = Vm::start(&p, &dir)?;
     pc.wait_for("labforge: booting pxe-test from", BOOT)?;
-    let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
+    let done = pc.wait_status("installed over the network", BOOT, |s| {
+        s.phase.starts_with("install") && s.phase != "installing"
+    })?;
     assert_eq!(done.phase, "installed", "{}", done.message);
     let install = done.install.clone().expect("install status");
     assert_eq!(install.target.as_deref(), Some("/dev/disk/by-id/virtio-lf-pc"));
@@ -124,10 +155,22 @@ fn worker_netboots_from_master() -> Result<()> {
     let booted = pc.wait_booted(BOOT)?;
     let installed = booted.install.clone().expect("the installed node reports how it was installed");
     assert_eq!(installed.state, "installed");
-    assert_eq!(installed.record.as_ref().map(|r| r.source.as_str()), Some(format!("http://{master_ip}:9743/pxe").as_str()));
-    assert!(booted.state.size_bytes > 5 * GIB, "the state partition filled the 8 GiB disk: {} bytes", booted.state.size_bytes);
+    assert_eq!(
+        installed.record.as_ref().map(|r| r.source.as_str()),
+        Some(format!("http://{master_ip}:9743/pxe").as_str())
+    );
+    assert!(
+        booted.state.size_bytes > 5 * GIB,
+        "the state partition filled the 8 GiB disk: {} bytes",
+        booted.state.size_bytes
+    );
     let rejoined = pc.wait_status("installed pc ready", BOOT, |s| s.phase == "ready")?;
-    assert_eq!((rejoined.role.as_str(), rejoined.cluster_uid.clone()), ("worker", ready.cluster_uid.clone()), "{}", rejoined.message);
+    assert_eq!(
+        (rejoined.role.as_str(), rejoined.cluster_uid.clone()),
+        ("worker", ready.cluster_uid.clone()),
+        "{}",
+        rejoined.message
+    );
     // Its preloaded images came onto the disk during the install: imported from there.
     let s = pc.wait_status("preloaded images imported from the disk", BOOT, |s| s.preload.state == "done")?;
     assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
@@ -138,7 +181,9 @@ fn worker_netboots_from_master() -> Result<()> {
 
     // The master served the blobs: six to the worker's import, six to the pc's install.
     let hostname = rejoined.node.hostname.clone();
-    let seen = master.wait_status("the installed pc seen", Duration::from_secs(120), |s| s.peers.iter().any(|p| p.hostname == hostname))?;
+    let seen = master.wait_status("the installed pc seen", Duration::from_secs(120), |s| {
+        s.peers.iter().any(|p| p.hostname == hostname)
+    })?;
     let blobs = seen.pxe.as_ref().map(|p| p.preload_served).unwrap_or(0);
     assert!(blobs >= 12, "preloaded blobs served by the master: {blobs}");
     master.check_console_health()?;

@@ -20,7 +20,10 @@ fn preloaded_images_run_offline() -> Result<()> {
 
     // `labforge images ls` reads the layout out of the image file itself.
     let img = built.out.join(format!("{}.img", built.name));
-    let out = Command::new(workspace_root().join("target/release/labforge")).args(["images", "ls", "--json"]).arg(&img).output()?;
+    let out = Command::new(workspace_root().join("target/release/labforge"))
+        .args(["images", "ls", "--json"])
+        .arg(&img)
+        .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let lock = std::fs::read_to_string(built.out.join("preload.lock.toml"))?;

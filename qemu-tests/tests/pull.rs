@@ -29,7 +29,8 @@ fn stocked() -> Result<(Registry, String, String)> {
     let reg = Registry::start()?;
     let p = Pusher::new(&format!("http://{}", reg.addr));
     let big: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let (hello, _, _) = p.image("t/hello", "1", "amd64", &[("hello", b"hello\n", 0o755), ("data", &big, 0o644)], &["/hello"])?;
+    let (hello, _, _) =
+        p.image("t/hello", "1", "amd64", &[("hello", b"hello\n", 0o755), ("data", &big, 0o644)], &["/hello"])?;
     let (a, asz, _) = p.image("t/multi", "amd64", "amd64", &[("x", b"amd64", 0o644)], &["/x"])?;
     let (b, bsz, _) = p.image("t/multi", "arm64", "arm64", &[("x", b"arm64", 0o644)], &["/x"])?;
     p.index("t/multi", "1", &[(a.clone(), asz, "amd64"), (b.clone(), bsz, "arm64")])?;
@@ -49,7 +50,11 @@ fn tags_indexes_and_digests_resolve_and_a_warm_cache_needs_no_network() -> Resul
 
     let client = Client::new(&opts(a), cache.path())?;
     let digests = client.resolve_all(&no_locks(&refs))?;
-    assert_eq!(digests, vec![hello.clone(), multi_amd64.clone(), hello.clone()], "tags pinned; the index resolved to its linux/amd64 manifest");
+    assert_eq!(
+        digests,
+        vec![hello.clone(), multi_amd64.clone(), hello.clone()],
+        "tags pinned; the index resolved to its linux/amd64 manifest"
+    );
     let pulled = client.fetch_all(&pinned(&refs, &digests))?;
     assert!(pulled[0].size_bytes > 3 << 20, "{:?}", pulled[0]);
     assert_eq!(pulled[0].name, format!("{a}/t/hello:1"));
@@ -60,7 +65,8 @@ fn tags_indexes_and_digests_resolve_and_a_warm_cache_needs_no_network() -> Resul
     // Everything cached and pinned (as the lock file pins it): no network at all.
     drop(reg);
     let again = Client::new(&opts(a), cache.path())?;
-    let locked: Vec<(String, Option<String>)> = refs.iter().map(|r| r.to_string()).zip(digests.iter().cloned().map(Some)).collect();
+    let locked: Vec<(String, Option<String>)> =
+        refs.iter().map(|r| r.to_string()).zip(digests.iter().cloned().map(Some)).collect();
     let d2 = again.resolve_all(&locked)?;
     let p2 = again.fetch_all(&pinned(&refs, &d2))?;
     assert_eq!(p2, pulled);
@@ -82,7 +88,10 @@ fn misbehaving_registries_give_clear_errors_and_never_a_corrupt_cache() -> Resul
     // Altered bytes: refused, named, not cached; fine once the registry behaves.
     proxy.set(Fault::AlterBlobs);
     let e = format!("{:#}", client()?.fetch_all(&pinned(&refs, &digests)).unwrap_err());
-    assert!(e.contains(&hello) && e.contains("different bytes") && (e.contains("layer 1/1") || e.contains("config")), "{e}");
+    assert!(
+        e.contains(&hello) && e.contains("different bytes") && (e.contains("layer 1/1") || e.contains("config")),
+        "{e}"
+    );
     assert_cache_sound(cache.path())?;
     proxy.set(Fault::None);
     client()?.fetch_all(&pinned(&refs, &digests))?;
@@ -128,7 +137,10 @@ fn bearer_token_registry_needs_credentials_from_docker_config() -> Result<()> {
     let home = tempfile::tempdir()?;
     // This test binary's other tests use anonymous registries only; DOCKER_CONFIG is ours.
     std::env::set_var("DOCKER_CONFIG", home.path());
-    let e = format!("{:#}", Client::new(&opts(&proxy.addr), cache.path())?.resolve_all(&no_locks(&[hello.as_str()])).unwrap_err());
+    let e = format!(
+        "{:#}",
+        Client::new(&opts(&proxy.addr), cache.path())?.resolve_all(&no_locks(&[hello.as_str()])).unwrap_err()
+    );
     assert!(e.contains(&hello) && e.contains("refused access") && e.contains("docker login"), "{e}");
 
     use base64::Engine;
@@ -141,7 +153,8 @@ fn bearer_token_registry_needs_credentials_from_docker_config() -> Result<()> {
 
     // Manifest cached, a layer not (an earlier run broke off): the blob request needs a token
     // although no manifest request fetched one.
-    let m: serde_json::Value = serde_json::from_slice(&fs::read(cache.path().join("blobs/sha256").join(&d[0]["sha256:".len()..]))?)?;
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(cache.path().join("blobs/sha256").join(&d[0]["sha256:".len()..]))?)?;
     let layer = m["layers"][0]["digest"].as_str().unwrap();
     fs::remove_file(cache.path().join("blobs/sha256").join(&layer["sha256:".len()..]))?;
     let c = Client::new(&opts(&proxy.addr), cache.path())?;
@@ -161,15 +174,40 @@ fn tls_registry_with_a_private_ca_is_trusted_only_with_ca_file() -> Result<()> {
     let ext = dir.path().join("ext.cnf");
     fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req", "-x509", "-days", "2", "-subj", "/CN=labforge test CA"][..], &ec, &["-keyout", p(&ca_key), "-out", p(&ca)]].concat())?;
+    openssl(
+        &[
+            &["req", "-x509", "-days", "2", "-subj", "/CN=labforge test CA"][..],
+            &ec,
+            &["-keyout", p(&ca_key), "-out", p(&ca)],
+        ]
+        .concat(),
+    )?;
     openssl(&[&["req", "-subj", "/CN=127.0.0.1"][..], &ec, &["-keyout", p(&key), "-out", p(&csr)]].concat())?;
-    openssl(&["x509", "-req", "-days", "2", "-in", p(&csr), "-CA", p(&ca), "-CAkey", p(&ca_key), "-CAcreateserial", "-extfile", p(&ext), "-out", p(&cert)])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        p(&csr),
+        "-CA",
+        p(&ca),
+        "-CAkey",
+        p(&ca_key),
+        "-CAcreateserial",
+        "-extfile",
+        p(&ext),
+        "-out",
+        p(&cert),
+    ])?;
     let port = qemu_tests::registry::free_port()?;
     let reg = Registry::start_with(port, Some((&cert, &key)))?;
     // Stocked over TLS with curl, which is told to trust the test CA.
     let hello_tar = qemu_tests::registry::tar_layer(&[("hello", b"tls\n", 0o644)])?;
     let layer_digest = qemu_tests::registry::digest(&hello_tar);
-    let config = serde_json::to_vec(&serde_json::json!({"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[layer_digest]}}))?;
+    let config = serde_json::to_vec(
+        &serde_json::json!({"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[layer_digest]}}),
+    )?;
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2, "mediaType": qemu_tests::registry::OCI_MANIFEST,
         "config": {"mediaType": qemu_tests::registry::OCI_CONFIG, "digest": qemu_tests::registry::digest(&config), "size": config.len()},
@@ -180,15 +218,47 @@ fn tls_registry_with_a_private_ca_is_trusted_only_with_ca_file() -> Result<()> {
         let f = dir.path().join(name);
         fs::write(&f, data)?;
         let d = qemu_tests::registry::digest(data);
-        let loc = curl(&ca, &["-sS", "-D", "-", "-o", "/dev/null", "-X", "POST", &format!("{base}/v2/t/tls/blobs/uploads/")])?;
-        let loc = loc.lines().find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: "))).expect("Location").trim().to_string();
+        let loc = curl(
+            &ca,
+            &["-sS", "-D", "-", "-o", "/dev/null", "-X", "POST", &format!("{base}/v2/t/tls/blobs/uploads/")],
+        )?;
+        let loc = loc
+            .lines()
+            .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+            .expect("Location")
+            .trim()
+            .to_string();
         let loc = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
         let sep = if loc.contains('?') { '&' } else { '?' };
-        curl(&ca, &["-sSf", "-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", &format!("@{}", f.display()), &format!("{loc}{sep}digest={d}")])?;
+        curl(
+            &ca,
+            &[
+                "-sSf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+                &format!("@{}", f.display()),
+                &format!("{loc}{sep}digest={d}"),
+            ],
+        )?;
     }
     let mf = dir.path().join("manifest");
     fs::write(&mf, &manifest)?;
-    curl(&ca, &["-sSf", "-X", "PUT", "-H", &format!("Content-Type: {}", qemu_tests::registry::OCI_MANIFEST), "--data-binary", &format!("@{}", mf.display()), &format!("{base}/v2/t/tls/manifests/1")])?;
+    curl(
+        &ca,
+        &[
+            "-sSf",
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {}", qemu_tests::registry::OCI_MANIFEST),
+            "--data-binary",
+            &format!("@{}", mf.display()),
+            &format!("{base}/v2/t/tls/manifests/1"),
+        ],
+    )?;
 
     let r = format!("{}/t/tls:1", reg.addr);
     let cache = tempfile::tempdir()?;
@@ -227,7 +297,8 @@ fn disk_full_while_caching_leaves_no_partial_blob() -> Result<()> {
     let (reg, _, _) = stocked()?;
     let hello = format!("{}/t/hello:1", reg.addr);
     let cache = tempfile::tempdir()?;
-    let mnt = nix::mount::mount(Some("tmpfs"), cache.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m"));
+    let mnt =
+        nix::mount::mount(Some("tmpfs"), cache.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m"));
     mnt.map_err(|e| anyhow::anyhow!("mounting a 1 MiB tmpfs (tests run as root): {e}"))?;
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
@@ -259,7 +330,13 @@ fn unresolvable_preload_fails_the_build_naming_the_entry() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let missing = format!("{}/t/absent:2", reg.addr);
     let spec = dir.path().join("spec.toml");
-    fs::write(&spec, format!("extends = \"{}\"\nname = \"airgap\"\n\n[[preload]]\nref = \"{missing}\"\n", ws.join("images/demo.toml").display()))?;
+    fs::write(
+        &spec,
+        format!(
+            "extends = \"{}\"\nname = \"airgap\"\n\n[[preload]]\nref = \"{missing}\"\n",
+            ws.join("images/demo.toml").display()
+        ),
+    )?;
     let out = dir.path().join("out");
     let cache = dir.path().join("cache");
     let res = Command::new(ws.join("target/release/labforge"))
@@ -276,6 +353,9 @@ fn unresolvable_preload_fails_the_build_naming_the_entry() -> Result<()> {
     assert!(err.contains(&missing) && err.contains("no such image"), "{err}");
     assert!(fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0, "nothing in --out");
     assert!(!dir.path().join("airgap.lock.toml").exists(), "no lock file for a failed build");
-    assert!(!cache.join("rootfs").exists() || fs::read_dir(cache.join("rootfs"))?.count() == 0, "failed before the rootfs stage");
+    assert!(
+        !cache.join("rootfs").exists() || fs::read_dir(cache.join("rootfs"))?.count() == 0,
+        "failed before the rootfs stage"
+    );
     Ok(())
 }

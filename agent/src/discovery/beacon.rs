@@ -127,7 +127,12 @@ mod tests {
 
     fn beacon(id: &str, ts: u64, nonce: &str) -> Beacon {
         Beacon {
-            node: NodeView { id: id.into(), priority: u32::MAX, policy: RolePolicy::Auto, allegiance: Allegiance::None },
+            node: NodeView {
+                id: id.into(),
+                priority: u32::MAX,
+                policy: RolePolicy::Auto,
+                allegiance: Allegiance::None,
+            },
             hostname: "h".into(),
             addresses: vec!["10.0.0.2".into()],
             term: 1,
@@ -154,7 +159,10 @@ mod tests {
     fn forged_stale_own_and_garbage_are_dropped() {
         let mut v = Verifier::new(secret(1), "me");
         assert_eq!(v.check(&encode(&beacon("rogue", 1_000_000, "n"), &secret(2)), 1_000_000), Err(Rejection::BadMac));
-        assert_eq!(v.check(&encode(&beacon("peer", 1_000_000, "n"), &secret(1)), 1_000_000 + MAX_SKEW_MS + 1), Err(Rejection::Stale));
+        assert_eq!(
+            v.check(&encode(&beacon("peer", 1_000_000, "n"), &secret(1)), 1_000_000 + MAX_SKEW_MS + 1),
+            Err(Rejection::Stale)
+        );
         assert_eq!(v.check(&encode(&beacon("me", 1_000_000, "n"), &secret(1)), 1_000_000), Err(Rejection::Own));
         assert_eq!(v.check(b"hello", 0), Err(Rejection::Malformed));
         assert_eq!(v.check(&[0u8; 9000], 0), Err(Rejection::Malformed));

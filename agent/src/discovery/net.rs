@@ -80,7 +80,10 @@ pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers,
             Ok(b) => {
                 counters.received.fetch_add(1, Ordering::Relaxed);
                 let id = b.node.id.clone();
-                peers.lock().expect("peers lock").insert(id, Peer { beacon: b, from: from.ip(), heard: Instant::now() });
+                peers
+                    .lock()
+                    .expect("peers lock")
+                    .insert(id, Peer { beacon: b, from: from.ip(), heard: Instant::now() });
             }
             Err(r) => {
                 counters.reject(r);

@@ -54,7 +54,10 @@ mod tests {
     #[test]
     fn lists_only_named_devices_on_named_nodes() {
         let mut nodes = BTreeMap::new();
-        nodes.insert("lab-b".to_string(), vec!["/dev/disk/by-id/wwn-2".to_string(), "/dev/disk/by-id/wwn-1".to_string()]);
+        nodes.insert(
+            "lab-b".to_string(),
+            vec!["/dev/disk/by-id/wwn-2".to_string(), "/dev/disk/by-id/wwn-1".to_string()],
+        );
         nodes.insert("lab-a".to_string(), vec!["/dev/disk/by-id/ata-X".to_string()]);
         nodes.insert("lab-c".to_string(), vec![]);
         let text = render(&nodes, "quay.io/ceph/ceph:v18.2.4", "/var/lib/labforge/rook");
@@ -68,7 +71,12 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| (n["name"].as_str().unwrap().into(), n["devices"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().into()).collect()))
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().into(),
+                    n["devices"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().into()).collect(),
+                )
+            })
             .collect();
         assert_eq!(
             got,

@@ -61,7 +61,8 @@ impl Journal {
         let path = state_dir.join(FILE);
         let file = match fs::read(&path) {
             Ok(b) => {
-                let f: File = serde_json::from_slice(&b).with_context(|| format!("disk journal {} is unreadable", path.display()))?;
+                let f: File = serde_json::from_slice(&b)
+                    .with_context(|| format!("disk journal {} is unreadable", path.display()))?;
                 if f.version != VERSION {
                     bail!("disk journal {} has version {}, this agent reads {VERSION}", path.display(), f.version);
                 }
@@ -92,7 +93,16 @@ impl Journal {
         let started_boot = self.get(id).filter(|r| r.state != ZapState::Zapped).map_or(boot, |r| r.started_boot);
         self.file.disks.insert(
             id.to_string(),
-            ZapRecord { state: ZapState::Zapping, name: name.into(), size_bytes: size, started_boot, boot, steps: vec![], attempts: attempts + 1, error: None },
+            ZapRecord {
+                state: ZapState::Zapping,
+                name: name.into(),
+                size_bytes: size,
+                started_boot,
+                boot,
+                steps: vec![],
+                attempts: attempts + 1,
+                error: None,
+            },
         );
         self.save()
     }

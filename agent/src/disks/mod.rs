@@ -279,13 +279,19 @@ mod tests {
         super::probe::tests::write_label(&sdc, 4096, "not-at-a-label-offset-so-just-data-0000");
         let mut states = Vec::new();
         let sys = fx.roots.sys.clone();
-        let status = prepare(&fx.roots, &cfg("min-size = \"1MiB\"\nwipe = \"force\"\n[match]\nsize = \"1MiB..\""), state.path(), 1, &mut |s: &DisksStatus| {
-            if s.state == "zapping" && !states.contains(&"zapping".to_string()) {
-                // sdb is pulled out right before its zap.
-                std::fs::remove_dir_all(sys.join("block/sdb")).unwrap();
-            }
-            states.push(s.state.clone());
-        });
+        let status = prepare(
+            &fx.roots,
+            &cfg("min-size = \"1MiB\"\nwipe = \"force\"\n[match]\nsize = \"1MiB..\""),
+            state.path(),
+            1,
+            &mut |s: &DisksStatus| {
+                if s.state == "zapping" && !states.contains(&"zapping".to_string()) {
+                    // sdb is pulled out right before its zap.
+                    std::fs::remove_dir_all(sys.join("block/sdb")).unwrap();
+                }
+                states.push(s.state.clone());
+            },
+        );
         assert_eq!(status.state, "failed", "{status:#?}");
         assert!(status.message.contains("1 disk(s)"));
         let sdb = &status.disks[0];
@@ -299,7 +305,11 @@ mod tests {
         // The journal knows the zapped disk; the next boot leaves it alone.
         let j = journal::Journal::load(state.path()).unwrap();
         assert_eq!(j.history(Some("/dev/disk/by-id/ata-STAYS"), 64 * MIB), History::Zapped);
-        assert_eq!(j.history(Some("/dev/disk/by-id/ata-GONE"), 64 * MIB), History::None, "nothing was begun on the pulled disk");
+        assert_eq!(
+            j.history(Some("/dev/disk/by-id/ata-GONE"), 64 * MIB),
+            History::None,
+            "nothing was begun on the pulled disk"
+        );
     }
 
     #[test]
@@ -311,7 +321,11 @@ mod tests {
         super::probe::tests::write_label(&dev, 0, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
         let status = prepare(&fx.roots, &cfg("min-size = \"1MiB\""), state.path(), 1, &mut |_: &DisksStatus| {});
         assert_eq!(status.state, "failed");
-        assert!(status.message.contains("unreadable") && status.message.contains("no disk is touched"), "{}", status.message);
+        assert!(
+            status.message.contains("unreadable") && status.message.contains("no disk is touched"),
+            "{}",
+            status.message
+        );
         assert!(status.disks.is_empty());
     }
 }

@@ -102,7 +102,8 @@ impl DisksConfig {
                 bail!("[disks.match] is empty: give by-id globs, a size range, or both");
             }
             for g in &m.by_id {
-                let p = glob::Pattern::new(g).with_context(|| format!("[disks.match] by-id {g:?} is not a valid glob"))?;
+                let p =
+                    glob::Pattern::new(g).with_context(|| format!("[disks.match] by-id {g:?} is not a valid glob"))?;
                 if !g.starts_with("/dev/disk/by-id/") {
                     bail!("[disks.match] by-id {g:?} must start with /dev/disk/by-id/ (it is matched against those paths)");
                 }
@@ -131,7 +132,11 @@ impl DiskMatch {
     /// Whether the disk satisfies every part of the match.
     pub fn matches(&self, d: &DiskFacts) -> bool {
         let by_id = self.by_id.is_empty()
-            || self.by_id.iter().filter_map(|g| glob::Pattern::new(g).ok()).any(|p| d.by_id.iter().any(|id| p.matches(id)));
+            || self
+                .by_id
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .any(|p| d.by_id.iter().any(|id| p.matches(id)));
         let size = self.size.as_ref().is_none_or(|r| r.contains(d.size_bytes));
         by_id && size
     }
@@ -148,8 +153,9 @@ impl FromStr for Bytes {
         if t.is_empty() || t.chars().all(|c| c.is_ascii_digit()) {
             return Err(format!("invalid size {s:?}: write a number with a unit, such as \"10GiB\" or \"500GB\""));
         }
-        let b: bytesize::ByteSize =
-            t.parse().map_err(|_| format!("invalid size {s:?}: write a number with a unit, such as \"10GiB\" or \"500GB\""))?;
+        let b: bytesize::ByteSize = t
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: write a number with a unit, such as \"10GiB\" or \"500GB\""))?;
         Ok(Bytes(b.as_u64()))
     }
 }
@@ -202,7 +208,9 @@ impl SizeRange {
 impl FromStr for SizeRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s.split_once("..").ok_or_else(|| format!("invalid size range {s:?}: write \"MIN..MAX\", e.g. \"900GB..1100GB\" or \"2TiB..\""))?;
+        let (a, b) = s.split_once("..").ok_or_else(|| {
+            format!("invalid size range {s:?}: write \"MIN..MAX\", e.g. \"900GB..1100GB\" or \"2TiB..\"")
+        })?;
         let end = |x: &str| if x.trim().is_empty() { Ok(None) } else { x.parse().map(Some) };
         let r = SizeRange { min: end(a)?, max: end(b)? };
         if let (Some(lo), Some(hi)) = (r.min, r.max) {
@@ -387,7 +395,12 @@ pub fn decide(d: &DiskFacts, cfg: &DisksConfig, history: History) -> Decision {
             // An OSD this node prepared stays listed (the CephCluster must not change across
             // reboots); one from elsewhere is reported, never touched, never offered.
             if history == History::Zapped {
-                Decision { class: content, action: Action::Use, ceph: true, reason: "a Ceph OSD on a disk this node prepared: never wiped".into() }
+                Decision {
+                    class: content,
+                    action: Action::Use,
+                    ceph: true,
+                    reason: "a Ceph OSD on a disk this node prepared: never wiped".into(),
+                }
             } else {
                 keep(content, "belongs to a Ceph cluster this node did not prepare: never wiped; add it to Ceph by hand if it is this cluster's".into())
             }
@@ -403,7 +416,12 @@ pub fn decide(d: &DiskFacts, cfg: &DisksConfig, history: History) -> Decision {
                 return keep(content, "not selected by [disks.match]".into());
             }
             if history == History::Interrupted && cfg.wipe != Wipe::Never {
-                return Decision { class: content, action: Action::Zap, ceph: true, reason: "resuming a zap interrupted on an earlier boot".into() };
+                return Decision {
+                    class: content,
+                    action: Action::Zap,
+                    ceph: true,
+                    reason: "resuming a zap interrupted on an earlier boot".into(),
+                };
             }
             match (content.class, cfg.wipe) {
                 (Class::Blank, _) if history == History::Zapped => {
@@ -525,8 +543,20 @@ mod tests {
     #[case::resume_partial(with(disk("sdb"), |d| d.signatures = vec![sig(crate::disks::DATA, GIB)]), "", History::Interrupted, Action::Zap, true)]
     #[case::no_resume_under_never(with(disk("sdb"), |d| d.signatures = vec![sig(crate::disks::DATA, GIB)]), "wipe = \"never\"", History::Interrupted, Action::Keep, false)]
     #[case::blank_unselected(with(disk("sdb"), |d| d.by_id = vec![]), "[match]\nsize = \"50GiB..\"\nby-id = [\"/dev/disk/by-id/ata-*\"]", History::None, Action::Keep, false)]
-    #[case::size_match(disk("sdb"), "wipe = \"force\"\n[match]\nsize = \"90GiB..110GiB\"", History::None, Action::Zap, true)]
-    fn decides(#[case] d: DiskFacts, #[case] policy: &str, #[case] history: History, #[case] action: Action, #[case] ceph: bool) {
+    #[case::size_match(
+        disk("sdb"),
+        "wipe = \"force\"\n[match]\nsize = \"90GiB..110GiB\"",
+        History::None,
+        Action::Zap,
+        true
+    )]
+    fn decides(
+        #[case] d: DiskFacts,
+        #[case] policy: &str,
+        #[case] history: History,
+        #[case] action: Action,
+        #[case] ceph: bool,
+    ) {
         let got = decide(&d, &cfg(policy), history);
         assert_eq!((got.action, got.ceph), (action, ceph), "{got:?}");
         assert!(!got.reason.is_empty());

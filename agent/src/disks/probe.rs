@@ -91,11 +91,8 @@ fn disk(roots: &Roots, name: &str, mounts: &Mounts, boot_partuuid: Option<&str>)
     mount_points.sort();
     mount_points.dedup();
 
-    let mut boot: Vec<String> = mount_points
-        .iter()
-        .filter(|m| OS_MOUNTS.contains(&m.as_str()))
-        .map(|m| format!("holds {m}"))
-        .collect();
+    let mut boot: Vec<String> =
+        mount_points.iter().filter(|m| OS_MOUNTS.contains(&m.as_str())).map(|m| format!("holds {m}")).collect();
     for (dev, kname) in devnums.iter().skip(1) {
         let p = udev_props(&roots.run, dev);
         if let (Some(want), Some(uuid)) = (boot_partuuid, p.get("ID_PART_ENTRY_UUID")) {
@@ -122,7 +119,11 @@ fn disk(roots: &Roots, name: &str, mounts: &Mounts, boot_partuuid: Option<&str>)
         name: name.to_string(),
         path: path.to_string_lossy().into_owned(),
         by_id: by_id_links(&roots.dev.join("disk/by-id"), name),
-        serial: udev.get("ID_SERIAL_SHORT").or_else(|| udev.get("ID_SERIAL")).cloned().or_else(|| Some(read("serial")).filter(|s| !s.is_empty())),
+        serial: udev
+            .get("ID_SERIAL_SHORT")
+            .or_else(|| udev.get("ID_SERIAL"))
+            .cloned()
+            .or_else(|| Some(read("serial")).filter(|s| !s.is_empty())),
         model,
         size_bytes,
         rotational: flag("queue/rotational"),
@@ -247,7 +248,8 @@ pub(crate) fn unescape(s: &str) -> String {
 fn loader_partuuid(sys: &Path) -> Option<String> {
     let raw = fs::read(sys.join(LOADER_PARTUUID_VAR)).ok()?;
     // 4 bytes of attributes, then UTF-16LE text (NUL-terminated).
-    let units: Vec<u16> = raw.get(4..)?.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
+    let units: Vec<u16> =
+        raw.get(4..)?.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
     Some(String::from_utf16_lossy(&units).trim().to_ascii_lowercase())
 }
 
@@ -265,7 +267,11 @@ pub fn signatures(dev: &Path, size: u64) -> Result<Vec<Signature>> {
     }
     if out.is_empty() {
         if let Some(off) = first_nonzero(&mut f, &zap::regions(size))? {
-            out.push(Signature { kind: DATA.into(), offset: off, detail: Some("non-zero bytes no known signature explains".into()) });
+            out.push(Signature {
+                kind: DATA.into(),
+                offset: off,
+                detail: Some("non-zero bytes no known signature explains".into()),
+            });
         }
     }
     out.sort_by_key(|s| (s.offset, s.kind.clone()));
@@ -302,7 +308,8 @@ pub fn parse_wipefs(text: &str) -> Result<Vec<Signature>> {
     o.signatures
         .into_iter()
         .map(|e| {
-            let offset = u64::from_str_radix(e.offset.trim_start_matches("0x"), 16).with_context(|| format!("wipefs offset {:?}", e.offset))?;
+            let offset = u64::from_str_radix(e.offset.trim_start_matches("0x"), 16)
+                .with_context(|| format!("wipefs offset {:?}", e.offset))?;
             Ok(Signature { kind: e.kind, offset, detail: e.label.or(e.uuid) })
         })
         .collect()
@@ -419,7 +426,11 @@ pub(crate) mod tests {
         fx.disk("vda", "254:0", 4 * GIB, &[]);
         fx.partition("vda", "vda1", "254:1", &["ID_PART_ENTRY_UUID=36a9bb5a-3861-4351-8a75-ead40190f4dd"]);
         fx.partition("vda", "vda2", "254:2", &[]);
-        fs::write(fx.roots.proc.join("self/mountinfo"), "26 1 254:2 / / rw,relatime shared:1 - ext4 /dev/vda2 rw\n27 26 0:5 / /my\\040mnt rw - tmpfs tmpfs rw\n").unwrap();
+        fs::write(
+            fx.roots.proc.join("self/mountinfo"),
+            "26 1 254:2 / / rw,relatime shared:1 - ext4 /dev/vda2 rw\n27 26 0:5 / /my\\040mnt rw - tmpfs tmpfs rw\n",
+        )
+        .unwrap();
         let mut var = vec![7, 0, 0, 0];
         var.extend("36A9BB5A-3861-4351-8A75-EAD40190F4DD\0".encode_utf16().flat_map(|u| u.to_le_bytes()));
         fs::write(fx.roots.sys.join(LOADER_PARTUUID_VAR), var).unwrap();
@@ -459,29 +470,48 @@ pub(crate) mod tests {
 
         let sdb = by("sdb");
         assert_eq!(sdb.by_id, ["/dev/disk/by-id/wwn-0x50014ee2", "/dev/disk/by-id/ata-WDC_WD40_WD-123"]);
-        assert_eq!((sdb.serial.as_deref(), sdb.model.as_deref(), sdb.transport.as_deref()), (Some("WD-123"), Some("WDC_WD40"), Some("ata")));
+        assert_eq!(
+            (sdb.serial.as_deref(), sdb.model.as_deref(), sdb.transport.as_deref()),
+            (Some("WD-123"), Some("WDC_WD40"), Some("ata"))
+        );
         assert!(sdb.rotational && !sdb.removable && sdb.signatures.is_empty() && sdb.probe_error.is_none());
         assert_eq!(sdb.size_bytes, 20 * GIB);
 
         let sdc = by("sdc");
         assert_eq!(sdc.signatures.len(), 1, "{:?}", sdc.signatures);
-        assert_eq!((sdc.signatures[0].kind.as_str(), sdc.signatures[0].offset, sdc.signatures[0].detail.as_deref()), ("ext4", 0x438, Some("photos")));
+        assert_eq!(
+            (sdc.signatures[0].kind.as_str(), sdc.signatures[0].offset, sdc.signatures[0].detail.as_deref()),
+            ("ext4", 0x438, Some("photos"))
+        );
 
         let sdd = by("sdd");
         let labels: Vec<(&str, u64)> = sdd.signatures.iter().map(|s| (s.kind.as_str(), s.offset)).collect();
         assert!(labels.contains(&(BLUESTORE, 0)) && labels.contains(&(BLUESTORE, GIB)), "{labels:?}");
-        assert_eq!(sdd.signatures.iter().find(|s| s.offset == 0 && s.kind == BLUESTORE).unwrap().detail.as_deref(), Some("6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11"));
+        assert_eq!(
+            sdd.signatures.iter().find(|s| s.offset == 0 && s.kind == BLUESTORE).unwrap().detail.as_deref(),
+            Some("6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11")
+        );
 
         let sde = by("sde");
         assert_eq!(sde.signatures.iter().map(|s| (s.kind.as_str(), s.offset)).collect::<Vec<_>>(), [(BLUESTORE, GIB)]);
 
         let sdf = by("sdf");
         assert_eq!(sdf.transport.as_deref(), Some("usb"));
-        assert_eq!(sdf.signatures, [Signature { kind: DATA.into(), offset: 8 * GIB - 10, detail: Some("non-zero bytes no known signature explains".into()) }]);
+        assert_eq!(
+            sdf.signatures,
+            [Signature {
+                kind: DATA.into(),
+                offset: 8 * GIB - 10,
+                detail: Some("non-zero bytes no known signature explains".into())
+            }]
+        );
 
         use crate::disks::policy::{classify, Class};
         let classes: Vec<Class> = disks.iter().map(|d| classify(d).class).collect();
-        assert_eq!(classes, [Class::Blank, Class::HasData, Class::CephOsd, Class::HasData, Class::Removable, Class::Os]);
+        assert_eq!(
+            classes,
+            [Class::Blank, Class::HasData, Class::CephOsd, Class::HasData, Class::Removable, Class::Os]
+        );
     }
 
     #[test]
@@ -503,7 +533,11 @@ pub(crate) mod tests {
         fx.partition("sdc", "sdc1", "8:33", &[]);
         let dev = fx.roots.dev.join("sdc1");
         fs::write(&dev, "").unwrap();
-        fs::write(fx.roots.proc.join("swaps"), format!("Filename Type Size Used Priority\n{} partition 1 0 -2\n", dev.display())).unwrap();
+        fs::write(
+            fx.roots.proc.join("swaps"),
+            format!("Filename Type Size Used Priority\n{} partition 1 0 -2\n", dev.display()),
+        )
+        .unwrap();
         let disks = scan(&fx.roots).unwrap();
         assert_eq!(disks[0].boot, ["holds sdb1, the LABFORGE config partition"]);
         assert_eq!(disks[1].mounts, ["[swap]"]);
@@ -512,7 +546,10 @@ pub(crate) mod tests {
     #[test]
     fn wipefs_output_parses() {
         assert!(parse_wipefs("").unwrap().is_empty());
-        let s = parse_wipefs(r#"{"signatures":[{"device":"x","offset":"0x218","type":"LVM2_member","uuid":"abc","label":null}]}"#).unwrap();
+        let s = parse_wipefs(
+            r#"{"signatures":[{"device":"x","offset":"0x218","type":"LVM2_member","uuid":"abc","label":null}]}"#,
+        )
+        .unwrap();
         assert_eq!(s, [Signature { kind: "LVM2_member".into(), offset: 0x218, detail: Some("abc".into()) }]);
         assert!(parse_wipefs("{").is_err());
     }

@@ -35,11 +35,8 @@ pub const HOLD_ENV: &str = "LABFORGE_TEST_HOLD_ZAP";
 /// The `(offset, length)` regions a zap zeroes (and verification reads) on a disk of `size`
 /// bytes: sorted, merged, inside the disk.
 pub fn regions(size: u64) -> Vec<(u64, u64)> {
-    let mut r: Vec<(u64, u64)> = LABEL_OFFSETS
-        .iter()
-        .filter(|o| **o < size)
-        .map(|o| (*o, LABEL_REGION.min(size - o)))
-        .collect();
+    let mut r: Vec<(u64, u64)> =
+        LABEL_OFFSETS.iter().filter(|o| **o < size).map(|o| (*o, LABEL_REGION.min(size - o))).collect();
     if size > 0 {
         let start = size.saturating_sub(TAIL_REGION);
         r.push((start, size - start));
@@ -79,14 +76,18 @@ pub fn zap(dev: &Path, id: &str, size: u64, discard: bool, progress: &mut dyn Pr
             Err(e) => warn!("{id}: blkdiscard failed, zeroing anyway: {e:#}"),
         }
     }
-    let mut f = fs::OpenOptions::new().write(true).open(dev).with_context(|| format!("opening {} for writing", dev.display()))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {} for writing", dev.display()))?;
     let zeros = vec![0u8; TAIL_REGION as usize];
     for (i, (start, len)) in regions(size).into_iter().enumerate() {
         f.seek(SeekFrom::Start(start))?;
         let mut left = len;
         while left > 0 {
             let n = left.min(zeros.len() as u64) as usize;
-            f.write_all(&zeros[..n]).with_context(|| format!("writing zeroes at offset {start} of {}", dev.display()))?;
+            f.write_all(&zeros[..n])
+                .with_context(|| format!("writing zeroes at offset {start} of {}", dev.display()))?;
             left -= n as u64;
         }
         f.sync_data().with_context(|| format!("flushing {}", dev.display()))?;
@@ -153,7 +154,10 @@ mod tests {
     #[test]
     fn regions_cover_label_offsets_and_the_end() {
         let k = LABEL_REGION;
-        assert_eq!(regions(2000 * GIB), vec![(0, k), (GIB, k), (10 * GIB, k), (100 * GIB, k), (1000 * GIB, k), (2000 * GIB - MIB, MIB)]);
+        assert_eq!(
+            regions(2000 * GIB),
+            vec![(0, k), (GIB, k), (10 * GIB, k), (100 * GIB, k), (1000 * GIB, k), (2000 * GIB - MIB, MIB)]
+        );
         assert_eq!(regions(20 * GIB), vec![(0, k), (GIB, k), (10 * GIB, k), (20 * GIB - MIB, MIB)]);
         // Smaller than the offsets: what is inside, merged where they overlap.
         assert_eq!(regions(512 * MIB), vec![(0, k), (511 * MIB, MIB)]);
@@ -178,10 +182,11 @@ mod tests {
         let dev = d.path().join("disk");
         let size = 12 * GIB;
         fs::File::create(&dev).unwrap().set_len(size).unwrap();
-        let ok = Command::new("sfdisk").arg("-q").arg(&dev).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(b"label: gpt\n,100M\n")?;
-            c.wait()
-        });
+        let ok =
+            Command::new("sfdisk").arg("-q").arg(&dev).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(b"label: gpt\n,100M\n")?;
+                c.wait()
+            });
         assert!(ok.unwrap().success());
         write_label(&dev, GIB, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
         write_label(&dev, 10 * GIB, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
@@ -198,7 +203,17 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(steps, ["wipefs", "zero@0", &format!("zero@{GIB}"), &format!("zero@{}", 10 * GIB), &format!("zero@{}", size - MIB), "verified"]);
+        assert_eq!(
+            steps,
+            [
+                "wipefs",
+                "zero@0",
+                &format!("zero@{GIB}"),
+                &format!("zero@{}", 10 * GIB),
+                &format!("zero@{}", size - MIB),
+                "verified"
+            ]
+        );
         assert!(probe::signatures(&dev, size).unwrap().is_empty());
         for off in [0, GIB, 10 * GIB, size - MIB] {
             assert!(!nonzero_at(&dev, off, 4096), "zero at {off}");
@@ -211,7 +226,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dev = d.path().join("disk");
         fs::File::create(&dev).unwrap().set_len(64 * MIB).unwrap();
-        let err = zap(&dev, "test", 64 * MIB, false, &mut |s: &str| if s.starts_with("zero") { bail!("journal full") } else { Ok(()) }).unwrap_err();
+        let err = zap(&dev, "test", 64 * MIB, false, &mut |s: &str| {
+            if s.starts_with("zero") {
+                bail!("journal full")
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
         assert!(format!("{err:#}").contains("journal full"));
         let err = zap(&d.path().join("gone"), "test", 64 * MIB, false, &mut |_: &str| Ok(())).unwrap_err();
         assert!(format!("{err:#}").contains("is gone"), "{err:#}");

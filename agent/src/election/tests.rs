@@ -25,7 +25,9 @@ fn lowest_id_claims_after_the_settle_window() {
     let (a, b) = (auto("a"), auto("b"));
     assert!(matches!(decide(&a, &[b.clone()], Duration::from_secs(1), &params(1)), Decision::Wait { .. }));
     assert_eq!(decide(&a, &[b.clone()], settled(), &params(1)), Decision::Claim);
-    assert!(matches!(decide(&b, &[a], settled(), &params(1)), Decision::Wait { reason } if reason.contains("expecting a")));
+    assert!(
+        matches!(decide(&b, &[a], settled(), &params(1)), Decision::Wait { reason } if reason.contains("expecting a"))
+    );
 }
 
 #[test]
@@ -54,7 +56,9 @@ fn workers_never_claim() {
 fn explicit_master_claims_at_once_and_auto_nodes_wait_for_it() {
     let m = node("z", RolePolicy::Master, Allegiance::None);
     assert_eq!(decide(&m, &[], Duration::ZERO, &params(1)), Decision::Claim);
-    assert!(matches!(decide(&auto("a"), &[m], settled(), &params(1)), Decision::Wait { reason } if reason.contains("forced")));
+    assert!(
+        matches!(decide(&auto("a"), &[m], settled(), &params(1)), Decision::Wait { reason } if reason.contains("forced"))
+    );
 }
 
 #[test]
@@ -74,7 +78,9 @@ fn an_existing_committed_master_always_wins() {
 fn a_second_forced_master_refuses_loudly() {
     let m1 = node("a", RolePolicy::Master, Allegiance::Master { uid: "u1".into(), committed: true });
     let m2 = node("b", RolePolicy::Master, Allegiance::None);
-    assert!(matches!(decide(&m2, &[m1], Duration::ZERO, &params(1)), Decision::Conflict { reason, .. } if reason.contains("forced to role=master")));
+    assert!(
+        matches!(decide(&m2, &[m1], Duration::ZERO, &params(1)), Decision::Conflict { reason, .. } if reason.contains("forced to role=master"))
+    );
     // Once refused, it never claims, even when the other master is out of sight.
     let refused = node("b", RolePolicy::Master, Allegiance::Refused { uid: "u1".into(), master: "a".into() });
     assert!(matches!(decide(&refused, &[], settled(), &params(1)), Decision::Conflict { .. }));
@@ -93,7 +99,10 @@ fn commit_waits_for_followers_and_the_window() {
 fn an_uncommitted_claim_yields_to_a_committed_one() {
     let me = node("a", RolePolicy::Auto, Allegiance::Master { uid: "mine".into(), committed: false });
     let other = node("b", RolePolicy::Auto, Allegiance::Master { uid: "theirs".into(), committed: true });
-    assert_eq!(decide(&me, &[other], settled(), &params(1)), Decision::Yield { uid: "theirs".into(), master: "b".into() });
+    assert_eq!(
+        decide(&me, &[other], settled(), &params(1)),
+        Decision::Yield { uid: "theirs".into(), master: "b".into() }
+    );
 }
 
 #[test]
@@ -138,7 +147,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 priority,
                 reboot: reboot.map(|(at, down)| (arrival + at, down)),
             });
-        (1..=n, proptest::collection::vec(node, n), proptest::collection::vec(proptest::collection::vec(1u64..=W / 4, n), n))
+        (
+            1..=n,
+            proptest::collection::vec(node, n),
+            proptest::collection::vec(proptest::collection::vec(1u64..=W / 4, n), n),
+        )
             .prop_map(|(minimum_nodes, nodes, delay)| Scenario { minimum_nodes, nodes, delay })
     })
 }
@@ -175,10 +188,20 @@ fn simulate(s: &Scenario, ticks: u64) -> Outcome {
                 .filter_map(|j| {
                     let d = s.delay[i][j];
                     let seen = history.get(t.checked_sub(d)? as usize)?[j].clone()?;
-                    Some(NodeView { id: ids[j].clone(), priority: s.nodes[j].priority, policy: s.nodes[j].policy, allegiance: seen })
+                    Some(NodeView {
+                        id: ids[j].clone(),
+                        priority: s.nodes[j].priority,
+                        policy: s.nodes[j].policy,
+                        allegiance: seen,
+                    })
                 })
                 .collect();
-            let me = NodeView { id: ids[i].clone(), priority: s.nodes[i].priority, policy: s.nodes[i].policy, allegiance: allegiance[i].clone() };
+            let me = NodeView {
+                id: ids[i].clone(),
+                priority: s.nodes[i].priority,
+                policy: s.nodes[i].policy,
+                allegiance: allegiance[i].clone(),
+            };
             let d = decide(&me, &peers, Duration::from_secs(t - started[i]), &params(s.minimum_nodes));
             match &d {
                 Decision::Claim => allegiance[i] = Allegiance::Master { uid: format!("uid-{i}-{t}"), committed: false },

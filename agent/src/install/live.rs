@@ -125,10 +125,21 @@ pub fn write_netboot_units(early: &Path) -> Result<()> {
     write_mounts(
         early,
         &[
-            ("var-lib-labforge.mount", tmpfs(header, "/var/lib/labforge", "the state directory in memory (netboot)", "mode=0755")),
+            (
+                "var-lib-labforge.mount",
+                tmpfs(header, "/var/lib/labforge", "the state directory in memory (netboot)", "mode=0755"),
+            ),
             // containerd's overlayfs snapshotter cannot stack its layers on live-boot's overlay
             // root ("failed to mount: invalid argument"); on a tmpfs of their own they run.
-            ("var-lib-containerd.mount", tmpfs(header, "/var/lib/containerd", "containerd's images and snapshots in memory (netboot)", "mode=0711")),
+            (
+                "var-lib-containerd.mount",
+                tmpfs(
+                    header,
+                    "/var/lib/containerd",
+                    "containerd's images and snapshots in memory (netboot)",
+                    "mode=0711",
+                ),
+            ),
         ],
     )
 }
@@ -206,15 +217,32 @@ mod tests {
     #[test]
     fn finds_the_removable_disk_under_a_root_partition() {
         let d = tempfile::tempdir().unwrap();
-        let usb = sysfs(&d.path().join("a"), "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0", "sda", &[("removable", "0")]);
+        let usb = sysfs(
+            &d.path().join("a"),
+            "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0",
+            "sda",
+            &[("removable", "0")],
+        );
         assert_eq!(removable_disk(&usb, 8, 2), Some(("sda".into(), "it is attached over USB".into())));
-        let flagged = sysfs(&d.path().join("b"), "devices/pci0000:00/0000:00:1f.2/ata1/host0", "sdb", &[("removable", "1")]);
+        let flagged =
+            sysfs(&d.path().join("b"), "devices/pci0000:00/0000:00:1f.2/ata1/host0", "sdb", &[("removable", "1")]);
         assert_eq!(removable_disk(&flagged, 8, 2).unwrap().1, "the kernel marks it removable");
-        let sd = sysfs(&d.path().join("c"), "devices/platform/mmc0/mmc_host/mmc0/mmc0:0001", "mmcblk0", &[("removable", "0"), ("device/type", "SD")]);
+        let sd = sysfs(
+            &d.path().join("c"),
+            "devices/platform/mmc0/mmc_host/mmc0/mmc0:0001",
+            "mmcblk0",
+            &[("removable", "0"), ("device/type", "SD")],
+        );
         assert_eq!(removable_disk(&sd, 8, 2).unwrap().1, "it is an SD card");
-        let emmc = sysfs(&d.path().join("e"), "devices/platform/mmc1/mmc_host/mmc1/mmc1:0001", "mmcblk1", &[("removable", "0"), ("device/type", "MMC")]);
+        let emmc = sysfs(
+            &d.path().join("e"),
+            "devices/platform/mmc1/mmc_host/mmc1/mmc1:0001",
+            "mmcblk1",
+            &[("removable", "0"), ("device/type", "MMC")],
+        );
         assert_eq!(removable_disk(&emmc, 8, 2), None, "soldered eMMC is an internal disk");
-        let virtio = sysfs(&d.path().join("v"), "devices/pci0000:00/0000:00:04.0/virtio1", "vda", &[("removable", "0")]);
+        let virtio =
+            sysfs(&d.path().join("v"), "devices/pci0000:00/0000:00:04.0/virtio1", "vda", &[("removable", "0")]);
         assert_eq!(removable_disk(&virtio, 8, 2), None);
     }
 
@@ -223,11 +251,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let early = d.path().join("early");
         write_units(&early, &d.path().join("upper")).unwrap();
-        for masked in ["systemd-remount-fs.service", "systemd-repart.service", "systemd-growfs@var-lib-labforge.service", "efi.automount"] {
+        for masked in [
+            "systemd-remount-fs.service",
+            "systemd-repart.service",
+            "systemd-growfs@var-lib-labforge.service",
+            "efi.automount",
+        ] {
             assert_eq!(fs::read_link(early.join(masked)).unwrap(), Path::new("/dev/null"), "{masked}");
         }
         let var = fs::read_to_string(early.join("var.mount")).unwrap();
-        assert!(var.contains("Type=overlay") && var.contains(&format!("upperdir={}", d.path().join("upper/var/upper").display())), "{var}");
+        assert!(
+            var.contains("Type=overlay")
+                && var.contains(&format!("upperdir={}", d.path().join("upper/var/upper").display())),
+            "{var}"
+        );
         assert!(d.path().join("upper/var/work").is_dir());
         let state = fs::read_to_string(early.join("var-lib-labforge.mount")).unwrap();
         assert!(state.contains("What=tmpfs") && state.contains("Where=/var/lib/labforge"), "{state}");

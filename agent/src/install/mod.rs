@@ -162,7 +162,8 @@ impl InstallManifest {
                 let sha256 = match &r.sha256 {
                     Some(h) => {
                         let mut b = [0u8; 32];
-                        hex::decode_to_slice(h, &mut b).map_err(|_| anyhow::anyhow!("bad sha256 {h:?} in the install manifest"))?;
+                        hex::decode_to_slice(h, &mut b)
+                            .map_err(|_| anyhow::anyhow!("bad sha256 {h:?} in the install manifest"))?;
                         Some(b)
                     }
                     None => None,
@@ -210,7 +211,12 @@ pub enum Choice {
 
 /// Chooses the install target among `disks` (the boot medium among them) for an image of
 /// `image_size` bytes. `existing(d)` says what a disk holds of labforge.
-pub fn choose(disks: &[DiskFacts], cfg: &InstallConfig, image_size: u64, existing: &dyn Fn(&DiskFacts) -> Existing) -> Choice {
+pub fn choose(
+    disks: &[DiskFacts],
+    cfg: &InstallConfig,
+    image_size: u64,
+    existing: &dyn Fn(&DiskFacts) -> Existing,
+) -> Choice {
     let need = image_size.max(1);
     let unsafe_reason = |d: &DiskFacts| -> Option<String> {
         let c = classify(d);
@@ -219,7 +225,9 @@ pub fn choose(disks: &[DiskFacts], cfg: &InstallConfig, image_size: u64, existin
             Class::Removable => Some(format!("it is removable ({})", c.reason)),
             Class::CephOsd => Some(format!("it is a Ceph OSD ({})", c.reason)),
             _ if d.read_only => Some("it is read-only".into()),
-            _ if d.size_bytes < need => Some(format!("it is smaller ({}) than the image ({})", Bytes(d.size_bytes), Bytes(need))),
+            _ if d.size_bytes < need => {
+                Some(format!("it is smaller ({}) than the image ({})", Bytes(d.size_bytes), Bytes(need)))
+            }
             _ => None,
         }
     };
@@ -227,13 +235,17 @@ pub fn choose(disks: &[DiskFacts], cfg: &InstallConfig, image_size: u64, existin
         return Choice::Installed { disk: name(done) };
     }
     if let Some(t) = &cfg.target {
-        let Some(d) = disks.iter().find(|d| d.by_id.iter().any(|b| b == t) || t.strip_prefix("serial:").is_some_and(|s| d.serial.as_deref() == Some(s))) else {
+        let Some(d) = disks.iter().find(|d| {
+            d.by_id.iter().any(|b| b == t) || t.strip_prefix("serial:").is_some_and(|s| d.serial.as_deref() == Some(s))
+        }) else {
             let seen: Vec<String> = disks.iter().map(name).collect();
             return Choice::Refuse { reason: format!("the install target {t} is not attached (disks here: {}); fix [install] target or labforge.install-target", seen.join(", ")) };
         };
         return match unsafe_reason(d) {
             Some(why) => Choice::Refuse { reason: format!("not installing onto the named target {}: {why}", name(d)) },
-            None => Choice::Install { disk: d.name.clone(), reason: format!("{} is the named install target", name(d)) },
+            None => {
+                Choice::Install { disk: d.name.clone(), reason: format!("{} is the named install target", name(d)) }
+            }
         };
     }
     let mut passed = Vec::new();

@@ -82,7 +82,9 @@ pub struct Ext4Format {
 
 impl NetManifest {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path).with_context(|| format!("reading {} (was the image built with the pxe output by this labforge?)", path.display()))?;
+        let text = fs::read_to_string(path).with_context(|| {
+            format!("reading {} (was the image built with the pxe output by this labforge?)", path.display())
+        })?;
         let m: NetManifest = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
         if m.schema_version != NET_SCHEMA_VERSION {
             bail!("{}: schema {} (this agent reads {NET_SCHEMA_VERSION})", path.display(), m.schema_version);
@@ -113,15 +115,26 @@ pub fn live_root(mountinfo: &str, sys: &Path) -> Result<LiveRoot> {
         }
         let dev = source.rsplit('/').next().unwrap_or_default();
         let backing = sys.join("block").join(dev).join("loop/backing_file");
-        let file = fs::read_to_string(&backing).with_context(|| format!("reading {} (the squashfs at {point} is not on a loop device)", backing.display()))?;
-        return Ok(LiveRoot { tree: PathBuf::from(crate::disks::probe::unescape(point)), file: PathBuf::from(file.trim()) });
+        let file = fs::read_to_string(&backing).with_context(|| {
+            format!("reading {} (the squashfs at {point} is not on a loop device)", backing.display())
+        })?;
+        return Ok(LiveRoot {
+            tree: PathBuf::from(crate::disks::probe::unescape(point)),
+            file: PathBuf::from(file.trim()),
+        });
     }
     bail!("no squashfs mounted under /run/live: this node was not netbooted by live-boot")
 }
 
 /// Runs the netboot install: choose, write, verify. Returns the final status (`installed`,
 /// `refused` or `failed`); `record` is set only when this run wrote a disk.
-pub fn run(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, publish: &mut dyn FnMut(&InstallStatus)) -> InstallStatus {
+pub fn run(
+    cfg: &InstallConfig,
+    manifest_path: &Path,
+    cmdline: &str,
+    roots: &probe::Roots,
+    publish: &mut dyn FnMut(&InstallStatus),
+) -> InstallStatus {
     let mut status = InstallStatus { state: "choosing".into(), ..Default::default() };
     publish(&status);
     if let Err(e) = run_inner(cfg, manifest_path, cmdline, roots, &mut status, publish) {
@@ -132,9 +145,17 @@ pub fn run(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &pro
     status
 }
 
-fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &probe::Roots, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<()> {
+fn run_inner(
+    cfg: &InstallConfig,
+    manifest_path: &Path,
+    cmdline: &str,
+    roots: &probe::Roots,
+    status: &mut InstallStatus,
+    publish: &mut dyn FnMut(&InstallStatus),
+) -> Result<()> {
     let manifest = NetManifest::load(manifest_path)?;
-    let base = crate::pxe::base_url(cmdline).context("the kernel command line has no fetch= URL: this node was not netbooted")?;
+    let base = crate::pxe::base_url(cmdline)
+        .context("the kernel command line has no fetch= URL: this node was not netbooted")?;
     status.source = Some(base.clone());
     let live = live_root(&fs::read_to_string(roots.proc.join("self/mountinfo"))?, &roots.sys)?;
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
@@ -167,7 +188,10 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     info!(source = %base, target = %target_name, "installing from the netboot image");
     let started = Instant::now();
     let fetcher = Fetcher::new(&base);
-    let work = tempfile::Builder::new().prefix("labforge-netinstall-").tempdir_in("/run").context("making a work directory in /run")?;
+    let work = tempfile::Builder::new()
+        .prefix("labforge-netinstall-")
+        .tempdir_in("/run")
+        .context("making a work directory in /run")?;
 
     // What comes from the master first, so a master that cannot serve it stops the install
     // before the disk is touched.
@@ -176,15 +200,21 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     for file in manifest.files.keys().filter(|f| !f.ends_with(".efi")) {
         fetcher.check(file, None)?;
     }
-    let served_layout = preload::Source { layout: PathBuf::from(preload::LAYOUT_DIR), remote: Some(format!("{base}/{}", preload::REMOTE_DIR)) };
+    let served_layout = preload::Source {
+        layout: PathBuf::from(preload::LAYOUT_DIR),
+        remote: Some(format!("{base}/{}", preload::REMOTE_DIR)),
+    };
     let blobs = preload::blobs(&served_layout, &preload::read_layout(Path::new(preload::LAYOUT_DIR))?)?;
     for (hex, size) in &blobs {
         fetcher.check(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), Some(*size))?;
     }
 
     let run = |c: &mut Command| crate::disks::zap::run(c);
-    let partly = |e: anyhow::Error| e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"));
-    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path)).context("clearing old signatures off the target")?;
+    let partly = |e: anyhow::Error| {
+        e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"))
+    };
+    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path))
+        .context("clearing old signatures off the target")?;
     sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
     let _ = run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
@@ -206,15 +236,21 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
     .map_err(partly)?;
 
     mkfs_ext4(&root, &manifest.root).map_err(partly)?;
-    let copied = with_mount(&root, "ext4", false, |dir| fill_root(&manifest, &live, &fetcher, &uki, &blobs, dir, status, publish)).map_err(partly)?;
+    let copied = with_mount(&root, "ext4", false, |dir| {
+        fill_root(&manifest, &live, &fetcher, &uki, &blobs, dir, status, publish)
+    })
+    .map_err(partly)?;
 
     status.state = "verifying".into();
     publish(status);
     drop_caches();
     with_mount(&root, "ext4", true, |dir| verify_root(&manifest, &live, dir)).map_err(partly)?;
-    let on_esp = with_mount(&esp, "vfat", true, |dir| sha256_file(&dir.join("EFI/BOOT/BOOTX64.EFI"))).map_err(partly)?;
+    let on_esp =
+        with_mount(&esp, "vfat", true, |dir| sha256_file(&dir.join("EFI/BOOT/BOOTX64.EFI"))).map_err(partly)?;
     if on_esp != manifest.uki_sha256 {
-        return Err(partly(anyhow::anyhow!("the kernel image read back from the ESP does not match (sha256 {on_esp})")));
+        return Err(partly(anyhow::anyhow!(
+            "the kernel image read back from the ESP does not match (sha256 {on_esp})"
+        )));
     }
 
     mkfs_ext4(&state, &manifest.state).map_err(partly)?;
@@ -225,14 +261,23 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
         target: target_name.clone(),
         bytes: copied,
         seconds: started.elapsed().as_secs_f64(),
-        installed_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        installed_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
-    with_mount(&state, "ext4", false, |dir| crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?))?;
+    with_mount(&state, "ext4", false, |dir| {
+        crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
+    })?;
     info!(target = %record.target, seconds = record.seconds, "installed");
     status.state = "installed".into();
     status.bytes_done = copied;
     status.bytes_total = copied;
-    status.message = format!("installed onto {target_name} from {base} ({} MiB written and read back in {:.0} s)", copied >> 20, record.seconds);
+    status.message = format!(
+        "installed onto {target_name} from {base} ({} MiB written and read back in {:.0} s)",
+        copied >> 20,
+        record.seconds
+    );
     status.record = Some(record);
     Ok(())
 }
@@ -240,12 +285,28 @@ fn run_inner(cfg: &InstallConfig, manifest_path: &Path, cmdline: &str, roots: &p
 /// The root filesystem: the squashfs's tree, the disk's fstab, the netboot files and the
 /// preloaded images' blobs. Returns the bytes written.
 #[allow(clippy::too_many_arguments)]
-fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &Path, blobs: &[(String, u64)], dir: &Path, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<u64> {
+fn fill_root(
+    manifest: &NetManifest,
+    live: &LiveRoot,
+    fetcher: &Fetcher,
+    uki: &Path,
+    blobs: &[(String, u64)],
+    dir: &Path,
+    status: &mut InstallStatus,
+    publish: &mut dyn FnMut(&InstallStatus),
+) -> Result<u64> {
     status.bytes_total = tree_bytes(&live.tree)? + fs::metadata(&live.file)?.len();
     publish(status);
     // cp -a keeps owners, modes, times, hard links, special files and extended attributes
     // (file capabilities among them).
-    let out = Command::new("cp").arg("-a").arg("--sparse=always").arg(live.tree.join(".")).arg(dir).stderr(Stdio::piped()).output().context("running cp")?;
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg("--sparse=always")
+        .arg(live.tree.join("."))
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running cp")?;
     if !out.status.success() {
         bail!("copying the image's tree: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -297,7 +358,8 @@ fn fill_root(manifest: &NetManifest, live: &LiveRoot, fetcher: &Fetcher, uki: &P
 fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()> {
     let fstab = Path::new("etc/fstab");
     // Added to the tree (and checked below), or made by mkfs.
-    let added = [crate::pxe::ARTIFACT_DIR, &format!("{}/blobs", preload::LAYOUT_DIR), "/lost+found"].map(|p| PathBuf::from(p.trim_start_matches('/')));
+    let added = [crate::pxe::ARTIFACT_DIR, &format!("{}/blobs", preload::LAYOUT_DIR), "/lost+found"]
+        .map(|p| PathBuf::from(p.trim_start_matches('/')));
     compare_tree(&live.tree, dir, &|rel| rel == fstab || added.iter().any(|a| a == rel))?;
     if fs::read_to_string(dir.join(fstab))? != manifest.fstab {
         bail!("/etc/fstab read back from the new root is not the disk image's");
@@ -326,7 +388,9 @@ fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()
 pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
     let walk = |root: &Path| {
         let root = root.to_path_buf();
-        walkdir::WalkDir::new(&root).into_iter().filter_entry(move |e| e.path().strip_prefix(&root).map_or(true, |r| r.as_os_str().is_empty() || !skip(r)))
+        walkdir::WalkDir::new(&root)
+            .into_iter()
+            .filter_entry(move |e| e.path().strip_prefix(&root).map_or(true, |r| r.as_os_str().is_empty() || !skip(r)))
     };
     for e in walk(a) {
         let e = e.with_context(|| format!("reading {}", a.display()))?;
@@ -336,7 +400,16 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
         let mb = fs::symlink_metadata(&pb).with_context(|| format!("/{} is missing from the copy", rel.display()))?;
         let what = |m: &fs::Metadata| (m.mode(), m.uid(), m.gid());
         if what(&ma) != what(&mb) {
-            bail!("/{}: the copy has mode/owner {:o} {}:{}, the image {:o} {}:{}", rel.display(), mb.mode(), mb.uid(), mb.gid(), ma.mode(), ma.uid(), ma.gid());
+            bail!(
+                "/{}: the copy has mode/owner {:o} {}:{}, the image {:o} {}:{}",
+                rel.display(),
+                mb.mode(),
+                mb.uid(),
+                mb.gid(),
+                ma.mode(),
+                ma.uid(),
+                ma.gid()
+            );
         }
         let ft = ma.file_type();
         // File capabilities (security.capability) and ACLs live here; cp does not say when it
@@ -414,7 +487,9 @@ impl Fetcher {
     /// Whether the master serves `<base>/<rel>` (of `size` bytes, if given), without fetching it.
     fn check(&self, rel: &str, size: Option<u64>) -> Result<()> {
         let url = format!("{}/{rel}", self.base);
-        let resp = self.agent.get(&url).call().with_context(|| format!("the master does not serve {url}, which the install needs; nothing was written"))?;
+        let resp = self.agent.get(&url).call().with_context(|| {
+            format!("the master does not serve {url}, which the install needs; nothing was written")
+        })?;
         let len = resp.header("Content-Length").and_then(|l| l.parse::<u64>().ok());
         if let (Some(want), Some(got)) = (size, len) {
             if want != got {
@@ -507,7 +582,10 @@ mod tests {
 
     #[test]
     fn the_base_url_is_where_the_squashfs_came_from() {
-        assert_eq!(crate::pxe::base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(), Some("http://10.0.0.1:9743/pxe"));
+        assert_eq!(
+            crate::pxe::base_url("boot=live fetch=http://10.0.0.1:9743/pxe/demo.squashfs ro").as_deref(),
+            Some("http://10.0.0.1:9743/pxe")
+        );
         assert_eq!(crate::pxe::base_url("root=PARTUUID=x ro"), None);
     }
 
@@ -574,7 +652,11 @@ mod tests {
         fs::write(b.path().join("etc/x/f"), "same").unwrap();
         fs::set_permissions(b.path().join("etc/x/f"), fs::Permissions::from_mode(0o600)).unwrap();
         assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("mode/owner"));
-        fs::set_permissions(b.path().join("etc/x/f"), fs::Permissions::from_mode(fs::metadata(a.path().join("etc/x/f")).unwrap().mode())).unwrap();
+        fs::set_permissions(
+            b.path().join("etc/x/f"),
+            fs::Permissions::from_mode(fs::metadata(a.path().join("etc/x/f")).unwrap().mode()),
+        )
+        .unwrap();
         fs::write(b.path().join("etc/extra"), "").unwrap();
         assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("not in the image"));
         fs::remove_file(b.path().join("etc/extra")).unwrap();
@@ -587,7 +669,10 @@ mod tests {
         compare_tree(a.path(), b.path(), &skip_fstab).unwrap();
         // An extended attribute the copy lost (where this filesystem keeps user attributes).
         if xattr::set(a.path().join("etc/x/f"), "user.labforge", b"cap").is_ok() {
-            assert!(compare_tree(a.path(), b.path(), &skip_fstab).unwrap_err().to_string().contains("extended attributes"));
+            assert!(compare_tree(a.path(), b.path(), &skip_fstab)
+                .unwrap_err()
+                .to_string()
+                .contains("extended attributes"));
         }
     }
 }

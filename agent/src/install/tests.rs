@@ -100,7 +100,10 @@ fn a_complete_install_is_never_written_again_and_an_unfinished_one_is_redone() {
     let disks = [stick(), ours, disk("vdb", 32)];
     let cfg = InstallConfig::default();
     let complete = |d: &DiskFacts| Existing { this_image: d.name == "vda", complete: d.name == "vda" };
-    assert_eq!(choose(&disks, &cfg, 3 * GIB, &complete), Choice::Installed { disk: "/dev/disk/by-id/virtio-vda".into() });
+    assert_eq!(
+        choose(&disks, &cfg, 3 * GIB, &complete),
+        Choice::Installed { disk: "/dev/disk/by-id/virtio-vda".into() }
+    );
     let unfinished = |d: &DiskFacts| Existing { this_image: d.name == "vda", complete: false };
     // The unfinished copy is a candidate like a blank disk; the smaller blank one still wins.
     assert_eq!(installs(&choose(&disks, &cfg, 3 * GIB, &unfinished)), "vdb");

@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::live::Live;
-use super::{choose, name, Choice, Existing, InstallConfig, InstallManifest, InstallRecord, MANIFEST_ON_ESP, RECORD_FILE};
+use super::{
+    choose, name, Choice, Existing, InstallConfig, InstallManifest, InstallRecord, MANIFEST_ON_ESP, RECORD_FILE,
+};
 use crate::blockcopy::{self, Phase};
 use crate::disks::{probe, DiskFacts};
 
@@ -53,7 +55,12 @@ pub fn installed_status(state_dir: &Path) -> Option<InstallStatus> {
 
 /// Runs the live session's install: choose, write, verify. `publish` sees every state change
 /// and the progress. Returns the final status (`installed`, `refused` or `failed`).
-pub fn run(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, publish: &mut dyn FnMut(&InstallStatus)) -> InstallStatus {
+pub fn run(
+    cfg: &InstallConfig,
+    live: &Live,
+    roots: &probe::Roots,
+    publish: &mut dyn FnMut(&InstallStatus),
+) -> InstallStatus {
     let mut status = InstallStatus { state: "choosing".into(), ..Default::default() };
     publish(&status);
     match run_inner(cfg, live, roots, &mut status, publish) {
@@ -67,13 +74,28 @@ pub fn run(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, publish: &mut
     status
 }
 
-fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mut InstallStatus, publish: &mut dyn FnMut(&InstallStatus)) -> Result<()> {
+fn run_inner(
+    cfg: &InstallConfig,
+    live: &Live,
+    roots: &probe::Roots,
+    status: &mut InstallStatus,
+    publish: &mut dyn FnMut(&InstallStatus),
+) -> Result<()> {
     let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
     let disks = probe::scan(roots).context("taking the disk inventory")?;
-    let source = disks.iter().find(|d| d.name == live.disk).with_context(|| format!("the boot medium {} is not in the inventory", live.disk))?;
+    let source = disks
+        .iter()
+        .find(|d| d.name == live.disk)
+        .with_context(|| format!("the boot medium {} is not in the inventory", live.disk))?;
     status.source = Some(name(source));
     let manifest = read_manifest(roots, source)?;
-    let existing = |d: &DiskFacts| if d.name == source.name { Existing::default() } else { existing(roots, d, &manifest.disk_uuid) };
+    let existing = |d: &DiskFacts| {
+        if d.name == source.name {
+            Existing::default()
+        } else {
+            existing(roots, d, &manifest.disk_uuid)
+        }
+    };
     let chosen = choose(&disks, cfg, manifest.disk_size, &existing);
     let (target, reason) = match chosen {
         Choice::Refuse { reason } => {
@@ -104,7 +126,8 @@ fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mu
     info!(source = %name(source), target = %name(&fresh), bytes = status.bytes_total, "installing");
 
     let started = Instant::now();
-    crate::disks::zap::run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path)).context("clearing old signatures off the target")?;
+    crate::disks::zap::run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path))
+        .context("clearing old signatures off the target")?;
     let src = File::open(&source.path).with_context(|| format!("opening {}", source.path))?;
     let dst = OpenOptions::new()
         .read(true)
@@ -136,7 +159,10 @@ fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mu
     let esp = partition(roots, &fresh.name, 1)?;
     let uki = with_mount(&esp, "vfat", true, |dir| sha256_file(&dir.join("EFI/BOOT/BOOTX64.EFI")))?;
     if uki != manifest.uki_sha256 {
-        bail!("the kernel image on {} does not match the install manifest (sha256 {uki}); the copy is damaged", name(&fresh));
+        bail!(
+            "the kernel image on {} does not match the install manifest (sha256 {uki}); the copy is damaged",
+            name(&fresh)
+        );
     }
     let record = InstallRecord {
         image: manifest.image.clone(),
@@ -145,10 +171,15 @@ fn run_inner(cfg: &InstallConfig, live: &Live, roots: &probe::Roots, status: &mu
         target: name(&fresh),
         bytes: copied.bytes,
         seconds: started.elapsed().as_secs_f64(),
-        installed_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        installed_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     let state = partition(roots, &fresh.name, 3)?;
-    with_mount(&state, "ext4", false, |dir| crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?))?;
+    with_mount(&state, "ext4", false, |dir| {
+        crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
+    })?;
     info!(target = %record.target, seconds = record.seconds, "installed");
     status.state = "installed".into();
     status.bytes_done = copied.bytes;
@@ -195,7 +226,16 @@ pub fn gpt_disk_guid(dev: &Path) -> Option<String> {
     // Mixed-endian: the first three fields are little-endian.
     Some(format!(
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
-        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9],
+        g[3],
+        g[2],
+        g[1],
+        g[0],
+        g[5],
+        g[4],
+        g[7],
+        g[6],
+        g[8],
+        g[9],
         hex::encode(&g[10..16])
     ))
 }
@@ -212,9 +252,15 @@ pub(super) fn partition(roots: &probe::Roots, disk: &str, number: u32) -> Result
 }
 
 /// Mounts `dev` for the time `f` takes (read-only: also without replaying a journal).
-pub(super) fn with_mount<T>(dev: &Path, fstype: &str, read_only: bool, f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+pub(super) fn with_mount<T>(
+    dev: &Path,
+    fstype: &str,
+    read_only: bool,
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     use nix::mount::{mount, umount, MsFlags};
-    let dir = tempfile::Builder::new().prefix("labforge-install-").tempdir_in("/run").context("making a mount point")?;
+    let dir =
+        tempfile::Builder::new().prefix("labforge-install-").tempdir_in("/run").context("making a mount point")?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let mut data = None;
     if read_only {
@@ -223,7 +269,8 @@ pub(super) fn with_mount<T>(dev: &Path, fstype: &str, read_only: bool, f: impl F
             data = Some("noload");
         }
     }
-    mount(Some(dev), dir.path(), Some(fstype), flags, data).with_context(|| format!("mounting {} ({fstype})", dev.display()))?;
+    mount(Some(dev), dir.path(), Some(fstype), flags, data)
+        .with_context(|| format!("mounting {} ({fstype})", dev.display()))?;
     let out = f(dir.path());
     umount(dir.path()).with_context(|| format!("unmounting {}", dev.display()))?;
     out

@@ -27,10 +27,9 @@ pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = exe.parent().and_then(Path::parent) {
         dirs.push(p.to_path_buf());
     }
-    dirs.into_iter()
-        .map(|d| d.join("labforge-agent"))
-        .find(|p| p.is_file())
-        .context("labforge-agent was not found beside labforge; build both with `cargo build --release` or pass --agent PATH")
+    dirs.into_iter().map(|d| d.join("labforge-agent")).find(|p| p.is_file()).context(
+        "labforge-agent was not found beside labforge; build both with `cargo build --release` or pass --agent PATH",
+    )
 }
 
 pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Result<()> {
@@ -52,11 +51,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     cfg.install = spec.install.clone();
     cfg.pxe = spec.pxe.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
-    put(
-        labforge_agent::config::SECRET_PATH,
-        format!("{}\n", secret.to_hex()).as_bytes(),
-        0o600,
-    )?;
+    put(labforge_agent::config::SECRET_PATH, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)?;
     Cmd::new("systemctl")
         .arg(format!("--root={}", root.display()))
         .args(["enable", "labforge-agent.service", "systemd-networkd.service"])

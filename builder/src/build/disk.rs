@@ -157,19 +157,16 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
         .context("making the EFI system partition")?;
     let esp_at = format!("{}@@{}", image.display(), esp.start_bytes);
     Cmd::new("mmd").arg("-i").arg(&esp_at).args(["::/EFI", "::/EFI/BOOT"]).run()?;
-    Cmd::new("mcopy")
-        .arg("-i")
-        .arg(&esp_at)
-        .arg(uki)
-        .arg("::/EFI/BOOT/BOOTX64.EFI")
-        .run()
-        .map_err(|e| {
-            if format!("{e:#}").contains("Disk full") {
-                e.context(format!("the kernel image does not fit the {} MiB ESP; raise disk.esp-size", esp.size_bytes / MIB))
-            } else {
-                e.context("copying the UKI into the ESP")
-            }
-        })?;
+    Cmd::new("mcopy").arg("-i").arg(&esp_at).arg(uki).arg("::/EFI/BOOT/BOOTX64.EFI").run().map_err(|e| {
+        if format!("{e:#}").contains("Disk full") {
+            e.context(format!(
+                "the kernel image does not fit the {} MiB ESP; raise disk.esp-size",
+                esp.size_bytes / MIB
+            ))
+        } else {
+            e.context("copying the UKI into the ESP")
+        }
+    })?;
 
     mkfs_ext4(image, layout.part(ROOT_LABEL), Some(root)).map_err(|e| {
         let text = format!("{e:#}");
@@ -188,7 +185,14 @@ pub fn assemble(layout: &Layout, root: &Path, uki: &Path, work: &Path, image: &P
 /// the UKI's sha256, and the used ranges the installer copies from a stick onto a PC's disk —
 /// the GPT area and the root and state filesystems' data blocks with their sha256, and the
 /// ESP whole (it holds this file, so its hash can only be taken while copying).
-pub fn write_install_manifest(layout: &Layout, image: &Path, uki: &Path, name: &str, input_hash: &str, work: &Path) -> Result<()> {
+pub fn write_install_manifest(
+    layout: &Layout,
+    image: &Path,
+    uki: &Path,
+    name: &str,
+    input_hash: &str,
+    work: &Path,
+) -> Result<()> {
     use labforge_agent::install::{InstallManifest, ManifestRange, MANIFEST_ON_ESP, SCHEMA_VERSION};
     let hashed = |from: u64, to: u64| -> Result<Vec<ManifestRange>> {
         Ok(crate::bmap::data_spans(image, from, to)?

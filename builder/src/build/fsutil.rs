@@ -5,7 +5,6 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-
 /// Resolves `rel` inside the tree at `root` the way the booted system would: symlinks are
 /// followed with `root` as `/`, so nothing an image contains can redirect a write to the build
 /// host. The last component is not followed (callers replace it).

@@ -95,8 +95,6 @@ impl Manifest {
 pub fn existing(path: &Path, input_hash: &str, out: &Path) -> Option<Manifest> {
     let m: Manifest = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     let complete = m.input_hash == input_hash
-        && m.artifacts.iter().all(|a| {
-            std::fs::metadata(out.join(&a.file)).is_ok_and(|md| md.len() == a.size_bytes)
-        });
+        && m.artifacts.iter().all(|a| std::fs::metadata(out.join(&a.file)).is_ok_and(|md| md.len() == a.size_bytes));
     complete.then_some(m)
 }

@@ -23,9 +23,9 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::spec::{self, OutputFormat, Spec};
-use labforge_agent::secret::Secret;
 use crate::{bmap, hostcheck, interrupt, registry};
 use fsutil::WorkDir;
+use labforge_agent::secret::Secret;
 use manifest::{Manifest, StageTiming};
 
 /// Bump when the pipeline changes what it produces from the same inputs.
@@ -113,8 +113,11 @@ impl Plan {
         } else {
             let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
             let reg = registry::Registry::new(&opts.registry, &opts.cache_dir)?;
-            let refs: Vec<(String, Option<String>)> =
-                spec.preload.iter().map(|p| (p.reference.clone(), lock.get(&p.reference).map(str::to_string))).collect();
+            let refs: Vec<(String, Option<String>)> = spec
+                .preload
+                .iter()
+                .map(|p| (p.reference.clone(), lock.get(&p.reference).map(str::to_string)))
+                .collect();
             let digests = reg.resolve_all(&refs)?;
             (refs.into_iter().map(|(r, _)| r).zip(digests).collect(), Some(reg))
         };
@@ -145,7 +148,11 @@ impl Plan {
     /// The lock file's contents for this plan.
     pub fn lock(&self) -> registry::lock::LockFile {
         registry::lock::LockFile {
-            image: self.preload.iter().map(|(r, d)| registry::lock::Locked { reference: r.clone(), digest: d.clone() }).collect(),
+            image: self
+                .preload
+                .iter()
+                .map(|(r, d)| registry::lock::Locked { reference: r.clone(), digest: d.clone() })
+                .collect(),
         }
     }
 
@@ -241,11 +248,12 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     }
     hostcheck::require_for_build(&needs)?;
     if nix::unistd::geteuid().as_raw() != 0 {
-        anyhow::bail!("labforge build must run as root (it installs packages into a tree and sets file owners); run it with sudo");
+        anyhow::bail!(
+            "labforge build must run as root (it installs packages into a tree and sets file owners); run it with sudo"
+        );
     }
 
-    fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
     let manifest_path = opts.out.join(plan.manifest_file());
     if !opts.force {
         if let Some(m) = manifest::existing(&manifest_path, &plan.input_hash, &opts.out) {
@@ -255,13 +263,13 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         }
     }
     // Only one build writes into an output directory at a time.
-    let out_lock = fs::File::open(&opts.out)
-        .with_context(|| format!("opening output directory {}", opts.out.display()))?;
-    let _out_lock = nix::fcntl::Flock::lock(out_lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| anyhow::anyhow!("another labforge build is writing to {}; wait for it or use another --out", opts.out.display()))?;
-    let staging = WorkDir::new_in(&opts.out, ".labforge-staging-").map_err(|e| {
-        e.context(format!("output directory {} is not writable", opts.out.display()))
+    let out_lock =
+        fs::File::open(&opts.out).with_context(|| format!("opening output directory {}", opts.out.display()))?;
+    let _out_lock = nix::fcntl::Flock::lock(out_lock, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!("another labforge build is writing to {}; wait for it or use another --out", opts.out.display())
     })?;
+    let staging = WorkDir::new_in(&opts.out, ".labforge-staging-")
+        .map_err(|e| e.context(format!("output directory {} is not writable", opts.out.display())))?;
     let work = WorkDir::new_in(&opts.cache_dir.join("tmp"), "build-")?;
     let started = Instant::now();
     let mut stages = Stages::new();
@@ -272,14 +280,18 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         Some(reg) => stages.run("pull", "pulling preloaded images", || {
             let pulled = reg.fetch_all(&plan.preload)?;
             let moved = reg.transfer.bytes.load(std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("preload: {} images, {} MiB, {} MiB transferred", pulled.len(), pulled.iter().map(|p| p.size_bytes).sum::<u64>() >> 20, moved >> 20);
+            tracing::info!(
+                "preload: {} images, {} MiB, {} MiB transferred",
+                pulled.len(),
+                pulled.iter().map(|p| p.size_bytes).sum::<u64>() >> 20,
+                moved >> 20
+            );
             Ok(pulled)
         })?,
         None => Vec::new(),
     };
-    let tar = stages.run_cached("rootfs", "installing packages", || {
-        rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path())
-    })?;
+    let tar = stages
+        .run_cached("rootfs", "installing packages", || rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path()))?;
     // The unpacked tree is written once and read once: keep it in memory when there is room.
     let fast = fsutil::fast_scratch(fs::metadata(&tar)?.len() + spec.disk.root_size.bytes())
         .map(|dir| WorkDir::new_in(&dir, "labforge-root-"))
@@ -291,7 +303,8 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
     let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
     if let Some(reg) = &plan.registry {
-        stages.run("preload", "writing the preloaded images", || preload::write_layout(&root, &preloaded, reg.cache()))?;
+        stages
+            .run("preload", "writing the preloaded images", || preload::write_layout(&root, &preloaded, reg.cache()))?;
     }
     stages.run("system", "users, fstab, security checks", || system::configure(spec, &root))?;
 
@@ -357,7 +370,15 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     })?;
     let artifacts = stages.run("hash", "hashing artifacts", || outputs::describe(&files, &known))?;
 
-    let mut manifest = Manifest::new(&plan, &layout, &kernel.version, packages, artifacts, stages.timings.clone(), started.elapsed().as_secs_f64());
+    let mut manifest = Manifest::new(
+        &plan,
+        &layout,
+        &kernel.version,
+        packages,
+        artifacts,
+        stages.timings.clone(),
+        started.elapsed().as_secs_f64(),
+    );
     manifest.preload = preloaded.iter().map(Into::into).collect();
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
@@ -402,8 +423,7 @@ fn promote(files: &[PathBuf], manifest: &Path, out: &Path) -> Result<()> {
         let dest = out.join(f.file_name().expect("file"));
         fs::rename(f, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     }
-    fs::rename(manifest, &final_manifest)
-        .with_context(|| format!("moving {} into place", final_manifest.display()))?;
+    fs::rename(manifest, &final_manifest).with_context(|| format!("moving {} into place", final_manifest.display()))?;
     // Make the renames durable.
     fs::File::open(out).and_then(|d| d.sync_all()).ok();
     Ok(())

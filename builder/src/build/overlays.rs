@@ -52,8 +52,8 @@ pub fn check_templates(spec: &Spec) -> Result<()> {
         for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
             let e = e.with_context(|| format!("reading overlay {}", dir.display()))?;
             if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "j2") {
-                let source = fs::read_to_string(e.path())
-                    .with_context(|| format!("reading template {}", e.path().display()))?;
+                let source =
+                    fs::read_to_string(e.path()).with_context(|| format!("reading template {}", e.path().display()))?;
                 env.render_str(&source, ctx.clone()).map_err(|err| template_error(e.path(), &err))?;
             }
         }
@@ -66,8 +66,7 @@ pub fn apply(spec: &Spec, root: &Path) -> Result<usize> {
     let (env, ctx) = template_env(spec);
     let mut count = 0;
     for dir in &spec.overlays {
-        count += apply_one(dir, root, &env, &ctx)
-            .with_context(|| format!("applying overlay {}", dir.display()))?;
+        count += apply_one(dir, root, &env, &ctx).with_context(|| format!("applying overlay {}", dir.display()))?;
     }
     apply_attrs(spec, root)?;
     Ok(count)
@@ -91,11 +90,9 @@ fn apply_one(dir: &Path, root: &Path, env: &minijinja::Environment, ctx: &miniji
         }
         let (rel, contents): (PathBuf, Option<Vec<u8>>) = match rel.to_str() {
             Some(s) if ft.is_file() && s.ends_with(".j2") => {
-                let source = fs::read_to_string(e.path())
-                    .with_context(|| format!("reading template {}", e.path().display()))?;
-                let rendered = env
-                    .render_str(&source, ctx.clone())
-                    .map_err(|err| template_error(e.path(), &err))?;
+                let source =
+                    fs::read_to_string(e.path()).with_context(|| format!("reading template {}", e.path().display()))?;
+                let rendered = env.render_str(&source, ctx.clone()).map_err(|err| template_error(e.path(), &err))?;
                 (PathBuf::from(&s[..s.len() - 3]), Some(rendered.into_bytes()))
             }
             _ => (rel.to_path_buf(), None),
@@ -151,11 +148,15 @@ fn apply_attrs(spec: &Spec, root: &Path) -> Result<()> {
             .symlink_metadata()
             .with_context(|| format!("[files] names {path}, which no overlay or package provides"))?;
         let uid = match &attrs.owner {
-            Some(u) => *users.get(u).ok_or_else(|| anyhow!("[files] {path}: user {u:?} does not exist in the image"))?,
+            Some(u) => {
+                *users.get(u).ok_or_else(|| anyhow!("[files] {path}: user {u:?} does not exist in the image"))?
+            }
             None => meta.uid(),
         };
         let gid = match &attrs.group {
-            Some(g) => *groups.get(g).ok_or_else(|| anyhow!("[files] {path}: group {g:?} does not exist in the image"))?,
+            Some(g) => {
+                *groups.get(g).ok_or_else(|| anyhow!("[files] {path}: group {g:?} does not exist in the image"))?
+            }
             None => meta.gid(),
         };
         let mode = match &attrs.mode {
@@ -202,7 +203,8 @@ mod tests {
         symlink("usr/lib", root.join("lib")).unwrap();
         fs::create_dir_all(ov.join("lib/systemd")).unwrap();
         fs::write(ov.join("lib/systemd/x.conf"), "x").unwrap();
-        fs::write(ov.join("etc/labforge/motd.j2"), "image {{ spec.name }} root {{ spec.disk[\"root-size\"] }}\n").unwrap();
+        fs::write(ov.join("etc/labforge/motd.j2"), "image {{ spec.name }} root {{ spec.disk[\"root-size\"] }}\n")
+            .unwrap();
         fs::write(ov.join("etc/run.sh"), "#!/bin/sh\n").unwrap();
         fs::set_permissions(ov.join("etc/run.sh"), fs::Permissions::from_mode(0o777)).unwrap();
         symlink("/dev/null", ov.join("etc/masked.service")).unwrap();

@@ -31,7 +31,12 @@ pub struct PreloadRecord {
 
 impl From<&PulledImage> for PreloadRecord {
     fn from(p: &PulledImage) -> Self {
-        PreloadRecord { reference: p.reference.clone(), name: p.name.clone(), digest: p.digest.clone(), size_bytes: p.size_bytes }
+        PreloadRecord {
+            reference: p.reference.clone(),
+            name: p.name.clone(),
+            digest: p.digest.clone(),
+            size_bytes: p.size_bytes,
+        }
     }
 }
 
@@ -39,11 +44,7 @@ impl From<&PulledImage> for PreloadRecord {
 pub fn sandbox_image(root: &Path) -> String {
     let path = root.join("etc/containerd/config.toml");
     let found = fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).and_then(|t| {
-        t.get("plugins")?
-            .get("io.containerd.grpc.v1.cri")?
-            .get("sandbox_image")?
-            .as_str()
-            .map(str::to_string)
+        t.get("plugins")?.get("io.containerd.grpc.v1.cri")?.get("sandbox_image")?.as_str().map(str::to_string)
     });
     found.unwrap_or_else(|| CONTAINERD_DEFAULT_SANDBOX.to_string())
 }
@@ -70,7 +71,8 @@ pub fn write_layout(root: &Path, ordered: &[PulledImage], cache: &BlobCache) -> 
         for digest in std::iter::once(&img.digest).chain(img.blobs.iter().map(|(d, _)| d)) {
             let dest = blobs.join(registry::cache::hex_of(digest)?);
             if !dest.exists() {
-                fs::copy(cache.path(digest)?, &dest).with_context(|| format!("copying blob {digest} of {} into the image", img.reference))?;
+                fs::copy(cache.path(digest)?, &dest)
+                    .with_context(|| format!("copying blob {digest} of {} into the image", img.reference))?;
             }
         }
         let tag = registry::parse_reference(&img.reference)?.tag().map(str::to_string);
@@ -85,7 +87,8 @@ pub fn write_layout(root: &Path, ordered: &[PulledImage], cache: &BlobCache) -> 
         }));
     }
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let index = json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests });
+    let index =
+        json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests });
     fs::write(dir.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
     Ok(())
 }
@@ -111,7 +114,10 @@ mod tests {
     fn sandbox_image_goes_first() {
         let v = vec![img("docker.io/library/busybox:1"), img("registry.k8s.io/pause:3.9"), img("quay.io/x/y:2")];
         let o = import_order(&v, "registry.k8s.io/pause:3.9");
-        assert_eq!(o.iter().map(|p| p.reference.as_str()).collect::<Vec<_>>(), ["registry.k8s.io/pause:3.9", "docker.io/library/busybox:1", "quay.io/x/y:2"]);
+        assert_eq!(
+            o.iter().map(|p| p.reference.as_str()).collect::<Vec<_>>(),
+            ["registry.k8s.io/pause:3.9", "docker.io/library/busybox:1", "quay.io/x/y:2"]
+        );
     }
 
     #[test]
@@ -119,7 +125,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(sandbox_image(dir.path()), CONTAINERD_DEFAULT_SANDBOX);
         fs::create_dir_all(dir.path().join("etc/containerd")).unwrap();
-        fs::write(dir.path().join("etc/containerd/config.toml"), "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.10\"\n").unwrap();
+        fs::write(
+            dir.path().join("etc/containerd/config.toml"),
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.10\"\n",
+        )
+        .unwrap();
         assert_eq!(sandbox_image(dir.path()), "registry.k8s.io/pause:3.10");
     }
 }

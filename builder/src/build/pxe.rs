@@ -25,7 +25,8 @@ pub const DIR_IN_IMAGE: &str = labforge_agent::pxe::ARTIFACT_DIR;
 
 /// `/etc/fstab` of a netbooted node: live-boot appends its overlay root; the state directory is
 /// a tmpfs from the live generator.
-const NETBOOT_FSTAB: &str = "# Written by labforge: a netbooted node runs from memory (live-boot adds its root below).\n";
+const NETBOOT_FSTAB: &str =
+    "# Written by labforge: a netbooted node runs from memory (live-boot adds its root below).\n";
 
 /// The artifact file names for image `name`: vmlinuz, initrd, squashfs, ipxe.
 pub fn file_names(name: &str) -> [String; 4] {
@@ -56,7 +57,15 @@ pub fn ipxe_script(spec: &Spec, input_hash: &str) -> String {
 }
 
 /// Writes the artifacts into `staging` and into the image tree; returns the staged files.
-pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, uki: &Path, layout: &Layout, input_hash: &str, staging: &Path) -> Result<Vec<PathBuf>> {
+pub fn build(
+    spec: &Spec,
+    root: &Path,
+    kernel: &Kernel,
+    uki: &Path,
+    layout: &Layout,
+    input_hash: &str,
+    staging: &Path,
+) -> Result<Vec<PathBuf>> {
     if !root.join("usr/lib/live/boot").is_dir() && !root.join("lib/live/boot").is_dir() {
         bail!("the pxe output needs live-boot in the image (labforge adds it to the packages; is the rootfs cache stale? rebuild with --force)");
     }
@@ -108,7 +117,14 @@ pub fn build(spec: &Spec, root: &Path, kernel: &Kernel, uki: &Path, layout: &Lay
 
 /// The netboot install manifest: the disk image's table and filesystems as the disk stage
 /// makes them, its fstab, and the sha256 of the UKI and the netboot files.
-fn net_manifest(spec: &Spec, layout: &Layout, input_hash: &str, fstab: &str, uki_sha256: String, files: std::collections::BTreeMap<String, String>) -> NetManifest {
+fn net_manifest(
+    spec: &Spec,
+    layout: &Layout,
+    input_hash: &str,
+    fstab: &str,
+    uki_sha256: String,
+    files: std::collections::BTreeMap<String, String>,
+) -> NetManifest {
     let ext4 = |label: &str| {
         let p = layout.part(label);
         Ext4Format { label: p.label.to_string(), uuid: p.fs_uuid.clone() }
@@ -121,7 +137,11 @@ fn net_manifest(spec: &Spec, layout: &Layout, input_hash: &str, fstab: &str, uki
         disk_uuid: layout.disk_uuid.clone(),
         disk_size: layout.size_bytes,
         sfdisk: layout.sfdisk_script(),
-        esp: VfatFormat { label: ESP_FS_LABEL.to_string(), volume_id: esp_volume_id(esp), sectors_per_cluster: fat32_sectors_per_cluster(esp.size_bytes) },
+        esp: VfatFormat {
+            label: ESP_FS_LABEL.to_string(),
+            volume_id: esp_volume_id(esp),
+            sectors_per_cluster: fat32_sectors_per_cluster(esp.size_bytes),
+        },
         root: ext4(ROOT_LABEL),
         state: ext4(STATE_LABEL),
         uki_sha256,
@@ -139,15 +159,22 @@ mod tests {
         let spec: Spec = toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n").unwrap();
         let layout = Layout::new(&spec, "0123abcd");
         let files = [("lab.vmlinuz".to_string(), "aa".to_string())].into_iter().collect();
-        let m = net_manifest(&spec, &layout, "0123abcd", "LABEL=LABFORGE_ROOT / ext4 defaults 0 1\n", "bb".into(), files);
+        let m =
+            net_manifest(&spec, &layout, "0123abcd", "LABEL=LABFORGE_ROOT / ext4 defaults 0 1\n", "bb".into(), files);
         assert_eq!((m.disk_uuid.as_str(), m.disk_size), (layout.disk_uuid.as_str(), layout.size_bytes));
         assert_eq!(m.sfdisk, layout.sfdisk_script());
         assert!(m.sfdisk.contains(&format!("label-id: {}", layout.disk_uuid)));
         let esp = layout.part(ESP_LABEL);
         assert_eq!(m.esp.volume_id, esp.fs_uuid.replace('-', "")[..8]);
         assert_eq!(m.esp.sectors_per_cluster, fat32_sectors_per_cluster(esp.size_bytes));
-        assert_eq!((m.root.label.as_str(), m.root.uuid.as_str()), (ROOT_LABEL, layout.part(ROOT_LABEL).fs_uuid.as_str()));
-        assert_eq!((m.state.label.as_str(), m.state.uuid.as_str()), (STATE_LABEL, layout.part(STATE_LABEL).fs_uuid.as_str()));
+        assert_eq!(
+            (m.root.label.as_str(), m.root.uuid.as_str()),
+            (ROOT_LABEL, layout.part(ROOT_LABEL).fs_uuid.as_str())
+        );
+        assert_eq!(
+            (m.state.label.as_str(), m.state.uuid.as_str()),
+            (STATE_LABEL, layout.part(STATE_LABEL).fs_uuid.as_str())
+        );
         // What the agent reads back.
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("netinstall.json");
@@ -157,7 +184,9 @@ mod tests {
 
     #[test]
     fn the_script_boots_the_squashfs_from_the_base_it_is_given() {
-        let spec: Spec = toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n[kernel]\ncmdline = \"console=ttyS0\"\n").unwrap();
+        let spec: Spec =
+            toml::from_str("name = \"lab\"\n[base]\nsuite = \"bookworm\"\n[kernel]\ncmdline = \"console=ttyS0\"\n")
+                .unwrap();
         let s = ipxe_script(&spec, "0123456789abcdef0123");
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("kernel ${labforge-base}/lab.vmlinuz initrd=initrd boot=live fetch=${labforge-base}/lab.squashfs console=ttyS0\n"), "{s}");

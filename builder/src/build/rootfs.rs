@@ -59,7 +59,8 @@ impl RootfsPlan {
                     KeySource::File(p) => p.extension().is_some_and(|e| e == "asc"),
                     KeySource::Url(_) => true,
                 };
-                let key_in_image = format!("/etc/apt/keyrings/labforge-repo-{i}.{}", if armored { "asc" } else { "gpg" });
+                let key_in_image =
+                    format!("/etc/apt/keyrings/labforge-repo-{i}.{}", if armored { "asc" } else { "gpg" });
                 let line = format!("deb [signed-by={key_in_image}] {} {} {}", r.uri, r.suite, r.components.join(" "));
                 RepoPlan {
                     line: line.trim_end().to_string(),
@@ -107,7 +108,9 @@ impl RootfsPlan {
         for r in &self.repositories {
             h.update(format!("\0repo {}\0{:?}\0", r.line, r.fingerprint));
             match &r.key {
-                KeySource::File(p) => h.update(fs::read(p).with_context(|| format!("reading repository key {}", p.display()))?),
+                KeySource::File(p) => {
+                    h.update(fs::read(p).with_context(|| format!("reading repository key {}", p.display()))?)
+                }
                 // A fetched key is identified by its URL and pinned fingerprint.
                 KeySource::Url(u) => h.update(u.as_bytes()),
             }
@@ -125,7 +128,17 @@ impl RootfsPlan {
                 KeySource::Url(url) => {
                     let dest = dir.join(format!("repo-key-{i}"));
                     Cmd::new("curl")
-                        .args(["--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--proto", "=https,http", "-o"])
+                        .args([
+                            "--fail",
+                            "--silent",
+                            "--show-error",
+                            "--location",
+                            "--max-time",
+                            "60",
+                            "--proto",
+                            "=https,http",
+                            "-o",
+                        ])
                         .arg(&dest)
                         .arg(url)
                         .run()
@@ -146,7 +159,9 @@ impl RootfsPlan {
             let text: String = self
                 .pins
                 .iter()
-                .map(|p| format!("Package: {}\nPin: version {}\nPin-Priority: 1001\n\n", p.packages.join(" "), p.version))
+                .map(|p| {
+                    format!("Package: {}\nPin: version {}\nPin-Priority: 1001\n\n", p.packages.join(" "), p.version)
+                })
                 .collect();
             fs::write(&prefs, text)?;
             uploads.push((prefs, "/etc/apt/preferences.d/labforge-pins".into()));
@@ -257,7 +272,10 @@ fn prune(dir: &Path, keep: usize) {
     let mut tars: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "tar") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "tar")
+                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
     tars.sort_by(|a, b| b.0.cmp(&a.0));
@@ -278,7 +296,14 @@ fn explain_mmdebstrap_failure(e: anyhow::Error, plan: &RootfsPlan) -> anyhow::Er
         return e;
     }
     let text = format!("{e:#}");
-    let unreachable = ["Failed to fetch", "Could not connect", "Temporary failure resolving", "Unable to connect", "Connection refused", "apt-get update failed"];
+    let unreachable = [
+        "Failed to fetch",
+        "Could not connect",
+        "Temporary failure resolving",
+        "Unable to connect",
+        "Connection refused",
+        "apt-get update failed",
+    ];
     if unreachable.iter().any(|s| text.contains(s)) {
         e.context(format!(
             "the package mirror {} could not be reached or lacks suite {}; check the URL and the network, or pass --mirror",

@@ -20,7 +20,12 @@ pub fn configure(spec: &Spec, root: &Path) -> Result<()> {
     // image was written to; the definitions match the existing partitions in order.
     write(root, "etc/repart.d/10-esp.conf", "[Partition]\nType=esp\n", 0o644)?;
     write(root, "etc/repart.d/20-root.conf", "[Partition]\nType=root\n", 0o644)?;
-    write(root, "etc/repart.d/30-state.conf", &format!("[Partition]\nType=linux-generic\nLabel={STATE_LABEL}\n"), 0o644)?;
+    write(
+        root,
+        "etc/repart.d/30-state.conf",
+        &format!("[Partition]\nType=linux-generic\nLabel={STATE_LABEL}\n"),
+        0o644,
+    )?;
     write(root, "etc/hostname", &format!("{}\n", spec.name), 0o644)?;
     // Empty machine-id: each node generates its own on first boot.
     write(root, "etc/machine-id", "", 0o444)?;
@@ -60,9 +65,11 @@ fn add_users(spec: &Spec, root: &Path) -> Result<()> {
     }
     let existing_groups = id_map(&root.join("etc/group"))?;
     for user in &spec.users {
-        let mut cmd = Cmd::new("useradd")
-            .arg(format!("--root={}", root.display()))
-            .args(["--create-home", "--shell", "/bin/bash"]);
+        let mut cmd = Cmd::new("useradd").arg(format!("--root={}", root.display())).args([
+            "--create-home",
+            "--shell",
+            "/bin/bash",
+        ]);
         let groups: Vec<&str> = user
             .groups
             .iter()
@@ -96,7 +103,12 @@ fn add_users(spec: &Spec, root: &Path) -> Result<()> {
             std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
         }
         if user.sudo {
-            write(root, &format!("etc/sudoers.d/labforge-{}", user.name), &format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name), 0o440)?;
+            write(
+                root,
+                &format!("etc/sudoers.d/labforge-{}", user.name),
+                &format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name),
+                0o440,
+            )?;
         }
     }
     write(
@@ -124,7 +136,10 @@ pub fn check_security(root: &Path) -> Result<()> {
             let e = e?;
             let m = e.path().symlink_metadata()?;
             if !m.file_type().is_symlink() && m.mode() & 0o002 != 0 && m.mode() & 0o1000 == 0 {
-                bail!("{} is world-writable in the image; fix its mode in the overlay or with [files] in the spec", e.path().strip_prefix(root).unwrap_or(e.path()).display());
+                bail!(
+                    "{} is world-writable in the image; fix its mode in the overlay or with [files] in the spec",
+                    e.path().strip_prefix(root).unwrap_or(e.path()).display()
+                );
             }
         }
     }

@@ -110,7 +110,10 @@ impl BlobWriter {
             bail!(BlobError::DigestMismatch { actual });
         }
         self.tmp.as_file().sync_all().context("syncing a cached blob")?;
-        self.tmp.persist(&self.dest).map_err(|e| e.error).with_context(|| format!("moving blob into {}", self.dest.display()))?;
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| e.error)
+            .with_context(|| format!("moving blob into {}", self.dest.display()))?;
         Ok(())
     }
 }

@@ -61,7 +61,8 @@ impl LockFile {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing a lock file in {}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("writing a lock file in {}", dir.display()))?;
         std::io::Write::write_all(&mut tmp, body.as_bytes())?;
         tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
         Ok(true)

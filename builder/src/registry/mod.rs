@@ -38,7 +38,9 @@ const MANIFEST_TYPES: &[&str] = &[
 
 /// Parses an image reference as the spec writes it.
 pub fn parse_reference(s: &str) -> Result<Reference> {
-    let r: Reference = s.parse().map_err(|e| anyhow!("{s:?} is not an image reference ({e}); write registry/namespace/name:tag or name@sha256:<digest>"))?;
+    let r: Reference = s.parse().map_err(|e| {
+        anyhow!("{s:?} is not an image reference ({e}); write registry/namespace/name:tag or name@sha256:<digest>")
+    })?;
     if let Some(d) = r.digest() {
         cache::hex_of(d)?;
     }
@@ -207,13 +209,17 @@ impl Registry {
             None => r.clone(),
         };
         let (bytes, digest) = self.pull_manifest(spec_ref, &target, pinned).await?;
-        let m: RawManifest = serde_json::from_slice(&bytes).with_context(|| format!("preload {spec_ref}: the registry's manifest is not JSON"))?;
+        let m: RawManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("preload {spec_ref}: the registry's manifest is not JSON"))?;
         let Some(list) = m.manifests else {
             self.cache.put(&digest, &bytes)?;
             return Ok(digest);
         };
-        let offered: Vec<String> = list.iter().filter_map(|d| d.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
-        let Some(amd64) = list.iter().find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")) else {
+        let offered: Vec<String> =
+            list.iter().filter_map(|d| d.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
+        let Some(amd64) =
+            list.iter().find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+        else {
             bail!(
                 "preload {spec_ref}: no linux/amd64 image in this multi-platform index (it offers {}); lab PCs need amd64",
                 if offered.is_empty() { "no platforms".to_string() } else { offered.join(", ") }
@@ -266,8 +272,10 @@ impl Registry {
             self.cache.put(&d, &bytes)?;
             bytes
         };
-        let m: RawManifest = serde_json::from_slice(&bytes).with_context(|| format!("preload {spec_ref}: manifest {digest} is not JSON"))?;
-        let config = m.config.clone().with_context(|| format!("preload {spec_ref}: manifest {digest} has no config"))?;
+        let m: RawManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("preload {spec_ref}: manifest {digest} is not JSON"))?;
+        let config =
+            m.config.clone().with_context(|| format!("preload {spec_ref}: manifest {digest} has no config"))?;
         let mut blobs = vec![config];
         blobs.extend(m.layers.iter().cloned());
         if blobs.iter().any(|b| b.size < 0) {
@@ -317,7 +325,10 @@ impl Registry {
                 }
                 Err(e) => {
                     let tries = if transient(&e) { format!(" (after {attempt} attempts)") } else { String::new() };
-                    return Err(e.context(format!("preload {spec_ref}: {what} {}{tries}; nothing was cached for it", blob.digest)));
+                    return Err(e.context(format!(
+                        "preload {spec_ref}: {what} {}{tries}; nothing was cached for it",
+                        blob.digest
+                    )));
                 }
             }
         }

@@ -90,10 +90,9 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
             let dir = p.parent().unwrap_or(Path::new("."));
             let parent_path = dir.join(parent);
             if !parent_path.is_file() {
-                return Err(layer.error_at_key(
-                    &["extends"],
-                    format!("extended spec {} does not exist", parent_path.display()),
-                ));
+                return Err(
+                    layer.error_at_key(&["extends"], format!("extended spec {} does not exist", parent_path.display()))
+                );
             }
             next = Some(parent_path);
         }
@@ -115,9 +114,8 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
 }
 
 fn read_layer(path: &Path) -> Result<Layer, SpecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        SpecError::whole_file(path, None, format!("reading spec: {e}"))
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| SpecError::whole_file(path, None, format!("reading spec: {e}")))?;
     let mut layer = Layer { file: path.to_path_buf(), text, table: toml::Table::new() };
     // Check this file on its own first: unknown keys and wrong types are reported with the
     // file, line and column where they were written.
@@ -145,8 +143,7 @@ fn read_layer(path: &Path) -> Result<Layer, SpecError> {
 /// Makes the paths in one layer absolute, relative to the directory of the file naming them,
 /// and checks that they exist.
 fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
-    let dir = std::path::absolute(layer.file.parent().unwrap_or(Path::new(".")))
-        .unwrap_or_else(|_| PathBuf::from("."));
+    let dir = std::path::absolute(layer.file.parent().unwrap_or(Path::new("."))).unwrap_or_else(|_| PathBuf::from("."));
     let mut problems = Vec::new();
     let mut fix = |value: &mut toml::Value, key: Vec<String>, want_dir: bool| {
         if let Some(s) = value.as_str() {
@@ -225,7 +222,10 @@ fn validate_merged(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
     }
     let total = spec.disk.esp_size.bytes() + spec.disk.root_size.bytes() + spec.disk.state_size.bytes();
     if total > (2u64 << 40) {
-        return Err(top.error_at_key(&["disk"], "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick"));
+        return Err(top.error_at_key(
+            &["disk"],
+            "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick",
+        ));
     }
     Ok(())
 }
@@ -243,17 +243,32 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
         return Err(invalid(&["hostname"], e));
     }
     if spec.disk.esp_size.as_mib() < 64 {
-        return Err(invalid(&["disk", "esp-size"], format!("{} is too small: the EFI system partition needs at least 64MiB for the kernel image", spec.disk.esp_size)));
+        return Err(invalid(
+            &["disk", "esp-size"],
+            format!(
+                "{} is too small: the EFI system partition needs at least 64MiB for the kernel image",
+                spec.disk.esp_size
+            ),
+        ));
     }
     if spec.disk.root_size.as_mib() < 512 {
-        return Err(invalid(&["disk", "root-size"], format!("{} is too small: the root filesystem needs at least 512MiB", spec.disk.root_size)));
+        return Err(invalid(
+            &["disk", "root-size"],
+            format!("{} is too small: the root filesystem needs at least 512MiB", spec.disk.root_size),
+        ));
     }
     if spec.disk.state_size.as_mib() < 32 {
-        return Err(invalid(&["disk", "state-size"], format!("{} is too small: the state partition needs at least 32MiB", spec.disk.state_size)));
+        return Err(invalid(
+            &["disk", "state-size"],
+            format!("{} is too small: the state partition needs at least 32MiB", spec.disk.state_size),
+        ));
     }
     let total = spec.disk.esp_size.bytes() + spec.disk.root_size.bytes() + spec.disk.state_size.bytes();
     if total > (2u64 << 40) {
-        return Err(invalid(&["disk"], "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick".into()));
+        return Err(invalid(
+            &["disk"],
+            "partitions add up to more than 2TiB; an image this large cannot be flashed to a stick".into(),
+        ));
     }
     for (i, r) in spec.base.repositories.iter().enumerate() {
         let idx = i.to_string();
@@ -265,14 +280,30 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
         };
         match (&r.key, &r.key_url) {
             (Some(_), Some(_)) => return Err(here("key-url", "give either `key` or `key-url`, not both".into())),
-            (None, None) => return Err(here("uri", format!("repository {} needs a signing key: set `key` (a file) or `key-url` with `key-fingerprint`", r.uri))),
-            (None, Some(_)) if r.key_fingerprint.is_none() => return Err(here("key-url", "a key fetched from a URL needs `key-fingerprint`, so a replaced key is refused".into())),
+            (None, None) => {
+                return Err(here(
+                    "uri",
+                    format!(
+                        "repository {} needs a signing key: set `key` (a file) or `key-url` with `key-fingerprint`",
+                        r.uri
+                    ),
+                ))
+            }
+            (None, Some(_)) if r.key_fingerprint.is_none() => {
+                return Err(here(
+                    "key-url",
+                    "a key fetched from a URL needs `key-fingerprint`, so a replaced key is refused".into(),
+                ))
+            }
             _ => {}
         }
         if let Some(fp) = &r.key_fingerprint {
             let clean: String = fp.chars().filter(|c| !c.is_whitespace()).collect();
             if clean.len() != 40 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(here("key-fingerprint", format!("{fp:?} is not an OpenPGP v4 fingerprint (40 hex digits)")));
+                return Err(here(
+                    "key-fingerprint",
+                    format!("{fp:?} is not an OpenPGP v4 fingerprint (40 hex digits)"),
+                ));
             }
         }
     }
@@ -292,7 +323,10 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
         return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));
     }
     if spec.install.netboot && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
-        return Err(invalid(&["install", "netboot"], "installing over the network needs the pxe output (nodes netboot it): add \"pxe\" to outputs".into()));
+        return Err(invalid(
+            &["install", "netboot"],
+            "installing over the network needs the pxe output (nodes netboot it): add \"pxe\" to outputs".into(),
+        ));
     }
     for (i, p) in spec.packages.iter().enumerate() {
         if !valid_package(p) {
@@ -321,23 +355,47 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
             return Err(invalid(&["users", &idx, "name"], format!("{:?} is not a valid user name", user.name)));
         }
         if user.ssh_authorized_keys.is_empty() {
-            return Err(invalid(&["users", &idx, "ssh-authorized-keys"], format!("user {:?} has no SSH key; images have no passwords, so every user needs at least one key", user.name)));
+            return Err(invalid(
+                &["users", &idx, "ssh-authorized-keys"],
+                format!(
+                    "user {:?} has no SSH key; images have no passwords, so every user needs at least one key",
+                    user.name
+                ),
+            ));
         }
         for key in &user.ssh_authorized_keys {
             if !looks_like_ssh_key(key) {
-                return Err(invalid(&["users", &idx, "ssh-authorized-keys"], format!("{key:?} is not an SSH public key (expected \"ssh-ed25519 AAAA...\" or similar)")));
+                return Err(invalid(
+                    &["users", &idx, "ssh-authorized-keys"],
+                    format!("{key:?} is not an SSH public key (expected \"ssh-ed25519 AAAA...\" or similar)"),
+                ));
             }
         }
     }
     for (path, attrs) in &spec.files {
         if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-            return Err(invalid(&["files", path], format!("{path:?} must be an absolute path inside the image without '..'")));
+            return Err(invalid(
+                &["files", path],
+                format!("{path:?} must be an absolute path inside the image without '..'"),
+            ));
         }
         if let Some(mode) = &attrs.mode {
             match u32::from_str_radix(mode, 8) {
                 Ok(m) if m <= 0o7777 && m & 0o002 == 0 => {}
-                Ok(_) => return Err(invalid(&["files", path, "mode"], format!("mode {mode} is world-writable or out of range; labforge images have no world-writable files"))),
-                Err(_) => return Err(invalid(&["files", path, "mode"], format!("mode {mode:?} is not an octal number such as \"0644\""))),
+                Ok(_) => {
+                    return Err(invalid(
+                        &["files", path, "mode"],
+                        format!(
+                        "mode {mode} is world-writable or out of range; labforge images have no world-writable files"
+                    ),
+                    ))
+                }
+                Err(_) => {
+                    return Err(invalid(
+                        &["files", path, "mode"],
+                        format!("mode {mode:?} is not an octal number such as \"0644\""),
+                    ))
+                }
             }
         }
     }

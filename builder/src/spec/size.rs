@@ -26,14 +26,13 @@ impl Size {
 impl FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parsed: bytesize::ByteSize = s.trim().parse().map_err(|_| {
-            format!("invalid size {s:?}: write a number with a unit, such as \"256MiB\" or \"2GiB\"")
-        })?;
+        let parsed: bytesize::ByteSize = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: write a number with a unit, such as \"256MiB\" or \"2GiB\""))?;
         let bytes = parsed.as_u64();
         if s.trim().chars().all(|c| c.is_ascii_digit()) {
-            return Err(format!(
-                "invalid size {s:?}: a unit is required, such as \"{s}MiB\""
-            ));
+            return Err(format!("invalid size {s:?}: a unit is required, such as \"{s}MiB\""));
         }
         if bytes == 0 || bytes % MIB != 0 {
             return Err(format!(

@@ -56,13 +56,22 @@ fn main() -> Result<()> {
     let blank = qemu_tests::disks::blank(&dir.join("pc-disk.raw"), 8 * qemu_tests::disks::GIB)?;
     let mut p = vm::VmConfig::new("pc", &built.image);
     p.disks.clear();
-    p.extra_disks = vec![vm::ExtraDisk { path: blank, serial: "lf-pc".into(), usb: false, read_only: false, discard: true, bootindex: Some(0) }];
+    p.extra_disks = vec![vm::ExtraDisk {
+        path: blank,
+        serial: "lf-pc".into(),
+        usb: false,
+        read_only: false,
+        discard: true,
+        bootindex: Some(0),
+    }];
     p.net_boot = Some(1);
     p.memory_mib = 3072;
     p.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4d:00:20".into() };
     let started = Instant::now();
     let mut pc = vm::Vm::start(&p, &dir)?;
-    let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
+    let done = pc.wait_status("installed over the network", BOOT, |s| {
+        s.phase.starts_with("install") && s.phase != "installing"
+    })?;
     if done.phase != "installed" {
         bail!("the netboot install ended {}: {}", done.phase, done.message);
     }

@@ -27,7 +27,8 @@ fn main() -> Result<()> {
             files.push(data);
         }
         // One layer per file: push each file as its own single-file image layer set.
-        let named: Vec<(String, &[u8])> = files.iter().enumerate().map(|(k, d)| (format!("data{k}"), d.as_slice())).collect();
+        let named: Vec<(String, &[u8])> =
+            files.iter().enumerate().map(|(k, d)| (format!("data{k}"), d.as_slice())).collect();
         let entries: Vec<(&str, &[u8], u32)> = named.iter().map(|(n, d)| (n.as_str(), *d, 0o644)).collect();
         p.image_layers(&format!("bench/img{i}"), "1", &entries, &["/data0"])?;
         total += (layers * (layer_mib << 20)) as u64;

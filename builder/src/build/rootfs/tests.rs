@@ -78,7 +78,10 @@ fn pins_become_apt_preferences_and_holds() {
     let uploads = p.prepare(d.path()).unwrap();
     let (local, inside) = &uploads[0];
     assert_eq!(inside, "/etc/apt/preferences.d/labforge-pins");
-    assert_eq!(fs::read_to_string(local).unwrap(), "Package: kubeadm kubelet\nPin: version 1.31.*\nPin-Priority: 1001\n\n");
+    assert_eq!(
+        fs::read_to_string(local).unwrap(),
+        "Package: kubeadm kubelet\nPin: version 1.31.*\nPin-Priority: 1001\n\n"
+    );
     let cmd = p.command(Path::new("out.tar"), d.path(), &uploads).display();
     assert!(cmd.contains("apt-mark hold kubeadm kubelet"), "{cmd}");
 }

@@ -24,19 +24,24 @@ fn minimal_spec_gets_defaults() {
 #[rstest]
 #[case::malformed("name = \"t\n", 1, None, "")]
 #[case::unknown_top_key("name = \"t\"\ncolour = \"red\"\n", 2, Some("colour"), "unknown field")]
-#[case::unknown_nested_key("name = \"t\"\n[disk]\nroot-size = \"1GiB\"\nroot-sise = \"1GiB\"\n", 4, Some("disk.root-sise"), "unknown field")]
-#[case::impossible_size("name = \"t\"\n[disk]\nroot-size = \"1.5MiB\"\n", 3, Some("disk.root-size"), "whole number of MiB")]
+#[case::unknown_nested_key(
+    "name = \"t\"\n[disk]\nroot-size = \"1GiB\"\nroot-sise = \"1GiB\"\n",
+    4,
+    Some("disk.root-sise"),
+    "unknown field"
+)]
+#[case::impossible_size(
+    "name = \"t\"\n[disk]\nroot-size = \"1.5MiB\"\n",
+    3,
+    Some("disk.root-size"),
+    "whole number of MiB"
+)]
 #[case::unitless_size("name = \"t\"\n[disk]\nesp-size = \"64\"\n", 3, Some("disk.esp-size"), "unit is required")]
 #[case::wrong_type("name = \"t\"\npackages = \"vim\"\n", 2, Some("packages"), "invalid type")]
 #[case::bad_output("name = \"t\"\noutputs = [\"iso\"]\n", 2, Some("outputs[0]"), "unknown variant")]
 #[case::bad_wipe("name = \"t\"\n[disks]\nwipe = \"all\"\n", 3, Some("disks.wipe"), "unknown variant")]
 #[case::bad_size_range("name = \"t\"\n[disks.match]\nsize = \"1TB\"\n", 3, Some("disks.match.size"), "MIN..MAX")]
-fn bad_files_are_located(
-    #[case] text: &str,
-    #[case] line: usize,
-    #[case] field: Option<&str>,
-    #[case] message: &str,
-) {
+fn bad_files_are_located(#[case] text: &str, #[case] line: usize, #[case] field: Option<&str>, #[case] message: &str) {
     let d = tempfile::tempdir().unwrap();
     let p = write(d.path(), "bad.toml", text);
     let err = load(&p).unwrap_err();
@@ -54,16 +59,32 @@ fn bad_files_are_located(
 #[case::small_esp("[disk]\nesp-size = \"32MiB\"\n", "disk.esp-size", "too small")]
 #[case::bad_name("name = \"Lab PC\"\n", "name", "not a valid image name")]
 #[case::bad_hostname("hostname = \"lab-{serial}\"\n", "hostname", "unknown placeholder")]
-#[case::user_without_key("[[users]]\nname = \"ada\"\nssh-authorized-keys = []\n", "users[0].ssh-authorized-keys", "no SSH key")]
-#[case::not_a_key("[[users]]\nname = \"ada\"\nssh-authorized-keys = [\"hunter2\"]\n", "users[0].ssh-authorized-keys", "not an SSH public key")]
+#[case::user_without_key(
+    "[[users]]\nname = \"ada\"\nssh-authorized-keys = []\n",
+    "users[0].ssh-authorized-keys",
+    "no SSH key"
+)]
+#[case::not_a_key(
+    "[[users]]\nname = \"ada\"\nssh-authorized-keys = [\"hunter2\"]\n",
+    "users[0].ssh-authorized-keys",
+    "not an SSH public key"
+)]
 #[case::world_writable("[files.\"/etc/x\"]\nmode = \"0666\"\n", "files./etc/x.mode", "world-writable")]
 #[case::wrong_schema("schema-version = 2\n", "schema-version", "unsupported schema version")]
 #[case::force_without_match("[disks]\nwipe = \"force\"\n", "disks", "needs a [disks.match]")]
-#[case::force_everything("[disks]\nwipe = \"force\"\n[disks.match]\nby-id = [\"/dev/disk/by-id/*\"]\n", "disks", "includes the OS disk")]
+#[case::force_everything(
+    "[disks]\nwipe = \"force\"\n[disks.match]\nby-id = [\"/dev/disk/by-id/*\"]\n",
+    "disks",
+    "includes the OS disk"
+)]
 #[case::install_by_kernel_name("[install]\ntarget = \"/dev/sda\"\n", "install", "kernel names such as /dev/sda change")]
 #[case::pxe_without_output("[pxe]\nserve = true\n", "pxe.serve", "add \"pxe\" to outputs")]
 #[case::netinstall_without_output("[install]\nnetboot = true\n", "install.netboot", "add \"pxe\" to outputs")]
-#[case::pxe_bad_range("outputs = [\"raw\", \"pxe\"]\n[pxe]\nserve = true\ndhcp-range = \"10.0.0.9,10.0.0.1\"\n", "pxe", "ends before it starts")]
+#[case::pxe_bad_range(
+    "outputs = [\"raw\", \"pxe\"]\n[pxe]\nserve = true\ndhcp-range = \"10.0.0.9,10.0.0.1\"\n",
+    "pxe",
+    "ends before it starts"
+)]
 fn invalid_values_are_rejected(#[case] extra: &str, #[case] field: &str, #[case] message: &str) {
     let d = tempfile::tempdir().unwrap();
     let name = if extra.starts_with("name") { "" } else { "name = \"t\"\n" };
@@ -98,11 +119,8 @@ fn missing_required_fields_name_the_field() {
 fn missing_overlay_dir_is_located() {
     let d = tempfile::tempdir().unwrap();
     fs::create_dir(d.path().join("present")).unwrap();
-    let p = write(
-        d.path(),
-        "s.toml",
-        "name = \"t\"\noverlays = [\"present\", \"absent\"]\n[base]\nsuite = \"bookworm\"\n",
-    );
+    let p =
+        write(d.path(), "s.toml", "name = \"t\"\noverlays = [\"present\", \"absent\"]\n[base]\nsuite = \"bookworm\"\n");
     let err = load(&p).unwrap_err();
     assert_eq!(err.line, Some(2));
     assert_eq!(err.field.as_deref(), Some("overlays[1]"));
@@ -146,7 +164,8 @@ fn extends_loop_is_an_error() {
 #[test]
 fn a_bad_value_in_the_parent_is_located_in_the_parent() {
     let d = tempfile::tempdir().unwrap();
-    let parent = write(d.path(), "p.toml", "name = \"p\"\npackages = [\"vim\", \"Bad Name\"]\n[base]\nsuite = \"bookworm\"\n");
+    let parent =
+        write(d.path(), "p.toml", "name = \"p\"\npackages = [\"vim\", \"Bad Name\"]\n[base]\nsuite = \"bookworm\"\n");
     let child = write(d.path(), "c.toml", "extends = \"p.toml\"\npackages = [\"git\"]\n");
     let err = load(&child).unwrap_err();
     assert_eq!(err.file, parent, "{err}");
