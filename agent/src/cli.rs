@@ -108,7 +108,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::JoinInfo { master, secret_file } => {
             let secret = crate::secret::Secret::load(&secret_file)?;
             let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_else(|_| "cli".into()).trim().to_string();
-            let mut info = crate::join::fetch(&master, &secret, &id, crate::discovery::net::now_ms())?;
+            let mut info = crate::cluster::join::fetch(&master, &secret, &id, crate::sys::clock::now_ms())?;
             if !info.token.is_empty() {
                 info.token = "<redacted>".into();
             }

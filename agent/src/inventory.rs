@@ -36,19 +36,7 @@ pub struct Disk {
     pub model: Option<String>,
 }
 
-/// Where to read the system from; `/` on a real node.
-#[derive(Debug, Clone)]
-pub struct Roots {
-    pub sys: PathBuf,
-    pub dev: PathBuf,
-    pub etc: PathBuf,
-}
-
-impl Default for Roots {
-    fn default() -> Self {
-        Roots { sys: "/sys".into(), dev: "/dev".into(), etc: "/etc".into() }
-    }
-}
+pub use crate::sys::Roots;
 
 impl Inventory {
     /// Takes the inventory. `addresses` supplies each NIC's addresses (from the kernel on a real
@@ -128,7 +116,12 @@ mod tests {
 
     fn fixture() -> (tempfile::TempDir, Roots) {
         let d = tempfile::tempdir().unwrap();
-        let r = Roots { sys: d.path().join("sys"), dev: d.path().join("dev"), etc: d.path().join("etc") };
+        let r = Roots {
+            sys: d.path().join("sys"),
+            dev: d.path().join("dev"),
+            etc: d.path().join("etc"),
+            ..Roots::default()
+        };
         let w = |p: PathBuf, s: &str| {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, s).unwrap();

@@ -1,29 +1,72 @@
 //! The node's status: served on `GET /status` (JSON) and `GET /metrics` (Prometheus text), and
-//! printed as one `labforge-status {json}` console line whenever it changes phase.
+//! printed as one `labforge-status {json}` console line when it changes (see `report`).
 
 use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
 
 use crate::disks::DisksStatus;
 use crate::inventory::Inventory;
-use crate::join::{self, JoinInfo};
 use crate::preload::PreloadStatus;
-use crate::secret::Secret;
 use crate::system::SystemHealth;
 
 /// Prefix of the console line tests and operators look for.
 pub const CONSOLE_PREFIX: &str = "labforge-status ";
+
+crate::wire_enum! {
+    /// Where the node is: `discovering` → `electing` → `initialising` | `joining` → `ready`;
+    /// or waiting on something (`needs-secret`, `waiting-for-master`), refusing (`conflict`),
+    /// failing (`error`), or, booted from a stick or netbooted to install, `installing` →
+    /// `installed` | `install-refused` | `install-failed`.
+    #[derive(Default)]
+    pub enum Phase {
+        /// Before the agent has decided anything (never printed).
+        #[default]
+        Starting = "starting",
+        Discovering = "discovering",
+        Electing = "electing",
+        Initialising = "initialising",
+        Joining = "joining",
+        Ready = "ready",
+        NeedsSecret = "needs-secret",
+        WaitingForMaster = "waiting-for-master",
+        Conflict = "conflict",
+        Error = "error",
+        Installing = "installing",
+        Installed = "installed",
+        InstallRefused = "install-refused",
+        InstallFailed = "install-failed",
+    }
+}
+
+impl Phase {
+    /// An install boot has ended: installed, refused or failed.
+    pub fn install_finished(self) -> bool {
+        matches!(self, Phase::Installed | Phase::InstallRefused | Phase::InstallFailed)
+    }
+}
+
+crate::wire_enum! {
+    /// This node's side in the cluster.
+    #[derive(Default)]
+    pub enum Role {
+        #[default]
+        Undecided = "undecided",
+        Master = "master",
+        Worker = "worker",
+        /// A second forced master that refuses to make a second cluster.
+        Refused = "refused",
+    }
+}
+
+crate::wire_enum! {
+    /// Whether the image runs kubeadm.
+    pub enum Kubernetes {
+        Enabled = "enabled",
+        Disabled = "disabled",
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -31,17 +74,14 @@ pub struct Status {
     pub image: String,
     /// This node's id (its machine id).
     pub node_id: String,
-    /// `discovering` → `electing` → `initialising` | `joining` → `ready`; or `needs-secret`,
-    /// `waiting-for-master`, `conflict`, `error`.
-    pub phase: String,
-    /// `master`, `worker`, `undecided` or `refused`.
-    pub role: String,
+    pub phase: Phase,
+    pub role: Role,
     pub cluster_uid: Option<String>,
     /// This node's address on the cluster LAN, once it has one.
     pub lan_address: Option<String>,
     pub master_address: Option<String>,
-    /// `enabled` or `disabled` (an image without kubeadm never pretends).
-    pub kubernetes: String,
+    /// Whether this image runs kubeadm (an image without it never pretends).
+    pub kubernetes: Kubernetes,
     /// sha256 of the join info this node minted (master) or received (worker).
     pub join_info_sha256: Option<String>,
     /// Why the node is in this phase, in words.
@@ -77,7 +117,7 @@ pub struct PeerStatus {
     pub id: String,
     pub hostname: String,
     pub address: String,
-    pub role: String,
+    pub role: Role,
 }
 
 /// The master's view of the cluster's Ceph devices.
@@ -177,167 +217,12 @@ impl Status {
     }
 }
 
-/// What the HTTP endpoints share with the daemon.
-pub struct Shared {
-    pub status: RwLock<Status>,
-    /// Join info to hand out (set on the master once minted).
-    pub join_info: RwLock<Option<JoinInfo>>,
-    pub join_server: join::Server,
-    pub secret: Option<Secret>,
-    pub join_served: AtomicU64,
-    pub join_rejected: AtomicU64,
-    /// Discovery counters, updated by the beacon tasks.
-    pub beacons: Arc<crate::discovery::net::Counters>,
-    /// Set while this node serves netboot (`/pxe/…`).
-    pub pxe: std::sync::RwLock<Option<crate::pxe::Serving>>,
-    pub pxe_served: AtomicU64,
-    /// Preloaded-image blobs served to netbooted nodes.
-    pub preload_served: AtomicU64,
-}
-
-impl Shared {
-    /// The status with counters read at this instant.
-    pub async fn snapshot(&self) -> Status {
-        let mut s = self.status.read().await.clone();
-        let b = &self.beacons;
-        s.counters = Counters {
-            beacons_sent: b.sent.load(Ordering::Relaxed),
-            beacons_received: b.received.load(Ordering::Relaxed),
-            beacons_rejected_malformed: b.malformed.load(Ordering::Relaxed),
-            beacons_rejected_bad_mac: b.bad_mac.load(Ordering::Relaxed),
-            beacons_rejected_stale: b.stale.load(Ordering::Relaxed),
-            beacons_rejected_replay: b.replay.load(Ordering::Relaxed),
-            join_served: self.join_served.load(Ordering::Relaxed),
-            join_rejected: self.join_rejected.load(Ordering::Relaxed),
-        };
-        s
-    }
-}
-
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/status", get(|State(s): State<Arc<Shared>>| async move { Json(s.snapshot().await) }))
-        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { s.snapshot().await.metrics() }))
-        .route("/join-info", post(join_info))
-        .route("/pxe/:file", get(pxe_file))
-        .route("/pxe/preload/blobs/sha256/:hex", get(preload_blob))
-        .with_state(shared)
-}
-
-async fn join_info(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Json(req): Json<join::Request>,
-) -> Result<Json<join::Response>, (StatusCode, String)> {
-    let Some(secret) = &s.secret else {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "this node has no cluster secret".into()));
-    };
-    let Some(info) = s.join_info.read().await.clone() else {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "this node has no join info (not a ready master)".into()));
-    };
-    match s.join_server.answer(secret, &req, &info, crate::discovery::net::now_ms()) {
-        Ok(resp) => {
-            s.join_served.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, node = %req.node, "served join info");
-            Ok(Json(resp))
-        }
-        Err(e) => {
-            s.join_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, node = %req.node, "rejected join-info request: {e:#}");
-            Err((StatusCode::FORBIDDEN, "rejected".into()))
-        }
-    }
-}
-
-/// Netboot artifacts, to clients on the cluster LAN while this node serves netboot;
-/// `boot.ipxe` is made for the address the client reached us at.
-async fn pxe_file(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    axum::extract::Path(file): axum::extract::Path<String>,
-    headers: axum::http::HeaderMap,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let serving = match netboot_client(&s, peer) {
-        Ok(serving) => serving,
-        Err(refused) => return refused,
-    };
-    if !crate::pxe::safe_name(&file) {
-        return (StatusCode::NOT_FOUND, "no such file\n").into_response();
-    }
-    s.pxe_served.fetch_add(1, Ordering::Relaxed);
-    if file == "boot.ipxe" {
-        let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
-        tracing::info!(%peer, "serving the netboot script");
-        return crate::pxe::boot_script(&format!("http://{host}/pxe"), &serving.image).into_response();
-    }
-    tracing::info!(%peer, file = %file, "serving a netboot file");
-    serve_file(&serving.dir.join(&file)).await
-}
-
-/// The blobs of the preloaded images, to netbooted nodes on the cluster LAN: their squashfs
-/// carries the layout's index, and they fetch the blobs it names (and check each digest).
-async fn preload_blob(
-    State(s): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    axum::extract::Path(hex): axum::extract::Path<String>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if let Err(refused) = netboot_client(&s, peer) {
-        return refused;
-    }
-    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return (StatusCode::NOT_FOUND, "no such blob\n").into_response();
-    }
-    s.preload_served.fetch_add(1, Ordering::Relaxed);
-    serve_file(&std::path::Path::new(crate::preload::LAYOUT_DIR).join("blobs/sha256").join(&hex)).await
-}
-
-/// What this node serves to `peer` under `/pxe/`, or the refusal: nothing while it does not
-/// serve netboot, and nothing to addresses outside the cluster LAN.
-fn netboot_client(s: &Shared, peer: SocketAddr) -> Result<crate::pxe::Serving, axum::response::Response> {
-    use axum::response::IntoResponse;
-    let serving = s.pxe.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(serving) = serving else {
-        return Err((StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response());
-    };
-    if !serving.allows(peer.ip()) {
-        tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
-        return Err((StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response());
-    }
-    Ok(serving)
-}
-
-/// A file as the body, streamed, with its length.
-async fn serve_file(path: &std::path::Path) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let f = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(_) => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
-    };
-    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
-    ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
-}
-
-/// Serves the status and join endpoints until the future is dropped.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status endpoint on {addr}"))?;
-    axum::serve(listener, router(shared).into_make_service_with_connect_info::<SocketAddr>())
-        .await
-        .context("serving status endpoint")
-}
-
 /// Fetches a node's status from its endpoint (used by `labforge-agent status`).
 pub fn fetch(addr: &str) -> Result<Status> {
     let url = format!("http://{addr}/status");
-    ureq::get(&url)
-        .timeout(std::time::Duration::from_secs(5))
-        .call()
-        .with_context(|| format!("asking the agent at {url}; is labforge-agent running?"))?
-        .into_json()
-        .with_context(|| format!("reading status from {url}"))
+    crate::sys::http::Client::with_timeout(std::time::Duration::from_secs(5))
+        .get_json(&url)
+        .with_context(|| format!("asking the agent at {url}; is labforge-agent running?"))
 }
 
 impl std::fmt::Display for Status {

@@ -3,22 +3,35 @@
 //! knows the node finished booting without reading systemd's console output, which systemd stops
 //! printing once a getty holds the console.
 
-use std::process::Command;
+use crate::sys::Cmd;
 
 use serde::{Deserialize, Serialize};
 
+crate::wire_enum! {
+    /// systemd's system state, as `systemctl is-system-running` prints it.
+    pub enum SystemState {
+        Initializing = "initializing",
+        Starting = "starting",
+        Running = "running",
+        Degraded = "degraded",
+        Maintenance = "maintenance",
+        Stopping = "stopping",
+        Offline = "offline",
+        Unknown = "unknown",
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SystemHealth {
-    /// systemd's state: `initializing`, `starting`, `running`, `degraded`, `maintenance`,
-    /// `stopping`, `offline`, or `unknown` (systemd could not be asked).
-    pub state: String,
+    /// systemd's state (`unknown` when systemd could not be asked).
+    pub state: SystemState,
     /// Units in the `failed` state (empty unless `state` is `degraded`).
     pub failed_units: Vec<String>,
 }
 
 impl Default for SystemHealth {
     fn default() -> Self {
-        SystemHealth { state: "unknown".into(), failed_units: Vec::new() }
+        SystemHealth { state: SystemState::Unknown, failed_units: Vec::new() }
     }
 }
 
@@ -27,15 +40,17 @@ impl SystemHealth {
     pub fn query() -> SystemHealth {
         // `is-system-running` exits non-zero for every state but `running`; its stdout is the
         // answer either way.
-        let state = match Command::new("systemctl").arg("is-system-running").output() {
-            Ok(out) => parse_state(&String::from_utf8_lossy(&out.stdout)),
-            Err(_) => "unknown".to_string(),
+        let limit = std::time::Duration::from_secs(30);
+        let state = match Cmd::new("systemctl").arg("is-system-running").timeout(limit).finish() {
+            Ok(out) => parse_state(&out.stdout),
+            Err(_) => SystemState::Unknown,
         };
-        let failed_units = if state == "degraded" {
-            Command::new("systemctl")
+        let failed_units = if state == SystemState::Degraded {
+            Cmd::new("systemctl")
                 .args(["list-units", "--state=failed", "--plain", "--no-legend", "--no-pager", "--full"])
-                .output()
-                .map(|o| parse_failed(&String::from_utf8_lossy(&o.stdout)))
+                .timeout(limit)
+                .run()
+                .map(|o| parse_failed(&o))
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -45,19 +60,32 @@ impl SystemHealth {
 
     /// True once boot has finished, whether or not every unit succeeded.
     pub fn booted(&self) -> bool {
-        matches!(self.state.as_str(), "running" | "degraded")
+        matches!(self.state, SystemState::Running | SystemState::Degraded)
     }
 }
 
-fn parse_state(stdout: &str) -> String {
-    const KNOWN: &[&str] =
-        &["initializing", "starting", "running", "degraded", "maintenance", "stopping", "offline", "unknown"];
-    let s = stdout.trim();
-    if KNOWN.contains(&s) {
-        s.to_string()
-    } else {
-        "unknown".to_string()
+/// How often systemd is asked while the node boots, and afterwards.
+const EVERY_BOOTING: std::time::Duration = std::time::Duration::from_secs(2);
+const EVERY_BOOTED: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The system task: asks systemd how the boot goes (often while it runs, rarely after) and
+/// reports it in the `system` section.
+pub async fn watch(report: crate::report::Report) -> anyhow::Result<()> {
+    loop {
+        let health = crate::cluster::blocking(|| Ok(SystemHealth::query())).await.unwrap_or_default();
+        let every = if health.booted() { EVERY_BOOTED } else { EVERY_BOOTING };
+        report.update(|s| {
+            if s.system != health && !health.failed_units.is_empty() {
+                tracing::warn!(failed = ?health.failed_units, "systemd reports failed units");
+            }
+            s.system = health;
+        });
+        tokio::time::sleep(every).await;
     }
+}
+
+fn parse_state(stdout: &str) -> SystemState {
+    serde_json::from_value(serde_json::Value::String(stdout.trim().to_string())).unwrap_or(SystemState::Unknown)
 }
 
 /// The unit names of `systemctl list-units --state=failed --plain --no-legend` output.
@@ -76,11 +104,11 @@ mod tests {
 
     #[test]
     fn states_are_read_from_stdout() {
-        assert_eq!(parse_state("running\n"), "running");
-        assert_eq!(parse_state("degraded\n"), "degraded");
-        assert_eq!(parse_state("starting\n"), "starting");
-        assert_eq!(parse_state(""), "unknown");
-        assert_eq!(parse_state("Failed to connect to bus: No such file or directory\n"), "unknown");
+        assert_eq!(parse_state("running\n"), SystemState::Running);
+        assert_eq!(parse_state("degraded\n"), SystemState::Degraded);
+        assert_eq!(parse_state("starting\n"), SystemState::Starting);
+        assert_eq!(parse_state(""), SystemState::Unknown);
+        assert_eq!(parse_state("Failed to connect to bus: No such file or directory\n"), SystemState::Unknown);
     }
 
     #[test]
@@ -94,7 +122,7 @@ mod tests {
 
     #[test]
     fn booted_means_running_or_degraded() {
-        let h = |s: &str| SystemHealth { state: s.into(), failed_units: vec![] };
+        let h = |s: &str| SystemHealth { state: parse_state(s), failed_units: vec![] };
         assert!(h("running").booted() && h("degraded").booted());
         assert!(!h("starting").booted() && !h("unknown").booted());
     }

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labforge_agent::discovery::beacon::{encode, Beacon, DiskSummary};
-use labforge_agent::discovery::net::{self, Counters, Peers};
-use labforge_agent::discovery::Verifier;
-use labforge_agent::election::{Allegiance, NodeView, RolePolicy};
+use labforge_agent::cluster::discovery::beacon::{encode, Beacon, DiskSummary};
+use labforge_agent::cluster::discovery::net::{self, Counters, Peers};
+use labforge_agent::cluster::discovery::Verifier;
+use labforge_agent::cluster::election::{Allegiance, NodeView, RolePolicy};
 use labforge_agent::secret::Secret;
 
 fn beacon(id: &str, nonce: &str) -> Beacon {
@@ -20,7 +20,7 @@ fn beacon(id: &str, nonce: &str) -> Beacon {
         term: 1,
         disks: DiskSummary::default(),
         port: 9743,
-        ts_ms: net::now_ms(),
+        ts_ms: labforge_agent::sys::clock::now_ms(),
         nonce: nonce.into(),
     }
 }

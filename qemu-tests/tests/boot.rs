@@ -3,6 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use labforge_agent::status::Kubernetes;
+use labforge_agent::status::Phase;
+use labforge_agent::status::Role;
 use qemu_tests::{images, vm};
 
 /// Under TCG on a 2-core machine the firmware + kernel + systemd take a few minutes.
@@ -39,9 +42,9 @@ fn demo_image_boots() -> Result<()> {
 
     // Alone on its LAN with minimum-nodes = 1, the node elects itself after the settle window;
     // the demo image has no kubeadm and says so rather than pretending.
-    let ready = node.wait_status("phase ready", BOOT, |s| s.phase == "ready")?;
-    assert_eq!(ready.role, "master");
-    assert_eq!(ready.kubernetes, "disabled");
+    let ready = node.wait_status("phase ready", BOOT, |s| s.phase == Phase::Ready)?;
+    assert_eq!(ready.role, Role::Master);
+    assert_eq!(ready.kubernetes, Kubernetes::Disabled);
     assert!(ready.message.contains("kubernetes disabled"), "{}", ready.message);
     assert!(ready.cluster_uid.is_some() && ready.join_info_sha256.is_some());
 
@@ -65,8 +68,8 @@ fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
     cfg.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:12:34:57".into() };
     cfg.disks.push(part);
     let mut node = vm::Vm::start(&cfg, &dir)?;
-    let status = node.wait_status("phase needs-secret", BOOT, |s| s.phase == "needs-secret")?;
-    assert_eq!(status.role, "undecided");
+    let status = node.wait_status("phase needs-secret", BOOT, |s| s.phase == Phase::NeedsSecret)?;
+    assert_eq!(status.role, Role::Undecided);
     assert!(status.cluster_uid.is_none());
     assert!(
         status.message.contains("64 hex digits") && status.message.contains("labforge secret new"),

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
+use labforge_agent::status::Kubernetes;
+use labforge_agent::status::Phase;
+use labforge_agent::status::Role;
 use labforge_agent::status::Status;
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::vm::{ExtraDisk, Net, Vm, VmConfig};
@@ -95,7 +98,7 @@ impl Room {
     }
 
     fn wait_ready(&mut self, i: usize) -> Result<Status> {
-        self.wait_status(i, "phase ready", |s| s.phase == "ready")
+        self.wait_status(i, "phase ready", |s| s.phase == Phase::Ready)
     }
 
     /// Asks node `i`'s agent for its status over the test LAN.
@@ -217,9 +220,9 @@ fn assert_joined_with(room: &Room, worker: usize, token: &str, ca_hash: &str, ho
 }
 
 fn roles(statuses: &[Status]) -> (usize, Vec<usize>) {
-    let masters: Vec<usize> = (0..statuses.len()).filter(|&i| statuses[i].role == "master").collect();
+    let masters: Vec<usize> = (0..statuses.len()).filter(|&i| statuses[i].role == Role::Master).collect();
     assert_eq!(masters.len(), 1, "exactly one master: {:?}", statuses.iter().map(|s| &s.role).collect::<Vec<_>>());
-    let workers = (0..statuses.len()).filter(|&i| statuses[i].role == "worker").collect();
+    let workers = (0..statuses.len()).filter(|&i| statuses[i].role == Role::Worker).collect();
     (masters[0], workers)
 }
 
@@ -234,7 +237,7 @@ fn three_nodes_elect_one_master() -> Result<()> {
     for s in &ready {
         assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()), "one cluster");
         assert_eq!(s.join_info_sha256.as_deref(), Some(join.as_str()), "workers got the join info the master minted");
-        assert_eq!(s.kubernetes, "enabled");
+        assert_eq!(s.kubernetes, Kubernetes::Enabled);
     }
     let master_ip = ready[master].master_address.clone().unwrap();
     assert!(master_ip.starts_with(lan::SUBNET), "{master_ip}");
@@ -262,7 +265,7 @@ fn late_node_joins() -> Result<()> {
     let master_ip = ready[master].master_address.clone().unwrap();
     let late = room.boot(None, None)?;
     let s = room.wait_ready(late)?;
-    assert_eq!(s.role, "worker");
+    assert_eq!(s.role, Role::Worker);
     assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
     assert_eq!(s.join_info_sha256, ready[master].join_info_sha256);
     let (token, ca_hash) = master_init(&room, master, &master_ip)?;
@@ -279,7 +282,7 @@ fn rogue_node_is_ignored() -> Result<()> {
     // Same image, but the stick carries another cluster's secret.
     let rogue_secret = labforge_agent::secret::Secret::generate()?.to_hex();
     let rogue = room.boot(None, Some(&rogue_secret))?;
-    let r = room.wait_status(rogue, "rogue electing", |s| s.phase == "electing")?;
+    let r = room.wait_status(rogue, "rogue electing", |s| s.phase == Phase::Electing)?;
     assert!(r.peers.is_empty(), "the rogue hears nobody: {:?}", r.peers);
     let rogue_id = r.node_id.clone();
 
@@ -331,16 +334,16 @@ fn master_reboot_keeps_cluster() -> Result<()> {
     let cfg = room.nodes[master].cfg.clone();
     room.nodes[master].vm = Some(Vm::restart(&cfg, &room.dir)?);
     let back = room.wait_ready(master)?;
-    assert_eq!(back.role, "master");
+    assert_eq!(back.role, Role::Master);
     assert_eq!(back.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
     let calls = kubeadm_calls(room.nodes[master].vm.as_ref().unwrap());
     assert!(calls.argv.is_empty() || real_kubeadm(), "no second kubeadm init: {:?}", calls.argv);
 
     for &w in &workers {
         let s = room.query(&lan_ip(&ready[w]))?;
-        assert_eq!(s.role, "worker");
+        assert_eq!(s.role, Role::Worker);
         assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
-        assert_eq!(s.phase, "ready", "worker stayed joined");
+        assert_eq!(s.phase, Phase::Ready, "worker stayed joined");
         if !real_kubeadm() {
             assert_eq!(kubeadm_calls(room.nodes[w].vm.as_ref().unwrap()).argv.len(), 1, "joined once");
         }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
+use labforge_agent::disks::DisksState;
 use labforge_agent::disks::{Action, Class, DiskReport};
 use labforge_agent::status::Status;
 use qemu_tests::disks::{self, GIB, MIB};
@@ -113,7 +114,7 @@ fn disks_are_classified_and_zapped() -> Result<()> {
     let before = set.digests()?;
     let cfg = vm_config(&built.image, &set);
     let mut node = Vm::start(&cfg, &dir)?;
-    let s = node.wait_status("disks prepared", BOOT, |s| s.disks.state == "done")?;
+    let s = node.wait_status("disks prepared", BOOT, |s| s.disks.state == DisksState::Done)?;
 
     assert_eq!(s.disks.wipe, "blank-only");
     assert!(s.disks.lvm && s.disks.rbd, "Rook prerequisites: lvm {} rbd {}", s.disks.lvm, s.disks.rbd);
@@ -182,7 +183,7 @@ fn power_cut_during_zap() -> Result<()> {
 
     // Boot 2: that zap is resumed and finished; nothing else is zapped.
     let mut node = Vm::restart(&cfg, &dir)?;
-    let s = node.wait_status("disks prepared after the power cut", BOOT, |s| s.disks.state == "done")?;
+    let s = node.wait_status("disks prepared after the power cut", BOOT, |s| s.disks.state == DisksState::Done)?;
     let e = check(&s, "lf-ext4", Class::HasData, Action::Zap, true);
     assert!(e.reason.contains("resuming"), "{}", e.reason);
     let zap = e.zap.clone().expect("zap record");
@@ -218,7 +219,7 @@ fn power_cut_during_zap() -> Result<()> {
     disks::bluestore_label(set.path("lf-blank"), 0, NEW_OSD_FSID)?;
     let with_osd = disks::digest(set.path("lf-blank"))?;
     let mut node = Vm::restart(&cfg, &dir)?;
-    let s = node.wait_status("disks prepared with a new OSD", BOOT, |s| s.disks.state == "done")?;
+    let s = node.wait_status("disks prepared with a new OSD", BOOT, |s| s.disks.state == DisksState::Done)?;
     let d = check(&s, "lf-blank", Class::CephOsd, Action::Use, true);
     assert_eq!(d.osd_fsid.as_deref(), Some(NEW_OSD_FSID));
     check(&s, "lf-ext4", Class::Blank, Action::Use, true);

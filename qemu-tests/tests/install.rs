@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use labforge_agent::install::write::InstallState;
+use labforge_agent::status::Phase;
+use labforge_agent::status::Role;
 use qemu_tests::disks::{self, GIB};
 use qemu_tests::images;
 use qemu_tests::vm::{self, ExtraDisk, Vm, VmConfig};
@@ -66,10 +69,10 @@ fn usb_installs_to_internal_disk() -> Result<()> {
 
     let mut cfg = pc(&image, vec![attach(&stick, "lf-stick", true, 0), attach(&internal, "lf-internal", false, 1)]);
     let mut vm = Vm::start(&cfg, &dir)?;
-    let live = vm.wait_status("installing", BOOT, |s| s.phase == "installing")?;
+    let live = vm.wait_status("installing", BOOT, |s| s.phase == Phase::Installing)?;
     assert!(live.message.contains("attached over USB"), "{}", live.message);
-    let done = vm.wait_status("installed", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
-    assert_eq!(done.phase, "installed", "{}", done.message);
+    let done = vm.wait_status("installed", BOOT, |s| s.phase.install_finished())?;
+    assert_eq!(done.phase, Phase::Installed, "{}", done.message);
     let install = done.install.clone().expect("install status");
     assert_eq!(install.target.as_deref(), Some("/dev/disk/by-id/virtio-lf-internal"));
     assert!(install.source.as_deref().is_some_and(|s| s.contains("usb-") && s.contains("lf-stick")), "{install:?}");
@@ -84,15 +87,15 @@ fn usb_installs_to_internal_disk() -> Result<()> {
     let mut vm = Vm::restart(&cfg, &dir)?;
     let booted = vm.wait_booted(BOOT)?;
     let installed = booted.install.clone().expect("the installed node reports how it was installed");
-    assert_eq!(installed.state, "installed");
+    assert_eq!(installed.state, InstallState::Installed);
     assert_eq!(installed.record.as_ref().map(|r| r.target.as_str()), Some("/dev/disk/by-id/virtio-lf-internal"));
     assert!(
         booted.state.size_bytes > 5 * GIB,
         "the state partition filled the 8 GiB disk: {} bytes",
         booted.state.size_bytes
     );
-    let ready = vm.wait_status("phase ready", BOOT, |s| s.phase == "ready")?;
-    assert_eq!(ready.role, "master");
+    let ready = vm.wait_status("phase ready", BOOT, |s| s.phase == Phase::Ready)?;
+    assert_eq!(ready.role, Role::Master);
     vm.check_console_health()?;
     Ok(())
 }
@@ -109,10 +112,9 @@ fn install_refuses_without_safe_target() -> Result<()> {
 
     let cfg = pc(&image, vec![attach(&stick, "lf-stick", true, 0), attach(&data, "lf-data", false, 1)]);
     let mut vm = Vm::start(&cfg, &dir)?;
-    let refused =
-        vm.wait_status("install refused", BOOT, |s| s.phase.starts_with("install") && s.phase != "installing")?;
-    assert_eq!(refused.phase, "install-refused", "{}", refused.message);
-    assert_eq!(refused.install.as_ref().map(|i| i.state.as_str()), Some("refused"));
+    let refused = vm.wait_status("install refused", BOOT, |s| s.phase.install_finished())?;
+    assert_eq!(refused.phase, Phase::InstallRefused, "{}", refused.message);
+    assert_eq!(refused.install.as_ref().map(|i| i.state), Some(InstallState::Refused));
     for says in ["nothing was written", "virtio-lf-data: it holds data", "labforge.install-target=/dev/disk/by-id/"] {
         assert!(refused.message.contains(says), "{says:?} not in: {}", refused.message);
     }

@@ -13,6 +13,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use labforge_agent::install::write::InstallState;
+use labforge_agent::preload::PreloadState;
+use labforge_agent::pxe::PxeMode;
+use labforge_agent::pxe::PxeState;
+use labforge_agent::status::Phase;
+use labforge_agent::status::Role;
 use qemu_tests::disks::{self, GIB};
 use qemu_tests::images;
 use qemu_tests::lan::Lan;
@@ -56,11 +62,10 @@ fn worker_netboots_from_master() -> Result<()> {
     let mut m = VmConfig::new("master", &built.image);
     m.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:01".into() };
     let mut master = Vm::start(&m, &dir)?;
-    let ready = master.wait_status("master ready", BOOT, |s| s.phase == "ready" && s.role == "master")?;
-    let serving =
-        master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| !p.state.is_empty()))?;
+    let ready = master.wait_status("master ready", BOOT, |s| s.phase == Phase::Ready && s.role == Role::Master)?;
+    let serving = master.wait_status("serving netboot", BOOT, |s| s.pxe.is_some())?;
     let pxe = serving.pxe.clone().expect("pxe status");
-    assert_eq!((pxe.state.as_str(), pxe.mode.as_str()), ("serving", "proxy-dhcp"), "{pxe:?}");
+    assert_eq!((pxe.state, pxe.mode), (PxeState::Serving, PxeMode::ProxyDhcp), "{pxe:?}");
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
     assert_eq!(pxe.url, format!("http://{master_ip}:9743/pxe/boot.ipxe"));
 
@@ -89,18 +94,18 @@ fn worker_netboots_from_master() -> Result<()> {
         worker.console().iter().any(|l| l.contains("Start PXE over IPv4")),
         "the firmware's PXE client started the netboot"
     );
-    let joined = worker.wait_status("worker ready", BOOT, |s| s.phase == "ready")?;
-    assert_eq!(joined.role, "worker", "{}", joined.message);
+    let joined = worker.wait_status("worker ready", BOOT, |s| s.phase == Phase::Ready)?;
+    assert_eq!(joined.role, Role::Worker, "{}", joined.message);
     assert_eq!(joined.master_address.as_deref(), Some(master_ip.as_str()));
     assert_eq!(joined.cluster_uid, ready.cluster_uid, "the worker joined the master's cluster");
     // Its only disk holds data: the install refuses it and the node runs netbooted.
     let install = joined.install.clone().expect("the netboot install's status");
-    assert_eq!(install.state, "refused", "{install:?}");
+    assert_eq!(install.state, InstallState::Refused, "{install:?}");
     for says in ["no disk is safe", "virtio-lf-data: it holds data", "running netbooted"] {
         assert!(install.message.contains(says), "{says:?} not in: {}", install.message);
     }
     // The preloaded images came from the master, and one of them runs on the worker.
-    let s = worker.wait_status("preloaded images imported", BOOT, |s| s.preload.state == "done")?;
+    let s = worker.wait_status("preloaded images imported", BOOT, |s| s.preload.state == PreloadState::Done)?;
     assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
     assert_eq!(s.preload.source, Some(format!("http://{master_ip}:9743/pxe/preload")), "{:?}", s.preload);
     // Two images, each a manifest, a config and a layer.
@@ -138,10 +143,8 @@ fn worker_netboots_from_master() -> Result<()> {
     p.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:03".into() };
     let mut pc = Vm::start(&p, &dir)?;
     pc.wait_for("labforge: booting pxe-test from", BOOT)?;
-    let done = pc.wait_status("installed over the network", BOOT, |s| {
-        s.phase.starts_with("install") && s.phase != "installing"
-    })?;
-    assert_eq!(done.phase, "installed", "{}", done.message);
+    let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.install_finished())?;
+    assert_eq!(done.phase, Phase::Installed, "{}", done.message);
     let install = done.install.clone().expect("install status");
     assert_eq!(install.target.as_deref(), Some("/dev/disk/by-id/virtio-lf-pc"));
     assert_eq!(install.source.as_deref(), Some(format!("http://{master_ip}:9743/pxe").as_str()));
@@ -154,7 +157,7 @@ fn worker_netboots_from_master() -> Result<()> {
     let mut pc = Vm::restart(&p, &dir)?;
     let booted = pc.wait_booted(BOOT)?;
     let installed = booted.install.clone().expect("the installed node reports how it was installed");
-    assert_eq!(installed.state, "installed");
+    assert_eq!(installed.state, InstallState::Installed);
     assert_eq!(
         installed.record.as_ref().map(|r| r.source.as_str()),
         Some(format!("http://{master_ip}:9743/pxe").as_str())
@@ -164,15 +167,16 @@ fn worker_netboots_from_master() -> Result<()> {
         "the state partition filled the 8 GiB disk: {} bytes",
         booted.state.size_bytes
     );
-    let rejoined = pc.wait_status("installed pc ready", BOOT, |s| s.phase == "ready")?;
+    let rejoined = pc.wait_status("installed pc ready", BOOT, |s| s.phase == Phase::Ready)?;
     assert_eq!(
-        (rejoined.role.as_str(), rejoined.cluster_uid.clone()),
-        ("worker", ready.cluster_uid.clone()),
+        (rejoined.role, rejoined.cluster_uid.clone()),
+        (Role::Worker, ready.cluster_uid.clone()),
         "{}",
         rejoined.message
     );
     // Its preloaded images came onto the disk during the install: imported from there.
-    let s = pc.wait_status("preloaded images imported from the disk", BOOT, |s| s.preload.state == "done")?;
+    let s =
+        pc.wait_status("preloaded images imported from the disk", BOOT, |s| s.preload.state == PreloadState::Done)?;
     assert_eq!((s.preload.total, s.preload.imported), (2, 2), "{:?}", s.preload);
     assert_eq!((s.preload.source.as_deref(), s.preload.fetched), (None, 0), "{:?}", s.preload);
     let line = pc.wait_for("preload-check:", BOOT)?;

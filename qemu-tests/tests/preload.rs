@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
+use labforge_agent::preload::PreloadState;
 use qemu_tests::vm::{self, Net, Vm, VmConfig};
 use qemu_tests::{images, workspace_root};
 
@@ -38,7 +39,7 @@ fn preloaded_images_run_offline() -> Result<()> {
     let mut cfg = VmConfig::new("node", &built.image);
     cfg.net = Net::None;
     let mut node = Vm::start(&cfg, &dir)?;
-    let s = node.wait_status("preloaded images imported", BOOT, |s| s.preload.state == "done")?;
+    let s = node.wait_status("preloaded images imported", BOOT, |s| s.preload.state == PreloadState::Done)?;
     assert!(s.node.nics.is_empty(), "no network device: {:?}", s.node.nics);
     assert_eq!((s.preload.total, s.preload.imported, s.preload.present), (2, 2, 0), "{:?}", s.preload);
     let line = node.wait_for("preload-check:", BOOT)?;
@@ -49,7 +50,7 @@ fn preloaded_images_run_offline() -> Result<()> {
     // Power cut, power back: containerd kept the images, nothing is imported again.
     node.power_cut()?;
     let mut node = Vm::restart(&cfg, &dir)?;
-    let s = node.wait_status("preload checked after the power cut", BOOT, |s| s.preload.state == "done")?;
+    let s = node.wait_status("preload checked after the power cut", BOOT, |s| s.preload.state == PreloadState::Done)?;
     assert_eq!((s.preload.imported, s.preload.present), (0, 2), "{:?}", s.preload);
     node.wait_booted(BOOT)?;
     node.check_console_health()

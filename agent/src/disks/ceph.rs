@@ -3,8 +3,18 @@
 //! Rook can only ever touch a disk an agent classified and prepared.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
+use anyhow::Result;
 use serde_json::json;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::cluster::{ClusterView, Member};
+use crate::config::NodeConfig;
+use crate::report::Report;
+use crate::status::CephView;
+use crate::sys::fs::write_durable;
 
 /// Where the master writes it, under the state directory.
 pub const MANIFEST: &str = "manifests/ceph-cluster.yaml";
@@ -47,6 +57,57 @@ pub fn render(nodes: &BTreeMap<String, Vec<String>>, ceph_image: &str, data_dir:
     s
 }
 
+/// Adds this node's and every member's devices to `nodes`. A node falling silent keeps its
+/// entry: the `CephCluster` must not shrink because a beacon was missed.
+pub fn merge(nodes: &mut BTreeMap<String, Vec<String>>, own: (&str, &[String]), members: &[Member]) {
+    nodes.insert(own.0.to_string(), own.1.to_vec());
+    for m in members {
+        nodes.insert(m.hostname.clone(), m.ceph.clone());
+    }
+}
+
+/// The master's Ceph task: while this node leads, keeps the `CephCluster` in the state
+/// directory equal to what the cluster offers, rewriting it only when it would change.
+pub async fn run(
+    report: Report,
+    cfg: NodeConfig,
+    hostname: String,
+    mut view: watch::Receiver<ClusterView>,
+    offer: watch::Receiver<Vec<String>>,
+) -> Result<()> {
+    let state_dir = Path::new(&cfg.state_dir).to_path_buf();
+    let path = state_dir.join(MANIFEST);
+    let data_dir = state_dir.join("rook").to_string_lossy().into_owned();
+    let mut nodes = BTreeMap::new();
+    let mut written: Option<String> = None;
+    let mut tick = tokio::time::interval(crate::cluster::TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = view.changed() => if changed.is_err() { return Ok(()) },
+        }
+        let members = {
+            let v = view.borrow();
+            if !v.leading {
+                continue;
+            }
+            v.members.clone()
+        };
+        let own = offer.borrow().clone();
+        merge(&mut nodes, (&hostname, &own), &members);
+        let text = render(&nodes, &cfg.disks.ceph_image, &data_dir);
+        if written.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        std::fs::create_dir_all(path.parent().expect("a directory"))?;
+        write_durable(&path, text.as_bytes())?;
+        info!(path = %path.display(), nodes = nodes.values().filter(|d| !d.is_empty()).count(), "wrote the CephCluster");
+        written = Some(text);
+        let manifest = path.to_string_lossy().into_owned();
+        report.update(|s| s.ceph = Some(CephView { manifest, nodes: nodes.clone() }));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +148,21 @@ mod tests {
         );
         assert_eq!(text, render(&nodes, "quay.io/ceph/ceph:v18.2.4", "/var/lib/labforge/rook"), "stable bytes");
         assert!(!text.contains("useAllDevices\": true"));
+    }
+
+    #[test]
+    fn silent_nodes_keep_their_devices_and_an_unchanged_view_renders_the_same_bytes() {
+        let dev = |s: &str| vec![s.to_string()];
+        let member = |h: &str, d: &str| Member { hostname: h.into(), ceph: dev(d) };
+        let mut nodes = BTreeMap::new();
+        merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[member("w1", "/dev/disk/by-id/w1")]);
+        let first = render(&nodes, "ceph", "/r");
+        // w1 falls silent: its entry stays, and nothing needs rewriting.
+        merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[]);
+        assert_eq!(nodes.get("w1"), Some(&dev("/dev/disk/by-id/w1")));
+        assert_eq!(render(&nodes, "ceph", "/r"), first);
+        // A new member changes the manifest.
+        merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[member("w2", "/dev/disk/by-id/w2")]);
+        assert_ne!(render(&nodes, "ceph", "/r"), first);
     }
 }

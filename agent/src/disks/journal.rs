@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::History;
-use crate::state::write_atomic;
+use crate::sys::fs::write_durable;
 
 pub const FILE: &str = "disks.json";
 const VERSION: u32 = 1;
@@ -124,7 +124,7 @@ impl Journal {
     }
 
     fn save(&self) -> Result<()> {
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&self.file)?)
+        write_durable(&self.path, &serde_json::to_vec_pretty(&self.file)?)
     }
 }
 

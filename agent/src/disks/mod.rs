@@ -7,6 +7,7 @@ pub mod ceph;
 pub mod journal;
 pub mod policy;
 pub mod probe;
+pub mod task;
 pub mod zap;
 
 use std::fmt;
@@ -113,11 +114,24 @@ pub struct DiskReport {
     pub zap: Option<journal::ZapRecord>,
 }
 
+crate::wire_enum! {
+    /// Where the disk preparation stands.
+    #[derive(Default)]
+    pub enum DisksState {
+        #[default]
+        Scanning = "scanning",
+        Zapping = "zapping",
+        /// Every decision carried out.
+        Done = "done",
+        /// Some zap failed, or the inventory could not be taken.
+        Failed = "failed",
+    }
+}
+
 /// The disks part of `/status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DisksStatus {
-    /// `scanning`, `zapping`, `done` (every decision carried out) or `failed` (some zap failed).
-    pub state: String,
+    pub state: DisksState,
     /// The `[disks]` policy in force.
     pub wipe: String,
     pub disks: Vec<DiskReport>,
@@ -133,7 +147,7 @@ pub struct DisksStatus {
 
 impl DisksStatus {
     pub fn new(wipe: Wipe) -> Self {
-        DisksStatus { state: "scanning".into(), wipe: wipe.as_str().into(), ..Default::default() }
+        DisksStatus { state: DisksState::Scanning, wipe: wipe.as_str().into(), ..Default::default() }
     }
 }
 
@@ -179,16 +193,14 @@ pub fn prepare(
     (status.lvm, status.rbd) = prerequisites(Path::new("/"));
     let fail = |mut status: DisksStatus, msg: String, publish: &mut dyn FnMut(&DisksStatus)| {
         error!("disks: {msg}");
-        status.state = "failed".into();
+        status.state = DisksState::Failed;
         status.message = msg;
         publish(&status);
         status
     };
     // udev may still be naming disks this early in the boot; their by-id names are what the
     // journal and the CephCluster know them by.
-    if let Err(e) = std::process::Command::new("udevadm").args(["settle", "--timeout=60"]).status() {
-        warn!("disks: udevadm settle: {e}");
-    }
+    crate::sys::cmd::udev_settle();
     let mut journal = match journal::Journal::load(state_dir) {
         Ok(j) => j,
         Err(e) => return fail(status, format!("{e:#}; no disk is touched until it is fixed or moved aside"), publish),
@@ -206,7 +218,7 @@ pub fn prepare(
         if status.disks[i].action != Action::Zap {
             continue;
         }
-        status.state = "zapping".into();
+        status.state = DisksState::Zapping;
         publish(&status);
         let name = status.disks[i].facts.name.clone();
         // Facts may have changed since the scan (a disk pulled, a filesystem made): decide
@@ -247,7 +259,7 @@ pub fn prepare(
         publish(&status);
     }
     status.ceph_devices = status.disks.iter().filter(|d| d.ceph).map(|d| d.facts.ceph_name()).collect();
-    status.state = if failures == 0 { "done" } else { "failed" }.into();
+    status.state = if failures == 0 { DisksState::Done } else { DisksState::Failed };
     if failures > 0 {
         status.message = format!("{failures} disk(s) could not be prepared; see their reasons");
     }
@@ -285,14 +297,14 @@ mod tests {
             state.path(),
             1,
             &mut |s: &DisksStatus| {
-                if s.state == "zapping" && !states.contains(&"zapping".to_string()) {
+                if s.state == DisksState::Zapping && !states.contains(&DisksState::Zapping) {
                     // sdb is pulled out right before its zap.
                     std::fs::remove_dir_all(sys.join("block/sdb")).unwrap();
                 }
-                states.push(s.state.clone());
+                states.push(s.state);
             },
         );
-        assert_eq!(status.state, "failed", "{status:#?}");
+        assert_eq!(status.state, DisksState::Failed, "{status:#?}");
         assert!(status.message.contains("1 disk(s)"));
         let sdb = &status.disks[0];
         assert_eq!((sdb.action, sdb.ceph), (Action::Keep, false));
@@ -301,7 +313,7 @@ mod tests {
         assert_eq!(sdc.class, Class::HasData);
         assert_eq!(sdc.zap.as_ref().map(|z| z.state.clone()), Some(journal::ZapState::Zapped), "{sdc:#?}");
         assert_eq!(status.ceph_devices, ["/dev/disk/by-id/ata-STAYS"]);
-        assert_eq!(states.first().map(String::as_str), Some("scanning"));
+        assert_eq!(states.first(), Some(&DisksState::Scanning));
         // The journal knows the zapped disk; the next boot leaves it alone.
         let j = journal::Journal::load(state.path()).unwrap();
         assert_eq!(j.history(Some("/dev/disk/by-id/ata-STAYS"), 64 * MIB), History::Zapped);
@@ -320,7 +332,7 @@ mod tests {
         let dev = fx.disk("sdb", "8:16", 64 * MIB, &[]);
         super::probe::tests::write_label(&dev, 0, "6f1c4b6e-0d4e-4a0e-9d55-2f0b3c6f8a11");
         let status = prepare(&fx.roots, &cfg("min-size = \"1MiB\""), state.path(), 1, &mut |_: &DisksStatus| {});
-        assert_eq!(status.state, "failed");
+        assert_eq!(status.state, DisksState::Failed);
         assert!(
             status.message.contains("unreadable") && status.message.contains("no disk is touched"),
             "{}",

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
@@ -18,24 +17,10 @@ use super::{zap, DiskFacts, Signature, BLUESTORE, DATA, LABEL_OFFSETS};
 const LOADER_PARTUUID_VAR: &str = "firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 /// Mount points that make a disk the OS disk.
 const OS_MOUNTS: &[&str] = &["/", "/usr", "/boot", "/boot/efi", "/efi", "/var/lib/labforge"];
-/// The config partition's label (see `node::CONFIG_LABEL`).
-const CONFIG_LABEL: &str = crate::node::CONFIG_LABEL;
+/// The label of the optional config partition (see `config::partition`).
+pub const CONFIG_LABEL: &str = "LABFORGE";
 
-/// Where to read the system from.
-#[derive(Debug, Clone)]
-pub struct Roots {
-    pub sys: PathBuf,
-    pub dev: PathBuf,
-    /// udev's database lives under `<run>/udev/data`.
-    pub run: PathBuf,
-    pub proc: PathBuf,
-}
-
-impl Default for Roots {
-    fn default() -> Self {
-        Roots { sys: "/sys".into(), dev: "/dev".into(), run: "/run".into(), proc: "/proc".into() }
-    }
-}
+pub use crate::sys::Roots;
 
 /// Every whole physical disk (not loop, ram, zram, device-mapper or md), sorted by name.
 pub fn scan(roots: &Roots) -> Result<Vec<DiskFacts>> {
@@ -279,11 +264,9 @@ pub fn signatures(dev: &Path, size: u64) -> Result<Vec<Signature>> {
 }
 
 fn blkid_signatures(dev: &Path) -> Result<Vec<Signature>> {
-    let out = Command::new("wipefs").arg("--json").arg(dev).output().context("running wipefs (util-linux)")?;
-    if !out.status.success() {
-        bail!("wipefs {}: {}", dev.display(), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    parse_wipefs(&String::from_utf8_lossy(&out.stdout))
+    let out =
+        crate::sys::Cmd::new("wipefs").arg("--json").arg(dev).timeout(std::time::Duration::from_secs(120)).run()?;
+    parse_wipefs(&out)
 }
 
 /// Parses `wipefs --json` (which prints nothing at all for a device without signatures on
@@ -351,6 +334,7 @@ fn first_nonzero(f: &mut fs::File, regions: &[(u64, u64)]) -> Result<Option<u64>
 pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::process::Command;
 
     /// Writes a BlueStore-style label at `off`.
     pub(crate) fn write_label(path: &Path, off: u64, fsid: &str) {
@@ -369,7 +353,7 @@ pub(crate) mod tests {
         pub(crate) fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let r = |p: &str| dir.path().join(p);
-            let roots = Roots { sys: r("sys"), dev: r("dev"), run: r("run"), proc: r("proc") };
+            let roots = Roots { sys: r("sys"), dev: r("dev"), run: r("run"), proc: r("proc"), etc: r("etc") };
             for d in ["sys/block", "dev/disk/by-id", "run/udev/data", "proc/self", "sys/firmware/efi/efivars"] {
                 fs::create_dir_all(r(d)).unwrap();
             }

@@ -15,9 +15,9 @@ use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use crate::sys::Cmd;
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
@@ -63,16 +63,19 @@ impl<F: FnMut(&str) -> Result<()>> Progress for F {
     }
 }
 
+/// How long one of the small disk tools may take.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Zaps the device at `dev` (`size` bytes; `discard` if it supports it), then verifies.
 /// `id` names it in logs and for the test hold.
 pub fn zap(dev: &Path, id: &str, size: u64, discard: bool, progress: &mut dyn Progress) -> Result<()> {
     let block = fs::metadata(dev).with_context(|| format!("{} is gone", dev.display()))?.file_type().is_block_device();
-    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(dev)).context("wipefs --all")?;
+    Cmd::new("wipefs").args(["--all", "--quiet"]).arg(dev).timeout(TOOL_TIMEOUT).run().context("wipefs --all")?;
     progress.step("wipefs")?;
     if discard && block {
         // Not every device that claims discard honours it; the zeroes below do not depend on it.
-        match run(Command::new("blkdiscard").arg(dev)) {
-            Ok(()) => progress.step("discard")?,
+        match Cmd::new("blkdiscard").arg(dev).run() {
+            Ok(_) => progress.step("discard")?,
             Err(e) => warn!("{id}: blkdiscard failed, zeroing anyway: {e:#}"),
         }
     }
@@ -98,10 +101,10 @@ pub fn zap(dev: &Path, id: &str, size: u64, discard: bool, progress: &mut dyn Pr
     }
     drop(f);
     if block {
-        if let Err(e) = run(Command::new("blockdev").arg("--rereadpt").arg(dev)) {
+        if let Err(e) = Cmd::new("blockdev").arg("--rereadpt").arg(dev).timeout(TOOL_TIMEOUT).run() {
             warn!("{id}: re-reading the partition table: {e:#}");
         }
-        let _ = run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+        crate::sys::cmd::udev_settle();
     }
     verify(dev, size)?;
     progress.step("verified")?;
@@ -133,20 +136,12 @@ fn hold(id: &str) {
     }
 }
 
-/// Runs a tool, putting its stderr into the error when it fails.
-pub(crate) fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::disks::probe::tests::write_label;
     use std::io::Read;
+    use std::process::Command;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

@@ -13,6 +13,7 @@
 
 pub mod live;
 pub mod net;
+pub mod session;
 pub mod write;
 
 use std::fmt;

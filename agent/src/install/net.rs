@@ -22,18 +22,19 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::sys::Cmd;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::write::{existing, partition, sha256_file, with_mount, InstallStatus};
+use super::write::{existing, partition, with_mount, InstallState, InstallStatus};
 use super::{choose, name, Choice, InstallConfig, InstallRecord, RECORD_FILE};
 use crate::disks::probe;
 use crate::preload;
+use crate::sys::fs::sha256_file;
 
 /// Where the builder leaves what a netbooted node needs to install itself (in the squashfs and
 /// on the disk image alike).
@@ -135,10 +136,10 @@ pub fn run(
     roots: &probe::Roots,
     publish: &mut dyn FnMut(&InstallStatus),
 ) -> InstallStatus {
-    let mut status = InstallStatus { state: "choosing".into(), ..Default::default() };
+    let mut status = InstallStatus { state: InstallState::Choosing, ..Default::default() };
     publish(&status);
     if let Err(e) = run_inner(cfg, manifest_path, cmdline, roots, &mut status, publish) {
-        status.state = "failed".into();
+        status.state = InstallState::Failed;
         status.message = format!("{e:#}");
     }
     publish(&status);
@@ -158,17 +159,17 @@ fn run_inner(
         .context("the kernel command line has no fetch= URL: this node was not netbooted")?;
     status.source = Some(base.clone());
     let live = live_root(&fs::read_to_string(roots.proc.join("self/mountinfo"))?, &roots.sys)?;
-    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    crate::sys::cmd::udev_settle();
     let disks = probe::scan(roots).context("taking the disk inventory")?;
     let existing = |d: &crate::disks::DiskFacts| existing(roots, d, &manifest.disk_uuid);
     let (target, reason) = match choose(&disks, cfg, manifest.disk_size, &existing) {
         Choice::Refuse { reason } => {
-            status.state = "refused".into();
+            status.state = InstallState::Refused;
             status.message = format!("{reason}; running netbooted");
             return Ok(());
         }
         Choice::Installed { disk } => {
-            status.state = "installed".into();
+            status.state = InstallState::Installed;
             status.target = Some(disk.clone());
             status.message = format!("{disk} already holds a complete install of this image; nothing was written. Running netbooted: put the disk before the network in this PC's boot order to boot it");
             return Ok(());
@@ -182,7 +183,7 @@ fn run_inner(
     }
     let target_name = name(&fresh);
     status.target = Some(target_name.clone());
-    status.state = "writing".into();
+    status.state = InstallState::Writing;
     status.message = reason;
     publish(status);
     info!(source = %base, target = %target_name, "installing from the netboot image");
@@ -209,24 +210,27 @@ fn run_inner(
         fetcher.check(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), Some(*size))?;
     }
 
-    let run = |c: &mut Command| crate::disks::zap::run(c);
     let partly = |e: anyhow::Error| {
         e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"))
     };
-    run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path))
+    Cmd::new("wipefs")
+        .args(["--all", "--quiet"])
+        .arg(&fresh.path)
+        .run()
         .context("clearing old signatures off the target")?;
     sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
-    let _ = run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
-    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    let _ = Cmd::new("blockdev").arg("--rereadpt").arg(&fresh.path).run();
+    crate::sys::cmd::udev_settle();
     let part = |n| partition(roots, &fresh.name, n).map_err(partly);
     let (esp, root, state) = (part(1)?, part(2)?, part(3)?);
 
     let e = &manifest.esp;
-    run(Command::new("mkfs.vfat")
+    Cmd::new("mkfs.vfat")
         .args(["-F", "32", "-S", "512", "-n", &e.label, "-i", &e.volume_id, "-s", &e.sectors_per_cluster.to_string()])
-        .arg(&esp))
-    .context("making the ESP")
-    .map_err(partly)?;
+        .arg(&esp)
+        .run()
+        .context("making the ESP")
+        .map_err(partly)?;
     with_mount(&esp, "vfat", false, |dir| {
         fs::create_dir_all(dir.join("EFI/BOOT"))?;
         fs::copy(&uki, dir.join("EFI/BOOT/BOOTX64.EFI")).context("copying the UKI onto the ESP")?;
@@ -241,7 +245,7 @@ fn run_inner(
     })
     .map_err(partly)?;
 
-    status.state = "verifying".into();
+    status.state = InstallState::Verifying;
     publish(status);
     drop_caches();
     with_mount(&root, "ext4", true, |dir| verify_root(&manifest, &live, dir)).map_err(partly)?;
@@ -267,10 +271,10 @@ fn run_inner(
             .unwrap_or(0),
     };
     with_mount(&state, "ext4", false, |dir| {
-        crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
+        crate::sys::fs::write_durable(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
     })?;
     info!(target = %record.target, seconds = record.seconds, "installed");
-    status.state = "installed".into();
+    status.state = InstallState::Installed;
     status.bytes_done = copied;
     status.bytes_total = copied;
     status.message = format!(
@@ -299,17 +303,13 @@ fn fill_root(
     publish(status);
     // cp -a keeps owners, modes, times, hard links, special files and extended attributes
     // (file capabilities among them).
-    let out = Command::new("cp")
+    Cmd::new("cp")
         .arg("-a")
         .arg("--sparse=always")
         .arg(live.tree.join("."))
         .arg(dir)
-        .stderr(Stdio::piped())
-        .output()
-        .context("running cp")?;
-    if !out.status.success() {
-        bail!("copying the image's tree: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+        .run()
+        .context("copying the image's tree")?;
     let mut bytes = tree_bytes(dir)?;
     status.bytes_done = bytes;
     publish(status);
@@ -345,10 +345,7 @@ fn fill_root(
     }
     status.bytes_done = bytes;
     publish(status);
-    let st = Command::new("sync").arg("--file-system").arg(dir).status().context("running sync")?;
-    if !st.success() {
-        bail!("sync of the new root filesystem failed");
-    }
+    Cmd::new("sync").arg("--file-system").arg(dir).run().context("syncing the new root filesystem")?;
     Ok(bytes)
 }
 
@@ -472,25 +469,23 @@ fn tree_bytes(dir: &Path) -> Result<u64> {
 /// Fetches netboot files from the master.
 struct Fetcher {
     base: String,
-    agent: ureq::Agent,
+    agent: crate::sys::http::Client,
 }
 
 impl Fetcher {
     fn new(base: &str) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(std::time::Duration::from_secs(10))
-            .timeout_read(std::time::Duration::from_secs(60))
-            .build();
+        let agent = crate::sys::http::Client::default();
         Fetcher { base: base.trim_end_matches('/').to_string(), agent }
     }
 
     /// Whether the master serves `<base>/<rel>` (of `size` bytes, if given), without fetching it.
     fn check(&self, rel: &str, size: Option<u64>) -> Result<()> {
         let url = format!("{}/{rel}", self.base);
-        let resp = self.agent.get(&url).call().with_context(|| {
-            format!("the master does not serve {url}, which the install needs; nothing was written")
-        })?;
-        let len = resp.header("Content-Length").and_then(|l| l.parse::<u64>().ok());
+        let len = self
+            .agent
+            .get(&url)
+            .context("the master does not serve it, which the install needs; nothing was written")?
+            .len;
         if let (Some(want), Some(got)) = (size, len) {
             if want != got {
                 bail!("{url} is {got} bytes, the image's index says {want}; is the master serving another build? Nothing was written");
@@ -502,8 +497,7 @@ impl Fetcher {
     /// `<base>/<rel>` into `to`, checked against `sha256`; nothing is left at `to` on failure.
     fn fetch_to(&self, rel: &str, sha256: &str, to: &Path) -> Result<()> {
         let url = format!("{}/{rel}", self.base);
-        let resp = self.agent.get(&url).call().with_context(|| format!("fetching {url}"))?;
-        let mut body = resp.into_reader();
+        let mut body = self.agent.get(&url)?.reader;
         let tmp = to.with_extension("part");
         let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut h = Sha256::new();
@@ -530,35 +524,28 @@ impl Fetcher {
 }
 
 fn sfdisk(dev: &str, script: &str) -> Result<()> {
-    let mut child = Command::new("sfdisk")
+    Cmd::new("sfdisk")
         .args(["--quiet", "--no-reread", "--wipe", "always"])
         .arg(dev)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running sfdisk (package fdisk)")?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("writing the partition table: sfdisk: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+        .stdin(script)
+        .run()
+        .context("writing the partition table")
+        .map(drop)
 }
 
 fn mkfs_ext4(dev: &Path, f: &Ext4Format) -> Result<()> {
-    crate::disks::zap::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-t", "ext4", "-L", &f.label, "-U", &f.uuid, "-E"])
-            .arg(format!("root_owner=0:0,hash_seed={}", f.uuid))
-            .arg(dev),
-    )
-    .with_context(|| format!("making the {} filesystem", f.label))
+    Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-t", "ext4", "-L", &f.label, "-U", &f.uuid, "-E"])
+        .arg(format!("root_owner=0:0,hash_seed={}", f.uuid))
+        .arg(dev)
+        .run()
+        .map(drop)
+        .with_context(|| format!("making the {} filesystem", f.label))
 }
 
 /// Drops clean page cache, so what is read back comes from the disk.
 fn drop_caches() {
-    let _ = Command::new("sync").status();
+    let _ = Cmd::new("sync").run();
     let _ = fs::write("/proc/sys/vm/drop_caches", "1\n");
 }
 

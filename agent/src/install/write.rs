@@ -8,12 +8,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
+use crate::sys::fs::sha256_file;
+use crate::sys::Cmd;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::live::Live;
@@ -23,12 +23,25 @@ use super::{
 use crate::blockcopy::{self, Phase};
 use crate::disks::{probe, DiskFacts};
 
+crate::wire_enum! {
+    /// Live session: `choosing` → `writing` → `verifying` → `installed`, or `refused` (no safe
+    /// target; nothing written) or `failed`. On an installed node: `installed`.
+    #[derive(Default)]
+    pub enum InstallState {
+        #[default]
+        Choosing = "choosing",
+        Writing = "writing",
+        Verifying = "verifying",
+        Installed = "installed",
+        Refused = "refused",
+        Failed = "failed",
+    }
+}
+
 /// The install part of `/status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstallStatus {
-    /// Live session: `choosing` → `writing` → `verifying` → `installed`, or `refused` (no
-    /// safe target; nothing written) or `failed`. On an installed node: `installed`.
-    pub state: String,
+    pub state: InstallState,
     /// The boot medium (live session).
     pub source: Option<String>,
     pub target: Option<String>,
@@ -43,7 +56,7 @@ pub struct InstallStatus {
 pub fn installed_status(state_dir: &Path) -> Option<InstallStatus> {
     let record: InstallRecord = serde_json::from_slice(&fs::read(state_dir.join(RECORD_FILE)).ok()?).ok()?;
     Some(InstallStatus {
-        state: "installed".into(),
+        state: InstallState::Installed,
         source: Some(record.source.clone()),
         target: Some(record.target.clone()),
         message: format!("installed from {} on {}", record.source, record.target),
@@ -61,12 +74,12 @@ pub fn run(
     roots: &probe::Roots,
     publish: &mut dyn FnMut(&InstallStatus),
 ) -> InstallStatus {
-    let mut status = InstallStatus { state: "choosing".into(), ..Default::default() };
+    let mut status = InstallStatus { state: InstallState::Choosing, ..Default::default() };
     publish(&status);
     match run_inner(cfg, live, roots, &mut status, publish) {
         Ok(()) => {}
         Err(e) => {
-            status.state = "failed".into();
+            status.state = InstallState::Failed;
             status.message = format!("{e:#}");
         }
     }
@@ -81,7 +94,7 @@ fn run_inner(
     status: &mut InstallStatus,
     publish: &mut dyn FnMut(&InstallStatus),
 ) -> Result<()> {
-    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    crate::sys::cmd::udev_settle();
     let disks = probe::scan(roots).context("taking the disk inventory")?;
     let source = disks
         .iter()
@@ -99,12 +112,12 @@ fn run_inner(
     let chosen = choose(&disks, cfg, manifest.disk_size, &existing);
     let (target, reason) = match chosen {
         Choice::Refuse { reason } => {
-            status.state = "refused".into();
+            status.state = InstallState::Refused;
             status.message = reason;
             return Ok(());
         }
         Choice::Installed { disk } => {
-            status.state = "installed".into();
+            status.state = InstallState::Installed;
             status.target = Some(disk.clone());
             status.message = format!("{disk} already holds a complete install of this image; nothing was written. Remove the stick and restart this PC to boot it");
             return Ok(());
@@ -118,7 +131,7 @@ fn run_inner(
         bail!("{} changed while the installer looked at it ({again:?}); nothing was written", name(&fresh));
     }
     status.target = Some(name(&fresh));
-    status.state = "writing".into();
+    status.state = InstallState::Writing;
     status.message = reason;
     let ranges = manifest.copy_ranges()?;
     status.bytes_total = ranges.iter().map(|r| r.len).sum();
@@ -126,7 +139,10 @@ fn run_inner(
     info!(source = %name(source), target = %name(&fresh), bytes = status.bytes_total, "installing");
 
     let started = Instant::now();
-    crate::disks::zap::run(Command::new("wipefs").args(["--all", "--quiet"]).arg(&fresh.path))
+    Cmd::new("wipefs")
+        .args(["--all", "--quiet"])
+        .arg(&fresh.path)
+        .run()
         .context("clearing old signatures off the target")?;
     let src = File::open(&source.path).with_context(|| format!("opening {}", source.path))?;
     let dst = OpenOptions::new()
@@ -140,7 +156,7 @@ fn run_inner(
         let step = done * 20 / total.max(1);
         if (phase, step) != last {
             last = (phase, step);
-            status.state = if phase == Phase::Write { "writing" } else { "verifying" }.into();
+            status.state = if phase == Phase::Write { InstallState::Writing } else { InstallState::Verifying };
             status.bytes_done = done;
             publish(status);
         }
@@ -153,8 +169,8 @@ fn run_inner(
         ))
     })?;
     drop(dst);
-    let _ = crate::disks::zap::run(Command::new("blockdev").arg("--rereadpt").arg(&fresh.path));
-    let _ = Command::new("udevadm").args(["settle", "--timeout=60"]).status();
+    let _ = Cmd::new("blockdev").arg("--rereadpt").arg(&fresh.path).run();
+    crate::sys::cmd::udev_settle();
 
     let esp = partition(roots, &fresh.name, 1)?;
     let uki = with_mount(&esp, "vfat", true, |dir| sha256_file(&dir.join("EFI/BOOT/BOOTX64.EFI")))?;
@@ -178,10 +194,10 @@ fn run_inner(
     };
     let state = partition(roots, &fresh.name, 3)?;
     with_mount(&state, "ext4", false, |dir| {
-        crate::state::write_atomic(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
+        crate::sys::fs::write_durable(&dir.join(RECORD_FILE), &serde_json::to_vec_pretty(&record)?)
     })?;
     info!(target = %record.target, seconds = record.seconds, "installed");
-    status.state = "installed".into();
+    status.state = InstallState::Installed;
     status.bytes_done = copied.bytes;
     status.message = format!(
         "installed onto {} ({} MiB written and read back in {:.0} s)",
@@ -276,16 +292,10 @@ pub(super) fn with_mount<T>(
     out
 }
 
-pub(super) fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn reads_the_gpt_disk_guid_as_sfdisk_wrote_it() {
@@ -323,7 +333,10 @@ mod tests {
         };
         fs::write(d.path().join(RECORD_FILE), serde_json::to_vec(&r).unwrap()).unwrap();
         let s = installed_status(d.path()).unwrap();
-        assert_eq!((s.state.as_str(), s.target.as_deref()), ("installed", Some("/dev/disk/by-id/virtio-lf-internal")));
+        assert_eq!(
+            (s.state, s.target.as_deref()),
+            (InstallState::Installed, Some("/dev/disk/by-id/virtio-lf-internal"))
+        );
         assert_eq!(s.record, Some(r));
     }
 }

@@ -7,6 +7,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use labforge_agent::pxe::PxeState;
+use labforge_agent::status::Phase;
+use labforge_agent::status::Role;
 use qemu_tests::{images, lan::Lan, vm};
 
 const BOOT: Duration = Duration::from_secs(900);
@@ -18,7 +21,7 @@ fn main() -> Result<()> {
     let mut m = vm::VmConfig::new("master", &built.image);
     m.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4d:00:01".into() };
     let mut master = vm::Vm::start(&m, &dir)?;
-    master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| p.state == "serving"))?;
+    master.wait_status("serving netboot", BOOT, |s| s.pxe.as_ref().is_some_and(|p| p.state == PxeState::Serving))?;
     let mut rounds = Vec::new();
     let mut next_mac = 2;
     for n in [1usize, 3] {
@@ -38,8 +41,8 @@ fn main() -> Result<()> {
                 .iter_mut()
                 .map(|w| {
                     s.spawn(move || -> Result<f64> {
-                        let st = w.wait_status("worker ready", BOOT, |s| s.phase == "ready")?;
-                        if st.role != "worker" {
+                        let st = w.wait_status("worker ready", BOOT, |s| s.phase == Phase::Ready)?;
+                        if st.role != Role::Worker {
                             bail!("a netbooted node became {} instead of a worker", st.role);
                         }
                         Ok(started.elapsed().as_secs_f64())
@@ -69,17 +72,15 @@ fn main() -> Result<()> {
     p.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4d:00:20".into() };
     let started = Instant::now();
     let mut pc = vm::Vm::start(&p, &dir)?;
-    let done = pc.wait_status("installed over the network", BOOT, |s| {
-        s.phase.starts_with("install") && s.phase != "installing"
-    })?;
-    if done.phase != "installed" {
+    let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.install_finished())?;
+    if done.phase != Phase::Installed {
         bail!("the netboot install ended {}: {}", done.phase, done.message);
     }
     let installed = started.elapsed().as_secs_f64();
     let mib = done.install.and_then(|i| i.record).map(|r| r.bytes >> 20).unwrap_or(0);
     pc.wait_stopped(BOOT)?;
     let mut pc = vm::Vm::restart(&p, &dir)?;
-    pc.wait_status("installed pc ready", BOOT, |s| s.phase == "ready")?;
+    pc.wait_status("installed pc ready", BOOT, |s| s.phase == Phase::Ready)?;
     let ready = started.elapsed().as_secs_f64();
     eprintln!("netboot install: installed after {installed:.0} s ({mib} MiB), ready from its disk after {ready:.0} s");
     drop(pc);

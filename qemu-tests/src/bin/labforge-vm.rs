@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use labforge_agent::status::{Status, CONSOLE_PREFIX};
+use labforge_agent::status::{Phase, Status, CONSOLE_PREFIX};
 use qemu_tests::vm;
 
 fn main() {
@@ -29,7 +29,10 @@ fn run() -> Result<()> {
     // A lone node elects itself once its settle window has passed; a node that cannot join a
     // cluster says why (needs-secret, conflict, error).
     let line = node.wait_for_match(
-        |l| parse(l).is_some_and(|s| matches!(s.phase.as_str(), "ready" | "needs-secret" | "conflict" | "error")),
+        |l| {
+            parse(l)
+                .is_some_and(|s| matches!(s.phase, Phase::Ready | Phase::NeedsSecret | Phase::Conflict | Phase::Error))
+        },
         "a settled phase",
         Duration::from_secs(300),
     )?;

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::discovery::beacon::MAX_SKEW_MS;
+use crate::cluster::discovery::beacon::MAX_SKEW_MS;
 use crate::secret::Secret;
 
 const DOMAIN: &[u8] = b"labforge-join-v1";
@@ -123,12 +123,9 @@ pub fn open_response(secret: &Secret, req: &Request, resp: &Response) -> Result<
 pub fn fetch(addr: &str, secret: &Secret, node: &str, now_ms: u64) -> Result<JoinInfo> {
     let req = make_request(secret, node, now_ms);
     let url = format!("http://{addr}/join-info");
-    let resp: Response = ureq::post(&url)
-        .timeout(std::time::Duration::from_secs(10))
-        .send_json(&req)
-        .with_context(|| format!("asking {url} for join info"))?
-        .into_json()
-        .with_context(|| format!("reading join info from {url}"))?;
+    let resp: Response = crate::sys::http::Client::with_timeout(std::time::Duration::from_secs(10))
+        .post_json(&url, &req)
+        .with_context(|| format!("asking {url} for join info"))?;
     open_response(secret, &req, &resp)
 }
 

@@ -10,11 +10,16 @@
 //! fetches each blob from the master that served the squashfs, over HTTP, and checks every
 //! byte against the blob's sha256 digest on the way into containerd.
 
+pub mod task;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::sys::Cmd;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -67,14 +72,7 @@ impl Source {
         let url = self.url(hex).with_context(|| {
             format!("blob sha256:{hex} is missing from {} and no netboot server is known", self.layout.display())
         })?;
-        let resp = ureq::AgentBuilder::new()
-            .timeout_connect(std::time::Duration::from_secs(10))
-            .timeout_read(std::time::Duration::from_secs(60))
-            .build()
-            .get(&url)
-            .call()
-            .with_context(|| format!("fetching {url}"))?;
-        Ok(Box::new(resp.into_reader()))
+        Ok(crate::sys::http::Client::default().get(&url)?.reader)
     }
 
     /// A small blob (manifest, config) whole, checked against its digest.
@@ -121,9 +119,7 @@ impl<R: Read> Read for Hashing<R> {
 /// Import progress, reported in `/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreloadStatus {
-    /// `none` (the image carries no images), `waiting` (for containerd), `importing`, `done`,
-    /// or `retrying` (some imports failed; see `failed`).
-    pub state: String,
+    pub state: PreloadState,
     pub total: usize,
     /// Imported during this boot.
     pub imported: usize,
@@ -140,10 +136,26 @@ pub struct PreloadStatus {
     pub fetched: u64,
 }
 
+crate::wire_enum! {
+    /// Where the import of the preloaded images stands.
+    pub enum PreloadState {
+        /// The image carries no images.
+        None = "none",
+        /// containerd is not up yet.
+        Waiting = "waiting",
+        Importing = "importing",
+        Done = "done",
+        /// Some imports failed (see `failed`); tried again with a growing pause.
+        Retrying = "retrying",
+        /// The layout itself cannot be read.
+        Failed = "failed",
+    }
+}
+
 impl Default for PreloadStatus {
     fn default() -> Self {
         PreloadStatus {
-            state: "none".into(),
+            state: PreloadState::None,
             total: 0,
             imported: 0,
             present: 0,
@@ -221,24 +233,18 @@ impl Default for Containerd {
 }
 
 impl Containerd {
-    fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace);
-        c
+    fn ctr(&self) -> Cmd {
+        Cmd::new("ctr").arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace)
     }
 
     pub fn ready(&self) -> bool {
-        self.address.exists()
-            && self.ctr().arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        self.address.exists() && self.ctr().arg("version").timeout(Duration::from_secs(30)).run().is_ok()
     }
 
     /// Images that are complete and unpacked, by name.
     pub fn images(&self) -> Result<HashMap<String, String>> {
-        let out = self.ctr().args(["images", "check"]).output().context("running ctr (is containerd installed?)")?;
-        if !out.status.success() {
-            bail!("ctr images check: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(parse_image_check(&String::from_utf8_lossy(&out.stdout)))
+        let out = self.ctr().args(["images", "check"]).timeout(Duration::from_secs(300)).run()?;
+        Ok(parse_image_check(&out))
     }
 
     /// Streams `entry` (and only it) as an OCI archive into `ctr images import`; returns how
@@ -247,6 +253,7 @@ impl Containerd {
         let mut child = self
             .ctr()
             .args(["images", "import", "-"])
+            .streaming()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -384,12 +391,12 @@ pub fn round(
     let have = match containerd.images() {
         Ok(h) => h,
         Err(e) => {
-            status.state = "retrying".into();
+            status.state = PreloadState::Retrying;
             status.failed = vec![ImportFailure { name: "*".into(), error: format!("{e:#}") }];
             return status;
         }
     };
-    status.state = "importing".into();
+    status.state = PreloadState::Importing;
     for e in entries {
         if have.get(&e.name) == Some(&e.digest) {
             status.present += 1;
@@ -416,13 +423,13 @@ pub fn round(
             }
         }
     }
-    status.state = if status.failed.is_empty() { "done" } else { "retrying" }.into();
+    status.state = if status.failed.is_empty() { PreloadState::Done } else { PreloadState::Retrying };
     status
 }
 
 /// Saves the round's result in the state directory (atomically).
 pub fn save_result(state_dir: &Path, status: &PreloadStatus) -> Result<()> {
-    crate::state::write_atomic(&state_dir.join(RESULT_FILE), &serde_json::to_vec_pretty(status)?)
+    crate::sys::fs::write_durable(&state_dir.join(RESULT_FILE), &serde_json::to_vec_pretty(status)?)
 }
 
 /// `/var/lib/labforge/preload` → the layout, for operators who look for it there.
@@ -455,7 +462,7 @@ mod tests {
         assert!(!c.ready());
         let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
         let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), &mut |_| {});
-        assert_eq!(s.state, "retrying");
+        assert_eq!(s.state, PreloadState::Retrying);
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
         assert_eq!(s.failed.len(), 1, "{s:?}");
         assert!(s.failed[0].error.contains("ctr"), "{s:?}");

@@ -3,13 +3,13 @@
 //! (the CA public-key hash). The `kubeadm` program is found on PATH.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::ClusterConfig;
+use crate::sys::Cmd;
 
 pub const API_PORT: u16 = 6443;
 pub const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
@@ -17,6 +17,9 @@ pub const CA_CERT: &str = "/etc/kubernetes/pki/ca.crt";
 /// Present once kubelet is configured (after init or join).
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 pub const TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// The longest a kubeadm call may take (init on a slow PC pulls nothing but waits for the
+/// control plane).
+const KUBEADM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The stable name of the API endpoint; every node maps it to the master in /etc/hosts.
 pub fn endpoint_host(cluster: &ClusterConfig) -> String {
@@ -122,16 +125,15 @@ pub fn ca_cert_hash(pem: &[u8]) -> Result<String> {
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(cert.public_key().raw))))
 }
 
-/// Runs `kubeadm` with `argv`, returning stdout; the error carries the tail of stderr.
-pub fn run(argv: &[String]) -> Result<String> {
-    tracing::info!(argv = %argv.join(" "), "running kubeadm");
-    let out = Command::new(kubeadm_path()).args(argv).output().context("starting kubeadm")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("`kubeadm {}` failed ({}):\n{}", argv.join(" "), out.status, tail.join("\n"));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Runs `kubeadm` with `argv`, returning stdout; the error carries the tail of stderr. Every
+/// value in `secrets` (the bootstrap token) is redacted from the log line and the error.
+pub fn run(argv: &[String], secrets: &[&str]) -> Result<String> {
+    let cmd = secrets
+        .iter()
+        .fold(Cmd::new(kubeadm_path().to_string_lossy()).args(argv), |c, s| c.secret(*s))
+        .timeout(KUBEADM_TIMEOUT);
+    tracing::info!(cmd = %cmd.display(), "running kubeadm");
+    cmd.run()
 }
 
 fn kubeadm_path() -> PathBuf {
@@ -143,6 +145,7 @@ fn kubeadm_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     fn docs(text: &str) -> Vec<Value> {
         text.split("\n---\n").map(|d| serde_json::from_str(d).unwrap()).collect()

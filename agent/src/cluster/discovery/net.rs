@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::sys::clock::now_ms;
 
 use anyhow::{Context, Result};
 use tokio::net::UdpSocket;
@@ -47,10 +49,6 @@ pub struct Peer {
 }
 
 pub type Peers = Arc<Mutex<HashMap<String, Peer>>>;
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// Binds the beacon socket: broadcast allowed, address shared (several agents in tests), and
 /// tied to `interface` when given so beacons stay on the cluster LAN.

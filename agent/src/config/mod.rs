@@ -12,8 +12,10 @@ use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod partition;
+
+use crate::cluster::election::RolePolicy;
 use crate::disks::{DisksConfig, Wipe};
-use crate::election::RolePolicy;
 use crate::install::InstallConfig;
 
 /// Where the builder bakes the node config and the agent reads it.

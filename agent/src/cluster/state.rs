@@ -3,14 +3,13 @@
 //! the old state or the new one.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::election::Allegiance;
-use crate::join::JoinInfo;
+use crate::cluster::election::Allegiance;
+use crate::cluster::join::JoinInfo;
 
 pub const FILE: &str = "state.json";
 const VERSION: u32 = 1;
@@ -65,28 +64,9 @@ impl Store {
     }
 
     pub fn save(&self, state: &State) -> Result<()> {
-        write_atomic(&self.path, &serde_json::to_vec_pretty(state)?)
+        // It holds the join info, bootstrap token included: readable by root only.
+        crate::sys::fs::write_durable_mode(&self.path, &serde_json::to_vec_pretty(state)?, 0o600)
     }
-}
-
-/// Replaces `path` with `bytes` so that after a power cut at any instant it holds either the
-/// old contents or the new: temp file → fsync → rename → fsync of the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("a file path has a directory")?;
-    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

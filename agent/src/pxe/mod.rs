@@ -9,6 +9,8 @@
 //! hands firmware PXE ROMs iPXE's EFI binary over TFTP, and points iPXE at
 //! `http://<master>:9743/pxe/boot.ipxe`, which the agent serves with the artifacts.
 
+pub mod task;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -72,14 +74,36 @@ pub fn base_url(cmdline: &str) -> Option<String> {
         .and_then(|u| u.rsplit_once('/').map(|(d, _)| d.to_string()))
 }
 
+crate::wire_enum! {
+    /// Whether the master serves netboot.
+    #[derive(Default)]
+    pub enum PxeState {
+        #[default]
+        Serving = "serving",
+        /// dnsmasq stopped or could not start; started again.
+        Failed = "failed",
+        /// The image has no netboot files, or no iPXE.
+        Unavailable = "unavailable",
+    }
+}
+
+crate::wire_enum! {
+    /// How dnsmasq answers PXE clients.
+    #[derive(Default)]
+    pub enum PxeMode {
+        /// Beside the LAN's own DHCP server: boot information only.
+        #[default]
+        ProxyDhcp = "proxy-dhcp",
+        /// Addresses from `[pxe] dhcp-range` too.
+        Dhcp = "dhcp",
+    }
+}
+
 /// The PXE part of `/status` (on a master with `[pxe] serve`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PxeStatus {
-    /// `serving`, `failed` (dnsmasq stopped; retried) or `unavailable` (image without the
-    /// `pxe` output, or no iPXE).
-    pub state: String,
-    /// `proxy-dhcp` or `dhcp`.
-    pub mode: String,
+    pub state: PxeState,
+    pub mode: PxeMode,
     /// What iPXE is pointed at.
     pub url: String,
     pub message: String,

@@ -7,7 +7,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::election::NodeView;
+use crate::cluster::election::NodeView;
 use crate::secret::Secret;
 
 const MAGIC: &[u8; 4] = b"LFB1";
@@ -123,7 +123,7 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::election::{Allegiance, RolePolicy};
+    use crate::cluster::election::{Allegiance, RolePolicy};
 
     fn beacon(id: &str, ts: u64, nonce: &str) -> Beacon {
         Beacon {

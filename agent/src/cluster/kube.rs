@@ -1,0 +1,132 @@
+//! The cluster task's kubeadm executor: the master runs `kubeadm init` once, mints and renews
+//! the join info and serves it; a worker fetches it and runs `kubeadm join` once. What to do is
+//! decided in `plan`; the argv and config files are built in `kubeadm`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use super::plan::{self, Lead};
+use super::{blocking, join, kubeadm, Cluster, JoinInfo};
+use crate::status::Phase;
+use crate::sys::clock::now_secs;
+
+impl Cluster {
+    /// Master: run kubeadm init once, mint join info, keep the token fresh, serve it.
+    pub(super) async fn lead(&mut self) -> Result<()> {
+        let lan = self.lan.clone().context("discovery runs before anyone leads")?;
+        let uid = self.state.allegiance.uid().context("a committed master has a cluster uid")?.to_string();
+        self.hosts_entry(&lan.address.to_string())?;
+        let kubernetes = self.cfg.kubernetes.enabled;
+        match plan::lead(&self.state, kubernetes, now_secs()) {
+            Lead::Init { token } => {
+                self.set_phase(Phase::Initialising, "this node is the master");
+                let mut info = JoinInfo {
+                    cluster_uid: uid,
+                    endpoint: kubeadm::endpoint(&self.cfg.cluster),
+                    master_address: lan.address.to_string(),
+                    token: String::new(),
+                    ca_cert_hash: String::new(),
+                    token_expires: 0,
+                };
+                if kubernetes {
+                    info.token = token.unwrap_or_else(kubeadm::new_token);
+                    info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
+                    // Remember the token before kubeadm sees it, so a power cut mid-init resumes
+                    // with the same one.
+                    self.state.join_info = Some(info.clone());
+                    self.store.save(&self.state)?;
+                    info.ca_cert_hash = self.kubeadm_init(&info.token, &lan.address.to_string()).await?;
+                }
+                self.state.join_info = Some(info);
+                self.state.initialised = true;
+                self.store.save(&self.state)?;
+            }
+            Lead::RenewToken => self.renew_token().await?,
+            Lead::Serve => {}
+        }
+        let info = self.state.join_info.clone().context("join info is minted before it is served")?;
+        self.links.join_info.send_replace(Some(info.clone()));
+        self.set_join_info(&info);
+        self.set_phase(Phase::Ready, plan::ready_message(true, kubernetes));
+        Ok(())
+    }
+
+    /// Writes the kubeadm config, runs `kubeadm init` unless it already finished on this node,
+    /// and returns the CA's public-key hash.
+    async fn kubeadm_init(&self, token: &str, node_ip: &str) -> Result<String> {
+        let dir = PathBuf::from(&self.cfg.state_dir).join("kubeadm");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("init.yaml");
+        let text = kubeadm::init_config(&kubeadm::InitParams {
+            cluster: &self.cfg.cluster,
+            kubernetes_version: &self.cfg.kubernetes.version,
+            node_name: &self.inventory.hostname,
+            node_ip,
+            token,
+        });
+        // The file carries the bootstrap token: readable by root only.
+        crate::sys::fs::write_durable_mode(&config, text.as_bytes(), 0o600)?;
+        if Path::new(kubeadm::KUBELET_CONF).exists() && Path::new(kubeadm::CA_CERT).exists() {
+            info!("kubeadm init already ran on this node (power cut after it finished); not running it again");
+        } else {
+            let token = token.to_string();
+            blocking(move || kubeadm::run(&kubeadm::init_argv(&config), &[&token])).await?;
+        }
+        let pem = std::fs::read(kubeadm::CA_CERT).with_context(|| format!("reading {}", kubeadm::CA_CERT))?;
+        kubeadm::ca_cert_hash(&pem)
+    }
+
+    /// Mints a new bootstrap token (the current one has less than two hours left).
+    async fn renew_token(&mut self) -> Result<()> {
+        let Some(mut info) = self.state.join_info.clone() else { return Ok(()) };
+        let token = kubeadm::new_token();
+        let argv = kubeadm::token_create_argv(&token);
+        let secret = token.clone();
+        blocking(move || kubeadm::run(&argv, &[&secret])).await?;
+        info.token = token;
+        info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
+        info!("minted a fresh bootstrap token");
+        self.state.join_info = Some(info);
+        self.store.save(&self.state)
+    }
+
+    /// Worker: fetch join info from the master and run kubeadm join once.
+    pub(super) async fn follow(&mut self, uid: &str, master_addr: &str) -> Result<()> {
+        let kubernetes = self.cfg.kubernetes.enabled;
+        if self.state.joined {
+            if let Some(info) = self.state.join_info.clone() {
+                self.hosts_entry(&info.master_address)?;
+                self.set_join_info(&info);
+            }
+            self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
+            return Ok(());
+        }
+        self.set_phase(Phase::Joining, &format!("fetching join info from {master_addr}"));
+        let (addr, id, secret) = (master_addr.to_string(), self.inventory.machine_id.clone(), self.secret.clone());
+        let info = match blocking(move || join::fetch(&addr, &secret, &id, crate::sys::clock::now_ms())).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!("{e:#}; will retry");
+                return Ok(());
+            }
+        };
+        plan::check_join_info(&info, uid).map_err(anyhow::Error::msg)?;
+        self.hosts_entry(&info.master_address)?;
+        self.state.join_info = Some(info.clone());
+        self.store.save(&self.state)?;
+        if plan::must_join(kubernetes, Path::new(kubeadm::KUBELET_CONF).exists()) {
+            let argv = kubeadm::join_argv(&info.endpoint, &info.token, &info.ca_cert_hash, &self.inventory.hostname);
+            let token = info.token.clone();
+            blocking(move || kubeadm::run(&argv, &[&token])).await?;
+        } else if kubernetes {
+            info!("kubelet is already configured on this node; not running kubeadm join again");
+        }
+        self.state.joined = true;
+        self.store.save(&self.state)?;
+        self.set_join_info(&info);
+        self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
+        Ok(())
+    }
+}

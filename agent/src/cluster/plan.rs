@@ -1,0 +1,255 @@
+//! What the node does next, as data: the election's decision and what the node already did
+//! become one [`Step`] for the executor (`cluster::Cluster`). Pure, so every case is a table
+//! row in the tests below.
+
+use crate::cluster::election::{Allegiance, Decision};
+use crate::cluster::join::JoinInfo;
+use crate::cluster::state::State;
+use crate::status::Phase;
+
+/// A bootstrap token is renewed when it has less than this left.
+pub const TOKEN_RENEW_BEFORE_SECS: u64 = 2 * 3600;
+
+/// What the cluster task does this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to change; report where the node is.
+    Report { phase: Phase, message: String },
+    /// Claim mastership under a fresh uid (persist, then announce).
+    Claim,
+    /// Commit our claim `uid` (persist, then announce), then lead.
+    Commit { uid: String },
+    /// Lead the committed cluster (init once, serve join info).
+    Lead,
+    /// Give our claim up for a better one (persist; the next round follows it).
+    Yield { allegiance: Allegiance },
+    /// Follow `allegiance` (persisted first if it is new), then do `then`.
+    Follow { allegiance: Allegiance, then: Follow },
+    /// Refuse to be a second master (persist the refusal).
+    Conflict { allegiance: Allegiance, reason: String },
+}
+
+/// What a follower does once its allegiance is saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Follow {
+    /// Fetch join info from the master's status port at `address` (host:port) and join.
+    Join { address: String },
+    /// Joined on an earlier round or boot; the master is out of sight for now.
+    StayJoined,
+    /// The master has not committed, or is not in sight.
+    Wait { message: String },
+}
+
+/// The step for `decision`, given what this node saved, whether it still listens in the settle
+/// window, and where the master's status port is (when its beacons are heard).
+pub fn step(decision: Decision, state: &State, settling: bool, master_address: Option<String>) -> Step {
+    match decision {
+        Decision::Wait { reason } => {
+            Step::Report { phase: if settling { Phase::Discovering } else { Phase::Electing }, message: reason }
+        }
+        Decision::Claim => Step::Claim,
+        Decision::Commit => match state.allegiance.uid() {
+            Some(uid) => Step::Commit { uid: uid.to_string() },
+            None => {
+                Step::Report { phase: Phase::Error, message: "asked to commit a claim this node never made".into() }
+            }
+        },
+        Decision::Lead => Step::Lead,
+        Decision::Yield { uid, master } => Step::Yield { allegiance: Allegiance::Follower { uid, master } },
+        Decision::Follow { uid, master, ready } => {
+            let then = match (ready, master_address) {
+                (true, Some(address)) => Follow::Join { address },
+                _ if state.joined => Follow::StayJoined,
+                _ => Follow::Wait { message: format!("waiting for {master} to lead cluster {uid}") },
+            };
+            Step::Follow { allegiance: Allegiance::Follower { uid, master }, then }
+        }
+        Decision::Conflict { uid, master, reason } => {
+            Step::Conflict { allegiance: Allegiance::Refused { uid, master }, reason }
+        }
+    }
+}
+
+/// What leading needs from kubeadm this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// Mint the join info: run `kubeadm init` (unless it finished before a power cut) with
+    /// `token`, a token saved before an interrupted init, or a fresh one when `None`.
+    Init { token: Option<String> },
+    /// Renew the bootstrap token, then serve.
+    RenewToken,
+    /// Serve the join info as it is.
+    Serve,
+}
+
+/// The master's next kubeadm step.
+pub fn lead(state: &State, kubernetes: bool, now_secs: u64) -> Lead {
+    match &state.join_info {
+        Some(info) if state.initialised => {
+            if kubernetes && info.token_expires <= now_secs + TOKEN_RENEW_BEFORE_SECS {
+                Lead::RenewToken
+            } else {
+                Lead::Serve
+            }
+        }
+        info => Lead::Init { token: info.as_ref().map(|i| i.token.clone()).filter(|t| !t.is_empty()) },
+    }
+}
+
+/// Whether a follower that fetched `info` still has to run `kubeadm join`.
+pub fn must_join(kubernetes: bool, kubelet_configured: bool) -> bool {
+    kubernetes && !kubelet_configured
+}
+
+/// The message a node reports once it leads or joined.
+pub fn ready_message(leading: bool, kubernetes: bool) -> &'static str {
+    match (leading, kubernetes) {
+        (true, true) => "leading the cluster",
+        (true, false) => "leading the cluster (kubernetes disabled in this image: no kubeadm was run)",
+        (false, true) => "joined",
+        (false, false) => "joined (kubernetes disabled in this image: no kubeadm was run)",
+    }
+}
+
+/// Whether `info` answers for the cluster this node follows.
+pub fn check_join_info(info: &JoinInfo, uid: &str) -> Result<(), String> {
+    if info.cluster_uid == uid {
+        Ok(())
+    } else {
+        Err(format!("the master answered for cluster {}, expected {uid}", info.cluster_uid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(allegiance: Allegiance, joined: bool) -> State {
+        State { allegiance, joined, ..State::default() }
+    }
+
+    fn follower() -> Allegiance {
+        Allegiance::Follower { uid: "u1".into(), master: "m".into() }
+    }
+
+    #[test]
+    fn every_decision_maps_to_one_step() {
+        let none = state(Allegiance::None, false);
+        let claimed = state(Allegiance::Master { uid: "u1".into(), committed: false }, false);
+        let joined = state(follower(), true);
+        let addr = || Some("10.0.0.2:9743".to_string());
+        let follow = |ready| Decision::Follow { uid: "u1".into(), master: "m".into(), ready };
+        let wait_msg = "waiting for m to lead cluster u1".to_string();
+        let cases: Vec<(Decision, &State, bool, Option<String>, Step)> = vec![
+            (
+                Decision::Wait { reason: "r".into() },
+                &none,
+                true,
+                None,
+                Step::Report { phase: Phase::Discovering, message: "r".into() },
+            ),
+            (
+                Decision::Wait { reason: "r".into() },
+                &none,
+                false,
+                None,
+                Step::Report { phase: Phase::Electing, message: "r".into() },
+            ),
+            (Decision::Claim, &none, false, None, Step::Claim),
+            (Decision::Commit, &claimed, false, None, Step::Commit { uid: "u1".into() }),
+            (Decision::Lead, &claimed, false, None, Step::Lead),
+            (
+                Decision::Yield { uid: "u2".into(), master: "m2".into() },
+                &claimed,
+                false,
+                None,
+                Step::Yield { allegiance: Allegiance::Follower { uid: "u2".into(), master: "m2".into() } },
+            ),
+            // Ready and in sight: join.
+            (
+                follow(true),
+                &none,
+                false,
+                addr(),
+                Step::Follow { allegiance: follower(), then: Follow::Join { address: addr().unwrap() } },
+            ),
+            // Ready but out of sight: a joined node stays joined, a new one waits.
+            (follow(true), &joined, false, None, Step::Follow { allegiance: follower(), then: Follow::StayJoined }),
+            (
+                follow(true),
+                &none,
+                false,
+                None,
+                Step::Follow { allegiance: follower(), then: Follow::Wait { message: wait_msg.clone() } },
+            ),
+            // Not committed yet: wait, even when in sight.
+            (
+                follow(false),
+                &none,
+                false,
+                addr(),
+                Step::Follow { allegiance: follower(), then: Follow::Wait { message: wait_msg } },
+            ),
+            (
+                Decision::Conflict { uid: "u1".into(), master: "m".into(), reason: "two".into() },
+                &none,
+                false,
+                None,
+                Step::Conflict {
+                    allegiance: Allegiance::Refused { uid: "u1".into(), master: "m".into() },
+                    reason: "two".into(),
+                },
+            ),
+        ];
+        for (decision, st, settling, address, want) in cases {
+            let what = format!("{decision:?}");
+            assert_eq!(step(decision, st, settling, address), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn committing_a_claim_never_made_is_an_error() {
+        let s = step(Decision::Commit, &state(Allegiance::None, false), false, None);
+        assert!(matches!(s, Step::Report { phase: Phase::Error, .. }), "{s:?}");
+    }
+
+    fn info(token: &str, expires: u64) -> JoinInfo {
+        JoinInfo {
+            cluster_uid: "u1".into(),
+            endpoint: "lab-api:6443".into(),
+            master_address: "10.0.0.2".into(),
+            token: token.into(),
+            ca_cert_hash: "sha256:00".into(),
+            token_expires: expires,
+        }
+    }
+
+    #[test]
+    fn the_master_inits_once_and_renews_tokens_before_they_expire() {
+        let now = 1_000_000;
+        let mut s = State::default();
+        assert_eq!(lead(&s, true, now), Lead::Init { token: None });
+        // A power cut mid-init: the saved token is used again.
+        s.join_info = Some(info("abcdef.0123456789abcdef", now + 86400));
+        assert_eq!(lead(&s, true, now), Lead::Init { token: Some("abcdef.0123456789abcdef".into()) });
+        s.initialised = true;
+        assert_eq!(lead(&s, true, now), Lead::Serve);
+        s.join_info = Some(info("abcdef.0123456789abcdef", now + 3600));
+        assert_eq!(lead(&s, true, now), Lead::RenewToken);
+        // Without Kubernetes there is no token to renew.
+        assert_eq!(lead(&s, false, now), Lead::Serve);
+    }
+
+    #[test]
+    fn followers_join_once() {
+        assert!(must_join(true, false));
+        assert!(!must_join(true, true), "kubelet configured: kubeadm join ran already");
+        assert!(!must_join(false, false), "no kubeadm in this image");
+    }
+
+    #[test]
+    fn join_info_must_be_for_the_followed_cluster() {
+        assert!(check_join_info(&info("", 0), "u1").is_ok());
+        assert!(check_join_info(&info("", 0), "u2").unwrap_err().contains("expected u2"));
+    }
+}

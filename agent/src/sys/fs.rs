@@ -1,0 +1,82 @@
+//! Files that must survive a power cut at any instant: written to a temporary file beside the
+//! target, fsynced, renamed over it, and the directory fsynced, so the file is either the old
+//! one or the new one.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Replaces `path` with `bytes` durably (mode 0644).
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_durable_mode(path, bytes, 0o644)
+}
+
+/// Replaces `path` with `bytes` durably, the new file created with `mode`.
+pub fn write_durable_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().context("a file path has a directory")?;
+    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
+/// The hex sha256 of a file's contents.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The kernel command line this boot was started with (empty if it cannot be read).
+pub fn kernel_cmdline() -> String {
+    fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replaces_whole_files_and_leaves_no_temporary() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        write_durable(&p, b"one").unwrap();
+        write_durable(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temporary file left");
+        write_durable_mode(&d.path().join("secret"), b"s", 0o600).unwrap();
+        assert_eq!(fs::metadata(d.path().join("secret")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn hashes_a_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"abc").unwrap();
+        assert_eq!(sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

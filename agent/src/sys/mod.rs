@@ -1,0 +1,15 @@
+//! The agent's only effects on the world outside its own memory, each in one place: running a
+//! program ([`cmd`]), talking HTTP ([`http`]), writing files that must survive a power cut
+//! ([`fs`]), the clock ([`clock`]) and the filesystem roots that tests replace ([`roots`]).
+//!
+//! Planners (election, disk policy, install target choice, the cluster and netboot plans) take
+//! data and return data and never call into this module; executors do.
+
+pub mod clock;
+pub mod cmd;
+pub mod fs;
+pub mod http;
+pub mod roots;
+
+pub use cmd::Cmd;
+pub use roots::Roots;
