@@ -76,7 +76,7 @@ async fn pxe_file(
     use axum::response::IntoResponse;
     let serving = match netboot_client(&s, peer) {
         Ok(serving) => serving,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     if !crate::pxe::safe_name(&file) {
         return (StatusCode::NOT_FOUND, "no such file\n").into_response();
@@ -100,7 +100,7 @@ async fn preload_blob(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if let Err(refused) = netboot_client(&s, peer) {
-        return refused;
+        return *refused;
     }
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return (StatusCode::NOT_FOUND, "no such blob\n").into_response();
@@ -111,15 +111,15 @@ async fn preload_blob(
 
 /// What this node serves to `peer` under `/pxe/`, or the refusal: nothing while it does not
 /// serve netboot, and nothing to addresses outside the cluster LAN.
-fn netboot_client(s: &Endpoints, peer: SocketAddr) -> Result<crate::pxe::Serving, axum::response::Response> {
+fn netboot_client(s: &Endpoints, peer: SocketAddr) -> Result<crate::pxe::Serving, Box<axum::response::Response>> {
     use axum::response::IntoResponse;
     let serving = s.pxe.borrow().clone();
     let Some(serving) = serving else {
-        return Err((StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response());
+        return Err(Box::new((StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response()));
     };
     if !serving.allows(peer.ip()) {
         tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
-        return Err((StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response());
+        return Err(Box::new((StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response()));
     }
     Ok(serving)
 }

@@ -153,8 +153,7 @@ mod tests {
 
     #[test]
     fn init_config_fields() {
-        let mut cluster = ClusterConfig::default();
-        cluster.name = "lab".into();
+        let cluster = ClusterConfig { name: "lab".into(), ..Default::default() };
         let text = init_config(&InitParams {
             cluster: &cluster,
             kubernetes_version: "v1.31.4",

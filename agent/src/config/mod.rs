@@ -91,6 +91,7 @@ pub struct ClusterConfig {
 /// Whether this image runs kubeadm. The spec's `[kubernetes]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Default)]
 pub struct KubernetesConfig {
     /// Run kubeadm init/join. `false` for images without kubeadm: the node still discovers,
     /// elects and reports `kubernetes: disabled`.
@@ -135,11 +136,6 @@ impl Default for ClusterConfig {
     }
 }
 
-impl Default for KubernetesConfig {
-    fn default() -> Self {
-        KubernetesConfig { enabled: false, version: String::new() }
-    }
-}
 
 impl ClusterConfig {
     /// Checks values a typo could break; used by the builder on the spec and by the agent on

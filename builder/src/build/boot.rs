@@ -25,7 +25,7 @@ pub fn find_kernel(root: &Path) -> Result<Kernel> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
         .collect();
-    versions.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    versions.sort_by_key(|a| version_key(a));
     let Some(version) = versions.pop() else {
         bail!("no kernel in the image's /boot; the spec's packages must include a kernel (labforge adds linux-image-amd64 / linux-image-generic)");
     };
@@ -97,8 +97,8 @@ mod tests {
 
     #[test]
     fn kernel_versions_sort_numerically() {
-        let mut v = vec!["6.1.0-9-amd64".to_string(), "6.1.0-10-amd64".to_string()];
-        v.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        let mut v = ["6.1.0-9-amd64".to_string(), "6.1.0-10-amd64".to_string()];
+        v.sort_by_key(|a| version_key(a));
         assert_eq!(v.last().unwrap(), "6.1.0-10-amd64");
     }
 

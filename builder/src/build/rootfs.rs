@@ -278,7 +278,7 @@ fn prune(dir: &Path, keep: usize) {
         })
         .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    tars.sort_by(|a, b| b.0.cmp(&a.0));
+    tars.sort_by_key(|t| std::cmp::Reverse(t.0));
     for (_, tar) in tars.into_iter().skip(keep) {
         let lock = tar.with_extension("lock");
         let Ok(f) = fs::File::create(&lock) else { continue };

@@ -341,7 +341,7 @@ impl Registry {
             size: blob.size,
             ..Default::default()
         };
-        let mut stream = self.client.pull_blob_stream(target, &desc).await.map_err(|e| anyhow::Error::new(e))?;
+        let mut stream = self.client.pull_blob_stream(target, &desc).await.map_err(anyhow::Error::new)?;
         let mut w = self.cache.writer(&blob.digest, Some(blob.size as u64))?;
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {

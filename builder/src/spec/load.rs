@@ -513,7 +513,7 @@ fn walk_value(v: &toml_edit::Value, path: &str, out: &mut Vec<(usize, String)>) 
 
 /// The dotted path of the last key that starts at or before `offset`.
 fn key_path_at(text: &str, offset: usize) -> Option<String> {
-    key_spans(text).into_iter().filter(|(start, _)| *start <= offset).next_back().map(|(_, p)| p)
+    key_spans(text).into_iter().rfind(|(start, _)| *start <= offset).map(|(_, p)| p)
 }
 
 /// The offset of the key at `path` (`["users", "0", "name"]` is `users[0].name`).

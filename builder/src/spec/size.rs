@@ -34,7 +34,7 @@ impl FromStr for Size {
         if s.trim().chars().all(|c| c.is_ascii_digit()) {
             return Err(format!("invalid size {s:?}: a unit is required, such as \"{s}MiB\""));
         }
-        if bytes == 0 || bytes % MIB != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(MIB) {
             return Err(format!(
                 "invalid size {s:?}: must be a positive whole number of MiB (partitions are MiB-aligned)"
             ));
@@ -46,7 +46,7 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mib = self.as_mib();
-        if mib % 1024 == 0 {
+        if mib.is_multiple_of(1024) {
             write!(f, "{}GiB", mib / 1024)
         } else {
             write!(f, "{mib}MiB")

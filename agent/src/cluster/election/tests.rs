@@ -23,8 +23,8 @@ fn settled() -> Duration {
 #[test]
 fn lowest_id_claims_after_the_settle_window() {
     let (a, b) = (auto("a"), auto("b"));
-    assert!(matches!(decide(&a, &[b.clone()], Duration::from_secs(1), &params(1)), Decision::Wait { .. }));
-    assert_eq!(decide(&a, &[b.clone()], settled(), &params(1)), Decision::Claim);
+    assert!(matches!(decide(&a, std::slice::from_ref(&b), Duration::from_secs(1), &params(1)), Decision::Wait { .. }));
+    assert_eq!(decide(&a, std::slice::from_ref(&b), settled(), &params(1)), Decision::Claim);
     assert!(
         matches!(decide(&b, &[a], settled(), &params(1)), Decision::Wait { reason } if reason.contains("expecting a"))
     );
@@ -35,7 +35,7 @@ fn priority_beats_node_id() {
     let a = auto("a");
     let mut z = auto("z");
     z.priority = 0;
-    assert_eq!(decide(&z, &[a.clone()], settled(), &params(1)), Decision::Claim);
+    assert_eq!(decide(&z, std::slice::from_ref(&a), settled(), &params(1)), Decision::Claim);
     assert!(matches!(decide(&a, &[z], settled(), &params(1)), Decision::Wait { .. }));
 }
 
@@ -68,7 +68,7 @@ fn an_existing_committed_master_always_wins() {
     let mut a = auto("a");
     a.priority = 0;
     assert_eq!(
-        decide(&a, &[m.clone()], Duration::ZERO, &params(1)),
+        decide(&a, std::slice::from_ref(&m), Duration::ZERO, &params(1)),
         Decision::Follow { uid: "u1".into(), master: "z".into(), ready: true }
     );
     assert_eq!(decide(&m, &[a], Duration::ZERO, &params(5)), Decision::Lead);
@@ -91,7 +91,7 @@ fn commit_waits_for_followers_and_the_window() {
     let me = node("a", RolePolicy::Auto, Allegiance::Master { uid: "u".into(), committed: false });
     let f = node("b", RolePolicy::Auto, Allegiance::Follower { uid: "u".into(), master: "a".into() });
     assert!(matches!(decide(&me, &[], settled(), &params(2)), Decision::Wait { .. }));
-    assert!(matches!(decide(&me, &[f.clone()], Duration::from_secs(1), &params(2)), Decision::Wait { .. }));
+    assert!(matches!(decide(&me, std::slice::from_ref(&f), Duration::from_secs(1), &params(2)), Decision::Wait { .. }));
     assert_eq!(decide(&me, &[f], settled(), &params(2)), Decision::Commit);
 }
 
