@@ -10,7 +10,7 @@ CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build demo test bench e2e-kubernetes clean
+.PHONY: all host-deps build lint demo test bench e2e-kubernetes clean
 
 all: build
 
@@ -28,9 +28,15 @@ demo: host-deps build
 	target/release/labforge-vm $(OUT)/demo.img
 
 # The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
-test: host-deps build
+test: host-deps build lint
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	$(CARGO) test --release --workspace --no-fail-fast
+
+# Formatting and lints are part of the suite.
+lint:
+	@$(CARGO) fmt --version >/dev/null 2>&1 && $(CARGO) clippy --version >/dev/null 2>&1 || { echo "rustfmt and clippy are needed: rustup component add rustfmt clippy" >&2; exit 1; }
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 # Speed figures as JSON (target/bench/results.json).
 bench: host-deps build

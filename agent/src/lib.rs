@@ -1,7 +1,6 @@
 //! labforge-agent: runs on every node at boot. See `daemon` for the tasks it runs and the README's
 //! module map for where each concern lives.
 
-pub mod blockcopy;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -13,7 +12,6 @@ pub mod inventory;
 pub mod preload;
 pub mod pxe;
 pub mod report;
-pub mod secret;
 pub mod server;
 pub mod stack;
 pub mod status;
@@ -21,7 +19,8 @@ pub mod sys;
 pub mod system;
 #[cfg(test)]
 pub(crate) mod testhttp;
-pub mod wire;
+
+pub use labforge_core::{blockcopy, secret, wire, wire_enum};
 
 /// The systemd unit the builder installs for the agent.
-pub const SYSTEMD_UNIT: &str = include_str!("../labforge-agent.service");
+pub const SYSTEMD_UNIT: &str = labforge_core::layout::AGENT_UNIT;

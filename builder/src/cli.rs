@@ -248,7 +248,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     None => String::new(),
                 };
                 println!("disks      wipe = {}, min-size {}{selected}", d.wipe.as_str(), d.min_size);
-                if d.wipe == labforge_agent::disks::Wipe::Force && d.select.as_ref().is_some_and(|m| m.by_id.is_empty())
+                if d.wipe == labforge_core::config::disks::Wipe::Force
+                    && d.select.as_ref().is_some_and(|m| m.by_id.is_empty())
                 {
                     eprintln!("warning: wipe = \"force\" selects disks by size alone; a disk holding data in that range is wiped. The agent never wipes the OS disk, removable disks or Ceph OSDs, but naming the disks by id is safer.");
                 }
@@ -285,7 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Secret { command: SecretCommand::New { file } } => {
-            labforge_agent::secret::Secret::generate()?.write_new(&file)?;
+            labforge_core::secret::Secret::generate()?.write_new(&file)?;
             eprintln!("wrote a new cluster secret to {} (mode 0600); name it in the spec as cluster-secret-file, or put it on a LABFORGE config partition as cluster.secret", file.display());
             Ok(())
         }
@@ -349,7 +350,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Flash { image, device, bmap, no_bmap, force, json } => {
             let opts = crate::flash::FlashOptions { image, target: device, bmap, no_bmap, force };
-            let done = crate::flash::flash(&opts, &labforge_agent::disks::probe::Roots::default())?;
+            let done = crate::flash::flash(&opts, &labforge_core::disk::probe::Roots::default())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&done)?);
             } else {

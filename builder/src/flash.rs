@@ -14,8 +14,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use labforge_agent::blockcopy::{self, Phase, Range};
-use labforge_agent::disks::{probe, DiskFacts};
+use labforge_core::blockcopy::{self, Phase, Range};
+use labforge_core::disk::{probe, DiskFacts};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 

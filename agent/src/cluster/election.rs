@@ -25,14 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub type NodeId = String;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum RolePolicy {
-    #[default]
-    Auto,
-    Master,
-    Worker,
-}
+pub use labforge_core::config::RolePolicy;
 
 /// Where a node stands, as persisted in its state and announced in its beacons.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

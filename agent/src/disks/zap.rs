@@ -21,36 +21,12 @@ use crate::sys::Cmd;
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
-use super::{probe, LABEL_OFFSETS};
-
-/// Zeroed at each label offset.
-pub const LABEL_REGION: u64 = 200 << 10;
-/// Zeroed at the end of the disk.
-pub const TAIL_REGION: u64 = 1 << 20;
+use super::probe;
+pub use labforge_core::disk::{regions, LABEL_REGION, TAIL_REGION};
 
 /// Environment variable naming a file; while it exists, a zap of the disk whose by-id path the
 /// file holds (any disk if it is empty) waits after its first steps. For power-cut tests only.
 pub const HOLD_ENV: &str = "LABFORGE_TEST_HOLD_ZAP";
-
-/// The `(offset, length)` regions a zap zeroes (and verification reads) on a disk of `size`
-/// bytes: sorted, merged, inside the disk.
-pub fn regions(size: u64) -> Vec<(u64, u64)> {
-    let mut r: Vec<(u64, u64)> =
-        LABEL_OFFSETS.iter().filter(|o| **o < size).map(|o| (*o, LABEL_REGION.min(size - o))).collect();
-    if size > 0 {
-        let start = size.saturating_sub(TAIL_REGION);
-        r.push((start, size - start));
-    }
-    r.sort();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (start, len) in r {
-        match merged.last_mut() {
-            Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
-            _ => merged.push((start, len)),
-        }
-    }
-    merged
-}
 
 /// Progress a zap reports (journalled by the caller after each step).
 pub trait Progress {

@@ -26,7 +26,6 @@ use std::time::Instant;
 
 use crate::sys::Cmd;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
@@ -36,63 +35,7 @@ use crate::disks::probe;
 use crate::preload;
 use crate::sys::fs::sha256_file;
 
-/// Where the builder leaves what a netbooted node needs to install itself (in the squashfs and
-/// on the disk image alike).
-pub const NET_MANIFEST: &str = "/usr/lib/labforge/netinstall.json";
-pub const NET_SCHEMA_VERSION: u32 = 1;
-
-/// The netboot install manifest (written by the builder's `pxe` stage).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct NetManifest {
-    pub schema_version: u32,
-    pub image: String,
-    pub input_hash: String,
-    /// The GPT disk GUID (as in the disk image).
-    pub disk_uuid: String,
-    /// Bytes of the disk image: the smallest disk it fits.
-    pub disk_size: u64,
-    /// The disk image's partition table as an sfdisk script.
-    pub sfdisk: String,
-    pub esp: VfatFormat,
-    pub root: Ext4Format,
-    pub state: Ext4Format,
-    /// sha256 of the UKI (`<image>.efi` in the netboot files, `EFI/BOOT/BOOTX64.EFI` on the ESP).
-    pub uki_sha256: String,
-    /// The disk image's `/etc/fstab` (the squashfs has a netboot one).
-    pub fstab: String,
-    /// Netboot files (in `pxe::ARTIFACT_DIR`) by name, with their sha256; the squashfs is not
-    /// among them (it cannot hold its own hash) and is copied from the node's own boot.
-    pub files: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct VfatFormat {
-    pub label: String,
-    pub volume_id: String,
-    pub sectors_per_cluster: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Ext4Format {
-    pub label: String,
-    pub uuid: String,
-}
-
-impl NetManifest {
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path).with_context(|| {
-            format!("reading {} (was the image built with the pxe output by this labforge?)", path.display())
-        })?;
-        let m: NetManifest = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
-        if m.schema_version != NET_SCHEMA_VERSION {
-            bail!("{}: schema {} (this agent reads {NET_SCHEMA_VERSION})", path.display(), m.schema_version);
-        }
-        Ok(m)
-    }
-}
+pub use labforge_core::manifest::{Ext4Format, NetManifest, VfatFormat, NET_MANIFEST, NET_SCHEMA_VERSION};
 
 /// What the node booted: the squashfs mounted by live-boot, and the file it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

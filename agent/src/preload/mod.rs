@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Where the builder puts the OCI image layout (root filesystem, read by every node).
-pub const LAYOUT_DIR: &str = "/usr/lib/labforge/preload";
+pub const LAYOUT_DIR: &str = labforge_core::layout::PRELOAD_LAYOUT_DIR;
 /// containerd namespace of the kubelet's images.
 pub const NAMESPACE: &str = "k8s.io";
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";

@@ -6,10 +6,11 @@
 //! data and return data and never call into this module; executors do.
 
 pub mod clock;
-pub mod cmd;
 pub mod fs;
 pub mod http;
-pub mod roots;
+
+/// The command runner and the filesystem roots are shared with the builder.
+pub use labforge_core::{cmd, roots};
 
 pub use cmd::Cmd;
 pub use roots::Roots;

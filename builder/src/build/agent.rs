@@ -5,8 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use labforge_agent::config::NodeConfig;
-use labforge_agent::secret::Secret;
+use labforge_core::config::NodeConfig;
+use labforge_core::secret::Secret;
 
 use super::fsutil::write_in_root;
 use crate::cmd::Cmd;
@@ -36,9 +36,9 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     let put = |rel: &str, contents: &[u8], mode: u32| write_in_root(root, rel, contents, mode);
     let bin = fs::read(binary).with_context(|| format!("reading agent binary {}", binary.display()))?;
     put("usr/bin/labforge-agent", &bin, 0o755)?;
-    put("etc/systemd/system/labforge-agent.service", labforge_agent::SYSTEMD_UNIT.as_bytes(), 0o644)?;
+    put("etc/systemd/system/labforge-agent.service", labforge_core::layout::AGENT_UNIT.as_bytes(), 0o644)?;
     // Decides, before any unit starts, whether this boot is a live session from a stick (see
-    // labforge_agent::install::live).
+    // the agent's install::live).
     put(
         "usr/lib/systemd/system-generators/labforge-live",
         b"#!/bin/sh\n# labforge: keeps a stick booted with install mode on read-only (labforge-agent live-generator).\nexec /usr/bin/labforge-agent live-generator \"$@\"\n",
@@ -51,7 +51,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     cfg.install = spec.install.clone();
     cfg.pxe = spec.pxe.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
-    put(labforge_agent::config::SECRET_PATH, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)?;
+    put(labforge_core::config::SECRET_PATH, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)?;
     Cmd::new("systemctl")
         .arg(format!("--root={}", root.display()))
         .args(["enable", "labforge-agent.service", "systemd-networkd.service"])

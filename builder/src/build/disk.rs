@@ -100,7 +100,7 @@ impl Layout {
 /// Kernel command line: the root partition by its unique id, then the spec's own arguments.
 pub fn cmdline(layout: &Layout, spec: &Spec) -> String {
     // `ro`: systemd remounts the root read-write from fstab, except in a live session from a
-    // stick, which must stay as it was written (see labforge_agent::install::live).
+    // stick, which must stay as it was written (see the agent's install::live).
     let mut c = format!("root=PARTUUID={} ro rootwait", layout.part(ROOT_LABEL).uuid);
     if !spec.kernel.cmdline.trim().is_empty() {
         c.push(' ');
@@ -193,7 +193,7 @@ pub fn write_install_manifest(
     input_hash: &str,
     work: &Path,
 ) -> Result<()> {
-    use labforge_agent::install::{InstallManifest, ManifestRange, MANIFEST_ON_ESP, SCHEMA_VERSION};
+    use labforge_core::manifest::{InstallManifest, ManifestRange, MANIFEST_ON_ESP, SCHEMA_VERSION};
     let hashed = |from: u64, to: u64| -> Result<Vec<ManifestRange>> {
         Ok(crate::bmap::data_spans(image, from, to)?
             .into_iter()

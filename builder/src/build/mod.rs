@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::spec::{self, OutputFormat, Spec};
 use crate::{bmap, hostcheck, interrupt, registry};
 use fsutil::WorkDir;
-use labforge_agent::secret::Secret;
+use labforge_core::secret::Secret;
 use manifest::{Manifest, StageTiming};
 
 /// Bump when the pipeline changes what it produces from the same inputs.

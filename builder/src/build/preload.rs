@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::registry::{self, BlobCache, PulledImage};
 
-pub use labforge_agent::preload::LAYOUT_DIR;
+pub use labforge_core::layout::PRELOAD_LAYOUT_DIR as LAYOUT_DIR;
 
 /// containerd 1.6's default `sandbox_image`, when its config does not name one.
 const CONTAINERD_DEFAULT_SANDBOX: &str = "registry.k8s.io/pause:3.6";

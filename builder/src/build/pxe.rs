@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use labforge_agent::install::net::{Ext4Format, NetManifest, VfatFormat, NET_MANIFEST, NET_SCHEMA_VERSION};
+use labforge_core::manifest::{Ext4Format, NetManifest, VfatFormat, NET_MANIFEST, NET_SCHEMA_VERSION};
 
 use super::boot::Kernel;
 use super::disk::{esp_volume_id, fat32_sectors_per_cluster, Layout, ESP_FS_LABEL, ESP_LABEL, ROOT_LABEL, STATE_LABEL};
@@ -21,7 +21,7 @@ use crate::cmd::Cmd;
 use crate::spec::Spec;
 
 /// Where the image carries the artifacts (the agent serves this directory).
-pub const DIR_IN_IMAGE: &str = labforge_agent::pxe::ARTIFACT_DIR;
+pub const DIR_IN_IMAGE: &str = labforge_core::config::pxe::ARTIFACT_DIR;
 
 /// `/etc/fstab` of a netbooted node: live-boot appends its overlay root; the state directory is
 /// a tmpfs from the live generator.
@@ -99,7 +99,7 @@ pub fn build(
     // The preloaded images' blobs stay out: a netbooted node fetches them from its master as
     // it imports them (the index stays, so it knows what to fetch and each blob's digest),
     // instead of holding them in memory twice, in the squashfs and in containerd.
-    let blobs = format!("{}/blobs", labforge_agent::preload::LAYOUT_DIR.trim_start_matches('/'));
+    let blobs = format!("{}/blobs", labforge_core::layout::PRELOAD_LAYOUT_DIR.trim_start_matches('/'));
     if root.join(&blobs).is_dir() {
         cmd = cmd.arg("-e").arg(blobs);
     }

@@ -434,7 +434,7 @@ fn looks_like_ssh_key(s: &str) -> bool {
 
 /// Checks a hostname pattern: known placeholders only, and a valid hostname once rendered.
 pub fn check_hostname_pattern(pattern: &str) -> Result<(), String> {
-    let sample = labforge_agent::config::render_hostname(pattern, "0123456789ab", "0123456789abcdef0123456789abcdef")
+    let sample = labforge_core::config::render_hostname(pattern, "0123456789ab", "0123456789abcdef0123456789abcdef")
         .map_err(|e| format!("{e:#}"))?;
     if sample.len() > 63 || !valid_name(&sample) {
         return Err(format!(

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use labforge_agent::config::{ClusterConfig, KubernetesConfig};
-pub use labforge_agent::disks::DisksConfig;
+pub use labforge_core::config::disks::DisksConfig;
+pub use labforge_core::config::{ClusterConfig, KubernetesConfig};
 pub use load::{load, SpecError};
 pub use size::Size;
 
@@ -80,10 +80,10 @@ pub struct Spec {
     /// Whether a node booted from a USB stick installs itself onto an internal disk (baked into
     /// the node config).
     #[serde(default)]
-    pub install: labforge_agent::install::InstallConfig,
+    pub install: labforge_core::config::install::InstallConfig,
     /// Whether the master serves netboot to its LAN (baked into the node config).
     #[serde(default)]
-    pub pxe: labforge_agent::pxe::PxeConfig,
+    pub pxe: labforge_core::config::pxe::PxeConfig,
     /// Container images carried inside the image and imported into containerd (namespace
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::{zap, DiskFacts, Signature, BLUESTORE, DATA, LABEL_OFFSETS};
+use super::{regions, DiskFacts, Signature, BLUESTORE, DATA, LABEL_OFFSETS};
 
 /// systemd-stub's `LoaderDevicePartUUID` variable: the partition the firmware loaded us from.
 const LOADER_PARTUUID_VAR: &str = "firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
@@ -20,7 +20,7 @@ const OS_MOUNTS: &[&str] = &["/", "/usr", "/boot", "/boot/efi", "/efi", "/var/li
 /// The label of the optional config partition (see `config::partition`).
 pub const CONFIG_LABEL: &str = "LABFORGE";
 
-pub use crate::sys::Roots;
+pub use crate::roots::Roots;
 
 /// Every whole physical disk (not loop, ram, zram, device-mapper or md), sorted by name.
 pub fn scan(roots: &Roots) -> Result<Vec<DiskFacts>> {
@@ -173,7 +173,7 @@ fn transport(sys: &Path, name: &str, udev: &BTreeMap<String, String>) -> Option<
 }
 
 /// The by-id links that point at `kname`, wwn first, then shortest.
-pub(crate) fn by_id_links(dir: &Path, kname: &str) -> Vec<String> {
+pub fn by_id_links(dir: &Path, kname: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
     let mut v: Vec<String> = entries
         .filter_map(|e| e.ok())
@@ -213,7 +213,7 @@ impl Mounts {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub(crate) fn unescape(s: &str) -> String {
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -251,7 +251,7 @@ pub fn signatures(dev: &Path, size: u64) -> Result<Vec<Signature>> {
         }
     }
     if out.is_empty() {
-        if let Some(off) = first_nonzero(&mut f, &zap::regions(size))? {
+        if let Some(off) = first_nonzero(&mut f, &regions(size))? {
             out.push(Signature {
                 kind: DATA.into(),
                 offset: off,
@@ -265,7 +265,7 @@ pub fn signatures(dev: &Path, size: u64) -> Result<Vec<Signature>> {
 
 fn blkid_signatures(dev: &Path) -> Result<Vec<Signature>> {
     let out =
-        crate::sys::Cmd::new("wipefs").arg("--json").arg(dev).timeout(std::time::Duration::from_secs(120)).run()?;
+        crate::cmd::Cmd::new("wipefs").arg("--json").arg(dev).timeout(std::time::Duration::from_secs(120)).run()?;
     parse_wipefs(&out)
 }
 
@@ -330,27 +330,35 @@ fn first_nonzero(f: &mut fs::File, regions: &[(u64, u64)]) -> Result<Option<u64>
     Ok(None)
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Fake machines for tests (here, and in the agent with the `fixtures` feature): a `/sys`,
+/// `/dev`, udev database and `/proc` under a temporary directory.
+#[cfg(any(test, feature = "fixtures"))]
+pub mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
     use std::process::Command;
 
     /// Writes a BlueStore-style label at `off`.
-    pub(crate) fn write_label(path: &Path, off: u64, fsid: &str) {
+    pub fn write_label(path: &Path, off: u64, fsid: &str) {
         use std::io::Write;
         let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
         f.seek(SeekFrom::Start(off)).unwrap();
         f.write_all(format!("bluestore block device\n{fsid}\n").as_bytes()).unwrap();
     }
 
-    pub(crate) struct Fixture {
+    pub struct Fixture {
         _dir: tempfile::TempDir,
         pub roots: Roots,
     }
 
+    impl Default for Fixture {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl Fixture {
-        pub(crate) fn new() -> Self {
+        pub fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let r = |p: &str| dir.path().join(p);
             let roots = Roots { sys: r("sys"), dev: r("dev"), run: r("run"), proc: r("proc"), etc: r("etc") };
@@ -363,7 +371,7 @@ pub(crate) mod tests {
         }
 
         /// A disk whose device node is a sparse file of `size` bytes.
-        pub(crate) fn disk(&self, name: &str, devnum: &str, size: u64, udev: &[&str]) -> PathBuf {
+        pub fn disk(&self, name: &str, devnum: &str, size: u64, udev: &[&str]) -> PathBuf {
             let sys = self.roots.sys.join("block").join(name);
             fs::create_dir_all(sys.join("device")).unwrap();
             fs::create_dir_all(sys.join("queue")).unwrap();
@@ -382,7 +390,7 @@ pub(crate) mod tests {
             dev
         }
 
-        pub(crate) fn partition(&self, disk: &str, part: &str, devnum: &str, udev: &[&str]) {
+        pub fn partition(&self, disk: &str, part: &str, devnum: &str, udev: &[&str]) {
             let sys = self.roots.sys.join("block").join(disk).join(part);
             fs::create_dir_all(sys.join("holders")).unwrap();
             fs::write(sys.join("partition"), "1\n").unwrap();
@@ -391,11 +399,11 @@ pub(crate) mod tests {
             fs::write(self.roots.run.join("udev/data").join(format!("b{devnum}")), props).unwrap();
         }
 
-        pub(crate) fn by_id(&self, link: &str, target: &str) {
+        pub fn by_id(&self, link: &str, target: &str) {
             symlink(format!("../../{target}"), self.roots.dev.join("disk/by-id").join(link)).unwrap();
         }
 
-        pub(crate) fn set(&self, disk: &str, file: &str, value: &str) {
+        pub fn set(&self, disk: &str, file: &str, value: &str) {
             fs::write(self.roots.sys.join("block").join(disk).join(file), value).unwrap();
         }
     }
@@ -403,8 +411,10 @@ pub(crate) mod tests {
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
 
-    #[test]
-    fn inventory_from_sys_udev_and_content() {
+    /// A machine with six disks: the OS disk (root on its second partition, the ESP the
+    /// firmware booted from), a blank data disk, ext4 straight on a disk, an OSD with a label
+    /// copy at 1 GiB, a disk with only a stale copy there, and a USB stick with bytes at its end.
+    pub fn six_disks() -> Fixture {
         let fx = Fixture::new();
         // OS disk: root mounted from its second partition, ESP the firmware booted from.
         fx.disk("vda", "254:0", 4 * GIB, &[]);
@@ -442,6 +452,12 @@ pub(crate) mod tests {
             f.write_all(b"x").unwrap();
         }
 
+        fx
+    }
+
+    #[test]
+    fn inventory_from_sys_udev_and_content() {
+        let fx = six_disks();
         let disks = scan(&fx.roots).unwrap();
         let by = |n: &str| disks.iter().find(|d| d.name == n).unwrap().clone();
         let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
@@ -489,13 +505,6 @@ pub(crate) mod tests {
                 detail: Some("non-zero bytes no known signature explains".into())
             }]
         );
-
-        use crate::disks::policy::{classify, Class};
-        let classes: Vec<Class> = disks.iter().map(|d| classify(d).class).collect();
-        assert_eq!(
-            classes,
-            [Class::Blank, Class::HasData, Class::CephOsd, Class::HasData, Class::Removable, Class::Os]
-        );
     }
 
     #[test]
@@ -505,7 +514,6 @@ pub(crate) mod tests {
         fs::remove_file(fx.roots.dev.join("sdb")).unwrap();
         let d = &scan(&fx.roots).unwrap()[0];
         assert!(d.probe_error.as_deref().unwrap().contains("sdb"), "{d:?}");
-        assert_eq!(crate::disks::policy::classify(d).class, crate::disks::Class::HasData);
     }
 
     #[test]
