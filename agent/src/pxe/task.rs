@@ -139,7 +139,7 @@ impl Task {
                 self.child = None;
                 self.retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
                 error!("{message}");
-                self.publish(PxeStatus { state: PxeState::Failed, message, ..Default::default() });
+                self.publish(PxeStatus { state: PxeState::Failed, mode, url, message, ..Default::default() });
             }
             Step::Unavailable { message } => {
                 self.retry_at = Some(Instant::now() + RETRY_UNAVAILABLE);
