@@ -6,7 +6,7 @@
 //! | task | module | publishes |
 //! |---|---|---|
 //! | HTTP endpoints | `server` | — |
-//! | systemd's boot state | `system::watch` | `system` section |
+//! | systemd's boot state | `system::task` | `system` section |
 //! | install from a stick or over the network | `install::session` | `install` section, phase |
 //! | preloaded images into containerd | `preload::task` | `preload` section |
 //! | data disks for Ceph | `disks::task` | `disks` section, `watch` of the offered disks |
@@ -167,12 +167,13 @@ async fn supervise(boot: Boot) -> Result<()> {
         join_info: join_rx,
         join_server: Default::default(),
         pxe: pxe_rx,
+        rejections: Default::default(),
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     let mut tasks = JoinSet::new();
     tasks.spawn(server::serve(SocketAddr::from(([0, 0, 0, 0], boot.cfg.status_port)), endpoints));
-    tasks.spawn(crate::system::watch(report.clone()));
+    tasks.spawn(crate::system::task::watch(report.clone()));
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("telling systemd we are ready: {e}");
     }

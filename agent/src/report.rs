@@ -110,6 +110,7 @@ impl Report {
             beacons_rejected_bad_mac: n(&b.bad_mac),
             beacons_rejected_stale: n(&b.stale),
             beacons_rejected_replay: n(&b.replay),
+            beacons_rejected_invalid: n(&b.invalid),
             join_served: n(&t.join_served),
             join_rejected: n(&t.join_rejected),
         };

@@ -2,12 +2,14 @@
 //! anyone, `POST /join-info` for holders of the cluster secret, and `/pxe/…` to the cluster
 //! LAN while this node serves netboot.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,6 +30,8 @@ pub struct Endpoints {
     pub join_server: join::Server,
     /// Set while this node serves netboot.
     pub pxe: watch::Receiver<Option<Serving>>,
+    /// Rejected requests are logged at most this often.
+    pub rejections: Throttle,
 }
 
 pub fn router(shared: Arc<Endpoints>) -> Router {
@@ -37,6 +41,7 @@ pub fn router(shared: Arc<Endpoints>) -> Router {
         .route("/join-info", post(join_info))
         .route("/pxe/:file", get(pxe_file))
         .route("/pxe/preload/blobs/sha256/:hex", get(preload_blob))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
 }
 
@@ -54,12 +59,14 @@ async fn join_info(
     match s.join_server.answer(secret, &req, &info, crate::sys::clock::now_ms()) {
         Ok(resp) => {
             s.report.tally().join_served.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, node = %req.node, "served join info");
+            tracing::info!(%peer, node = %loggable(&req.node), "served join info");
             Ok(Json(resp))
         }
         Err(e) => {
             s.report.tally().join_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, node = %req.node, "rejected join-info request: {e:#}");
+            if s.rejections.allow() {
+                tracing::warn!(%peer, node = %loggable(&req.node), "rejected join-info request: {e:#}");
+            }
             Err((StatusCode::FORBIDDEN, "rejected".into()))
         }
     }
@@ -118,7 +125,9 @@ fn netboot_client(s: &Endpoints, peer: SocketAddr) -> Result<crate::pxe::Serving
         return Err(Box::new((StatusCode::NOT_FOUND, "this node does not serve netboot\n").into_response()));
     };
     if !serving.allows(peer.ip()) {
-        tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
+        if s.rejections.allow() {
+            tracing::warn!(%peer, "refused a netboot request from outside the cluster LAN");
+        }
         return Err(Box::new((StatusCode::FORBIDDEN, "netboot is served to the cluster LAN only\n").into_response()));
     }
     Ok(serving)
@@ -136,11 +145,134 @@ async fn serve_file(path: &std::path::Path) -> axum::response::Response {
     ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
 
-/// Serves the status and join endpoints until the future is dropped.
+/// What one client, and all of them together, may hold of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once.
+    pub connections: usize,
+    /// Connections open at once from one address.
+    pub per_address: usize,
+    /// A client has this long to send a request's headers; an idle keep-alive connection is
+    /// closed after it too.
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { connections: 512, per_address: 32, header_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Largest request body any route reads (a join request is a few hundred bytes).
+pub const MAX_BODY: usize = 4096;
+
+/// Serves the endpoints on `addr` until the future is dropped.
 pub async fn serve(addr: SocketAddr, shared: Arc<Endpoints>) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status endpoint on {addr}"))?;
-    axum::serve(listener, router(shared).into_make_service_with_connect_info::<SocketAddr>())
-        .await
-        .context("serving status endpoint")
+    serve_on(listener, shared, Limits::default()).await
+}
+
+/// Serves the endpoints on `listener` within `limits`: a client past its share is disconnected
+/// at once, slow and idle clients are dropped after the header timeout, and a full file
+/// descriptor table pauses accepting instead of spinning.
+pub async fn serve_on(listener: tokio::net::TcpListener, shared: Arc<Endpoints>, limits: Limits) -> Result<()> {
+    let app = router(shared);
+    let gate = Arc::new(Gate { limits, open: Mutex::new((0, HashMap::new())) });
+    let refused = Throttle::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                if refused.allow() {
+                    tracing::warn!("accepting a connection on the status port: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(ticket) = Gate::admit(&gate, peer.ip()) else {
+            if refused.allow() {
+                tracing::warn!(%peer, "refused a connection: too many open (from this address or in all)");
+            }
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Counts open connections, in all and per address.
+struct Gate {
+    limits: Limits,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; dropping it frees its place.
+struct Ticket {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Gate {
+    fn admit(gate: &Arc<Gate>, ip: IpAddr) -> Option<Ticket> {
+        let mut open = gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        let from = open.1.get(&ip).copied().unwrap_or(0);
+        if open.0 >= gate.limits.connections || from >= gate.limits.per_address {
+            return None;
+        }
+        open.0 += 1;
+        open.1.insert(ip, from + 1);
+        Some(Ticket { gate: gate.clone(), ip })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Lets a log line through at most once every ten seconds: what a flood makes the agent say
+/// must not flood the journal.
+#[derive(Default)]
+pub struct Throttle {
+    last: Mutex<Option<Instant>>,
+}
+
+impl Throttle {
+    pub fn allow(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
+/// A peer-supplied string fit for one log line: at most 64 characters, control characters
+/// escaped.
+fn loggable(s: &str) -> String {
+    s.chars().take(64).collect::<String>().escape_debug().to_string()
 }

@@ -138,6 +138,8 @@ pub struct Counters {
     pub beacons_rejected_bad_mac: u64,
     pub beacons_rejected_stale: u64,
     pub beacons_rejected_replay: u64,
+    #[serde(default)]
+    pub beacons_rejected_invalid: u64,
     pub join_served: u64,
     pub join_rejected: u64,
 }
@@ -183,6 +185,7 @@ impl Status {
              # HELP labforge_beacons_rejected_total Datagrams dropped, by reason.\n# TYPE labforge_beacons_rejected_total counter\n\
              labforge_beacons_rejected_total{{reason=\"malformed\"}} {}\nlabforge_beacons_rejected_total{{reason=\"bad_mac\"}} {}\n\
              labforge_beacons_rejected_total{{reason=\"stale\"}} {}\nlabforge_beacons_rejected_total{{reason=\"replay\"}} {}\n\
+             labforge_beacons_rejected_total{{reason=\"invalid\"}} {}\n\
              # HELP labforge_join_requests_total Join-info requests, by result.\n# TYPE labforge_join_requests_total counter\n\
              labforge_join_requests_total{{result=\"served\"}} {}\nlabforge_join_requests_total{{result=\"rejected\"}} {}\n\
              # HELP labforge_phase Current phase (1 for the current one).\n# TYPE labforge_phase gauge\nlabforge_phase{{phase=\"{}\"}} 1\n\
@@ -198,6 +201,7 @@ impl Status {
             c.beacons_rejected_bad_mac,
             c.beacons_rejected_stale,
             c.beacons_rejected_replay,
+            c.beacons_rejected_invalid,
             c.join_served,
             c.join_rejected,
             self.phase,

@@ -74,6 +74,9 @@ pub fn make_request(secret: &Secret, node: &str, ts_ms: u64) -> Request {
     Request { node: node.into(), ts_ms, nonce, mac }
 }
 
+/// Authentic join requests remembered (to refuse replays) within the freshness window.
+pub const MAX_NONCES: usize = 4096;
+
 /// The master's side: remembers request nonces to refuse replays.
 #[derive(Default)]
 pub struct Server {
@@ -90,8 +93,13 @@ impl Server {
             bail!("stale request (clock difference over {} s)", MAX_SKEW_MS / 1000);
         }
         {
-            let mut seen = self.seen.lock().expect("nonce lock");
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             seen.retain(|_, ts| ts.abs_diff(now_ms) <= MAX_SKEW_MS);
+            // Only secret holders get here; still, the cache never grows without bound, and a
+            // full one refuses rather than forgets (forgetting would let a replay through).
+            if seen.len() >= MAX_NONCES {
+                bail!("too many join requests in the last {} s; try again later", MAX_SKEW_MS / 1000);
+            }
             if seen.insert(req.nonce.clone(), req.ts_ms).is_some() {
                 bail!("replayed request");
             }

@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use tracing::info;
 
 use super::plan::{self, Lead};
-use super::{blocking, join, kubeadm, Cluster, JoinInfo};
+use super::{join, kubeadm, Cluster, JoinInfo};
 use crate::status::Phase;
+use crate::sys::blocking;
 use crate::sys::clock::now_secs;
 
 impl Cluster {

@@ -157,8 +157,11 @@ impl Cluster {
         };
         let elapsed = self.started.elapsed();
         let decision = election::decide(&self.view(), &views, elapsed, &params);
-        let master_address =
-            |id: &str| peers.iter().find(|p| p.beacon.node.id == id).map(|p| format!("{}:{}", p.from, p.beacon.port));
+        // The master's signed address (validated to be where its beacons come from).
+        let master_address = |id: &str| {
+            let p = peers.iter().find(|p| p.beacon.node.id == id)?;
+            p.beacon.addresses.first().map(|a| format!("{a}:{}", p.beacon.port))
+        };
         let master = match &decision {
             election::Decision::Follow { master, .. } => master_address(master),
             _ => None,
@@ -301,12 +304,16 @@ impl Cluster {
         });
     }
 
-    /// Records the phase and its message.
+    /// Records the phase and its message, with the role and cluster this node has now, so no
+    /// console line ever pairs a new phase with an old role.
     fn set_phase(&mut self, phase: Phase, message: &str) {
         self.phase = phase;
+        let (role, uid) = (role(&self.state.allegiance), self.state.allegiance.uid().map(str::to_string));
         self.links.report.update(|s| {
             s.phase = phase;
             s.message = message.to_string();
+            s.role = role;
+            s.cluster_uid = uid;
         });
     }
 
@@ -341,12 +348,6 @@ fn random_uid() -> String {
     let mut b = [0u8; 8];
     getrandom::getrandom(&mut b).expect("random bytes");
     hex::encode(b)
-}
-
-/// Runs blocking work (kubeadm, HTTP, disk I/O) off the async threads, so a slow call never
-/// stalls another task or SIGTERM.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("worker thread")?
 }
 
 #[cfg(test)]

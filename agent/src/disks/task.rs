@@ -7,8 +7,8 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use super::{probe, DisksConfig, DisksStatus};
-use crate::cluster::blocking;
 use crate::report::Report;
+use crate::sys::blocking;
 
 pub async fn run(
     report: Report,

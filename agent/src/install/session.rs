@@ -8,9 +8,9 @@ use tracing::{error, info};
 use super::live::Live;
 use super::write::{InstallState, InstallStatus};
 use super::InstallConfig;
-use crate::cluster::blocking;
 use crate::report::Report;
 use crate::status::Phase;
+use crate::sys::blocking;
 use crate::sys::Cmd;
 
 /// The phase an installer's result puts the node in, and whether to reboot into the disk.

@@ -9,8 +9,8 @@ use anyhow::Result;
 use tracing::{error, info, warn};
 
 use super::{Containerd, ImportFailure, PreloadState, PreloadStatus, Source, LAYOUT_DIR};
-use crate::cluster::blocking;
 use crate::report::Report;
+use crate::sys::blocking;
 
 /// The pause after a failed round doubles up to this.
 const MAX_PAUSE: Duration = Duration::from_secs(60);

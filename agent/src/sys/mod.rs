@@ -14,3 +14,11 @@ pub use labforge_core::{cmd, roots};
 
 pub use cmd::Cmd;
 pub use roots::Roots;
+
+use anyhow::{Context, Result};
+
+/// Runs blocking work (kubeadm, HTTP, disk I/O) off the async threads, so a slow call never
+/// stalls another task or SIGTERM.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("worker thread")?
+}

@@ -19,6 +19,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
@@ -411,6 +413,9 @@ fn save_lock(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// The mode of every artifact in `--out` (the manifest, which holds only hashes, stays 0644).
+pub const ARTIFACT_MODE: u32 = 0o600;
+
 /// Moves the staged artifacts into `out`, the manifest last: a manifest in `out` means every
 /// artifact it lists is complete. An older manifest is removed first, so an interruption in
 /// the middle never leaves a manifest that describes other files.
@@ -421,10 +426,44 @@ fn promote(files: &[PathBuf], manifest: &Path, out: &Path) -> Result<()> {
     }
     for f in files {
         let dest = out.join(f.file_name().expect("file"));
+        // Disk images and the squashfs carry the cluster secret: readable by their owner only.
+        fs::set_permissions(f, fs::Permissions::from_mode(ARTIFACT_MODE))
+            .with_context(|| format!("restricting {}", f.display()))?;
         fs::rename(f, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
     }
     fs::rename(manifest, &final_manifest).with_context(|| format!("moving {} into place", final_manifest.display()))?;
     // Make the renames durable.
     fs::File::open(out).and_then(|d| d.sync_all()).ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod promote_tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_land_owner_only_and_the_manifest_last() {
+        let d = tempfile::tempdir().unwrap();
+        let (stage, out) = (d.path().join("stage"), d.path().join("out"));
+        fs::create_dir_all(&stage).unwrap();
+        fs::create_dir_all(&out).unwrap();
+        let files: Vec<PathBuf> = ["demo.img", "demo.img.zst", "demo.squashfs", "demo.cluster.secret"]
+            .iter()
+            .map(|n| {
+                let p = stage.join(n);
+                fs::write(&p, n).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+                p
+            })
+            .collect();
+        let manifest = stage.join("demo.manifest.json");
+        fs::write(&manifest, "{}").unwrap();
+        fs::set_permissions(&manifest, fs::Permissions::from_mode(0o644)).unwrap();
+        promote(&files, &manifest, &out).unwrap();
+        for n in ["demo.img", "demo.img.zst", "demo.squashfs", "demo.cluster.secret"] {
+            let mode = fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{n}");
+        }
+        assert_eq!(fs::metadata(out.join("demo.manifest.json")).unwrap().permissions().mode() & 0o777, 0o644);
+    }
 }

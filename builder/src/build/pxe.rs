@@ -110,7 +110,9 @@ pub fn build(
     for f in &staged {
         let rel = format!("{DIR_IN_IMAGE}/{}", f.file_name().expect("file").to_string_lossy());
         let rel = rel.trim_start_matches('/');
-        write_in_root(root, rel, &fs::read(f)?, 0o644)?;
+        // The squashfs is the image's root filesystem, cluster secret included: root only.
+        let mode = if rel.ends_with(".squashfs") { 0o600 } else { 0o644 };
+        write_in_root(root, rel, &fs::read(f)?, mode)?;
     }
     Ok(staged)
 }

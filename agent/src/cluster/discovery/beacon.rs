@@ -2,6 +2,7 @@
 //! millisecond timestamp and a random nonce; stale, future and replayed beacons are dropped.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,8 @@ pub enum Rejection {
     Stale,
     Replay,
     Own,
+    /// Authentic, but what it says does not hold (see [`validate`]).
+    Invalid,
 }
 
 impl Rejection {
@@ -60,6 +63,7 @@ impl Rejection {
             Rejection::Stale => "stale",
             Rejection::Replay => "replay",
             Rejection::Own => "own",
+            Rejection::Invalid => "invalid",
         }
     }
 }
@@ -120,6 +124,88 @@ impl Verifier {
     }
 }
 
+/// Most addresses a beacon may list.
+pub const MAX_ADDRESSES: usize = 8;
+/// Most disks a beacon may offer to Ceph.
+pub const MAX_CEPH_DEVICES: usize = 64;
+/// Longest id, uid, nonce or device path accepted.
+const MAX_FIELD: usize = 255;
+
+/// Checks what an authentic beacon says before anything acts on it: a secret holder's broken
+/// or hostile agent must not put a name into `/etc/hosts` or a device into the `CephCluster`
+/// that is not one. The first address must be where the datagram came from (peers are reached
+/// there), the hostname an RFC 1123 name, Ceph devices `/dev/disk/by-id/` paths, and every list
+/// bounded. Returns what is wrong, in words.
+pub fn validate(b: &Beacon, from: IpAddr) -> Result<(), String> {
+    let short = |s: &str| s.chars().take(64).collect::<String>();
+    if !is_hostname(&b.hostname) {
+        return Err(format!("hostname {:?} is not an RFC 1123 name", short(&b.hostname)));
+    }
+    if !is_token(&b.node.id) {
+        return Err(format!("node id {:?} is not a machine id", short(&b.node.id)));
+    }
+    if b.nonce.len() > MAX_FIELD {
+        return Err("nonce too long".into());
+    }
+    if let Some(uid) = b.node.allegiance.uid() {
+        if !is_token(uid) {
+            return Err(format!("cluster uid {:?} is not one", short(uid)));
+        }
+    }
+    if b.addresses.is_empty() || b.addresses.len() > MAX_ADDRESSES {
+        return Err(format!("{} addresses (1 to {MAX_ADDRESSES} expected)", b.addresses.len()));
+    }
+    let mut parsed = Vec::with_capacity(b.addresses.len());
+    for a in &b.addresses {
+        parsed.push(a.parse::<IpAddr>().map_err(|_| format!("address {:?} is not an IP address", short(a)))?);
+    }
+    let from = match from {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if parsed[0] != from {
+        return Err(format!("claims address {} but was sent from {from}", parsed[0]));
+    }
+    if b.port == 0 {
+        return Err("port 0".into());
+    }
+    if b.disks.ceph.len() > MAX_CEPH_DEVICES {
+        return Err(format!("offers {} disks to Ceph (at most {MAX_CEPH_DEVICES})", b.disks.ceph.len()));
+    }
+    for d in &b.disks.ceph {
+        let ok = d.len() <= MAX_FIELD
+            && d.strip_prefix("/dev/disk/by-id/").is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest != "."
+                    && rest != ".."
+                    && rest.bytes().all(|c| c.is_ascii_graphic() && c != b'/' && c != b'\\')
+            });
+        if !ok {
+            return Err(format!("Ceph device {:?} is not a /dev/disk/by-id/ path", short(d)));
+        }
+    }
+    Ok(())
+}
+
+/// An RFC 1123 host name as Kubernetes takes node names: lowercase labels of letters, digits
+/// and inner hyphens, dot-separated, at most 253 characters.
+pub fn is_hostname(h: &str) -> bool {
+    h.len() <= 253
+        && !h.is_empty()
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        })
+}
+
+/// An id or uid: letters, digits, `-` and `_`, bounded.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +256,44 @@ mod tests {
         let last = tampered.len() - 2;
         tampered[last] ^= 1;
         assert_eq!(v.check(&tampered, 1_000_000), Err(Rejection::BadMac));
+    }
+
+    #[rstest::rstest]
+    #[case::good(|_: &mut Beacon| {}, None)]
+    #[case::hostname_with_newline(|b: &mut Beacon| b.hostname = "lab\n10.0.0.66 evil".into(), Some("RFC 1123"))]
+    #[case::hostname_upper(|b: &mut Beacon| b.hostname = "Lab-1".into(), Some("RFC 1123"))]
+    #[case::hostname_dash(|b: &mut Beacon| b.hostname = "-lab".into(), Some("RFC 1123"))]
+    #[case::hostname_long(|b: &mut Beacon| b.hostname = "a".repeat(64), Some("RFC 1123"))]
+    #[case::fqdn(|b: &mut Beacon| b.hostname = "pc-1.lab.example".into(), None)]
+    #[case::id_path(|b: &mut Beacon| b.node.id = "../x".into(), Some("machine id"))]
+    #[case::no_address(|b: &mut Beacon| b.addresses.clear(), Some("addresses"))]
+    #[case::too_many_addresses(|b: &mut Beacon| b.addresses = vec!["10.0.0.2".into(); 9], Some("addresses"))]
+    #[case::other_address(|b: &mut Beacon| b.addresses = vec!["10.0.0.66".into()], Some("sent from 10.0.0.2"))]
+    #[case::not_an_address(|b: &mut Beacon| b.addresses = vec!["lab-api".into()], Some("not an IP"))]
+    #[case::port_zero(|b: &mut Beacon| b.port = 0, Some("port 0"))]
+    #[case::ceph_by_id(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/wwn-0x5000".into()], None)]
+    #[case::ceph_kernel_name(|b: &mut Beacon| b.disks.ceph = vec!["/dev/sda".into()], Some("by-id"))]
+    #[case::ceph_traversal(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/../../sda".into()], Some("by-id"))]
+    #[case::ceph_space(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/a b".into()], Some("by-id"))]
+    #[case::ceph_many(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/x".into(); 65], Some("at most"))]
+    #[case::uid_injection(
+        |b: &mut Beacon| b.node.allegiance = Allegiance::Master { uid: "u\"}".into(), committed: true },
+        Some("cluster uid")
+    )]
+    fn beacon_fields_are_validated(#[case] change: fn(&mut Beacon), #[case] error: Option<&str>) {
+        let mut b = beacon("0123456789abcdef0123456789abcdef", 1, "n");
+        b.hostname = "labforge-a1b2c3".into();
+        change(&mut b);
+        let got = validate(&b, "10.0.0.2".parse().unwrap());
+        match error {
+            None => assert_eq!(got, Ok(())),
+            Some(words) => assert!(got.as_ref().is_err_and(|e| e.contains(words)), "{got:?} should say {words:?}"),
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_source_is_the_ipv4_address() {
+        let b = beacon("peer", 1, "n");
+        assert_eq!(validate(&b, "::ffff:10.0.0.2".parse().unwrap()), Ok(()));
     }
 }

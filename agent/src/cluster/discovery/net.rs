@@ -12,7 +12,7 @@ use crate::sys::clock::now_ms;
 use anyhow::{Context, Result};
 use tokio::net::UdpSocket;
 
-use super::beacon::{encode, Beacon, Rejection, Verifier, MAX_DATAGRAM};
+use super::beacon::{encode, validate, Beacon, Rejection, Verifier, MAX_DATAGRAM};
 use crate::secret::Secret;
 
 /// Counters exported on /metrics.
@@ -23,6 +23,8 @@ pub struct Counters {
     pub bad_mac: AtomicU64,
     pub stale: AtomicU64,
     pub replay: AtomicU64,
+    /// Authentic, but its content failed validation.
+    pub invalid: AtomicU64,
     pub sent: AtomicU64,
 }
 
@@ -33,6 +35,7 @@ impl Counters {
             Rejection::BadMac => &self.bad_mac,
             Rejection::Stale => &self.stale,
             Rejection::Replay => &self.replay,
+            Rejection::Invalid => &self.invalid,
             Rejection::Own => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
@@ -74,7 +77,17 @@ pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers,
     let mut last_warn = Instant::now() - Duration::from_secs(60);
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
-        match verifier.check(&buf[..n], now_ms()) {
+        let checked = verifier.check(&buf[..n], now_ms()).and_then(|b| match validate(&b, from.ip()) {
+            Ok(()) => Ok(b),
+            Err(why) => {
+                if last_warn.elapsed() >= Duration::from_secs(10) {
+                    tracing::warn!(%from, "dropped an authentic beacon: {why}");
+                    last_warn = Instant::now();
+                }
+                Err(Rejection::Invalid)
+            }
+        });
+        match checked {
             Ok(b) => {
                 counters.received.fetch_add(1, Ordering::Relaxed);
                 let id = b.node.id.clone();

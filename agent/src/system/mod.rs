@@ -3,6 +3,8 @@
 //! knows the node finished booting without reading systemd's console output, which systemd stops
 //! printing once a getty holds the console.
 
+pub mod task;
+
 use crate::sys::Cmd;
 
 use serde::{Deserialize, Serialize};
@@ -61,26 +63,6 @@ impl SystemHealth {
     /// True once boot has finished, whether or not every unit succeeded.
     pub fn booted(&self) -> bool {
         matches!(self.state, SystemState::Running | SystemState::Degraded)
-    }
-}
-
-/// How often systemd is asked while the node boots, and afterwards.
-const EVERY_BOOTING: std::time::Duration = std::time::Duration::from_secs(2);
-const EVERY_BOOTED: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// The system task: asks systemd how the boot goes (often while it runs, rarely after) and
-/// reports it in the `system` section.
-pub async fn watch(report: crate::report::Report) -> anyhow::Result<()> {
-    loop {
-        let health = crate::cluster::blocking(|| Ok(SystemHealth::query())).await.unwrap_or_default();
-        let every = if health.booted() { EVERY_BOOTED } else { EVERY_BOOTING };
-        report.update(|s| {
-            if s.system != health && !health.failed_units.is_empty() {
-                tracing::warn!(failed = ?health.failed_units, "systemd reports failed units");
-            }
-            s.system = health;
-        });
-        tokio::time::sleep(every).await;
     }
 }
 
