@@ -82,7 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run { config } => daemon::run(&config),
         Command::LiveGenerator { normal, early, .. } => {
             let early = early.unwrap_or(normal);
-            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            let cmdline = crate::sys::fs::kernel_cmdline();
             if let Some(live) = crate::install::live::generate(
                 &early,
                 std::path::Path::new(config::DEFAULT_PATH),
@@ -123,10 +123,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     layout: layout.clone(),
                     remote: Some(url.trim_end_matches('/').to_string()),
                 },
-                None => crate::preload::Source::for_boot(
-                    &layout,
-                    &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
-                ),
+                None => crate::preload::Source::for_boot(&layout, &crate::sys::fs::kernel_cmdline()),
             };
             let s = crate::preload::round(&containerd, &source, &entries, Default::default(), &mut |_| {});
             println!("{}", serde_json::to_string_pretty(&s)?);
@@ -137,7 +134,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Disks { json, config } => {
             let mut cfg = config::NodeConfig::load(&config)?;
-            for w in cfg.apply_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
+            for w in cfg.apply_cmdline(&crate::sys::fs::kernel_cmdline()) {
                 eprintln!("warning: {w}");
             }
             let journal = crate::disks::journal::Journal::load(std::path::Path::new(&cfg.state_dir))?;
