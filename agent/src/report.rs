@@ -92,11 +92,6 @@ impl Report {
         r
     }
 
-    /// Reads the status (without the counters).
-    pub fn read<R>(&self, f: impl FnOnce(&Status) -> R) -> R {
-        f(&lock(&self.inner.status))
-    }
-
     /// The status with its counters as they are at this instant.
     pub fn snapshot(&self) -> Status {
         let mut s = lock(&self.inner.status).clone();

@@ -68,10 +68,6 @@ impl Cmd {
         self
     }
 
-    pub fn program(&self) -> &str {
-        &self.program
-    }
-
     /// `text` with every secret replaced.
     pub fn redact(&self, text: &str) -> String {
         self.secrets.iter().fold(text.to_string(), |t, s| t.replace(s.as_str(), REDACTED))
