@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{config, daemon, inventory, status};
@@ -66,6 +66,23 @@ pub enum Command {
     /// read-only.
     #[command(hide = true)]
     LiveGenerator { normal: PathBuf, early: Option<PathBuf>, late: Option<PathBuf> },
+    /// Netbooted nodes asking for the cluster secret, on the master (or any node holding the
+    /// secret, with --addr): lists them; opens the enrolment window; approves one node.
+    Enrol {
+        /// Open the enrolment window for this long, e.g. 15m (any netbooted node is admitted
+        /// while it is open).
+        #[arg(long = "for", value_name = "DURATION")]
+        open_for: Option<String>,
+        /// Approve a node by its MAC or key fingerprint, as its console and this list show it.
+        #[arg(long, value_name = "ID")]
+        approve: Option<String>,
+        /// The master's status endpoint.
+        #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
+        addr: String,
+        /// The cluster secret the request is signed with.
+        #[arg(long, default_value = config::SECRET_PATH)]
+        secret_file: PathBuf,
+    },
     /// Ask a master for join info with this node's secret (checks that the secret and the
     /// exchange work; prints the info without the token).
     JoinInfo {
@@ -103,6 +120,31 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{s}");
             }
+            Ok(())
+        }
+        Command::Enrol { open_for, approve, addr, secret_file } => {
+            use crate::pxe::enrol::{AdminAction, AdminRequest};
+            let mut actions = Vec::new();
+            if let Some(d) = open_for {
+                let d = labforge_core::config::pxe::parse_window(&d).context("--for")?;
+                actions.push(AdminAction::Open { seconds: d.as_secs() });
+            }
+            if let Some(id) = approve {
+                actions.push(AdminAction::Approve { id });
+            }
+            if !actions.is_empty() {
+                let secret = crate::secret::Secret::load(&secret_file)?;
+                let client = crate::sys::http::Client::with_timeout(std::time::Duration::from_secs(10));
+                for a in actions {
+                    let req = AdminRequest::new(&secret, a, crate::sys::clock::now_ms());
+                    println!("{}", client.post_for_text(&format!("http://{addr}/pxe/enrol/admin"), &req)?);
+                }
+            }
+            let s = status::fetch(&addr)?;
+            let Some(e) = s.enrol else {
+                anyhow::bail!("{addr} does not enrol netbooted nodes (it is not a master with [pxe] serve = true)");
+            };
+            print!("{}", crate::pxe::enrol::render(&e, crate::sys::clock::now_secs()));
             Ok(())
         }
         Command::JoinInfo { master, secret_file } => {

@@ -150,6 +150,7 @@ impl Boot {
             ceph: None,
             install: install::write::installed_status(Path::new(&self.cfg.state_dir)),
             pxe: None,
+            enrol: None,
             state: state_volume(&self.cfg.state_dir),
             counters: Default::default(),
         }
@@ -161,18 +162,27 @@ async fn supervise(boot: Boot) -> Result<()> {
     let report = Report::new(boot.status());
     let (join_tx, join_rx) = watch::channel(None);
     let (pxe_tx, pxe_rx) = watch::channel(None);
+    let secret = std::sync::OnceLock::new();
+    if let Ok(s) = &boot.secret {
+        let _ = secret.set(s.clone());
+    }
+    let enrol =
+        boot.cfg.pxe.serve.then(|| {
+            crate::pxe::enrol::Desk::new(boot.cfg.pxe.clone(), report.clone(), Path::new(&boot.cfg.state_dir))
+        });
     let endpoints = Arc::new(Endpoints {
         report: report.clone(),
-        secret: boot.secret.as_ref().ok().cloned(),
+        secret,
         join_info: join_rx,
         join_server: Default::default(),
         pxe: pxe_rx,
         rejections: Default::default(),
+        enrol,
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     let mut tasks = JoinSet::new();
-    tasks.spawn(server::serve(SocketAddr::from(([0, 0, 0, 0], boot.cfg.status_port)), endpoints));
+    tasks.spawn(server::serve(SocketAddr::from(([0, 0, 0, 0], boot.cfg.status_port)), endpoints.clone()));
     tasks.spawn(crate::system::task::watch(report.clone()));
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("telling systemd we are ready: {e}");
@@ -186,15 +196,17 @@ async fn supervise(boot: Boot) -> Result<()> {
         Mode::NetbootInstall => {
             let (report, cfg, cmdline) = (report.clone(), boot.cfg.install.clone(), boot.cmdline.clone());
             tasks.spawn(async move {
+                // Enrolled first: the installed system keeps the secret this node is given.
+                let boot = enrolled(boot, &report, &endpoints).await;
                 // Before the disks are looked at for Ceph: the install may take the PC's disk.
                 if install::session::netboot(report.clone(), cfg, cmdline).await {
                     return Ok(());
                 }
-                node(boot, report, join_tx, pxe_tx).await
+                node(boot, report, join_tx, pxe_tx, endpoints).await
             });
         }
         Mode::Node => {
-            tasks.spawn(node(boot, report.clone(), join_tx, pxe_tx));
+            tasks.spawn(node(boot, report.clone(), join_tx, pxe_tx, endpoints));
         }
     }
     loop {
@@ -213,14 +225,60 @@ async fn supervise(boot: Boot) -> Result<()> {
     }
 }
 
+/// A netbooted node without a secret asks its master for one (`pxe::enrol`) and waits until
+/// it is admitted; any other boot is returned as it is.
+async fn enrolled(mut boot: Boot, report: &Report, endpoints: &Endpoints) -> Boot {
+    let Some(base) = boot.secret.is_err().then(|| crate::pxe::base_url(&boot.cmdline)).flatten() else {
+        return boot;
+    };
+    let inv = &boot.inventory;
+    let master_host = base.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default().to_string();
+    let who = crate::pxe::enrol::Request {
+        mac: enrolment_mac(inv, &master_host),
+        machine_id: inv.machine_id.clone(),
+        hostname: inv.hostname.clone(),
+        key: String::new(),
+    };
+    report.update(|s| {
+        s.phase = Phase::Enrolling;
+        s.message = format!("netbooted without a cluster secret: asking {base} to enrol this node");
+    });
+    let (secret_path, key_path) = (PathBuf::from(SECRET_PATH), PathBuf::from(crate::pxe::enrol::NODE_KEY));
+    let secret =
+        crate::pxe::enrol::obtain(report.clone(), base, boot.cmdline.clone(), who, secret_path, key_path).await;
+    let _ = endpoints.secret.set(secret.clone());
+    boot.secret = Ok(secret);
+    boot
+}
+
+/// The MAC of the NIC on the master's subnet (the one this node netbooted through, as far as
+/// can be told), else the first NIC's.
+fn enrolment_mac(inv: &Inventory, master: &str) -> String {
+    let master: Option<std::net::Ipv4Addr> = master.parse().ok();
+    let on_subnet = |cidr: &str| -> bool {
+        let (Some((a, len)), Some(m)) = (cidr.split_once('/'), master) else { return false };
+        let (Ok(a), Ok(len)) = (a.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else { return false };
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+        u32::from(a) & mask == u32::from(m) & mask
+    };
+    inv.nics
+        .iter()
+        .find(|n| n.addresses.iter().any(|c| on_subnet(c)))
+        .or(inv.nics.first())
+        .map(|n| n.mac.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
 /// An ordinary node's tasks: preload and disks always; the cluster and what depends on it only
-/// with a secret.
+/// with a secret (a netbooted node gets one by enrolment first).
 async fn node(
     boot: Boot,
     report: Report,
     join_info: watch::Sender<Option<cluster::JoinInfo>>,
     pxe: watch::Sender<Option<crate::pxe::Serving>>,
+    endpoints: Arc<Endpoints>,
 ) -> Result<()> {
+    let boot = enrolled(boot, &report, &endpoints).await;
     let Boot { cfg, secret, cmdline, store, state, inventory } = boot;
     let state_dir = PathBuf::from(&cfg.state_dir);
     let mut tasks = JoinSet::new();
@@ -237,7 +295,7 @@ async fn node(
         }
         Ok(secret) => {
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
-            tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe));
+            tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
             let hostname = inventory.hostname.clone();
             tasks.spawn(crate::disks::ceph::run(report.clone(), cfg.clone(), hostname, view_rx, offer_rx.clone()));
             let links = cluster::Links { report, ceph_offer: offer_rx, view: view_tx, join_info };

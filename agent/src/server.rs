@@ -24,7 +24,8 @@ use crate::secret::Secret;
 /// publish.
 pub struct Endpoints {
     pub report: Report,
-    pub secret: Option<Secret>,
+    /// The cluster secret: set at start, or once a netbooted node is enrolled.
+    pub secret: std::sync::OnceLock<Secret>,
     /// Join info to hand out (set on the master once minted).
     pub join_info: watch::Receiver<Option<JoinInfo>>,
     pub join_server: join::Server,
@@ -32,6 +33,8 @@ pub struct Endpoints {
     pub pxe: watch::Receiver<Option<Serving>>,
     /// Rejected requests are logged at most this often.
     pub rejections: Throttle,
+    /// The enrolment desk (a node with a secret and `[pxe] serve`).
+    pub enrol: Option<crate::pxe::enrol::Desk>,
 }
 
 pub fn router(shared: Arc<Endpoints>) -> Router {
@@ -40,6 +43,8 @@ pub fn router(shared: Arc<Endpoints>) -> Router {
         .route("/metrics", get(|State(s): State<Arc<Endpoints>>| async move { s.report.snapshot().metrics() }))
         .route("/join-info", post(join_info))
         .route("/pxe/:file", get(pxe_file))
+        .route("/pxe/enrol", post(enrol))
+        .route("/pxe/enrol/admin", post(enrol_admin))
         .route("/pxe/preload/blobs/sha256/:hex", get(preload_blob))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
@@ -50,7 +55,7 @@ async fn join_info(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<join::Request>,
 ) -> Result<Json<join::Response>, (StatusCode, String)> {
-    let Some(secret) = &s.secret else {
+    let Some(secret) = s.secret.get() else {
         return Err((StatusCode::SERVICE_UNAVAILABLE, "this node has no cluster secret".into()));
     };
     let Some(info) = s.join_info.borrow().clone() else {
@@ -68,6 +73,43 @@ async fn join_info(
                 tracing::warn!(%peer, node = %loggable(&req.node), "rejected join-info request: {e:#}");
             }
             Err((StatusCode::FORBIDDEN, "rejected".into()))
+        }
+    }
+}
+
+/// A netbooted node asks for the cluster secret: answered by the enrolment policy, to
+/// clients on the cluster LAN while this node serves netboot.
+async fn enrol(
+    State(s): State<Arc<Endpoints>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(req): Json<crate::pxe::enrol::Request>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Err(refused) = netboot_client(&s, peer) {
+        return *refused;
+    }
+    let (Some(secret), Some(desk)) = (s.secret.get(), &s.enrol) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "this node does not enrol netbooted nodes\n").into_response();
+    };
+    Json(desk.request(secret, &req, peer.ip(), crate::sys::clock::now_secs())).into_response()
+}
+
+/// An admin opens the enrolment window or approves a node (signed with the cluster secret).
+async fn enrol_admin(
+    State(s): State<Arc<Endpoints>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(req): Json<crate::pxe::enrol::AdminRequest>,
+) -> Result<String, (StatusCode, String)> {
+    let (Some(secret), Some(desk)) = (s.secret.get(), &s.enrol) else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "this node does not enrol netbooted nodes".into()));
+    };
+    match desk.admin(secret, &req, crate::sys::clock::now_ms()) {
+        Ok(said) => Ok(format!("{said}\n")),
+        Err(e) => {
+            if s.rejections.allow() {
+                tracing::warn!(%peer, "rejected an enrolment admin request: {e:#}");
+            }
+            Err((StatusCode::FORBIDDEN, format!("{e:#}")))
         }
     }
 }
@@ -92,7 +134,8 @@ async fn pxe_file(
     if file == "boot.ipxe" {
         let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
         tracing::info!(%peer, "serving the netboot script");
-        return crate::pxe::boot_script(&format!("http://{host}/pxe"), &serving.image).into_response();
+        let key = s.secret.get().map(crate::pxe::enrol::master_public_hex);
+        return crate::pxe::boot_script(&format!("http://{host}/pxe"), &serving.image, key.as_deref()).into_response();
     }
     tracing::info!(%peer, file = %file, "serving a netboot file");
     serve_file(&serving.dir.join(&file)).await

@@ -30,6 +30,8 @@ crate::wire_enum! {
         Joining = "joining",
         Ready = "ready",
         NeedsSecret = "needs-secret",
+        /// Netbooted without a secret: waiting for the master to admit this node.
+        Enrolling = "enrolling",
         WaitingForMaster = "waiting-for-master",
         Conflict = "conflict",
         Error = "error",
@@ -107,9 +109,26 @@ pub struct Status {
     /// Netboot served by this node (master with `[pxe] serve`).
     #[serde(default)]
     pub pxe: Option<crate::pxe::PxeStatus>,
+    /// Netbooted nodes asking for the cluster secret (master with `[pxe] serve`).
+    #[serde(default)]
+    pub enrol: Option<crate::pxe::enrol::EnrolStatus>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
+}
+
+impl Status {
+    /// A status with nothing known yet (tests and tools start from it).
+    pub fn minimal(image: &str, node_id: &str) -> Status {
+        serde_json::from_value(serde_json::json!({
+            "agent_version": env!("CARGO_PKG_VERSION"), "image": image, "node_id": node_id, "phase": "starting",
+            "role": "undecided", "cluster_uid": null, "lan_address": null, "master_address": null,
+            "kubernetes": "disabled", "join_info_sha256": null, "message": "", "peers": [],
+            "node": {"machine_id": node_id, "hostname": "localhost", "nics": [], "disks": []},
+            "state": {"dir": "/var/lib/labforge", "size_bytes": 0}
+        }))
+        .expect("a minimal status")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -71,11 +71,12 @@ async fn status_keeps_answering_through_a_flood() {
     let (_pxe_tx, pxe_rx) = watch::channel(None);
     let endpoints = Arc::new(Endpoints {
         report: Report::new(status()),
-        secret: None,
+        secret: Default::default(),
         join_info: join_rx,
         join_server: Default::default(),
         pxe: pxe_rx,
         rejections: Default::default(),
+        enrol: None,
     });
     let limits = Limits { header_timeout: Duration::from_secs(2), ..Limits::default() };
     tokio::spawn(serve_on(listener, endpoints, limits));
@@ -93,7 +94,15 @@ async fn status_keeps_answering_through_a_flood() {
 
     // Oversize and malformed bodies, on every route.
     let big = vec![b'x'; 1 << 20];
-    for route in ["/join-info", "/status", "/metrics", "/pxe/boot.ipxe", "/pxe/preload/blobs/sha256/00"] {
+    for route in [
+        "/join-info",
+        "/status",
+        "/metrics",
+        "/pxe/boot.ipxe",
+        "/pxe/enrol",
+        "/pxe/enrol/admin",
+        "/pxe/preload/blobs/sha256/00",
+    ] {
         let mut req = format!(
             "POST {route} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             big.len()

@@ -257,6 +257,12 @@ fn fill_root(
     status.bytes_done = bytes;
     publish(status);
     fs::write(dir.join("etc/fstab"), &manifest.fstab)?;
+    // The squashfs carries no cluster secret; this node got one by enrolment: the installed
+    // system keeps it (0600), or it could not join after its first boot from the disk.
+    if let Ok(secret) = fs::read(crate::config::SECRET_PATH) {
+        let to = dir.join(crate::config::SECRET_PATH.trim_start_matches('/'));
+        crate::sys::fs::write_durable_mode(&to, &secret, 0o600).context("keeping the cluster secret")?;
+    }
 
     let pxe_dir = dir.join(crate::pxe::ARTIFACT_DIR.trim_start_matches('/'));
     fs::create_dir_all(&pxe_dir)?;
@@ -298,9 +304,19 @@ fn fill_root(
 fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()> {
     let fstab = Path::new("etc/fstab");
     // Added to the tree (and checked below), or made by mkfs.
-    let added = [crate::pxe::ARTIFACT_DIR, &format!("{}/blobs", preload::LAYOUT_DIR), "/lost+found"]
-        .map(|p| PathBuf::from(p.trim_start_matches('/')));
+    let added = [
+        crate::pxe::ARTIFACT_DIR,
+        &format!("{}/blobs", preload::LAYOUT_DIR),
+        "/lost+found",
+        crate::config::SECRET_PATH,
+    ]
+    .map(|p| PathBuf::from(p.trim_start_matches('/')));
     compare_tree(&live.tree, dir, &|rel| rel == fstab || added.iter().any(|a| a == rel))?;
+    if let Ok(secret) = fs::read(crate::config::SECRET_PATH) {
+        if fs::read(dir.join(crate::config::SECRET_PATH.trim_start_matches('/'))).ok() != Some(secret) {
+            bail!("the cluster secret read back from the new root is not this node's");
+        }
+    }
     if fs::read_to_string(dir.join(fstab))? != manifest.fstab {
         bail!("/etc/fstab read back from the new root is not the disk image's");
     }

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub use labforge_core::config::pxe::{parse_range, PxeConfig, ARTIFACT_DIR, IPXE_DIR};
+pub use labforge_core::config::pxe::{parse_range, EnrolPolicy, PxeConfig, ARTIFACT_DIR, IPXE_DIR};
+
+pub mod enrol;
 
 /// Whether this boot came over the network: live-boot's `boot=live` with a `fetch=` URL.
 pub fn netbooted(cmdline: &str) -> bool {
@@ -102,9 +104,11 @@ pub fn image_script(dir: &Path, image: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// The script iPXE gets first: where the artifacts are, then the image's own script.
-pub fn boot_script(base: &str, image: &str) -> String {
-    format!("#!ipxe\nset labforge-base {base}\nchain ${{labforge-base}}/{image}.ipxe\n")
+/// The script iPXE gets first: where the artifacts are and the master's enrolment key (which
+/// the image's own script puts on the kernel command line), then the image's own script.
+pub fn boot_script(base: &str, image: &str, enrol_key: Option<&str>) -> String {
+    let key = enrol_key.map(|k| format!("set labforge-enrol {k}\n")).unwrap_or_default();
+    format!("#!ipxe\nset labforge-base {base}\n{key}chain ${{labforge-base}}/{image}.ipxe\n")
 }
 
 /// A file name a client may ask for: a plain name, no path.
@@ -196,15 +200,19 @@ mod tests {
 
     #[test]
     fn config_and_names() {
-        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1-10.0.0.9".into()) }.validate().is_err());
-        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1, 10.0.0.9".into()) }.validate().is_ok());
+        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1-10.0.0.9".into()), ..Default::default() }
+            .validate()
+            .is_err());
+        assert!(PxeConfig { serve: true, dhcp_range: Some("10.0.0.1, 10.0.0.9".into()), ..Default::default() }
+            .validate()
+            .is_ok());
         for bad in ["", "..", "../etc/shadow", "a/b"] {
             assert!(!safe_name(bad), "{bad}");
         }
         assert!(safe_name("demo.squashfs"));
         assert_eq!(
-            boot_script("http://10.0.0.1:9743/pxe", "demo"),
-            "#!ipxe\nset labforge-base http://10.0.0.1:9743/pxe\nchain ${labforge-base}/demo.ipxe\n"
+            boot_script("http://10.0.0.1:9743/pxe", "demo", Some("ab12")),
+            "#!ipxe\nset labforge-base http://10.0.0.1:9743/pxe\nset labforge-enrol ab12\nchain ${labforge-base}/demo.ipxe\n"
         );
     }
 }

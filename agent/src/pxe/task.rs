@@ -87,6 +87,8 @@ struct Task {
     serving: watch::Sender<Option<Serving>>,
     child: Option<Child>,
     retry_at: Option<Instant>,
+    /// Its enrolment desk opens the window when this node starts serving.
+    endpoints: std::sync::Arc<crate::server::Endpoints>,
 }
 
 pub async fn run(
@@ -94,11 +96,12 @@ pub async fn run(
     cfg: NodeConfig,
     mut view: watch::Receiver<ClusterView>,
     serving: watch::Sender<Option<Serving>>,
+    endpoints: std::sync::Arc<crate::server::Endpoints>,
 ) -> Result<()> {
     if !cfg.pxe.serve {
         return Ok(());
     }
-    let mut task = Task { report, cfg, serving, child: None, retry_at: None };
+    let mut task = Task { report, cfg, serving, child: None, retry_at: None, endpoints };
     let mut tick = tokio::time::interval(crate::cluster::TICK);
     loop {
         tokio::select! {
@@ -156,6 +159,9 @@ impl Task {
                         network,
                         netmask: lan.netmask,
                     }));
+                    if let Some(desk) = &self.endpoints.enrol {
+                        desk.leading(crate::sys::clock::now_secs());
+                    }
                     info!(%url, %mode, "serving netboot");
                     let message = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);
                     self.publish(PxeStatus { state: PxeState::Serving, mode, url, message, ..Default::default() });

@@ -52,6 +52,23 @@ impl Client {
     }
 }
 
+impl Client {
+    /// A POST of a JSON document answered by a short text; a refusal's text (at most 4 KiB)
+    /// becomes the error.
+    pub fn post_for_text<Q: Serialize>(&self, url: &str, request: &Q) -> Result<String> {
+        let text = |r: ureq::Response| {
+            let mut s = String::new();
+            let _ = r.into_reader().take(4096).read_to_string(&mut s);
+            s.trim().to_string()
+        };
+        match self.agent.post(url).send_json(request) {
+            Ok(r) => Ok(text(r)),
+            Err(ureq::Error::Status(code, r)) => bail!("{url} refused ({code}): {}", text(r)),
+            Err(e) => Err(e).with_context(|| format!("posting to {url}")),
+        }
+    }
+}
+
 /// A response body to stream.
 pub struct Body {
     /// `Content-Length`, when the server sent one.

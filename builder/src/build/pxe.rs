@@ -43,10 +43,11 @@ pub fn ipxe_script(spec: &Spec, input_hash: &str) -> String {
          # Netboot of labforge image {n} (input hash {hash}).\n\
          # Serve {n}.vmlinuz, {n}.initrd and {n}.squashfs over HTTP, then:\n\
          #   set labforge-base http://SERVER/PATH && chain ${{labforge-base}}/{n}.ipxe\n\
-         # A labforge master with [pxe] serve = true does this for its room.\n\
+         # A labforge master with [pxe] serve = true does this for its room, and sets\n\
+         # labforge-enrol to its enrolment key (the node takes the secret only from it).\n\
          isset ${{labforge-base}} || goto nobase\n\
          echo labforge: booting {n} from ${{labforge-base}}\n\
-         kernel ${{labforge-base}}/{n}.vmlinuz initrd=initrd boot=live fetch=${{labforge-base}}/{n}.squashfs {extra}\n\
+         kernel ${{labforge-base}}/{n}.vmlinuz initrd=initrd boot=live fetch=${{labforge-base}}/{n}.squashfs labforge.enrol=${{labforge-enrol}} {extra}\n\
          initrd --name initrd ${{labforge-base}}/{n}.initrd\n\
          boot\n\
          :nobase\n\
@@ -100,8 +101,13 @@ pub fn build(
     // it imports them (the index stays, so it knows what to fetch and each blob's digest),
     // instead of holding them in memory twice, in the squashfs and in containerd.
     let blobs = format!("{}/blobs", labforge_core::layout::PRELOAD_LAYOUT_DIR.trim_start_matches('/'));
-    if root.join(&blobs).is_dir() {
-        cmd = cmd.arg("-e").arg(blobs);
+    // The cluster secret stays out too: anyone on the LAN can fetch the squashfs. A netbooted
+    // node gets the secret by enrolment (the agent's `pxe::enrol`).
+    let secret = labforge_core::config::SECRET_PATH.trim_start_matches('/');
+    let excluded: Vec<&str> = [blobs.as_str(), secret].into_iter().filter(|p| root.join(p).exists()).collect();
+    if !excluded.is_empty() {
+        // `-e` takes every argument after it.
+        cmd = cmd.arg("-e").args(excluded);
     }
     let made = cmd.run().context("making the netboot root filesystem (mksquashfs)");
     fs::write(&fstab, disk_fstab)?;
@@ -110,7 +116,7 @@ pub fn build(
     for f in &staged {
         let rel = format!("{DIR_IN_IMAGE}/{}", f.file_name().expect("file").to_string_lossy());
         let rel = rel.trim_start_matches('/');
-        // The squashfs is the image's root filesystem, cluster secret included: root only.
+        // The squashfs carries no secret, but it is the whole root filesystem: root only.
         let mode = if rel.ends_with(".squashfs") { 0o600 } else { 0o644 };
         write_in_root(root, rel, &fs::read(f)?, mode)?;
     }
@@ -191,7 +197,7 @@ mod tests {
                 .unwrap();
         let s = ipxe_script(&spec, "0123456789abcdef0123");
         assert!(s.starts_with("#!ipxe\n"));
-        assert!(s.contains("kernel ${labforge-base}/lab.vmlinuz initrd=initrd boot=live fetch=${labforge-base}/lab.squashfs console=ttyS0\n"), "{s}");
+        assert!(s.contains("kernel ${labforge-base}/lab.vmlinuz initrd=initrd boot=live fetch=${labforge-base}/lab.squashfs labforge.enrol=${labforge-enrol} console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd ${labforge-base}/lab.initrd\n"));
         assert!(s.contains("isset ${labforge-base} || goto nobase"));
         assert!(s.contains("0123456789abcdef") && !s.contains("0123456789abcdef0123"));

@@ -282,6 +282,8 @@ impl NodeConfig {
             "minimum-nodes" => next.cluster.minimum_nodes = value.parse().context("not a number")?,
             "settle-seconds" => next.cluster.settle_seconds = value.parse().context("not a number")?,
             "lan-interface" => next.cluster.lan_interface = value.to_string(),
+            // The master's enrolment key, set by its iPXE script; read by `pxe::enrol`.
+            "enrol" => {}
             "cluster-name" => next.cluster.name = value.to_string(),
             // Per node, the policy can only be made safer: `force` needs the spec's match.
             "wipe" => {
