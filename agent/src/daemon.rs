@@ -21,6 +21,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::watch;
@@ -151,6 +152,7 @@ impl Boot {
             install: install::write::installed_status(Path::new(&self.cfg.state_dir)),
             pxe: None,
             enrol: None,
+            clock_skew: None,
             state: state_volume(&self.cfg.state_dir),
             counters: Default::default(),
         }
@@ -209,8 +211,16 @@ async fn supervise(boot: Boot) -> Result<()> {
             tasks.spawn(node(boot, report.clone(), join_tx, pxe_tx, endpoints));
         }
     }
+    // systemd's watchdog (WatchdogSec in the unit): pinged from this loop, at a third of the
+    // interval, so a runtime that stops running tasks gets the agent restarted.
+    let mut watchdog = tokio::time::interval(watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
+            _ = watchdog.tick() => {
+                if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]) {
+                    warn!("pinging systemd's watchdog: {e}");
+                }
+            }
             _ = term.recv() => {
                 info!("stopping on SIGTERM");
                 return Ok(());
@@ -223,6 +233,12 @@ async fn supervise(boot: Boot) -> Result<()> {
             },
         }
     }
+}
+
+/// How often to ping systemd's watchdog: a third of `WatchdogSec`, if the unit sets one.
+fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 3).max(Duration::from_secs(1)))
 }
 
 /// A netbooted node without a secret asks its master for one (`pxe::enrol`) and waits until
@@ -241,7 +257,7 @@ async fn enrolled(mut boot: Boot, report: &Report, endpoints: &Endpoints) -> Boo
     };
     report.update(|s| {
         s.phase = Phase::Enrolling;
-        s.message = format!("netbooted without a cluster secret: asking {base} to enrol this node");
+        s.message = format!("netbooted without a cluster secret: asking {base} to enrol this node (MAC {})", who.mac);
     });
     let (secret_path, key_path) = (PathBuf::from(SECRET_PATH), PathBuf::from(crate::pxe::enrol::NODE_KEY));
     let secret =

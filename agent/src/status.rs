@@ -32,6 +32,8 @@ crate::wire_enum! {
         NeedsSecret = "needs-secret",
         /// Netbooted without a secret: waiting for the master to admit this node.
         Enrolling = "enrolling",
+        /// An authentic peer's clock is far from ours: this node will not claim mastership.
+        ClockSkew = "clock-skew",
         WaitingForMaster = "waiting-for-master",
         Conflict = "conflict",
         Error = "error",
@@ -109,6 +111,9 @@ pub struct Status {
     /// Netboot served by this node (master with `[pxe] serve`).
     #[serde(default)]
     pub pxe: Option<crate::pxe::PxeStatus>,
+    /// An authentic peer whose clock is outside the freshness window, recently.
+    #[serde(default)]
+    pub clock_skew: Option<ClockSkew>,
     /// Netbooted nodes asking for the cluster secret (master with `[pxe] serve`).
     #[serde(default)]
     pub enrol: Option<crate::pxe::enrol::EnrolStatus>,
@@ -146,6 +151,15 @@ pub struct CephView {
     pub manifest: String,
     /// Kubernetes node name → by-id paths.
     pub nodes: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// How far an authentic peer's clock is from this node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockSkew {
+    /// The peer's node id.
+    pub peer: String,
+    /// Its clock minus ours, in seconds.
+    pub offset_seconds: i64,
 }
 
 /// Counters for /metrics.

@@ -4,6 +4,7 @@ pub mod disks;
 pub mod images;
 pub mod lan;
 pub mod registry;
+pub mod rogue;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -110,6 +110,8 @@ pub struct VmConfig {
     /// Netboot with the firmware's own PXE client (OVMF's network stack) instead of the NIC's
     /// iPXE option ROM, as PCs whose firmware has no iPXE do: the NIC gets no ROM.
     pub firmware_pxe: bool,
+    /// The VM's clock is this far from the host's (a PC whose BIOS clock is off).
+    pub clock_offset_secs: i64,
 }
 
 /// A raw disk file attached to a VM directly.
@@ -156,6 +158,7 @@ impl VmConfig {
             extra_disks: Vec::new(),
             net_boot: None,
             firmware_pxe: false,
+            clock_offset_secs: 0,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Vm {
         cmd.args(["-accel", accel(), "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
             .args(["-serial", "stdio"])
+            .args(["-rtc", &rtc(cfg.clock_offset_secs)])
             // Real PCs have a hardware RNG (RDRAND, TPM); without one a TCG guest can wait
             // minutes for the kernel's entropy pool, and everything calling getrandom() with it.
             .args(["-device", "virtio-rng-pci"])
@@ -482,4 +486,41 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
+}
+
+/// QEMU's `-rtc` for a clock `offset` seconds from the host's (`base=utc` for none).
+fn rtc(offset: i64) -> String {
+    if offset == 0 {
+        return "base=utc".into();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+    format!("base={}", civil(now + offset))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) for unix time `t`: days to a civil date in the proleptic
+/// Gregorian calendar (the well-known days-from-civil inverse).
+fn civil(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[cfg(test)]
+mod rtc_tests {
+    #[test]
+    fn rtc_base_is_a_civil_date() {
+        assert_eq!(super::rtc(0), "base=utc");
+        assert_eq!(super::civil(0), "1970-01-01T00:00:00");
+        assert_eq!(super::civil(86_400_000), "1972-09-27T00:00:00");
+        assert_eq!(super::civil(1_700_000_000), "2023-11-14T22:13:20");
+        assert_eq!(super::civil(951_782_400), "2000-02-29T00:00:00");
+    }
 }

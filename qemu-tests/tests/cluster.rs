@@ -61,6 +61,16 @@ impl Room {
 
     /// Adds and boots a node; `config` goes on a LABFORGE config partition when given.
     fn boot(&mut self, labforge_toml: Option<&str>, secret: Option<&str>) -> Result<usize> {
+        self.boot_with(labforge_toml, secret, 0)
+    }
+
+    /// [`Room::boot`], with the node's clock `clock_offset_secs` off.
+    fn boot_with(
+        &mut self,
+        labforge_toml: Option<&str>,
+        secret: Option<&str>,
+        clock_offset_secs: i64,
+    ) -> Result<usize> {
         let i = self.nodes.len();
         let tap = self.lan.tap()?;
         let mut cfg = VmConfig::new(&format!("node{i}"), &self.image);
@@ -83,6 +93,7 @@ impl Room {
             lan::config_partition(&part, labforge_toml, secret)?;
             cfg.disks.push(part);
         }
+        cfg.clock_offset_secs = clock_offset_secs;
         let vm = Vm::start(&cfg, &self.dir)?;
         self.nodes.push(Node { cfg, vm: Some(vm) });
         Ok(i)
@@ -318,6 +329,23 @@ fn rogue_node_is_ignored() -> Result<()> {
     assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
     let after = room.query(&master_ip)?;
     assert!(after.counters.join_rejected >= 1 && after.counters.join_served >= 3, "{:?}", after.counters);
+
+    // A PC whose clock is 10 minutes ahead, set to form a cluster on its own: every authentic
+    // beacon it hears is stale to it. It says so, with the offset, and claims nothing.
+    let skewed = room.boot_with(Some("[cluster]\nminimum-nodes = 1\nsettle-seconds = 15\n"), None, 600)?;
+    let s = room.wait_status(skewed, "clock skew", |s| s.phase == Phase::ClockSkew)?;
+    let skew = s.clock_skew.clone().expect("the skew in the status");
+    assert!((-660..=-540).contains(&skew.offset_seconds), "{skew:?}");
+    assert!(s.message.contains("will not claim mastership"), "{}", s.message);
+    // Well past its settle window it still has not claimed (a claim would print a phase line).
+    std::thread::sleep(std::time::Duration::from_secs(30));
+    let s = room.query(&lan_ip(&s))?;
+    assert_eq!((s.phase, s.role), (Phase::ClockSkew, Role::Undecided), "{}", s.message);
+    assert!(s.cluster_uid.is_none());
+    // The master sees the skewed node's beacons as stale and keeps leading.
+    let m = room.query(&master_ip)?;
+    assert_eq!((m.phase, m.role), (Phase::Ready, Role::Master));
+    assert!(m.clock_skew.as_ref().is_some_and(|k| (540..=660).contains(&k.offset_seconds)), "{:?}", m.clock_skew);
     room.check_health()
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Result;
 use labforge_agent::install::write::InstallState;
 use labforge_agent::preload::PreloadState;
+use labforge_agent::pxe::enrol::EnrolState;
 use labforge_agent::pxe::PxeMode;
 use labforge_agent::pxe::PxeState;
 use labforge_agent::status::Phase;
@@ -55,6 +56,8 @@ fn worker_netboots_from_master() -> Result<()> {
         "the index is in the squashfs"
     );
     assert!(!listing.contains("/usr/lib/labforge/preload/blobs/"), "no blob in the squashfs");
+    assert!(!listing.contains("/etc/labforge/cluster.secret"), "no cluster secret in the squashfs");
+    let secret = std::fs::read_to_string(&built.secret)?.trim().to_string();
 
     let dir = vm::scenario_dir("worker_netboots_from_master")?;
     let mut lan = Lan::new("netboot", &dir)?;
@@ -115,6 +118,64 @@ fn worker_netboots_from_master() -> Result<()> {
     worker.wait_booted(BOOT)?;
     worker.check_console_health()?;
 
+    // The worker was admitted inside the enrolment window (open for the first 30 minutes after
+    // the master started serving). An admin closes it now, from the LAN, with the secret.
+    let ns = lan.ns.clone();
+    let admin = |args: &[&str]| -> Result<String> {
+        let bin = qemu_tests::workspace_root().join("target/release/labforge-agent");
+        let master = format!("{master_ip}:9743");
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &ns]).arg(&bin);
+        c.args(["enrol", "--addr", &master, "--secret-file"]).arg(&built.secret).args(args);
+        let out = c.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "labforge-agent enrol {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let list = admin(&["--for", "0s"])?;
+    assert!(list.contains("policy: window, window closed; 1 admitted"), "{list}");
+    assert!(list.lines().any(|l| l.starts_with("admitted") && l.contains("52:54:00:4c:00:02")), "{list}");
+
+    // A stranger's laptop on the LAN takes everything the master serves without
+    // authentication and finds no trace of the secret in it (raw or as hex). The pxe test image
+    // runs no Kubernetes, so there is no bootstrap token to look for here.
+    let laptop = qemu_tests::rogue::Laptop::new(&lan.ns, &dir.join("laptop"))?;
+    let base = format!("http://{master_ip}:9743");
+    let taken = laptop.take_everything(&base, "pxe-test")?;
+    let raw = hex::decode(&secret)?;
+    let hits =
+        qemu_tests::rogue::containing(&taken, &[raw, secret.clone().into_bytes(), secret.to_uppercase().into_bytes()])?;
+    assert!(hits.is_empty(), "the cluster secret is in what the master serves: {hits:?}");
+    let mut unpacked = 0;
+    for e in walkdir::WalkDir::new(dir.join("laptop/squashfs-root")) {
+        unpacked += e?.file_type().is_file() as usize;
+    }
+    assert!(unpacked > 1000, "the squashfs was unpacked: {unpacked} files");
+    std::fs::remove_dir_all(dir.join("laptop/squashfs-root"))?;
+    // Its join request (no secret) and its enrolment (window closed) get nothing.
+    let forged = serde_json::json!({"node": "laptop", "ts_ms": 0, "nonce": "00", "mac": "00"});
+    let (code, body) = laptop.post(&format!("{base}/join-info"), &forged)?;
+    assert_eq!(code, 403, "{body}");
+    let enrol = serde_json::json!({
+        "mac": "52:54:00:66:66:66", "machine_id": "0123456789abcdef0123456789abcdef",
+        "hostname": "laptop", "key": hex::encode([0x42u8; 32]),
+    });
+    let (code, body) = laptop.post(&format!("{base}/pxe/enrol"), &enrol)?;
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(answer["state"], "pending", "{body}");
+    let (f, _) = laptop.get(&format!("{base}/status"), "status-after.json")?;
+    let s: labforge_agent::status::Status = serde_json::from_slice(&std::fs::read(f)?)?;
+    assert!(s.counters.join_rejected >= 1, "the refused join is counted: {:?}", s.counters);
+    let e = s.enrol.clone().expect("the master's enrolment status");
+    assert!(
+        e.nodes.iter().any(|n| n.mac == "52:54:00:66:66:66" && n.state == EnrolState::Pending),
+        "the laptop waits and is listed: {e:?}"
+    );
+
     // The master reports the new peer (a change of the peers in sight prints a line).
     let hostname = joined.node.hostname.clone();
     let after = master
@@ -143,6 +204,12 @@ fn worker_netboots_from_master() -> Result<()> {
     p.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:03".into() };
     let mut pc = Vm::start(&p, &dir)?;
     pc.wait_for("labforge: booting pxe-test from", BOOT)?;
+    // The window is closed: the pc waits to be admitted, says how, and an admin approves it by
+    // its MAC. The laptop stays out.
+    let waiting = pc.wait_status("waiting to be admitted", BOOT, |s| s.phase == Phase::Enrolling)?;
+    assert!(waiting.message.contains("52:54:00:4c:00:03"), "{}", waiting.message);
+    let said = admin(&["--approve", "52:54:00:4c:00:03"])?;
+    assert!(said.starts_with("approved 52:54:00:4c:00:03"), "{said}");
     let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.install_finished())?;
     assert_eq!(done.phase, Phase::Installed, "{}", done.message);
     let install = done.install.clone().expect("install status");
@@ -190,6 +257,10 @@ fn worker_netboots_from_master() -> Result<()> {
     })?;
     let blobs = seen.pxe.as_ref().map(|p| p.preload_served).unwrap_or(0);
     assert!(blobs >= 12, "preloaded blobs served by the master: {blobs}");
+    // Two nodes were admitted; the laptop never was.
+    let list = admin(&[])?;
+    assert!(list.contains("; 2 admitted"), "{list}");
+    assert!(list.lines().any(|l| l.starts_with("pending") && l.contains("52:54:00:66:66:66")), "{list}");
     master.check_console_health()?;
     Ok(())
 }

@@ -40,6 +40,8 @@ use state::{State, Store};
 pub const TICK: Duration = Duration::from_secs(1);
 /// Peers not heard for this long drop out of the view.
 const PEER_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long an authentic beacon from a skewed clock keeps this node from claiming mastership.
+pub const SKEW_MEMORY: Duration = Duration::from_secs(300);
 
 /// This node's place in the cluster, as the other tasks see it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -166,7 +168,10 @@ impl Cluster {
             election::Decision::Follow { master, .. } => master_address(master),
             _ => None,
         };
-        match plan::step(decision, &self.state, elapsed < params.settle, master) {
+        // A skewed peer while others agree with our clock is their problem, not ours.
+        let skew = self.recent_skew().filter(|_| peers.is_empty());
+        let step = plan::step(decision, &self.state, elapsed < params.settle, master);
+        match plan::hold_claims(step, skew.as_ref().map(|s| (s.peer.as_str(), s.offset_ms))) {
             Step::Report { phase, message } => self.set_phase(phase, &message),
             Step::Claim => {
                 let uid = random_uid();
@@ -206,6 +211,19 @@ impl Cluster {
         }
         self.publish(&peers);
         Ok(())
+    }
+
+    /// An authentic peer heard with its clock outside the freshness window in the last
+    /// [`SKEW_MEMORY`], as reported in the status.
+    fn recent_skew(&self) -> Option<net::Skew> {
+        let tally = self.links.report.tally();
+        let skew = tally.beacons.skew.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let skew = skew.filter(|s| s.heard.elapsed() < SKEW_MEMORY);
+        let shown = skew
+            .as_ref()
+            .map(|s| crate::status::ClockSkew { peer: s.peer.clone(), offset_seconds: s.offset_ms / 1000 });
+        self.links.report.update(|st| st.clock_skew = shown);
+        skew
     }
 
     fn start_discovery(&self, lan: &Lan) -> Result<()> {

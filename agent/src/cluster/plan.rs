@@ -70,6 +70,26 @@ pub fn step(decision: Decision, state: &State, settling: bool, master_address: O
     }
 }
 
+/// A node that recently heard an authentic beacon from a clock outside the freshness window,
+/// and no peer whose clock agrees with its own, must not claim mastership: if its own clock is
+/// the wrong one it hears no one and would form a second cluster. `skew` is that peer and its
+/// clock minus ours (ms). Leading a cluster committed before goes on.
+pub fn hold_claims(step: Step, skew: Option<(&str, i64)>) -> Step {
+    match (step, skew) {
+        (Step::Claim | Step::Commit { .. }, Some((peer, offset_ms))) => Step::Report {
+            phase: Phase::ClockSkew,
+            message: format!(
+                "clock skew: node {peer}'s clock is {}{} s from ours, beyond the {} s beacons allow; this node will \
+                 not claim mastership until its clock is set right (check the BIOS clock and time sync)",
+                if offset_ms >= 0 { "+" } else { "-" },
+                offset_ms.unsigned_abs() / 1000,
+                crate::cluster::discovery::beacon::MAX_SKEW_MS / 1000
+            ),
+        },
+        (step, _) => step,
+    }
+}
+
 /// What leading needs from kubeadm this round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lead {
@@ -251,5 +271,20 @@ mod tests {
     fn join_info_must_be_for_the_followed_cluster() {
         assert!(check_join_info(&info("", 0), "u1").is_ok());
         assert!(check_join_info(&info("", 0), "u2").unwrap_err().contains("expected u2"));
+    }
+
+    #[test]
+    fn a_node_with_a_skewed_clock_claims_nothing_but_keeps_leading() {
+        let skew = Some(("n2", 600_000));
+        let held = hold_claims(Step::Claim, skew);
+        assert!(
+            matches!(&held, Step::Report { phase: Phase::ClockSkew, message } if message.contains("+600 s") && message.contains("n2")),
+            "{held:?}"
+        );
+        assert!(
+            matches!(hold_claims(Step::Commit { uid: "u".into() }, Some(("n2", -600_000))), Step::Report { phase: Phase::ClockSkew, message } if message.contains("-600 s"))
+        );
+        assert_eq!(hold_claims(Step::Lead, skew), Step::Lead);
+        assert_eq!(hold_claims(Step::Claim, None), Step::Claim);
     }
 }

@@ -160,7 +160,8 @@ pub fn prepare(
         let id = d.stable_id().unwrap_or_else(|| format!("kernel:{}", d.name));
         info!(disk = %d.name, %id, "zapping: {}", status.disks[i].reason);
         let result = journal.begin(&id, &d.name, d.size_bytes, boot).and_then(|()| {
-            zap::zap(Path::new(&d.path), &id, d.size_bytes, d.discard, &mut |step: &str| journal.step(&id, step))
+            let progress = &mut |step: &str| journal.step(&id, step);
+            zap::zap(Path::new(&d.path), &d.devnum, &id, d.size_bytes, d.discard, progress)
         });
         if let Err(e) = result {
             let msg = format!("zap failed: {e:#}");

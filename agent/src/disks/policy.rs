@@ -216,6 +216,7 @@ mod tests {
         DiskFacts {
             name: name.into(),
             path: format!("/dev/{name}"),
+            devnum: "8:0".into(),
             by_id: vec![format!("/dev/disk/by-id/ata-DISK_{name}")],
             serial: Some(format!("SER{name}")),
             model: Some("DISK".into()),

@@ -1,8 +1,12 @@
 //! Zapping a disk for Rook-Ceph, as Rook's teardown documentation does it, made safe to cut
-//! the power in the middle of:
+//! the power in the middle of. The disk is opened once, exclusively (`O_EXCL`: refused while
+//! anything mounts or holds it), and only if it is still the device that was probed; every
+//! write goes through that descriptor:
 //!
-//! 1. `wipefs --all` (every signature libblkid knows, both GPT headers and the protective MBR);
-//! 2. `blkdiscard` when the device supports discard;
+//! 1. every signature libblkid finds (listed by `wipefs --json`, which writes nothing) zeroed,
+//!    as `wipefs --all` would (both GPT headers and the protective MBR among them);
+//! 2. discard of the whole device when it supports it (`fallocate` punching a hole, which a
+//!    block device turns into a discard);
 //! 3. zeroes over 200 KiB at 0, 1, 10, 100 and 1000 GiB (where Ceph keeps BlueStore label
 //!    copies; those past the end are skipped) and over the last MiB (backup GPT, md and other
 //!    end-of-disk metadata), then fsync;
@@ -13,6 +17,7 @@
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::Duration;
@@ -42,23 +47,26 @@ impl<F: FnMut(&str) -> Result<()>> Progress for F {
 /// How long one of the small disk tools may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Zaps the device at `dev` (`size` bytes; `discard` if it supports it), then verifies.
-/// `id` names it in logs and for the test hold.
-pub fn zap(dev: &Path, id: &str, size: u64, discard: bool, progress: &mut dyn Progress) -> Result<()> {
+/// Zaps the device at `dev` (probed as `devnum`, `size` bytes; `discard` if it supports it),
+/// then verifies. `id` names it in logs and for the test hold.
+pub fn zap(dev: &Path, devnum: &str, id: &str, size: u64, discard: bool, progress: &mut dyn Progress) -> Result<()> {
     let block = fs::metadata(dev).with_context(|| format!("{} is gone", dev.display()))?.file_type().is_block_device();
-    Cmd::new("wipefs").args(["--all", "--quiet"]).arg(dev).timeout(TOOL_TIMEOUT).run().context("wipefs --all")?;
+    // Listed before the disk is opened exclusively (wipefs opens it too); erased through our
+    // own descriptor.
+    let found = probe::blkid_signatures(dev).context("listing signatures (wipefs --json)")?;
+    let mut f = labforge_core::disk::open_exclusive(dev, devnum)?;
+    labforge_core::disk::erase_signatures(&mut f, &found, size)
+        .with_context(|| format!("erasing signatures on {}", dev.display()))?;
     progress.step("wipefs")?;
     if discard && block {
         // Not every device that claims discard honours it; the zeroes below do not depend on it.
-        match Cmd::new("blkdiscard").arg(dev).run() {
-            Ok(_) => progress.step("discard")?,
-            Err(e) => warn!("{id}: blkdiscard failed, zeroing anyway: {e:#}"),
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(f.as_raw_fd(), flags, 0, size as i64) {
+            Ok(()) => progress.step("discard")?,
+            Err(e) => warn!("{id}: discard failed, zeroing anyway: {e}"),
         }
     }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .open(dev)
-        .with_context(|| format!("opening {} for writing", dev.display()))?;
     let zeros = vec![0u8; TAIL_REGION as usize];
     for (i, (start, len)) in regions(size).into_iter().enumerate() {
         f.seek(SeekFrom::Start(start))?;
@@ -169,7 +177,7 @@ mod tests {
         }
         assert!(!probe::signatures(&dev, size).unwrap().is_empty());
         let mut steps = Vec::new();
-        zap(&dev, "test", size, false, &mut |s: &str| {
+        zap(&dev, "", "test", size, false, &mut |s: &str| {
             steps.push(s.to_string());
             Ok(())
         })
@@ -197,7 +205,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dev = d.path().join("disk");
         fs::File::create(&dev).unwrap().set_len(64 * MIB).unwrap();
-        let err = zap(&dev, "test", 64 * MIB, false, &mut |s: &str| {
+        let err = zap(&dev, "", "test", 64 * MIB, false, &mut |s: &str| {
             if s.starts_with("zero") {
                 bail!("journal full")
             } else {
@@ -206,7 +214,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains("journal full"));
-        let err = zap(&d.path().join("gone"), "test", 64 * MIB, false, &mut |_: &str| Ok(())).unwrap_err();
+        let err = zap(&d.path().join("gone"), "", "test", 64 * MIB, false, &mut |_: &str| Ok(())).unwrap_err();
         assert!(format!("{err:#}").contains("is gone"), "{err:#}");
     }
 

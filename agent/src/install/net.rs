@@ -156,11 +156,14 @@ fn run_inner(
     let partly = |e: anyhow::Error| {
         e.context(format!("installing onto {target_name} (it is only partly written; the next netboot installs again)"))
     };
-    Cmd::new("wipefs")
-        .args(["--all", "--quiet"])
-        .arg(&fresh.path)
-        .run()
+    // The downloads above took a while: the disk must still be the one probed, and unused.
+    // Its old signatures are erased through one exclusive descriptor; sfdisk and mkfs then
+    // write by name (they open the device themselves), right after.
+    let old = probe::blkid_signatures(Path::new(&fresh.path)).context("listing old signatures on the target")?;
+    let mut dev = labforge_core::disk::open_exclusive(Path::new(&fresh.path), &fresh.devnum)?;
+    labforge_core::disk::erase_signatures(&mut dev, &old, fresh.size_bytes)
         .context("clearing old signatures off the target")?;
+    drop(dev);
     sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
     let _ = Cmd::new("blockdev").arg("--rereadpt").arg(&fresh.path).run();
     crate::sys::cmd::udev_settle();
@@ -256,7 +259,7 @@ fn fill_root(
     let mut bytes = tree_bytes(dir)?;
     status.bytes_done = bytes;
     publish(status);
-    fs::write(dir.join("etc/fstab"), &manifest.fstab)?;
+    crate::sys::fs::write_durable(&dir.join("etc/fstab"), manifest.fstab.as_bytes())?;
     // The squashfs carries no cluster secret; this node got one by enrolment: the installed
     // system keeps it (0600), or it could not join after its first boot from the disk.
     if let Ok(secret) = fs::read(crate::config::SECRET_PATH) {
@@ -287,7 +290,11 @@ fn fill_root(
     for (hex, _) in blobs {
         let to = layout.join("blobs/sha256").join(hex);
         if !to.exists() {
-            fs::create_dir_all(to.parent().expect("blob dir"))?;
+            let blob_dir = to.parent().expect("blob dir");
+            fs::create_dir_all(blob_dir)?;
+            for d in [blob_dir, blob_dir.parent().expect("blobs")] {
+                fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+            }
             fetcher.fetch_to(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), hex, &to)?;
             bytes += fs::metadata(&to)?.len();
         }

@@ -5,8 +5,8 @@
 //! the disk on the installed system's first boot (systemd-repart and growfs, as on any disk
 //! the image is written to).
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -139,18 +139,13 @@ fn run_inner(
     info!(source = %name(source), target = %name(&fresh), bytes = status.bytes_total, "installing");
 
     let started = Instant::now();
-    Cmd::new("wipefs")
-        .args(["--all", "--quiet"])
-        .arg(&fresh.path)
-        .run()
-        .context("clearing old signatures off the target")?;
+    // One exclusive descriptor on the device just probed: old signatures are erased and the
+    // image written through it.
+    let old = probe::blkid_signatures(Path::new(&fresh.path)).context("listing old signatures on the target")?;
     let src = File::open(&source.path).with_context(|| format!("opening {}", source.path))?;
-    let dst = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_EXCL)
-        .open(&fresh.path)
-        .with_context(|| format!("opening {} for writing", fresh.path))?;
+    let mut dst = labforge_core::disk::open_exclusive(Path::new(&fresh.path), &fresh.devnum)?;
+    labforge_core::disk::erase_signatures(&mut dst, &old, fresh.size_bytes)
+        .context("clearing old signatures off the target")?;
     let mut last = (Phase::Write, 0u64);
     let copied = blockcopy::copy(&mut blockcopy::Positional(&src), &ranges, &dst, 0, &mut |phase, done, total| {
         let step = done * 20 / total.max(1);

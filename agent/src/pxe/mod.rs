@@ -137,7 +137,10 @@ pub fn dnsmasq_args(
         "--log-dhcp",
         "--log-facility=-",
         "--pid-file",
-        "--user=root",
+        // It binds its sockets and opens the lease file as root, then runs as nobody: a flaw
+        // in its DHCP or TFTP parsers does not give the LAN root on the master.
+        "--user=nobody",
+        "--group=nogroup",
     ]
     .map(String::from)
     .to_vec();
@@ -183,6 +186,7 @@ mod tests {
         assert!(a.contains(&format!("--dhcp-boot=tag:ipxe,{url}")));
         assert!(a.contains(&"--pxe-service=tag:!ipxe,x86-64_EFI,labforge netboot,ipxe.efi".to_string()));
         assert!(a.contains(&"--port=0".to_string()) && a.contains(&"--interface=enp0s1".to_string()));
+        assert!(a.contains(&"--user=nobody".to_string()) && !a.iter().any(|x| x == "--user=root"));
         let a = dnsmasq_args(
             "enp0s1",
             addr,

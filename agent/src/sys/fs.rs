@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -27,6 +27,9 @@ pub fn write_durable_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    // Under the unit's UMask=0077 `mode` would lose its group and other bits: set it exactly.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
     f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
     drop(f);

@@ -5,6 +5,12 @@
 pub mod probe;
 
 use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +30,10 @@ pub struct DiskFacts {
     pub name: String,
     /// Device node, e.g. `/dev/sdb`.
     pub path: String,
+    /// The kernel's `major:minor` of the device when it was probed (a write checks the node it
+    /// opens is still this device).
+    #[serde(default)]
+    pub devnum: String,
     /// `/dev/disk/by-id/…` paths, the most specific (wwn) first.
     pub by_id: Vec<String>,
     pub serial: Option<String>,
@@ -111,4 +121,89 @@ pub fn regions(size: u64) -> Vec<(u64, u64)> {
         }
     }
     merged
+}
+
+/// Opens a disk for writing, once, the way every destructive write does: exclusively
+/// (`O_EXCL`: the kernel refuses while the disk or one of its partitions is mounted or held),
+/// and only if the node is still the device probed as `devnum` (`major:minor`): a disk
+/// swapped or renamed since the probe is never written. (A regular file, as in tests, has no
+/// device number to check.)
+pub fn open_exclusive(path: &Path, devnum: &str) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .with_context(|| format!("opening {} exclusively (is it mounted or in use?)", path.display()))?;
+    let m = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+    if m.file_type().is_block_device() {
+        let now = format!("{}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()));
+        if now != devnum {
+            bail!(
+                "{} is now device {now}, not the {} that was looked at: the disks changed, nothing was written",
+                path.display(),
+                if devnum.is_empty() { "unknown device" } else { devnum }
+            );
+        }
+    } else if !m.file_type().is_file() {
+        bail!("{} is not a block device", path.display());
+    }
+    Ok(f)
+}
+
+/// What [`erase_signatures`] zeroes around each signature: the aligned 4 KiB block holding it.
+pub const SIGNATURE_BLOCK: u64 = 4096;
+
+/// Zeroes the aligned block holding each signature's offset (as `wipefs --all` erases what
+/// libblkid finds), through `f`, then flushes. Offsets past `size` are skipped.
+pub fn erase_signatures(f: &mut File, signatures: &[Signature], size: u64) -> Result<()> {
+    let zeros = [0u8; SIGNATURE_BLOCK as usize];
+    for s in signatures {
+        let start = s.offset / SIGNATURE_BLOCK * SIGNATURE_BLOCK;
+        let len = SIGNATURE_BLOCK.min(size.saturating_sub(start));
+        if len == 0 {
+            continue;
+        }
+        f.seek(SeekFrom::Start(start))?;
+        f.write_all(&zeros[..len as usize]).with_context(|| format!("erasing {s}"))?;
+    }
+    f.sync_data().context("flushing")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn exclusive_open_refuses_what_is_not_a_disk_or_a_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("disk.img");
+        std::fs::write(&f, vec![0u8; 8192]).unwrap();
+        assert!(open_exclusive(&f, "8:16").is_ok(), "a regular file (tests) has no device number to check");
+        let e = open_exclusive(Path::new("/dev/null"), "1:3").unwrap_err();
+        assert!(format!("{e:#}").contains("not a block device"), "{e:#}");
+        assert!(open_exclusive(&d.path().join("gone"), "8:16").is_err());
+    }
+
+    #[test]
+    fn signatures_are_erased_block_by_block_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk.img");
+        std::fs::write(&p, vec![0xaau8; 5 * 4096 + 100]).unwrap();
+        let size = std::fs::metadata(&p).unwrap().len();
+        let sig = |offset| Signature { kind: "ext4".into(), offset, detail: None };
+        let mut f = open_exclusive(&p, "").unwrap();
+        // ext4's magic at 0x438, one in the third block, one in the short last block, one past the end.
+        erase_signatures(&mut f, &[sig(0x438), sig(2 * 4096 + 7), sig(5 * 4096 + 10), sig(size + 4096)], size).unwrap();
+        let mut bytes = Vec::new();
+        std::fs::File::open(&p).unwrap().read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes.len() as u64, size, "nothing written past the end");
+        let zero = |r: std::ops::Range<usize>| bytes[r].iter().all(|&b| b == 0);
+        let kept = |r: std::ops::Range<usize>| bytes[r].iter().all(|&b| b == 0xaa);
+        assert!(
+            zero(0..4096) && kept(4096..8192) && zero(8192..12288) && kept(12288..20480) && zero(20480..bytes.len())
+        );
+    }
 }

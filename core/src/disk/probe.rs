@@ -103,6 +103,7 @@ fn disk(roots: &Roots, name: &str, mounts: &Mounts, boot_partuuid: Option<&str>)
     DiskFacts {
         name: name.to_string(),
         path: path.to_string_lossy().into_owned(),
+        devnum: read("dev"),
         by_id: by_id_links(&roots.dev.join("disk/by-id"), name),
         serial: udev
             .get("ID_SERIAL_SHORT")
@@ -263,7 +264,8 @@ pub fn signatures(dev: &Path, size: u64) -> Result<Vec<Signature>> {
     Ok(out)
 }
 
-fn blkid_signatures(dev: &Path) -> Result<Vec<Signature>> {
+/// The signatures libblkid finds on `dev` itself (`wipefs --json`, which only lists).
+pub fn blkid_signatures(dev: &Path) -> Result<Vec<Signature>> {
     let out =
         crate::cmd::Cmd::new("wipefs").arg("--json").arg(dev).timeout(std::time::Duration::from_secs(120)).run()?;
     parse_wipefs(&out)

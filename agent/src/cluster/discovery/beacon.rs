@@ -91,11 +91,14 @@ pub struct Verifier {
     secret: Secret,
     own_id: String,
     seen: HashMap<String, u64>,
+    /// The last authentic beacon dropped as stale: who sent it and how far its clock is from
+    /// ours (their time minus ours, ms).
+    pub last_stale: Option<(String, i64)>,
 }
 
 impl Verifier {
     pub fn new(secret: Secret, own_id: &str) -> Self {
-        Verifier { secret, own_id: own_id.to_string(), seen: HashMap::new() }
+        Verifier { secret, own_id: own_id.to_string(), seen: HashMap::new(), last_stale: None }
     }
 
     pub fn check(&mut self, datagram: &[u8], now_ms: u64) -> Result<Beacon, Rejection> {
@@ -109,6 +112,7 @@ impl Verifier {
             return Err(Rejection::Own);
         }
         if beacon.ts_ms.abs_diff(now_ms) > MAX_SKEW_MS {
+            self.last_stale = Some((beacon.node.id.clone(), beacon.ts_ms as i64 - now_ms as i64));
             return Err(Rejection::Stale);
         }
         self.seen.retain(|_, ts| ts.abs_diff(now_ms) <= MAX_SKEW_MS);
@@ -249,6 +253,8 @@ mod tests {
             v.check(&encode(&beacon("peer", 1_000_000, "n"), &secret(1)), 1_000_000 + MAX_SKEW_MS + 1),
             Err(Rejection::Stale)
         );
+        // An authentic stale beacon tells how far the clocks are apart.
+        assert_eq!(v.last_stale, Some(("peer".to_string(), -(MAX_SKEW_MS as i64) - 1)));
         assert_eq!(v.check(&encode(&beacon("me", 1_000_000, "n"), &secret(1)), 1_000_000), Err(Rejection::Own));
         assert_eq!(v.check(b"hello", 0), Err(Rejection::Malformed));
         assert_eq!(v.check(&[0u8; 9000], 0), Err(Rejection::Malformed));

@@ -26,6 +26,17 @@ pub struct Counters {
     /// Authentic, but its content failed validation.
     pub invalid: AtomicU64,
     pub sent: AtomicU64,
+    /// The last authentic beacon whose clock was outside the freshness window.
+    pub skew: Mutex<Option<Skew>>,
+}
+
+/// An authentic peer whose clock differs from ours by more than the freshness window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skew {
+    pub peer: String,
+    /// Their clock minus ours, in ms.
+    pub offset_ms: i64,
+    pub heard: Instant,
 }
 
 impl Counters {
@@ -98,6 +109,10 @@ pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers,
             }
             Err(r) => {
                 counters.reject(r);
+                if let (Rejection::Stale, Some((peer, offset_ms))) = (r, verifier.last_stale.take()) {
+                    *counters.skew.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Skew { peer, offset_ms, heard: Instant::now() });
+                }
                 // One line per 10 s at most: a flood must not flood the journal too.
                 if r != Rejection::Own && last_warn.elapsed() >= Duration::from_secs(10) {
                     tracing::warn!(%from, reason = r.label(), "dropped a beacon");
