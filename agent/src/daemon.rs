@@ -48,6 +48,8 @@ pub struct Boot {
     pub store: cluster::state::Store,
     pub state: cluster::state::State,
     pub inventory: Inventory,
+    /// What the operator should know about this boot's config (ignored options and partitions).
+    pub notices: Vec<String>,
 }
 
 /// What this boot is for.
@@ -89,22 +91,24 @@ impl Boot {
     fn read(config_path: &Path) -> Result<Boot> {
         let mut cfg = NodeConfig::load(config_path)?;
         let cmdline = crate::sys::fs::kernel_cmdline();
-        for w in cfg.apply_cmdline(&cmdline) {
-            warn!("{w}");
-        }
+        let mut notices = cfg.apply_cmdline(&cmdline);
         let mut partition_secret = None;
-        match partition::read() {
+        match partition::read(&mut notices) {
             Ok(Some(p)) => {
                 info!(device = %p.device, "found config partition");
                 if let Some(t) = &p.labforge_toml {
                     if let Err(e) = cfg.apply_partition_toml(t) {
                         error!("ignoring labforge.toml on {}: {e:#}", p.device);
+                        notices.push(format!("ignoring labforge.toml on {}: {e:#}", p.device));
                     }
                 }
                 partition_secret = p.cluster_secret;
             }
             Ok(None) => {}
-            Err(e) => warn!("reading the config partition: {e:#}"),
+            Err(e) => notices.push(format!("reading the config partition: {e:#}")),
+        }
+        for n in &notices {
+            warn!("{n}");
         }
         // The config partition's secret wins (a stick can carry a site-wide secret); the baked
         // one is the default. Without either, the node will not form a cluster.
@@ -115,7 +119,7 @@ impl Boot {
         .map_err(|e| {
             format!(
                 "{e:#}. This node will not form or join a cluster: put a secret made with `labforge secret new` in \
-                 {SECRET_PATH} (mode 0600) or as cluster.secret on a FAT partition labelled LABFORGE"
+                 {SECRET_PATH} (mode 0600) or as cluster.secret on a FAT partition labelled LABFORGE on the boot medium"
             )
         });
         let store = cluster::state::Store::new(Path::new(&cfg.state_dir));
@@ -127,7 +131,7 @@ impl Boot {
         apply_hostname(&cfg, &inventory);
         let inventory = Inventory::take(&roots, &cluster::lan::kernel_addresses)?;
         info!(nics = inventory.nics.len(), disks = inventory.disks.len(), boots = state.boots, "took inventory");
-        Ok(Boot { cfg, secret, cmdline, store, state, inventory })
+        Ok(Boot { cfg, secret, cmdline, store, state, inventory, notices })
     }
 
     fn status(&self) -> Status {
@@ -153,6 +157,7 @@ impl Boot {
             pxe: None,
             enrol: None,
             clock_skew: None,
+            notices: self.notices.clone(),
             state: state_volume(&self.cfg.state_dir),
             counters: Default::default(),
         }
@@ -295,7 +300,7 @@ async fn node(
     endpoints: Arc<Endpoints>,
 ) -> Result<()> {
     let boot = enrolled(boot, &report, &endpoints).await;
-    let Boot { cfg, secret, cmdline, store, state, inventory } = boot;
+    let Boot { cfg, secret, cmdline, store, state, inventory, .. } = boot;
     let state_dir = PathBuf::from(&cfg.state_dir);
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::preload::task::run(report.clone(), state_dir.clone(), cmdline));

@@ -111,6 +111,10 @@ pub struct Status {
     /// Netboot served by this node (master with `[pxe] serve`).
     #[serde(default)]
     pub pxe: Option<crate::pxe::PxeStatus>,
+    /// What the operator should know about this boot's config: kernel command line options and
+    /// config partitions that were ignored, and why.
+    #[serde(default)]
+    pub notices: Vec<String>,
     /// An authentic peer whose clock is outside the freshness window, recently.
     #[serde(default)]
     pub clock_skew: Option<ClockSkew>,
@@ -277,6 +281,20 @@ impl std::fmt::Display for Status {
                 "pxe      {} {} {} ({} files and {} preload blobs served) {}",
                 p.state, p.mode, p.url, p.served, p.preload_served, p.message
             )?;
+        }
+        if let Some(e) = &self.enrol {
+            let pending = e.nodes.iter().filter(|n| n.state == crate::pxe::enrol::EnrolState::Pending).count();
+            writeln!(
+                f,
+                "enrol    {} ({} admitted, {pending} pending, {} refused; labforge-agent enrol lists them)",
+                e.policy, e.admitted, e.refused
+            )?;
+        }
+        if let Some(k) = &self.clock_skew {
+            writeln!(f, "clock    node {}'s clock is {:+} s from ours", k.peer, k.offset_seconds)?;
+        }
+        for n in &self.notices {
+            writeln!(f, "notice   {n}")?;
         }
         let failed = if self.system.failed_units.is_empty() {
             String::new()

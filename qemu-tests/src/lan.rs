@@ -123,3 +123,61 @@ pub fn config_partition(path: &Path, labforge_toml: Option<&str>, secret: Option
     }
     Ok(())
 }
+
+/// A copy of the disk image `image` at `path` with a `LABFORGE` config partition added after
+/// its last partition (as a user adds one to a flashed stick), carrying `labforge.toml` and/or
+/// `cluster.secret`: the agent reads config partitions only on the medium it booted from.
+/// The copy is sparse; the GPT's backup header moves to the new end.
+pub fn boot_disk_with_config(
+    image: &Path,
+    path: &Path,
+    labforge_toml: Option<&str>,
+    secret: Option<&str>,
+) -> Result<PathBuf> {
+    const PART: u64 = 16 << 20;
+    let run = |c: &mut Command, input: Option<&str>| -> Result<String> {
+        use std::io::Write;
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {c:?}"))?;
+        if let Some(text) = input {
+            child.stdin.take().expect("stdin").write_all(text.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let _ = fs::remove_file(path);
+    run(Command::new("cp").arg("--sparse=always").arg(image).arg(path), None)?;
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(f.metadata()?.len() + PART + (1 << 20))?;
+    drop(f);
+    run(Command::new("sfdisk").args(["--quiet", "--relocate", "gpt-bak-std"]).arg(path), None)?;
+    // Microsoft basic data: what a FAT partition on a stick is typed as.
+    let script = "size=16MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=\"LABFORGE\"\n";
+    run(
+        Command::new("sfdisk").args(["--quiet", "--append", "--no-reread", "--no-tell-kernel"]).arg(path),
+        Some(script),
+    )?;
+    let table: serde_json::Value = serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(path), None)?)?;
+    let start = table["partitiontable"]["partitions"]
+        .as_array()
+        .and_then(|p| p.last())
+        .and_then(|p| p["start"].as_u64())
+        .context("the new partition's start")?;
+    let fat = path.with_extension("config.img");
+    config_partition(&fat, labforge_toml, secret)?;
+    let bytes = fs::read(&fat)?;
+    anyhow::ensure!(bytes.len() as u64 <= PART, "the config filesystem is larger than its partition");
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, start * 512)?;
+    f.sync_all()?;
+    fs::remove_file(&fat)?;
+    Ok(path.to_path_buf())
+}

@@ -54,19 +54,24 @@ fn demo_image_boots() -> Result<()> {
     Ok(())
 }
 
-/// A stick whose config partition carries a broken secret: the node must not form or join a
-/// cluster, and must say how to fix it.
+/// A boot disk whose config partition carries a broken secret: the node must not form or join
+/// a cluster, and must say how to fix it; a stick with a valid secret beside it changes nothing.
 #[test]
 fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
     let _one_vm_scenario_at_a_time = qemu_tests::exclusive()?;
     let image = images::image("images/demo.toml")?.image;
     let dir = vm::scenario_dir("no_valid_secret")?;
     let mut lan = qemu_tests::lan::Lan::new("no_secret", &dir)?;
-    let part = dir.join("config.img");
-    qemu_tests::lan::config_partition(&part, None, Some("0123456789abcdef\n"))?;
-    let mut cfg = vm::VmConfig::new("node", &image);
+    // The broken secret is on a config partition of the disk the node boots from (where the
+    // agent reads one); a stick that is not the boot medium carries a valid secret, which the
+    // agent must ignore.
+    let disk = qemu_tests::lan::boot_disk_with_config(&image, &dir.join("boot.raw"), None, Some("0123456789abcdef\n"))?;
+    let stick = dir.join("stick.img");
+    let valid = labforge_agent::secret::Secret::generate()?.to_hex();
+    qemu_tests::lan::config_partition(&stick, Some("[cluster]\nminimum-nodes = 1\n"), Some(&valid))?;
+    let mut cfg = vm::VmConfig::new("node", &disk);
     cfg.net = vm::Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:12:34:57".into() };
-    cfg.disks.push(part);
+    cfg.disks.push(stick);
     let mut node = vm::Vm::start(&cfg, &dir)?;
     let status = node.wait_status("phase needs-secret", BOOT, |s| s.phase == Phase::NeedsSecret)?;
     assert_eq!(status.role, Role::Undecided);
@@ -75,6 +80,12 @@ fn node_without_a_valid_secret_refuses_to_form_a_cluster() -> Result<()> {
         status.message.contains("64 hex digits") && status.message.contains("labforge secret new"),
         "{}",
         status.message
+    );
+    // The stick was looked at and ignored, by name.
+    assert!(
+        status.notices.iter().any(|n| n.contains("ignoring the LABFORGE config partition /dev/vdb")),
+        "{:?}",
+        status.notices
     );
     // The rest of the node still boots cleanly.
     node.wait_booted(BOOT)?;

@@ -59,7 +59,8 @@ impl Room {
         Ok(Room { nodes: Vec::new(), lan, dir, image: built.image, secret: built.secret, _one_at_a_time: lock })
     }
 
-    /// Adds and boots a node; `config` goes on a LABFORGE config partition when given.
+    /// Adds and boots a node; `config` goes on a LABFORGE config partition on its boot disk
+    /// when given.
     fn boot(&mut self, labforge_toml: Option<&str>, secret: Option<&str>) -> Result<usize> {
         self.boot_with(labforge_toml, secret, 0)
     }
@@ -89,9 +90,9 @@ impl Room {
             bootindex: None,
         });
         if labforge_toml.is_some() || secret.is_some() {
-            let part = self.dir.join(format!("node{i}-config.img"));
-            lan::config_partition(&part, labforge_toml, secret)?;
-            cfg.disks.push(part);
+            // On the boot disk: the agent ignores config partitions anywhere else.
+            let disk = self.dir.join(format!("node{i}-boot.raw"));
+            cfg.disks[0] = lan::boot_disk_with_config(&self.image, &disk, labforge_toml, secret)?;
         }
         cfg.clock_offset_secs = clock_offset_secs;
         let vm = Vm::start(&cfg, &self.dir)?;
@@ -212,21 +213,15 @@ fn assert_joined_with(room: &Room, worker: usize, token: &str, ca_hash: &str, ho
         return;
     }
     let calls = kubeadm_calls(room.nodes[worker].vm.as_ref().unwrap());
-    let want: Vec<String> = [
-        "join",
-        "lab-api:6443",
-        "--token",
-        token,
-        "--discovery-token-ca-cert-hash",
-        ca_hash,
-        "--node-name",
-        hostname,
-        "--cri-socket",
-        "unix:///run/containerd/containerd.sock",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let want: Vec<String> =
+        ["join", "--config", "/var/lib/labforge/kubeadm/join.yaml"].iter().map(|s| s.to_string()).collect();
+    let config: Value = serde_json::from_str(calls.configs.first().expect("join config recorded")).unwrap();
+    let discovery = &config["discovery"]["bootstrapToken"];
+    assert_eq!(discovery["apiServerEndpoint"], "lab-api:6443");
+    assert_eq!(discovery["token"], token, "the token is in the 0600 file, not on the command line");
+    assert_eq!(discovery["caCertHashes"], serde_json::json!([ca_hash]), "pinned to the master's CA");
+    assert_eq!(config["nodeRegistration"]["name"], hostname);
+    assert_eq!(config["nodeRegistration"]["criSocket"], "unix:///run/containerd/containerd.sock");
     assert_eq!(calls.argv, vec![want], "worker {worker} ran exactly one kubeadm join, pinned to the master's CA");
 }
 

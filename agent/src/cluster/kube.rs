@@ -54,12 +54,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes `name` under the state directory's `kubeadm/`, 0600: these files carry the
+    /// bootstrap token.
+    fn kubeadm_file(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let dir = PathBuf::from(&self.cfg.state_dir).join("kubeadm");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(name);
+        crate::sys::fs::write_durable_mode(&path, text.as_bytes(), 0o600)?;
+        Ok(path)
+    }
+
     /// Writes the kubeadm config, runs `kubeadm init` unless it already finished on this node,
     /// and returns the CA's public-key hash.
     async fn kubeadm_init(&self, token: &str, node_ip: &str) -> Result<String> {
-        let dir = PathBuf::from(&self.cfg.state_dir).join("kubeadm");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let config = dir.join("init.yaml");
         let text = kubeadm::init_config(&kubeadm::InitParams {
             cluster: &self.cfg.cluster,
             kubernetes_version: &self.cfg.kubernetes.version,
@@ -67,8 +74,7 @@ impl Cluster {
             node_ip,
             token,
         });
-        // The file carries the bootstrap token: readable by root only.
-        crate::sys::fs::write_durable_mode(&config, text.as_bytes(), 0o600)?;
+        let config = self.kubeadm_file("init.yaml", &text)?;
         if Path::new(kubeadm::KUBELET_CONF).exists() && Path::new(kubeadm::CA_CERT).exists() {
             info!("kubeadm init already ran on this node (power cut after it finished); not running it again");
         } else {
@@ -83,9 +89,20 @@ impl Cluster {
     async fn renew_token(&mut self) -> Result<()> {
         let Some(mut info) = self.state.join_info.clone() else { return Ok(()) };
         let token = kubeadm::new_token();
-        let argv = kubeadm::token_create_argv(&token);
+        let node_ip = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
+        // The new token goes to kubeadm in a 0600 config file, not on its command line.
+        let config = self.kubeadm_file(
+            "token.yaml",
+            &kubeadm::init_config(&kubeadm::InitParams {
+                cluster: &self.cfg.cluster,
+                kubernetes_version: &self.cfg.kubernetes.version,
+                node_name: &self.inventory.hostname,
+                node_ip: &node_ip,
+                token: &token,
+            }),
+        )?;
         let secret = token.clone();
-        blocking(move || kubeadm::run(&argv, &[&secret])).await?;
+        blocking(move || kubeadm::run(&kubeadm::token_create_argv(&config), &[&secret])).await?;
         info.token = token;
         info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
         info!("minted a fresh bootstrap token");
@@ -118,9 +135,19 @@ impl Cluster {
         self.state.join_info = Some(info.clone());
         self.store.save(&self.state)?;
         if plan::must_join(kubernetes, Path::new(kubeadm::KUBELET_CONF).exists()) {
-            let argv = kubeadm::join_argv(&info.endpoint, &info.token, &info.ca_cert_hash, &self.inventory.hostname);
+            let node_ip = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
+            let config = self.kubeadm_file(
+                "join.yaml",
+                &kubeadm::join_config(&kubeadm::JoinParams {
+                    endpoint: &info.endpoint,
+                    token: &info.token,
+                    ca_cert_hash: &info.ca_cert_hash,
+                    node_name: &self.inventory.hostname,
+                    node_ip: &node_ip,
+                }),
+            )?;
             let token = info.token.clone();
-            blocking(move || kubeadm::run(&argv, &[&token])).await?;
+            blocking(move || kubeadm::run(&kubeadm::join_argv(&config), &[&token])).await?;
         } else if kubernetes {
             info!("kubelet is already configured on this node; not running kubeadm join again");
         }

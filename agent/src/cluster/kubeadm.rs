@@ -94,26 +94,44 @@ pub fn init_argv(config: &Path) -> Vec<String> {
     vec!["init".into(), "--config".into(), config.display().to_string()]
 }
 
-pub fn join_argv(endpoint: &str, token: &str, ca_hash: &str, node_name: &str) -> Vec<String> {
-    [
-        "join",
-        endpoint,
-        "--token",
-        token,
-        "--discovery-token-ca-cert-hash",
-        ca_hash,
-        "--node-name",
-        node_name,
-        "--cri-socket",
-        CRI_SOCKET,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+/// What a worker needs to join, for a `JoinConfiguration`.
+pub struct JoinParams<'a> {
+    pub endpoint: &'a str,
+    pub token: &'a str,
+    pub ca_cert_hash: &'a str,
+    pub node_name: &'a str,
+    pub node_ip: &'a str,
 }
 
-pub fn token_create_argv(token: &str) -> Vec<String> {
-    ["token", "create", token, "--ttl", &format!("{TOKEN_TTL_SECS}s")].iter().map(|s| s.to_string()).collect()
+/// The worker's `JoinConfiguration`: the bootstrap token travels in this file (written 0600),
+/// never on a command line any local user can read in `/proc`.
+pub fn join_config(p: &JoinParams) -> String {
+    let join = json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "JoinConfiguration",
+        "discovery": {
+            "bootstrapToken": {
+                "apiServerEndpoint": p.endpoint,
+                "token": p.token,
+                "caCertHashes": [p.ca_cert_hash],
+            },
+        },
+        "nodeRegistration": {
+            "name": p.node_name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": p.node_ip}],
+        },
+    });
+    serde_json::to_string_pretty(&join).expect("json") + "\n"
+}
+
+pub fn join_argv(config: &Path) -> Vec<String> {
+    vec!["join".into(), "--config".into(), config.display().to_string()]
+}
+
+/// `kubeadm token create` with the token in `config` (an init config naming it, 0600).
+pub fn token_create_argv(config: &Path) -> Vec<String> {
+    vec!["token".into(), "create".into(), "--config".into(), config.display().to_string()]
 }
 
 /// `sha256:<hex>` of the CA certificate's SubjectPublicKeyInfo, the value kubeadm's
@@ -196,11 +214,23 @@ mod tests {
     }
 
     #[test]
-    fn join_argv_pins_the_ca() {
-        let argv = join_argv("lab-api:6443", "abcdef.0123456789abcdef", "sha256:ab", "w1");
-        assert_eq!(argv[..2], ["join".to_string(), "lab-api:6443".to_string()]);
-        let pos = argv.iter().position(|a| a == "--discovery-token-ca-cert-hash").unwrap();
-        assert_eq!(argv[pos + 1], "sha256:ab");
+    fn the_token_travels_in_a_file_and_the_join_pins_the_ca() {
+        let text = join_config(&JoinParams {
+            endpoint: "lab-api:6443",
+            token: "abcdef.0123456789abcdef",
+            ca_cert_hash: "sha256:00ff",
+            node_name: "lab-02",
+            node_ip: "10.0.0.12",
+        });
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["kind"], "JoinConfiguration");
+        assert_eq!(v["discovery"]["bootstrapToken"]["caCertHashes"][0], "sha256:00ff");
+        assert_eq!(v["discovery"]["bootstrapToken"]["apiServerEndpoint"], "lab-api:6443");
+        assert_eq!(v["nodeRegistration"]["kubeletExtraArgs"][0]["value"], "10.0.0.12");
+        let argv = join_argv(Path::new("/var/lib/labforge/kubeadm/join.yaml"));
+        assert_eq!(argv, ["join", "--config", "/var/lib/labforge/kubeadm/join.yaml"]);
+        let argv = token_create_argv(Path::new("/x/token.yaml"));
+        assert!(!argv.iter().any(|a| a.contains("abcdef")), "{argv:?}");
     }
 
     #[test]

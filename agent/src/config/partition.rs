@@ -2,7 +2,6 @@
 //! and/or `cluster.secret`, mounted read-only for the moment it takes to read them.
 
 use std::fs;
-use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -16,13 +15,29 @@ pub struct ConfigPartition {
     pub cluster_secret: Option<String>,
 }
 
-/// Reads `labforge.toml` and `cluster.secret` from the partition labelled `LABFORGE`,
-/// mounted read-only for the moment it takes.
-pub fn read() -> Result<Option<ConfigPartition>> {
-    let dev = Path::new("/dev/disk/by-label").join(CONFIG_LABEL);
-    if !dev.exists() {
-        return Ok(None);
+/// Reads `labforge.toml` and `cluster.secret` from the partition labelled `LABFORGE` on the
+/// medium this PC booted from, mounted read-only for the moment it takes. One on any other
+/// disk (a stick someone plugged in) is ignored, with a warning naming the disk: it could
+/// otherwise hand the PC another cluster's secret. A netbooted PC has no boot medium and takes
+/// none.
+pub fn read(notices: &mut Vec<String>) -> Result<Option<ConfigPartition>> {
+    let roots = crate::disks::probe::Roots::default();
+    let mut chosen = None;
+    for c in crate::disks::probe::config_candidates(&roots) {
+        if !c.on_boot_medium {
+            notices.push(format!(
+                "ignoring the {CONFIG_LABEL} config partition {} on disk {}: it is not on the medium this PC booted \
+                 from (config partitions count only there)",
+                c.device.display(),
+                c.disk
+            ));
+        } else if chosen.is_none() {
+            chosen = Some(c.device);
+        }
     }
+    let Some(dev) = chosen else {
+        return Ok(None);
+    };
     let mnt = tempfile::Builder::new().prefix("labforge-config-").tempdir_in("/run").context("making a mount point")?;
     use nix::mount::{mount, umount, MsFlags};
     mount(

@@ -231,6 +231,50 @@ pub fn unescape(s: &str) -> String {
 }
 
 /// The PARTUUID systemd-stub recorded for the partition the firmware booted from.
+/// A partition (or a whole disk) labelled [`CONFIG_LABEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigCandidate {
+    /// Its device node, e.g. `/dev/vda4`.
+    pub device: PathBuf,
+    /// The whole disk it is on, e.g. `vda`.
+    pub disk: String,
+    /// That disk holds the partition the firmware booted from (systemd-stub's
+    /// `LoaderDevicePartUUID`).
+    pub on_boot_medium: bool,
+}
+
+/// Every device labelled [`CONFIG_LABEL`], whole disks in name order, and whether each is on
+/// the medium this PC booted from (a netbooted PC has none).
+pub fn config_candidates(roots: &Roots) -> Vec<ConfigCandidate> {
+    let boot = loader_partuuid(&roots.sys);
+    let mut names: Vec<String> = fs::read_dir(roots.sys.join("block"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let sys = roots.sys.join("block").join(&name);
+        let devnum = |p: &Path| fs::read_to_string(p.join("dev")).map(|s| s.trim().to_string()).unwrap_or_default();
+        let mut members = vec![(name.clone(), udev_props(&roots.run, &devnum(&sys)))];
+        for p in partitions(&sys) {
+            let props = udev_props(&roots.run, &devnum(&sys.join(&p)));
+            members.push((p, props));
+        }
+        let on_boot_medium = boot.as_deref().is_some_and(|want| {
+            members
+                .iter()
+                .skip(1)
+                .any(|(_, p)| p.get("ID_PART_ENTRY_UUID").is_some_and(|u| u.eq_ignore_ascii_case(want)))
+        });
+        for (kname, props) in &members {
+            if props.get("ID_FS_LABEL").map(String::as_str) == Some(CONFIG_LABEL) {
+                out.push(ConfigCandidate { device: roots.dev.join(kname), disk: name.clone(), on_boot_medium });
+            }
+        }
+    }
+    out
+}
+
 fn loader_partuuid(sys: &Path) -> Option<String> {
     let raw = fs::read(sys.join(LOADER_PARTUUID_VAR)).ok()?;
     // 4 bytes of attributes, then UTF-16LE text (NUL-terminated).
@@ -535,6 +579,22 @@ pub mod tests {
         let disks = scan(&fx.roots).unwrap();
         assert_eq!(disks[0].boot, ["holds sdb1, the LABFORGE config partition"]);
         assert_eq!(disks[1].mounts, ["[swap]"]);
+        // No boot medium is known (a netboot): the partition is found, and not on it.
+        let c = config_candidates(&fx.roots);
+        assert_eq!(c.len(), 1);
+        assert!(!c[0].on_boot_medium && c[0].disk == "sdb" && c[0].device.ends_with("dev/sdb1"), "{c:?}");
+    }
+
+    #[test]
+    fn a_config_partition_counts_only_on_the_boot_medium() {
+        let fx = six_disks();
+        // A LABFORGE partition on the OS disk (which holds the booted ESP), and a student's stick.
+        fx.partition("vda", "vda4", "254:4", &["ID_FS_LABEL=LABFORGE"]);
+        fx.disk("sdz", "8:240", 64 * MIB, &["ID_BUS=usb"]);
+        fx.partition("sdz", "sdz1", "8:241", &["ID_FS_LABEL=LABFORGE"]);
+        let c = config_candidates(&fx.roots);
+        let on: Vec<(&str, bool)> = c.iter().map(|c| (c.disk.as_str(), c.on_boot_medium)).collect();
+        assert_eq!(on, [("sdz", false), ("vda", true)], "{c:?}");
     }
 
     #[test]
