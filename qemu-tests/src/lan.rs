@@ -181,3 +181,30 @@ pub fn boot_disk_with_config(
     fs::remove_file(&fat)?;
     Ok(path.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_partition_is_added_after_the_last_one() {
+        let d = tempfile::tempdir().unwrap();
+        let image = d.path().join("image.raw");
+        fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+        let mut sfdisk = Command::new("sfdisk").args(["--quiet"]).arg(&image).stdin(Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        sfdisk.stdin.take().unwrap().write_all(b"label: gpt\nsize=8MiB\nsize=8MiB\nsize=+\n").unwrap();
+        assert!(sfdisk.wait().unwrap().success());
+        let disk = boot_disk_with_config(&image, &d.path().join("boot.raw"), Some("hostname = \"x\"\n"), None).unwrap();
+        let table: serde_json::Value =
+            serde_json::from_slice(&Command::new("sfdisk").arg("--json").arg(&disk).output().unwrap().stdout).unwrap();
+        let parts = table["partitiontable"]["partitions"].as_array().unwrap().clone();
+        assert_eq!(parts.len(), 4, "{parts:?}");
+        assert_eq!(parts[3]["name"], "LABFORGE");
+        let start = parts[3]["start"].as_u64().unwrap() * 512;
+        let listing = Command::new("mdir").arg("-i").arg(format!("{}@@{start}", disk.display())).output().unwrap();
+        assert!(String::from_utf8_lossy(&listing.stdout).contains("labforge.toml"), "{listing:?}");
+        // The image itself is untouched.
+        assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20);
+    }
+}
