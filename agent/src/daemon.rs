@@ -157,6 +157,7 @@ impl Boot {
             pxe: None,
             enrol: None,
             clock_skew: None,
+            time: None,
             notices: self.notices.clone(),
             state: state_volume(&self.cfg.state_dir),
             counters: Default::default(),
@@ -317,6 +318,7 @@ async fn node(
         Ok(secret) => {
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
             tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
+            tasks.spawn(crate::network::time::run(report.clone(), view_rx.clone()));
             let hostname = inventory.hostname.clone();
             tasks.spawn(crate::disks::ceph::run(report.clone(), cfg.clone(), hostname, view_rx, offer_rx.clone()));
             let links = cluster::Links { report, ceph_offer: offer_rx, view: view_tx, join_info };

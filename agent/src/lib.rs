@@ -9,6 +9,7 @@ pub mod disks;
 pub mod heal;
 pub mod install;
 pub mod inventory;
+pub mod network;
 pub mod preload;
 pub mod pxe;
 pub mod report;

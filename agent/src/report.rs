@@ -39,6 +39,8 @@ pub struct ConsoleKey {
     install: Option<InstallState>,
     pxe: Option<PxeState>,
     ceph: Option<BTreeMap<String, Vec<String>>>,
+    /// A skewed clock is worth a line when it appears and when it is gone.
+    clock_skew: bool,
 }
 
 impl ConsoleKey {
@@ -55,6 +57,7 @@ impl ConsoleKey {
             install: s.install.as_ref().map(|i| i.state),
             pxe: s.pxe.as_ref().map(|p| p.state),
             ceph: s.ceph.as_ref().map(|c| c.nodes.clone()),
+            clock_skew: s.clock_skew.is_some(),
         })
     }
 }

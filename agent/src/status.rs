@@ -115,6 +115,9 @@ pub struct Status {
     /// config partitions that were ignored, and why.
     #[serde(default)]
     pub notices: Vec<String>,
+    /// Where this node takes its time from (chrony).
+    #[serde(default)]
+    pub time: Option<crate::network::time::TimeStatus>,
     /// An authentic peer whose clock is outside the freshness window, recently.
     #[serde(default)]
     pub clock_skew: Option<ClockSkew>,
@@ -289,6 +292,9 @@ impl std::fmt::Display for Status {
                 "enrol    {} ({} admitted, {pending} pending, {} refused; labforge-agent enrol lists them)",
                 e.policy, e.admitted, e.refused
             )?;
+        }
+        if let Some(t) = &self.time {
+            writeln!(f, "time     {}", t.message)?;
         }
         if let Some(k) = &self.clock_skew {
             writeln!(f, "clock    node {}'s clock is {:+} s from ours", k.peer, k.offset_seconds)?;

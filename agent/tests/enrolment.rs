@@ -29,7 +29,7 @@ async fn master(pxe: PxeConfig) -> Master {
     let secret = Secret::from_bytes([0x5a; 32]);
     let report = Report::new(Status::minimal("demo", "master"));
     let desk = Desk::new(pxe, report.clone(), dir.path());
-    desk.leading(labforge_agent::sys::clock::now_secs());
+    desk.leading("test-cluster", labforge_agent::sys::clock::now_secs());
     let (_join_tx, join_rx) = watch::channel(None);
     let serving = Serving {
         dir: dir.path().to_path_buf(),
@@ -160,11 +160,13 @@ async fn a_node_waits_until_an_admin_approves_it() {
     assert!(format!("{:#}", e.unwrap_err()).contains("403"));
     let ok = AdminRequest::new(&m.secret, AdminAction::Approve { id: pending.fingerprint.clone() }, now_ms());
     let said = tokio::task::spawn_blocking(move || Client::default().post_for_text(&url, &ok)).await.unwrap().unwrap();
-    assert_eq!(said, "approved 52:54:00:4c:00:03");
+    assert_eq!(said, format!("approved key {}", pending.fingerprint));
     let got = tokio::time::timeout(Duration::from_secs(20), waiting).await.expect("admitted after approval").unwrap();
     assert_eq!(got.bytes(), m.secret.bytes());
-    // The stranger is still waiting.
+    // The stranger is still waiting, even claiming the approved node's MAC: a key was approved.
     let (answer, _) = stranger(m.addr, "52:54:00:66:66:66").await;
+    assert!(matches!(answer, Answer::Pending { .. }), "{answer:?}");
+    let (answer, _) = stranger(m.addr, "52:54:00:4c:00:03").await;
     assert!(matches!(answer, Answer::Pending { .. }), "{answer:?}");
     // The boot script names the master's enrolment key and carries no secret.
     let url = format!("http://{}/pxe/boot.ipxe", m.addr);

@@ -204,12 +204,31 @@ fn worker_netboots_from_master() -> Result<()> {
     p.net = Net::Tap { ns: lan.ns.clone(), tap: lan.tap()?, mac: "52:54:00:4c:00:03".into() };
     let mut pc = Vm::start(&p, &dir)?;
     pc.wait_for("labforge: booting pxe-test from", BOOT)?;
-    // The window is closed: the pc waits to be admitted, says how, and an admin approves it by
-    // its MAC. The laptop stays out.
+    // The window is closed: the pc waits to be admitted and says so; the admin finds it in the
+    // master's list and approves its key. The laptop, claiming the pc's MAC with a key of its
+    // own, stays out.
     let waiting = pc.wait_status("waiting to be admitted", BOOT, |s| s.phase == Phase::Enrolling)?;
     assert!(waiting.message.contains("52:54:00:4c:00:03"), "{}", waiting.message);
-    let said = admin(&["--approve", "52:54:00:4c:00:03"])?;
-    assert!(said.starts_with("approved 52:54:00:4c:00:03"), "{said}");
+    let fingerprint = (0..120)
+        .find_map(|_| {
+            let list = admin(&[]).ok()?;
+            let line = list.lines().find(|l| l.starts_with("pending") && l.contains("52:54:00:4c:00:03"));
+            let found = line.and_then(|l| l.split_whitespace().nth(2)).map(str::to_string);
+            if found.is_none() {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            found
+        })
+        .expect("the pc is listed as pending on the master");
+    let said = admin(&["--approve", &fingerprint])?;
+    assert!(said.starts_with(&format!("approved key {fingerprint}")), "{said}");
+    let spoof = serde_json::json!({
+        "mac": "52:54:00:4c:00:03", "machine_id": "0123456789abcdef0123456789abcdef",
+        "hostname": "laptop", "key": hex::encode([0x43u8; 32]),
+    });
+    let (code, body) = laptop.post(&format!("{base}/pxe/enrol"), &spoof)?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body)?["state"], "pending", "{body}");
     let done = pc.wait_status("installed over the network", BOOT, |s| s.phase.install_finished())?;
     assert_eq!(done.phase, Phase::Installed, "{}", done.message);
     let install = done.install.clone().expect("install status");

@@ -74,12 +74,15 @@ impl Cluster {
             node_ip,
             token,
         });
-        let config = self.kubeadm_file("init.yaml", &text)?;
         if Path::new(kubeadm::KUBELET_CONF).exists() && Path::new(kubeadm::CA_CERT).exists() {
             info!("kubeadm init already ran on this node (power cut after it finished); not running it again");
         } else {
+            let config = self.kubeadm_file("init.yaml", &text)?;
             let token = token.to_string();
-            blocking(move || kubeadm::run(&kubeadm::init_argv(&config), &[&token])).await?;
+            let file = config.clone();
+            let ran = blocking(move || kubeadm::run(&kubeadm::init_argv(&config), &[&token])).await;
+            forget(&file);
+            ran?;
         }
         let pem = std::fs::read(kubeadm::CA_CERT).with_context(|| format!("reading {}", kubeadm::CA_CERT))?;
         kubeadm::ca_cert_hash(&pem)
@@ -102,7 +105,10 @@ impl Cluster {
             }),
         )?;
         let secret = token.clone();
-        blocking(move || kubeadm::run(&kubeadm::token_create_argv(&config), &[&secret])).await?;
+        let file = config.clone();
+        let ran = blocking(move || kubeadm::run(&kubeadm::token_create_argv(&config), &[&secret])).await;
+        forget(&file);
+        ran?;
         info.token = token;
         info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
         info!("minted a fresh bootstrap token");
@@ -147,7 +153,10 @@ impl Cluster {
                 }),
             )?;
             let token = info.token.clone();
-            blocking(move || kubeadm::run(&kubeadm::join_argv(&config), &[&token])).await?;
+            let file = config.clone();
+            let ran = blocking(move || kubeadm::run(&kubeadm::join_argv(&config), &[&token])).await;
+            forget(&file);
+            ran?;
         } else if kubernetes {
             info!("kubelet is already configured on this node; not running kubeadm join again");
         }
@@ -156,5 +165,13 @@ impl Cluster {
         self.set_join_info(&info);
         self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
         Ok(())
+    }
+}
+
+/// Removes a kubeadm config file once kubeadm is done with it: the token it carries is kept
+/// only in the state file (0600), where the agent needs it.
+fn forget(file: &Path) {
+    if let Err(e) = std::fs::remove_file(file) {
+        tracing::warn!("removing {}: {e}", file.display());
     }
 }

@@ -5,8 +5,7 @@
 //!
 //! 1. every signature libblkid finds (listed by `wipefs --json`, which writes nothing) zeroed,
 //!    as `wipefs --all` would (both GPT headers and the protective MBR among them);
-//! 2. discard of the whole device when it supports it (`fallocate` punching a hole, which a
-//!    block device turns into a discard);
+//! 2. discard of the whole device when it supports it (`blkdiscard` on our descriptor);
 //! 3. zeroes over 200 KiB at 0, 1, 10, 100 and 1000 GiB (where Ceph keeps BlueStore label
 //!    copies; those past the end are skipped) and over the last MiB (backup GPT, md and other
 //!    end-of-disk metadata), then fsync;
@@ -60,11 +59,12 @@ pub fn zap(dev: &Path, devnum: &str, id: &str, size: u64, discard: bool, progres
     progress.step("wipefs")?;
     if discard && block {
         // Not every device that claims discard honours it; the zeroes below do not depend on it.
-        use nix::fcntl::{fallocate, FallocateFlags};
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(f.as_raw_fd(), flags, 0, size as i64) {
-            Ok(()) => progress.step("discard")?,
-            Err(e) => warn!("{id}: discard failed, zeroing anyway: {e}"),
+        // blkdiscard opens our descriptor's device through /proc (the same open device, not a
+        // name looked up again), without O_EXCL, which we hold.
+        let ours = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
+        match Cmd::new("blkdiscard").arg("--force").arg(&ours).timeout(TOOL_TIMEOUT).run() {
+            Ok(_) => progress.step("discard")?,
+            Err(e) => warn!("{id}: blkdiscard failed, zeroing anyway: {e:#}"),
         }
     }
     let zeros = vec![0u8; TAIL_REGION as usize];

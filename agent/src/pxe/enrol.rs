@@ -243,8 +243,10 @@ pub struct EnrolStatus {
     pub nodes: Vec<EnrolEntry>,
 }
 
-/// Nodes remembered in the status (the oldest is forgotten first).
+/// Nodes remembered in the status (the oldest is forgotten first, pending ones last).
 pub const MAX_ENTRIES: usize = 64;
+/// Keys remembered from one address.
+pub const MAX_PER_ADDRESS: usize = 4;
 /// Admin nonces remembered against replays.
 const MAX_ADMIN_NONCES: usize = 256;
 
@@ -321,16 +323,40 @@ impl Desk {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// This node became master and serves netboot: the window opens once per boot.
-    pub fn leading(&self, now: u64) {
+    /// This node leads cluster `uid` and serves netboot: the window opens once per cluster,
+    /// when it first forms. The opening is kept on the state volume, so a restart of the agent
+    /// or of the master (or a watchdog kill) never opens it again; an admin does, with
+    /// `labforge-agent enrol --for`.
+    pub fn leading(&self, uid: &str, now: u64) {
         let mut i = self.lock();
         if i.window_opened || self.cfg.enrol != EnrolPolicy::Window {
             return;
         }
         i.window_opened = true;
-        let d = labforge_core::config::pxe::parse_window(&self.cfg.enrol_window).unwrap_or(Duration::from_secs(1800));
-        i.window_until = now + d.as_secs();
-        info!(until = i.window_until, "enrolment window open for {}", humantime_secs(d.as_secs()));
+        #[derive(Serialize, Deserialize)]
+        struct Opened {
+            uid: String,
+            until: u64,
+        }
+        let file = self.approvals_file.with_file_name("enrol-window.json");
+        let saved = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<Opened>(&b).ok());
+        match saved {
+            Some(o) if o.uid == uid => {
+                i.window_until = i.window_until.max(o.until);
+                info!("the enrolment window of cluster {uid} was opened before; not opening it again");
+            }
+            _ => {
+                let d = labforge_core::config::pxe::parse_window(&self.cfg.enrol_window)
+                    .unwrap_or(Duration::from_secs(1800));
+                i.window_until = now + d.as_secs();
+                let opened = Opened { uid: uid.to_string(), until: i.window_until };
+                let bytes = serde_json::to_vec(&opened).expect("json");
+                if let Err(e) = crate::sys::fs::write_durable_mode(&file, &bytes, 0o600) {
+                    warn!("recording the enrolment window: {e:#}");
+                }
+                info!(until = i.window_until, "enrolment window open for {}", humantime_secs(d.as_secs()));
+            }
+        }
         self.publish(&i);
     }
 
@@ -347,6 +373,13 @@ impl Desk {
         };
         let fp = fingerprint(&key);
         let mut i = self.lock();
+        // One address cannot crowd the list (and push real pending nodes out of it).
+        let from_peer = i.nodes.values().filter(|e| e.address == peer.to_string() && e.fingerprint != fp).count();
+        if from_peer >= MAX_PER_ADDRESS {
+            i.refused += 1;
+            self.publish(&i);
+            return Answer::Denied { message: format!("too many enrolment keys from {peer}; try again later") };
+        }
         let decision = decide(&self.cfg, now, i.window_until, &i.approved, &req.mac, &req.machine_id, &fp);
         let (state, answer) = match decision {
             Decision::Admit => match seal(secret, &key, &req.mac) {
@@ -381,7 +414,13 @@ impl Desk {
         }
         i.nodes.insert(fp, entry);
         while i.nodes.len() > MAX_ENTRIES {
-            let oldest = i.nodes.iter().min_by_key(|(_, e)| e.last_seen).map(|(k, _)| k.clone()).expect("not empty");
+            // Pending nodes wait for an admin: the oldest of the others go first.
+            let oldest = i
+                .nodes
+                .iter()
+                .min_by_key(|(_, e)| (e.state == EnrolState::Pending, e.last_seen))
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
             i.nodes.remove(&oldest);
         }
         self.publish(&i);
@@ -419,8 +458,12 @@ impl Desk {
                 if *seconds > labforge_core::config::pxe::MAX_WINDOW.as_secs() {
                     bail!("the longest enrolment window is 24h");
                 }
-                if self.cfg.enrol == EnrolPolicy::Allowlist {
-                    bail!("this cluster admits only its allowlist (enrol = \"allowlist\"): a window would not apply");
+                if self.cfg.enrol != EnrolPolicy::Window {
+                    bail!(
+                        "this cluster admits by {} (enrol = \"{}\"): a window would not apply",
+                        if self.cfg.enrol == EnrolPolicy::Allowlist { "its allowlist" } else { "approval" },
+                        self.cfg.enrol.as_str()
+                    );
                 }
                 i.window_until = now + seconds;
                 format!("enrolment window open for {}", humantime_secs(*seconds))
@@ -432,20 +475,21 @@ impl Desk {
                     );
                 }
                 let id = id.trim().to_ascii_lowercase();
-                let matching: Vec<&EnrolEntry> =
-                    i.nodes.values().filter(|e| e.mac == id || e.fingerprint == id).collect();
-                let approve = match matching.as_slice() {
-                    [] if normalise_mac(&id).is_some() => id.clone(),
-                    [] => bail!("no node with MAC or key fingerprint {id} asked to enrol (see `labforge-agent enrol`)"),
-                    [one] if id == one.fingerprint => one.mac.clone(),
-                    [one] => one.mac.clone(),
-                    _ => bail!("more than one key claims MAC {id}: approve the one you mean by its key fingerprint"),
+                // A key fingerprint admits that one key (this boot of that node); a MAC admits
+                // any node claiming it, from now on (kept across reboots, for diskless nodes).
+                let said = if let Some(mac) = normalise_mac(&id) {
+                    i.approved.insert(mac.clone());
+                    format!("approved MAC {mac}: any node that claims it is admitted from now on (MACs can be forged on a LAN; approve a key fingerprint to admit one node once)")
+                } else if i.nodes.values().any(|e| e.fingerprint == id) {
+                    i.approved.insert(id.clone());
+                    format!("approved key {id}")
+                } else {
+                    bail!("no node with key fingerprint {id} asked to enrol (see `labforge-agent enrol`)");
                 };
-                i.approved.insert(approve.clone());
                 let bytes = serde_json::to_vec_pretty(&i.approved)?;
                 crate::sys::fs::write_durable_mode(&self.approvals_file, &bytes, 0o600)
                     .with_context(|| format!("saving {}", self.approvals_file.display()))?;
-                format!("approved {approve}")
+                said
             }
         };
         info!("enrolment: {said}");
@@ -715,21 +759,64 @@ mod tests {
             AdminRequest::new(&Secret::from_bytes([1; 32]), AdminAction::Approve { id: req.mac.clone() }, now_ms);
         assert!(desk.admin(&secret(), &forged, now_ms).is_err());
         let ok = AdminRequest::new(&secret(), AdminAction::Approve { id: fingerprint(&p) }, now_ms);
-        assert_eq!(desk.admin(&secret(), &ok, now_ms).unwrap(), "approved 52:54:00:00:00:02");
+        assert_eq!(desk.admin(&secret(), &ok, now_ms).unwrap(), format!("approved key {}", fingerprint(&p)));
         assert!(desk.admin(&secret(), &ok, now_ms).unwrap_err().to_string().contains("replayed"));
         assert!(matches!(desk.request(&secret(), &req, peer, 1001), Answer::Admitted { .. }));
+        // Approving a key admits that key only: another key claiming the same MAC still waits.
+        let other_key = hex::encode(PublicKey::from(&StaticSecret::from([4; 32])).as_bytes());
+        let spoof = Request { key: other_key.clone(), ..req.clone() };
+        assert!(matches!(desk.request(&secret(), &spoof, "10.0.0.66".parse().unwrap(), 1002), Answer::Pending { .. }));
         let s = report.snapshot().enrol.expect("enrol status");
         assert_eq!((s.admitted, s.refused, s.policy.as_str()), (1, 1, "approve"));
-        assert_eq!(s.nodes[0].state, EnrolState::Admitted);
-        // Approvals are kept (0600) for the next boot of the master.
+        assert!(s.nodes.iter().any(|n| n.state == EnrolState::Admitted && n.fingerprint == fingerprint(&p)));
+        // A window does not apply under approve; an unknown fingerprint is refused by name.
+        let open = AdminRequest::new(&secret(), AdminAction::Open { seconds: 60 }, now_ms);
+        assert!(desk.admin(&secret(), &open, now_ms).unwrap_err().to_string().contains("approval"));
+        let unknown = AdminRequest::new(&secret(), AdminAction::Approve { id: "0000-0000-0000-0000".into() }, now_ms);
+        assert!(desk.admin(&secret(), &unknown, now_ms).unwrap_err().to_string().contains("no node"));
+        // A MAC approval admits any key claiming it, and is kept (0600) for the master's next boot.
+        let by_mac = AdminRequest::new(&secret(), AdminAction::Approve { id: "52:54:00:00:00:02".into() }, now_ms);
+        assert!(desk.admin(&secret(), &by_mac, now_ms).unwrap().starts_with("approved MAC 52:54:00:00:00:02"));
         let file = d.path().join("enrol-approved.json");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         let again = Desk::new(cfg, Report::new(crate::status::Status::minimal("demo", "n1")), d.path());
-        let other_key = hex::encode(PublicKey::from(&StaticSecret::from([4; 32])).as_bytes());
         assert!(matches!(
             again.request(&secret(), &Request { key: other_key, ..req }, peer, 5000),
             Answer::Admitted { .. }
         ));
+    }
+
+    #[test]
+    fn the_window_opens_once_per_cluster_and_one_address_cannot_fill_the_list() {
+        let d = tempfile::tempdir().unwrap();
+        let report = Report::new(crate::status::Status::minimal("demo", "n1"));
+        let cfg = PxeConfig { enrol_window: "10m".into(), ..Default::default() };
+        Desk::new(cfg.clone(), report.clone(), d.path()).leading("uid-1", 1000);
+        assert_eq!(report.snapshot().enrol.unwrap().window_until, 1600);
+        // The agent restarts an hour later: the window of that cluster stays closed.
+        Desk::new(cfg.clone(), report.clone(), d.path()).leading("uid-1", 4600);
+        assert_eq!(report.snapshot().enrol.unwrap().window_until, 1600);
+        // A new cluster gets its window.
+        Desk::new(cfg.clone(), report.clone(), d.path()).leading("uid-2", 5000);
+        assert_eq!(report.snapshot().enrol.unwrap().window_until, 5600);
+
+        let desk = Desk::new(PxeConfig { enrol: EnrolPolicy::Approve, ..cfg }, report.clone(), d.path());
+        let peer: IpAddr = "10.0.0.66".parse().unwrap();
+        let ask = |n: u8| Request {
+            mac: format!("52:54:00:00:00:{n:02x}"),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            hostname: "junk".into(),
+            key: hex::encode(PublicKey::from(&StaticSecret::from([n; 32])).as_bytes()),
+        };
+        for n in 1..=MAX_PER_ADDRESS as u8 {
+            assert!(matches!(desk.request(&secret(), &ask(n), peer, 10), Answer::Pending { .. }));
+        }
+        assert!(
+            matches!(desk.request(&secret(), &ask(99), peer, 10), Answer::Denied { message } if message.contains("too many"))
+        );
+        // Asking again with a key it already has is fine.
+        assert!(matches!(desk.request(&secret(), &ask(1), peer, 11), Answer::Pending { .. }));
+        assert_eq!(report.snapshot().enrol.unwrap().nodes.len(), MAX_PER_ADDRESS);
     }
 }

@@ -108,19 +108,19 @@ pub async fn run(
             _ = tick.tick() => {}
             changed = view.changed() => if changed.is_err() { return Ok(()) },
         }
-        let lan = {
+        let (lan, uid) = {
             let v = view.borrow();
             match (&v.lan, v.leading) {
-                (Some(lan), true) => lan.clone(),
+                (Some(lan), true) => (lan.clone(), v.uid.clone().unwrap_or_default()),
                 _ => continue,
             }
         };
-        task.round(&lan);
+        task.round(&lan, &uid);
     }
 }
 
 impl Task {
-    fn round(&mut self, lan: &Lan) {
+    fn round(&mut self, lan: &Lan, uid: &str) {
         let state = match self.child.as_mut().map(Child::try_wait) {
             None => Dnsmasq::NotRunning,
             Some(Ok(None)) => Dnsmasq::Running,
@@ -160,7 +160,7 @@ impl Task {
                         netmask: lan.netmask,
                     }));
                     if let Some(desk) = &self.endpoints.enrol {
-                        desk.leading(crate::sys::clock::now_secs());
+                        desk.leading(uid, crate::sys::clock::now_secs());
                     }
                     info!(%url, %mode, "serving netboot");
                     let message = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);

@@ -296,8 +296,9 @@ impl Spec {
             Distro::Debian => "linux-image-amd64",
             Distro::Ubuntu => "linux-image-generic",
         };
-        // lvm2: Rook-Ceph's OSDs need it on every node.
-        let mut all: Vec<String> = [kernel, "systemd-sysv", "udev", "kmod", "e2fsprogs", "dbus", "lvm2"]
+        // lvm2: Rook-Ceph's OSDs need it on every node. chrony: the master is the LAN's time
+        // source and every node keeps its clock from it (the agent's network::time).
+        let mut all: Vec<String> = [kernel, "systemd-sysv", "udev", "kmod", "e2fsprogs", "dbus", "lvm2", "chrony"]
             .iter()
             .map(|p| p.to_string())
             .chain(self.packages.iter().cloned())

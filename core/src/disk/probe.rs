@@ -238,15 +238,18 @@ pub struct ConfigCandidate {
     pub device: PathBuf,
     /// The whole disk it is on, e.g. `vda`.
     pub disk: String,
-    /// That disk holds the partition the firmware booted from (systemd-stub's
-    /// `LoaderDevicePartUUID`).
+    /// That disk holds the running root filesystem: the medium this PC booted from.
     pub on_boot_medium: bool,
 }
 
 /// Every device labelled [`CONFIG_LABEL`], whole disks in name order, and whether each is on
-/// the medium this PC booted from (a netbooted PC has none).
+/// the medium this PC booted from: the disk whose partition is mounted at `/` (found by device
+/// number, which no disk's content can fake, unlike a partition UUID copied with the image). A
+/// netbooted PC, whose root is in memory, has none.
 pub fn config_candidates(roots: &Roots) -> Vec<ConfigCandidate> {
-    let boot = loader_partuuid(&roots.sys);
+    let mounts = Mounts::read(roots);
+    let root_devs: BTreeSet<&String> =
+        mounts.by_dev.iter().filter(|(_, points)| points.iter().any(|p| p == "/")).map(|(dev, _)| dev).collect();
     let mut names: Vec<String> = fs::read_dir(roots.sys.join("block"))
         .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
@@ -255,18 +258,14 @@ pub fn config_candidates(roots: &Roots) -> Vec<ConfigCandidate> {
     for name in names {
         let sys = roots.sys.join("block").join(&name);
         let devnum = |p: &Path| fs::read_to_string(p.join("dev")).map(|s| s.trim().to_string()).unwrap_or_default();
-        let mut members = vec![(name.clone(), udev_props(&roots.run, &devnum(&sys)))];
+        let mut members = vec![(name.clone(), devnum(&sys))];
         for p in partitions(&sys) {
-            let props = udev_props(&roots.run, &devnum(&sys.join(&p)));
-            members.push((p, props));
+            let dev = devnum(&sys.join(&p));
+            members.push((p, dev));
         }
-        let on_boot_medium = boot.as_deref().is_some_and(|want| {
-            members
-                .iter()
-                .skip(1)
-                .any(|(_, p)| p.get("ID_PART_ENTRY_UUID").is_some_and(|u| u.eq_ignore_ascii_case(want)))
-        });
-        for (kname, props) in &members {
+        let on_boot_medium = members.iter().any(|(_, dev)| root_devs.contains(dev));
+        for (kname, dev) in &members {
+            let props = udev_props(&roots.run, dev);
             if props.get("ID_FS_LABEL").map(String::as_str) == Some(CONFIG_LABEL) {
                 out.push(ConfigCandidate { device: roots.dev.join(kname), disk: name.clone(), on_boot_medium });
             }
@@ -592,6 +591,9 @@ pub mod tests {
         fx.partition("vda", "vda4", "254:4", &["ID_FS_LABEL=LABFORGE"]);
         fx.disk("sdz", "8:240", 64 * MIB, &["ID_BUS=usb"]);
         fx.partition("sdz", "sdz1", "8:241", &["ID_FS_LABEL=LABFORGE"]);
+        // The stick copies the boot ESP's partition UUID (any user can read it): still not the
+        // boot medium, which is the disk holding `/`.
+        fx.partition("sdz", "sdz2", "8:242", &["ID_PART_ENTRY_UUID=36a9bb5a-3861-4351-8a75-ead40190f4dd"]);
         let c = config_candidates(&fx.roots);
         let on: Vec<(&str, bool)> = c.iter().map(|c| (c.disk.as_str(), c.on_boot_medium)).collect();
         assert_eq!(on, [("sdz", false), ("vda", true)], "{c:?}");

@@ -91,9 +91,9 @@ pub struct Verifier {
     secret: Secret,
     own_id: String,
     seen: HashMap<String, u64>,
-    /// The last authentic beacon dropped as stale: who sent it and how far its clock is from
+    /// The last authentic beacon dropped as stale, and how far its sender's clock is from
     /// ours (their time minus ours, ms).
-    pub last_stale: Option<(String, i64)>,
+    pub last_stale: Option<(Beacon, i64)>,
 }
 
 impl Verifier {
@@ -112,7 +112,8 @@ impl Verifier {
             return Err(Rejection::Own);
         }
         if beacon.ts_ms.abs_diff(now_ms) > MAX_SKEW_MS {
-            self.last_stale = Some((beacon.node.id.clone(), beacon.ts_ms as i64 - now_ms as i64));
+            let offset = beacon.ts_ms as i64 - now_ms as i64;
+            self.last_stale = Some((beacon, offset));
             return Err(Rejection::Stale);
         }
         self.seen.retain(|_, ts| ts.abs_diff(now_ms) <= MAX_SKEW_MS);
@@ -254,7 +255,8 @@ mod tests {
             Err(Rejection::Stale)
         );
         // An authentic stale beacon tells how far the clocks are apart.
-        assert_eq!(v.last_stale, Some(("peer".to_string(), -(MAX_SKEW_MS as i64) - 1)));
+        let (b, offset) = v.last_stale.clone().expect("the stale beacon kept");
+        assert_eq!((b.node.id.as_str(), offset), ("peer", -(MAX_SKEW_MS as i64) - 1));
         assert_eq!(v.check(&encode(&beacon("me", 1_000_000, "n"), &secret(1)), 1_000_000), Err(Rejection::Own));
         assert_eq!(v.check(b"hello", 0), Err(Rejection::Malformed));
         assert_eq!(v.check(&[0u8; 9000], 0), Err(Rejection::Malformed));

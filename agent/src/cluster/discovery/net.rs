@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use tokio::net::UdpSocket;
 
 use super::beacon::{encode, validate, Beacon, Rejection, Verifier, MAX_DATAGRAM};
+use crate::cluster::election::Allegiance;
 use crate::secret::Secret;
 
 /// Counters exported on /metrics.
@@ -37,6 +38,9 @@ pub struct Skew {
     /// Their clock minus ours, in ms.
     pub offset_ms: i64,
     pub heard: Instant,
+    /// Where it is, if it is a committed master (and says where consistently): a node that
+    /// hears no one else takes its time from there.
+    pub committed_master: Option<std::net::Ipv4Addr>,
 }
 
 impl Counters {
@@ -109,9 +113,14 @@ pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers,
             }
             Err(r) => {
                 counters.reject(r);
-                if let (Rejection::Stale, Some((peer, offset_ms))) = (r, verifier.last_stale.take()) {
+                if let (Rejection::Stale, Some((b, offset_ms))) = (r, verifier.last_stale.take()) {
+                    let committed = matches!(b.node.allegiance, Allegiance::Master { committed: true, .. });
+                    let committed_master = match from.ip() {
+                        IpAddr::V4(ip) if committed && validate(&b, from.ip()).is_ok() => Some(ip),
+                        _ => None,
+                    };
                     *counters.skew.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Skew { peer, offset_ms, heard: Instant::now() });
+                        Some(Skew { peer: b.node.id.clone(), offset_ms, heard: Instant::now(), committed_master });
                 }
                 // One line per 10 s at most: a flood must not flood the journal too.
                 if r != Rejection::Own && last_warn.elapsed() >= Duration::from_secs(10) {
