@@ -261,11 +261,20 @@ async fn enrolled(mut boot: Boot, report: &Report, endpoints: &Endpoints) -> Boo
         hostname: inv.hostname.clone(),
         key: String::new(),
     };
+    let (secret_path, key_path) = (PathBuf::from(SECRET_PATH), PathBuf::from(crate::pxe::enrol::NODE_KEY));
+    // The key's fingerprint is on the console from the first line, for an admin to approve.
+    let path = key_path.clone();
+    let fingerprint = crate::sys::blocking(move || crate::pxe::enrol::node_key(&path))
+        .await
+        .map(|k| crate::pxe::enrol::fingerprint(x25519_dalek::PublicKey::from(&k).as_bytes()))
+        .unwrap_or_else(|e| format!("unknown: {e:#}"));
     report.update(|s| {
         s.phase = Phase::Enrolling;
-        s.message = format!("netbooted without a cluster secret: asking {base} to enrol this node (MAC {})", who.mac);
+        s.message = format!(
+            "netbooted without a cluster secret: asking {base} to enrol this node (MAC {}, key fingerprint {fingerprint})",
+            who.mac
+        );
     });
-    let (secret_path, key_path) = (PathBuf::from(SECRET_PATH), PathBuf::from(crate::pxe::enrol::NODE_KEY));
     let secret =
         crate::pxe::enrol::obtain(report.clone(), base, boot.cmdline.clone(), who, secret_path, key_path).await;
     let _ = endpoints.secret.set(secret.clone());

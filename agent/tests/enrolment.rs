@@ -138,13 +138,16 @@ async fn a_node_waits_until_an_admin_approves_it() {
     let m = master(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let waiting = node(&m, "52:54:00:4c:00:03", dir.path());
-    let pending = loop {
-        let e = m.report.snapshot().enrol.unwrap();
-        if let Some(n) = e.nodes.iter().find(|n| n.mac == "52:54:00:4c:00:03") {
-            break n.clone();
+    let listed = async {
+        loop {
+            let e = m.report.snapshot().enrol.unwrap();
+            if let Some(n) = e.nodes.iter().find(|n| n.mac == "52:54:00:4c:00:03") {
+                break n.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let pending = tokio::time::timeout(Duration::from_secs(20), listed).await.expect("the node asked within 20 s");
     assert_eq!(pending.state, EnrolState::Pending);
     let (answer, _) = stranger(m.addr, "52:54:00:66:66:66").await;
     assert!(matches!(answer, Answer::Pending { .. }), "{answer:?}");

@@ -59,11 +59,7 @@ pub fn init_config(p: &InitParams) -> String {
             "usages": ["signing", "authentication"],
             "groups": ["system:bootstrappers:kubeadm:default-node-token"],
         }],
-        "nodeRegistration": {
-            "name": p.node_name,
-            "criSocket": CRI_SOCKET,
-            "kubeletExtraArgs": [{"name": "node-ip", "value": p.node_ip}],
-        },
+        "nodeRegistration": node_registration(p.node_name, p.node_ip),
         "localAPIEndpoint": {"advertiseAddress": p.node_ip, "bindPort": API_PORT},
     });
     let mut cluster = json!({
@@ -94,6 +90,12 @@ pub fn init_argv(config: &Path) -> Vec<String> {
     vec!["init".into(), "--config".into(), config.display().to_string()]
 }
 
+/// A node's registration, the same in init and join: its name, containerd, and its LAN
+/// address pinned as kubelet's node IP.
+fn node_registration(name: &str, ip: &str) -> Value {
+    json!({"name": name, "criSocket": CRI_SOCKET, "kubeletExtraArgs": [{"name": "node-ip", "value": ip}]})
+}
+
 /// What a worker needs to join, for a `JoinConfiguration`.
 pub struct JoinParams<'a> {
     pub endpoint: &'a str,
@@ -116,11 +118,7 @@ pub fn join_config(p: &JoinParams) -> String {
                 "caCertHashes": [p.ca_cert_hash],
             },
         },
-        "nodeRegistration": {
-            "name": p.node_name,
-            "criSocket": CRI_SOCKET,
-            "kubeletExtraArgs": [{"name": "node-ip", "value": p.node_ip}],
-        },
+        "nodeRegistration": node_registration(p.node_name, p.node_ip),
     });
     serde_json::to_string_pretty(&join).expect("json") + "\n"
 }

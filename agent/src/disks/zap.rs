@@ -50,12 +50,7 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 /// then verifies. `id` names it in logs and for the test hold.
 pub fn zap(dev: &Path, devnum: &str, id: &str, size: u64, discard: bool, progress: &mut dyn Progress) -> Result<()> {
     let block = fs::metadata(dev).with_context(|| format!("{} is gone", dev.display()))?.file_type().is_block_device();
-    // Listed before the disk is opened exclusively (wipefs opens it too); erased through our
-    // own descriptor.
-    let found = probe::blkid_signatures(dev).context("listing signatures (wipefs --json)")?;
-    let mut f = labforge_core::disk::open_exclusive(dev, devnum)?;
-    labforge_core::disk::erase_signatures(&mut f, &found, size)
-        .with_context(|| format!("erasing signatures on {}", dev.display()))?;
+    let mut f = labforge_core::disk::open_wiped(dev, devnum, size)?;
     progress.step("wipefs")?;
     if discard && block {
         // Not every device that claims discard honours it; the zeroes below do not depend on it.

@@ -159,11 +159,7 @@ fn run_inner(
     // The downloads above took a while: the disk must still be the one probed, and unused.
     // Its old signatures are erased through one exclusive descriptor; sfdisk and mkfs then
     // write by name (they open the device themselves), right after.
-    let old = probe::blkid_signatures(Path::new(&fresh.path)).context("listing old signatures on the target")?;
-    let mut dev = labforge_core::disk::open_exclusive(Path::new(&fresh.path), &fresh.devnum)?;
-    labforge_core::disk::erase_signatures(&mut dev, &old, fresh.size_bytes)
-        .context("clearing old signatures off the target")?;
-    drop(dev);
+    drop(labforge_core::disk::open_wiped(Path::new(&fresh.path), &fresh.devnum, fresh.size_bytes)?);
     sfdisk(&fresh.path, &manifest.sfdisk).map_err(partly)?;
     let _ = Cmd::new("blockdev").arg("--rereadpt").arg(&fresh.path).run();
     crate::sys::cmd::udev_settle();

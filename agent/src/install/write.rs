@@ -141,11 +141,8 @@ fn run_inner(
     let started = Instant::now();
     // One exclusive descriptor on the device just probed: old signatures are erased and the
     // image written through it.
-    let old = probe::blkid_signatures(Path::new(&fresh.path)).context("listing old signatures on the target")?;
     let src = File::open(&source.path).with_context(|| format!("opening {}", source.path))?;
-    let mut dst = labforge_core::disk::open_exclusive(Path::new(&fresh.path), &fresh.devnum)?;
-    labforge_core::disk::erase_signatures(&mut dst, &old, fresh.size_bytes)
-        .context("clearing old signatures off the target")?;
+    let dst = labforge_core::disk::open_wiped(Path::new(&fresh.path), &fresh.devnum, fresh.size_bytes)?;
     let mut last = (Phase::Write, 0u64);
     let copied = blockcopy::copy(&mut blockcopy::Positional(&src), &ranges, &dst, 0, &mut |phase, done, total| {
         let step = done * 20 / total.max(1);

@@ -63,6 +63,12 @@ pub fn fingerprint(key: &[u8; 32]) -> String {
     format!("{}-{}-{}-{}", &h[0..4], &h[4..8], &h[8..12], &h[12..16])
 }
 
+/// Whether `text` has the shape [`fingerprint`] gives: four groups of four hex digits.
+fn is_fingerprint(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 4 && groups.iter().all(|g| g.len() == 4 && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn parse_key(text: &str) -> Option<[u8; 32]> {
     let b = hex::decode(text).ok()?;
     b.try_into().ok()
@@ -480,11 +486,17 @@ impl Desk {
                 let said = if let Some(mac) = normalise_mac(&id) {
                     i.approved.insert(mac.clone());
                     format!("approved MAC {mac}: any node that claims it is admitted from now on (MACs can be forged on a LAN; approve a key fingerprint to admit one node once)")
-                } else if i.nodes.values().any(|e| e.fingerprint == id) {
+                } else if is_fingerprint(&id) {
+                    // Read off the node's console, it may be approved before the node asks.
+                    let seen = i.nodes.values().any(|e| e.fingerprint == id);
                     i.approved.insert(id.clone());
-                    format!("approved key {id}")
+                    if seen {
+                        format!("approved key {id}")
+                    } else {
+                        format!("approved key {id} (not seen yet: that node is admitted when it asks)")
+                    }
                 } else {
-                    bail!("no node with key fingerprint {id} asked to enrol (see `labforge-agent enrol`)");
+                    bail!("{id} is neither a MAC address nor a key fingerprint (xxxx-xxxx-xxxx-xxxx, see `labforge-agent enrol`)");
                 };
                 let bytes = serde_json::to_vec_pretty(&i.approved)?;
                 crate::sys::fs::write_durable_mode(&self.approvals_file, &bytes, 0o600)
@@ -772,8 +784,10 @@ mod tests {
         // A window does not apply under approve; an unknown fingerprint is refused by name.
         let open = AdminRequest::new(&secret(), AdminAction::Open { seconds: 60 }, now_ms);
         assert!(desk.admin(&secret(), &open, now_ms).unwrap_err().to_string().contains("approval"));
-        let unknown = AdminRequest::new(&secret(), AdminAction::Approve { id: "0000-0000-0000-0000".into() }, now_ms);
-        assert!(desk.admin(&secret(), &unknown, now_ms).unwrap_err().to_string().contains("no node"));
+        let typo = AdminRequest::new(&secret(), AdminAction::Approve { id: "0000-0000-00".into() }, now_ms);
+        assert!(desk.admin(&secret(), &typo, now_ms).unwrap_err().to_string().contains("neither"));
+        let early = AdminRequest::new(&secret(), AdminAction::Approve { id: "0000-0000-0000-0000".into() }, now_ms);
+        assert!(desk.admin(&secret(), &early, now_ms).unwrap().contains("not seen yet"));
         // A MAC approval admits any key claiming it, and is kept (0600) for the master's next boot.
         let by_mac = AdminRequest::new(&secret(), AdminAction::Approve { id: "52:54:00:00:00:02".into() }, now_ms);
         assert!(desk.admin(&secret(), &by_mac, now_ms).unwrap().starts_with("approved MAC 52:54:00:00:00:02"));

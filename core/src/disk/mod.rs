@@ -151,6 +151,17 @@ pub fn open_exclusive(path: &Path, devnum: &str) -> Result<File> {
     Ok(f)
 }
 
+/// How every destructive write starts: the signatures libblkid finds on `path` are listed
+/// (first: `wipefs` opens the disk too), the disk is opened by [`open_exclusive`], and they are
+/// zeroed through that descriptor, as `wipefs --all` would. Returns the descriptor to write
+/// through.
+pub fn open_wiped(path: &Path, devnum: &str, size: u64) -> Result<File> {
+    let found = probe::blkid_signatures(path).context("listing signatures (wipefs --json)")?;
+    let mut f = open_exclusive(path, devnum)?;
+    erase_signatures(&mut f, &found, size).with_context(|| format!("erasing old signatures on {}", path.display()))?;
+    Ok(f)
+}
+
 /// What [`erase_signatures`] zeroes around each signature: the aligned 4 KiB block holding it.
 pub const SIGNATURE_BLOCK: u64 = 4096;
 
