@@ -38,9 +38,33 @@ pub struct Skew {
     /// Their clock minus ours, in ms.
     pub offset_ms: i64,
     pub heard: Instant,
-    /// Where it is, if it is a committed master (and says where consistently): a node that
-    /// hears no one else takes its time from there.
+    /// Where a committed master is (one that says where consistently), if one was heard
+    /// among the stale beacons in the last [`Skew::MASTER_KEPT`]: a node that hears no one
+    /// else takes its time from there.
     pub committed_master: Option<std::net::Ipv4Addr>,
+    pub master_heard: Option<Instant>,
+}
+
+impl Skew {
+    /// How long a committed master heard through a stale beacon is remembered while other
+    /// peers' stale beacons arrive in between.
+    pub const MASTER_KEPT: Duration = Duration::from_secs(60);
+
+    /// The record after `next` was heard: the latest peer and offset, and the committed
+    /// master from `next`, or else from `prev` if it was heard recently. (Followers' stale
+    /// beacons outnumber the master's; forgetting the master at each of them made the time
+    /// source flap between the master and nothing.)
+    pub fn merge(prev: Option<&Skew>, mut next: Skew) -> Skew {
+        if next.committed_master.is_none() {
+            if let Some(p) =
+                prev.filter(|p| p.master_heard.is_some_and(|t| next.heard.duration_since(t) < Self::MASTER_KEPT))
+            {
+                next.committed_master = p.committed_master;
+                next.master_heard = p.master_heard;
+            }
+        }
+        next
+    }
 }
 
 impl Counters {
@@ -119,8 +143,16 @@ pub async fn receive(sock: Arc<UdpSocket>, mut verifier: Verifier, peers: Peers,
                         IpAddr::V4(ip) if committed && validate(&b, from.ip()).is_ok() => Some(ip),
                         _ => None,
                     };
-                    *counters.skew.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Skew { peer: b.node.id.clone(), offset_ms, heard: Instant::now(), committed_master });
+                    let now = Instant::now();
+                    let next = Skew {
+                        peer: b.node.id.clone(),
+                        offset_ms,
+                        heard: now,
+                        committed_master,
+                        master_heard: committed_master.map(|_| now),
+                    };
+                    let mut skew = counters.skew.lock().unwrap_or_else(|e| e.into_inner());
+                    *skew = Some(Skew::merge(skew.as_ref(), next));
                 }
                 // One line per 10 s at most: a flood must not flood the journal too.
                 if r != Rejection::Own && last_warn.elapsed() >= Duration::from_secs(10) {
@@ -160,4 +192,31 @@ pub fn fresh(peers: &Peers, max_age: Duration) -> Vec<Peer> {
         peers.lock().expect("peers lock").values().filter(|p| p.heard.elapsed() <= max_age).cloned().collect();
     out.sort_by(|a, b| a.beacon.node.id.cmp(&b.beacon.node.id));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_committed_master_heard_stale_is_kept_across_followers_beacons() {
+        let t0 = Instant::now();
+        let m = std::net::Ipv4Addr::new(10, 77, 0, 5);
+        let skew = |peer: &str, at: Duration, master: Option<std::net::Ipv4Addr>| Skew {
+            peer: peer.into(),
+            offset_ms: -600_000,
+            heard: t0 + at,
+            committed_master: master,
+            master_heard: master.map(|_| t0 + at),
+        };
+        let first = Skew::merge(None, skew("master", Duration::ZERO, Some(m)));
+        let then = Skew::merge(Some(&first), skew("follower", Duration::from_secs(2), None));
+        assert_eq!((then.peer.as_str(), then.committed_master), ("follower", Some(m)));
+        assert_eq!(then.master_heard, Some(t0), "the master's own hearing time is kept");
+        let later = Skew::merge(Some(&then), skew("follower", Duration::from_secs(61), None));
+        assert_eq!(later.committed_master, None, "a master not heard for a minute is forgotten");
+        let other = std::net::Ipv4Addr::new(10, 77, 0, 6);
+        let moved = Skew::merge(Some(&then), skew("master2", Duration::from_secs(3), Some(other)));
+        assert_eq!(moved.committed_master, Some(other), "the latest committed master wins");
+    }
 }
