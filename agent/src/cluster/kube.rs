@@ -3,6 +3,7 @@
 //! decided in `plan`; the argv and config files are built in `kubeadm`.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tracing::info;
@@ -22,6 +23,9 @@ impl Cluster {
         let kubernetes = self.cfg.kubernetes.enabled;
         match plan::lead(&self.state, kubernetes, now_secs()) {
             Lead::Init { token } => {
+                if self.kubeadm_waits() {
+                    return Ok(());
+                }
                 self.set_phase(Phase::Initialising, "this node is the master");
                 let mut info = JoinInfo {
                     cluster_uid: uid,
@@ -39,11 +43,14 @@ impl Cluster {
                     self.state.join_info = Some(info.clone());
                     self.store.save(&self.state)?;
                     info.ca_cert_hash = self.kubeadm_init(&info.token, &lan.address.to_string()).await?;
+                    self.backoff.succeeded();
                 }
                 self.state.join_info = Some(info);
                 self.state.initialised = true;
                 self.store.save(&self.state)?;
             }
+            // Renewal waits out a failure's pause too; the current token is served meanwhile.
+            Lead::RenewToken if self.backoff.wait(Instant::now()).is_some() => {}
             Lead::RenewToken => self.renew_token().await?,
             Lead::Serve => {}
         }
@@ -64,9 +71,10 @@ impl Cluster {
         Ok(path)
     }
 
-    /// Writes the kubeadm config, runs `kubeadm init` unless it already finished on this node,
-    /// and returns the CA's public-key hash.
-    async fn kubeadm_init(&self, token: &str, node_ip: &str) -> Result<String> {
+    /// Writes the kubeadm config and runs `kubeadm init` (after `kubeadm reset` when an earlier
+    /// attempt was interrupted: only the saved `initialised` marker says an init finished), and
+    /// returns the CA's public-key hash.
+    async fn kubeadm_init(&mut self, token: &str, node_ip: &str) -> Result<String> {
         let text = kubeadm::init_config(&kubeadm::InitParams {
             cluster: &self.cfg.cluster,
             kubernetes_version: &self.cfg.kubernetes.version,
@@ -74,18 +82,51 @@ impl Cluster {
             node_ip,
             token,
         });
-        if Path::new(kubeadm::KUBELET_CONF).exists() && Path::new(kubeadm::CA_CERT).exists() {
-            info!("kubeadm init already ran on this node (power cut after it finished); not running it again");
-        } else {
-            let config = self.kubeadm_file("init.yaml", &text)?;
-            let token = token.to_string();
-            let file = config.clone();
-            let ran = blocking(move || kubeadm::run(&kubeadm::init_argv(&config), &[&token])).await;
-            forget(&file);
-            ran?;
-        }
+        self.reset_if_interrupted("init").await?;
+        let config = self.kubeadm_file("init.yaml", &text)?;
+        let ran = self.run_kubeadm(kubeadm::init_argv(&config), token).await;
+        forget(&config);
+        ran?;
         let pem = std::fs::read(kubeadm::CA_CERT).with_context(|| format!("reading {}", kubeadm::CA_CERT))?;
         kubeadm::ca_cert_hash(&pem)
+    }
+
+    /// `kubeadm reset` when an init or join that never finished left files behind (a power
+    /// cut or a failure mid-way), so the next attempt starts clean.
+    async fn reset_if_interrupted(&mut self, what: &str) -> Result<()> {
+        let left = kubeadm::leftovers(Path::new("/"));
+        if !left.is_empty() {
+            tracing::warn!(?left, "an earlier kubeadm {what} did not finish; resetting before trying again");
+            self.run_kubeadm(kubeadm::reset_argv(), "").await?;
+        }
+        Ok(())
+    }
+
+    /// Runs kubeadm with `argv` (`secret`, the bootstrap token, redacted from logs and errors).
+    /// A failure puts the next kubeadm step off by a pause that grows with each failure in a
+    /// row ([`plan::retry_pause`]); rounds before then only report it ([`Cluster::kubeadm_waits`]).
+    async fn run_kubeadm(&mut self, argv: Vec<String>, secret: &str) -> Result<()> {
+        let secret = secret.to_string();
+        let ran = blocking(move || {
+            let secrets: Vec<&str> = [secret.as_str()].into_iter().filter(|s| !s.is_empty()).collect();
+            kubeadm::run(&argv, &secrets)
+        })
+        .await;
+        match ran {
+            Ok(_) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!(self.backoff.failed(Instant::now(), &format!("{e:#}")))),
+        }
+    }
+
+    /// True (and the wait reported) while a failed kubeadm step's pause runs.
+    pub(super) fn kubeadm_waits(&mut self) -> bool {
+        match self.backoff.wait(Instant::now()).map(|(_, m)| m.to_string()) {
+            Some(message) => {
+                self.set_phase(Phase::Error, &message);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Mints a new bootstrap token (the current one has less than two hours left).
@@ -104,11 +145,10 @@ impl Cluster {
                 token: &token,
             }),
         )?;
-        let secret = token.clone();
-        let file = config.clone();
-        let ran = blocking(move || kubeadm::run(&kubeadm::token_create_argv(&config), &[&secret])).await;
-        forget(&file);
+        let ran = self.run_kubeadm(kubeadm::token_create_argv(&config), &token).await;
+        forget(&config);
         ran?;
+        self.backoff.succeeded();
         info.token = token;
         info.token_expires = now_secs() + kubeadm::TOKEN_TTL_SECS;
         info!("minted a fresh bootstrap token");
@@ -127,6 +167,9 @@ impl Cluster {
             self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
             return Ok(());
         }
+        if self.kubeadm_waits() {
+            return Ok(());
+        }
         self.set_phase(Phase::Joining, &format!("fetching join info from {master_addr}"));
         let (addr, id, secret) = (master_addr.to_string(), self.inventory.machine_id.clone(), self.secret.clone());
         let info = match blocking(move || join::fetch(&addr, &secret, &id, crate::sys::clock::now_ms())).await {
@@ -140,7 +183,10 @@ impl Cluster {
         self.hosts_entry(&info.master_address)?;
         self.state.join_info = Some(info.clone());
         self.store.save(&self.state)?;
-        if plan::must_join(kubernetes, Path::new(kubeadm::KUBELET_CONF).exists()) {
+        // `joined` is saved only once kubeadm join finished: files of an earlier attempt mean
+        // it was interrupted, and are reset first.
+        if kubernetes {
+            self.reset_if_interrupted("join").await?;
             let node_ip = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
             let config = self.kubeadm_file(
                 "join.yaml",
@@ -152,13 +198,10 @@ impl Cluster {
                     node_ip: &node_ip,
                 }),
             )?;
-            let token = info.token.clone();
-            let file = config.clone();
-            let ran = blocking(move || kubeadm::run(&kubeadm::join_argv(&config), &[&token])).await;
-            forget(&file);
+            let ran = self.run_kubeadm(kubeadm::join_argv(&config), &info.token).await;
+            forget(&config);
             ran?;
-        } else if kubernetes {
-            info!("kubelet is already configured on this node; not running kubeadm join again");
+            self.backoff.succeeded();
         }
         self.state.joined = true;
         self.store.save(&self.state)?;

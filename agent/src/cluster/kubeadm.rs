@@ -14,8 +14,6 @@ use crate::sys::Cmd;
 pub const API_PORT: u16 = 6443;
 pub const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
 pub const CA_CERT: &str = "/etc/kubernetes/pki/ca.crt";
-/// Present once kubelet is configured (after init or join).
-pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 pub const TOKEN_TTL_SECS: u64 = 24 * 3600;
 /// The longest a kubeadm call may take (init on a slow PC pulls nothing but waits for the
 /// control plane).
@@ -127,6 +125,26 @@ pub fn join_argv(config: &Path) -> Vec<String> {
     vec!["join".into(), "--config".into(), config.display().to_string()]
 }
 
+/// `kubeadm reset`: undoes what an interrupted init or join left (static pods, kubelet's
+/// config, certificates, etcd's data), so the next attempt starts clean.
+pub fn reset_argv() -> Vec<String> {
+    ["reset", "--force", "--cri-socket", CRI_SOCKET].map(String::from).to_vec()
+}
+
+/// What an init or join leaves on a node under `root` (`/` on a node), by path: any of it on
+/// a node whose success marker is not set means an attempt was interrupted.
+pub fn leftovers(root: &Path) -> Vec<PathBuf> {
+    let non_empty = |p: &Path| std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let files = ["etc/kubernetes/kubelet.conf", "etc/kubernetes/admin.conf", "etc/kubernetes/pki/ca.crt"];
+    let dirs = ["etc/kubernetes/manifests", "var/lib/etcd"];
+    files
+        .iter()
+        .map(|f| root.join(f))
+        .filter(|p| p.exists())
+        .chain(dirs.iter().map(|d| root.join(d)).filter(|p| non_empty(p)))
+        .collect()
+}
+
 /// `kubeadm token create` with the token in `config` (an init config naming it, 0600).
 pub fn token_create_argv(config: &Path) -> Vec<String> {
     vec!["token".into(), "create".into(), "--config".into(), config.display().to_string()]
@@ -165,6 +183,21 @@ mod tests {
 
     fn docs(text: &str) -> Vec<Value> {
         text.split("\n---\n").map(|d| serde_json::from_str(d).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_interrupted_attempt_leaves_something_a_fresh_node_has_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(leftovers(d.path()).is_empty(), "a fresh node");
+        std::fs::create_dir_all(d.path().join("etc/kubernetes/manifests")).unwrap();
+        std::fs::create_dir_all(d.path().join("var/lib/etcd")).unwrap();
+        assert!(leftovers(d.path()).is_empty(), "empty directories (as packages ship them) are not leftovers");
+        std::fs::write(d.path().join("etc/kubernetes/manifests/etcd.yaml"), "{}").unwrap();
+        std::fs::create_dir_all(d.path().join("etc/kubernetes/pki")).unwrap();
+        std::fs::write(d.path().join("etc/kubernetes/pki/ca.crt"), "pem").unwrap();
+        let found = leftovers(d.path());
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(reset_argv(), ["reset", "--force", "--cri-socket", CRI_SOCKET]);
     }
 
     #[test]

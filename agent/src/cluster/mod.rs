@@ -99,6 +99,8 @@ pub struct Cluster {
     announced: watch::Sender<Allegiance>,
     /// The last phase reported, so a conflict is logged once.
     phase: Phase,
+    /// Failed kubeadm steps in a row, and when the next may run.
+    backoff: plan::Backoff,
 }
 
 impl Cluster {
@@ -122,6 +124,7 @@ impl Cluster {
             started: Instant::now(),
             peers: Default::default(),
             announced,
+            backoff: Default::default(),
             phase: Phase::Starting,
         }
     }

@@ -2,6 +2,8 @@
 //! become one [`Step`] for the executor (`cluster::Cluster`). Pure, so every case is a table
 //! row in the tests below.
 
+use std::time::{Duration, Instant};
+
 use crate::cluster::election::{Allegiance, Decision};
 use crate::cluster::join::JoinInfo;
 use crate::cluster::state::State;
@@ -116,9 +118,41 @@ pub fn lead(state: &State, kubernetes: bool, now_secs: u64) -> Lead {
     }
 }
 
-/// Whether a follower that fetched `info` still has to run `kubeadm join`.
-pub fn must_join(kubernetes: bool, kubelet_configured: bool) -> bool {
-    kubernetes && !kubelet_configured
+/// How long to wait before trying a failed kubeadm step again: 10 s, doubling with each
+/// failure in a row, at most 10 minutes.
+pub fn retry_pause(failures: u32) -> Duration {
+    let secs = 10u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(600))
+}
+
+/// Failures of kubeadm steps in a row, and when the next attempt may run.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+    last: String,
+}
+
+impl Backoff {
+    /// Time left before the next attempt, and why the last one failed; `None` when it may run.
+    pub fn wait(&self, now: Instant) -> Option<(Duration, &str)> {
+        let until = self.until?;
+        (until > now).then(|| (until - now, self.last.as_str()))
+    }
+
+    /// Records a failure at `now`; returns the message to report until the next attempt
+    /// (the error and when it is tried again).
+    pub fn failed(&mut self, now: Instant, error: &str) -> String {
+        self.failures += 1;
+        let pause = retry_pause(self.failures);
+        self.until = Some(now + pause);
+        self.last = format!("{error}; trying again in {} s", pause.as_secs());
+        self.last.clone()
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
 }
 
 /// The message a node reports once it leads or joined.
@@ -142,6 +176,24 @@ pub fn check_join_info(info: &JoinInfo, uid: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn failed_kubeadm_steps_wait_longer_each_time() {
+        use super::*;
+        let pauses: Vec<u64> = (1..=8).map(|n| retry_pause(n).as_secs()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 600, 600]);
+        assert_eq!(retry_pause(u32::MAX).as_secs(), 600);
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.wait(t0).is_none(), "the first attempt runs at once");
+        assert_eq!(b.failed(t0, "boom"), "boom; trying again in 10 s");
+        assert_eq!(b.wait(t0 + Duration::from_secs(4)), Some((Duration::from_secs(6), "boom; trying again in 10 s")));
+        assert!(b.wait(t0 + Duration::from_secs(10)).is_none(), "then it runs again");
+        assert_eq!(b.failed(t0 + Duration::from_secs(10), "boom"), "boom; trying again in 20 s");
+        b.succeeded();
+        assert!(b.wait(t0 + Duration::from_secs(11)).is_none());
+        assert_eq!(b.failed(t0, "again"), "again; trying again in 10 s", "a success resets the count");
+    }
+
     use super::*;
 
     fn state(allegiance: Allegiance, joined: bool) -> State {
@@ -258,13 +310,6 @@ mod tests {
         assert_eq!(lead(&s, true, now), Lead::RenewToken);
         // Without Kubernetes there is no token to renew.
         assert_eq!(lead(&s, false, now), Lead::Serve);
-    }
-
-    #[test]
-    fn followers_join_once() {
-        assert!(must_join(true, false));
-        assert!(!must_join(true, true), "kubelet configured: kubeadm join ran already");
-        assert!(!must_join(false, false), "no kubeadm in this image");
     }
 
     #[test]
