@@ -46,7 +46,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     )?;
     let mut cfg = NodeConfig::new(&spec.name, &spec.hostname);
     cfg.cluster = spec.cluster.clone();
-    cfg.kubernetes = spec.kubernetes.clone();
+    cfg.kubernetes = spec.kubernetes.node();
     cfg.disks = spec.disks.clone();
     cfg.install = spec.install.clone();
     cfg.pxe = spec.pxe.clone();

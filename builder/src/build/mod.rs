@@ -7,6 +7,7 @@ pub mod agent;
 pub mod boot;
 pub mod disk;
 pub mod fsutil;
+pub mod kubebin;
 pub mod manifest;
 pub mod outputs;
 pub mod overlays;
@@ -90,6 +91,8 @@ pub struct Plan {
     pub lock_path: PathBuf,
     /// The client that resolved them (None without preloads).
     pub registry: Option<crate::registry::Registry>,
+    /// Kubernetes release files pinned to their sha256 (`[kubernetes] source = "binaries"`).
+    pub binaries: Vec<kubebin::Pinned>,
 }
 
 impl Plan {
@@ -110,10 +113,11 @@ impl Plan {
         };
         let rootfs_key = rootfs.cache_key()?;
         let lock_path = opts.lock_file.clone().unwrap_or_else(|| registry::lock::path_for(&opts.spec, &spec.name));
+        let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
+        let binaries = kubebin::resolve(&spec.kubernetes, &lock)?;
         let (preload, registry) = if spec.preload.is_empty() {
             (Vec::new(), None)
         } else {
-            let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
             let reg = registry::Registry::new(&opts.registry, &opts.cache_dir)?;
             let refs: Vec<(String, Option<String>)> = spec
                 .preload
@@ -133,6 +137,9 @@ impl Plan {
         for (r, d) in &preload {
             h.update(format!("preload\0{r}\0{d}\0"));
         }
+        for b in &binaries {
+            h.update(format!("binary\0{}\0{}\0", b.url, b.sha256));
+        }
         Ok(Plan {
             spec,
             secret,
@@ -144,6 +151,7 @@ impl Plan {
             preload,
             lock_path,
             registry,
+            binaries,
         })
     }
 
@@ -155,6 +163,7 @@ impl Plan {
                 .iter()
                 .map(|(r, d)| registry::lock::Locked { reference: r.clone(), digest: d.clone() })
                 .collect(),
+            file: kubebin::locked(&self.binaries),
         }
     }
 
@@ -292,6 +301,13 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         })?,
         None => Vec::new(),
     };
+    let binaries = if plan.binaries.is_empty() {
+        Vec::new()
+    } else {
+        stages.run("binaries", "downloading the Kubernetes release files", || {
+            kubebin::fetch_all(&plan.binaries, &opts.cache_dir)
+        })?
+    };
     let tar = stages
         .run_cached("rootfs", "installing packages", || rootfs::ensure(&plan.rootfs, &opts.cache_dir, work.path()))?;
     // The unpacked tree is written once and read once: keep it in memory when there is room.
@@ -301,6 +317,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let root = fast.as_ref().map(|w| w.path()).unwrap_or(work.path()).join("root");
     stages.run("unpack", "unpacking root filesystem", || rootfs::unpack(&tar, &root))?;
     let packages = rootfs::installed_packages(&root)?;
+    if !binaries.is_empty() {
+        stages.run("kubernetes", "installing kubeadm, kubelet, kubectl and the CNI plugins", || {
+            kubebin::install(&root, &plan.binaries, &binaries)
+        })?;
+    }
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
     let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
@@ -402,13 +423,19 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     Ok(Outcome { manifest, manifest_path, up_to_date: false })
 }
 
-/// Records the preload pins beside the spec (only when there are preloads, and only if changed).
+/// Records the preload and release-file pins beside the spec (only when there are any, and
+/// only if changed).
 fn save_lock(plan: &Plan) -> Result<()> {
-    if plan.preload.is_empty() {
+    if plan.preload.is_empty() && plan.binaries.is_empty() {
         return Ok(());
     }
     if plan.lock().save(&plan.lock_path)? {
-        tracing::info!("pinned {} preloaded images in {}", plan.preload.len(), plan.lock_path.display());
+        tracing::info!(
+            "pinned {} preloaded images and {} release files in {}",
+            plan.preload.len(),
+            plan.binaries.len(),
+            plan.lock_path.display()
+        );
     }
     Ok(())
 }

@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize};
 pub struct LockFile {
     #[serde(default)]
     pub image: Vec<Locked>,
+    /// Release files (`[kubernetes] source = "binaries"`) pinned to their sha256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file: Vec<LockedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LockedFile {
+    pub url: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +52,11 @@ impl LockFile {
         }
     }
 
+    /// The pinned sha256 of the release file at `url`.
+    pub fn file(&self, url: &str) -> Option<&str> {
+        self.file.iter().find(|f| f.url == url).map(|f| f.sha256.as_str())
+    }
+
     pub fn get(&self, reference: &str) -> Option<&str> {
         self.image.iter().find(|l| l.reference == reference).map(|l| l.digest.as_str())
     }
@@ -52,8 +67,8 @@ impl LockFile {
             return Ok(false);
         }
         let body = format!(
-            "# Written by labforge: preloaded images pinned to their linux/amd64 manifest digests.\n\
-             # `labforge build --update-lock` resolves the tags again.\n\n{}",
+            "# Written by labforge: preloaded images pinned to their linux/amd64 manifest digests,\n\
+             # release files to their sha256. `labforge build --update-lock` resolves them again.\n\n{}",
             toml::to_string(self)?
         );
         // A unique temporary name: two builds of one spec may pin at the same time.
@@ -79,7 +94,7 @@ mod tests {
         let p = dir.path().join("x.lock.toml");
         assert_eq!(LockFile::load(&p).unwrap(), LockFile::default());
         let pinned = Locked { reference: "r/a:1".into(), digest: format!("sha256:{}", "a".repeat(64)) };
-        let lock = LockFile { image: vec![pinned.clone()] };
+        let lock = LockFile { image: vec![pinned.clone()], file: vec![] };
         assert!(lock.save(&p).unwrap());
         assert!(!lock.save(&p).unwrap(), "unchanged lock is not rewritten");
         assert_eq!(LockFile::load(&p).unwrap(), lock);

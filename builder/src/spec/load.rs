@@ -220,6 +220,30 @@ fn validate_merged(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
     if spec.base.suite.is_empty() {
         return Err(missing("base.suite", "the distribution suite (e.g. \"bookworm\")"));
     }
+    let k = &spec.kubernetes;
+    if k.source == super::KubernetesSource::Binaries {
+        let at = |key: &str, m: String| SpecError::whole_file(&top.file, Some(&format!("kubernetes.{key}")), m);
+        if !valid_release(&k.version) {
+            return Err(at(
+                "version",
+                format!("source = \"binaries\" needs the exact release, like \"v1.36.5\" (found {:?})", k.version),
+            ));
+        }
+        if !valid_release(&k.cni_version) {
+            return Err(at("cni-version", format!("expected a release like \"v1.10.0\" (found {:?})", k.cni_version)));
+        }
+        for (key, url) in [("binaries-url", &k.binaries_url), ("cni-url", &k.cni_url)] {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(at(key, format!("{url:?} is not an http(s) URL")));
+            }
+        }
+        if let Some(p) = spec.packages.iter().find(|p| crate::build::kubebin::PROGRAMS.contains(&p.as_str())) {
+            return Err(at(
+                "source",
+                format!("source = \"binaries\" installs {p} from the release files; remove it from `packages`"),
+            ));
+        }
+    }
     let total = spec.disk.esp_size.bytes() + spec.disk.root_size.bytes() + spec.disk.state_size.bytes();
     if total > (2u64 << 40) {
         return Err(top.error_at_key(
@@ -228,6 +252,16 @@ fn validate_merged(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
         ));
     }
     Ok(())
+}
+
+/// `v<major>.<minor>.<patch>`, optionally with a pre-release suffix (`v1.36.0-rc.1`).
+fn valid_release(v: &str) -> bool {
+    let Some(rest) = v.strip_prefix('v') else { return false };
+    let core = rest.split_once('-').map(|(c, _)| c).unwrap_or(rest);
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
 }
 
 /// Checks the values one file sets, so an error points into the file that wrote the value.

@@ -71,9 +71,9 @@ pub struct Spec {
     /// How nodes find each other and elect a master (baked into /etc/labforge/cluster.toml).
     #[serde(default)]
     pub cluster: ClusterConfig,
-    /// Whether nodes run kubeadm.
+    /// Whether nodes run kubeadm, which version, and where Kubernetes comes from.
     #[serde(default)]
-    pub kubernetes: KubernetesConfig,
+    pub kubernetes: KubernetesSpec,
     /// Which data disks nodes prepare for Rook-Ceph, and how (baked into the node config).
     #[serde(default)]
     pub disks: DisksConfig,
@@ -92,6 +92,74 @@ pub struct Spec {
     /// reuses `<out>/<name>.cluster.secret` or generates one there.
     #[serde(default)]
     pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// `[kubernetes]`: what nodes run (baked into the node config) and, for the build, where
+/// kubeadm, kubelet and kubectl come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KubernetesSpec {
+    /// Run kubeadm init/join. `false` for images without kubeadm: the node still discovers,
+    /// elects and reports `kubernetes: disabled`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `kubernetesVersion` for kubeadm (e.g. `v1.36.5`); empty: kubeadm's own version.
+    /// Required with `source = "binaries"` (it names the release files).
+    #[serde(default)]
+    pub version: String,
+    /// `packages` (kubeadm, kubelet, kubectl from `packages` and an apt repository) or
+    /// `binaries` (release files from `binaries-url`, pinned in the lock file).
+    #[serde(default)]
+    pub source: KubernetesSource,
+    /// Base URL laid out as upstream's release site: `<base>/<version>/bin/linux/amd64/<name>`
+    /// and `<name>.sha256`. A local mirror of those files works offline.
+    #[serde(default = "default_binaries_url")]
+    pub binaries_url: String,
+    /// CNI plugins release (`/opt/cni/bin`), with `source = "binaries"`.
+    #[serde(default = "default_cni_version")]
+    pub cni_version: String,
+    /// Base URL of the CNI plugins: `<cni-url>/<cni-version>/cni-plugins-linux-amd64-<cni-version>.tgz`
+    /// and its `.sha256`, as the plugins' release page lays them out.
+    #[serde(default = "default_cni_url")]
+    pub cni_url: String,
+}
+
+impl Default for KubernetesSpec {
+    fn default() -> Self {
+        KubernetesSpec {
+            enabled: false,
+            version: String::new(),
+            source: KubernetesSource::default(),
+            binaries_url: default_binaries_url(),
+            cni_version: default_cni_version(),
+            cni_url: default_cni_url(),
+        }
+    }
+}
+
+impl KubernetesSpec {
+    /// What the node's agent reads.
+    pub fn node(&self) -> KubernetesConfig {
+        KubernetesConfig { enabled: self.enabled, version: self.version.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubernetesSource {
+    #[default]
+    Packages,
+    Binaries,
+}
+
+fn default_binaries_url() -> String {
+    "https://dl.k8s.io/release".into()
+}
+fn default_cni_version() -> String {
+    "v1.10.0".into()
+}
+fn default_cni_url() -> String {
+    "https://github.com/containernetworking/plugins/releases/download".into()
 }
 
 /// One container image to preload.

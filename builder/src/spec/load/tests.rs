@@ -181,3 +181,38 @@ fn errors_in_an_extended_file_name_that_file() {
     assert_eq!(err.file, parent);
     assert_eq!(err.line, Some(2));
 }
+
+#[rstest]
+#[case::no_version("[kubernetes]\nsource = \"binaries\"\n", "kubernetes.version", "exact release")]
+#[case::loose_version(
+    "[kubernetes]\nsource = \"binaries\"\nversion = \"1.36\"\n",
+    "kubernetes.version",
+    "exact release"
+)]
+#[case::bad_cni(
+    "[kubernetes]\nsource = \"binaries\"\nversion = \"v1.36.5\"\ncni-version = \"latest\"\n",
+    "kubernetes.cni-version",
+    "expected a release"
+)]
+#[case::not_http(
+    "[kubernetes]\nsource = \"binaries\"\nversion = \"v1.36.5\"\nbinaries-url = \"/srv/k8s\"\n",
+    "kubernetes.binaries-url",
+    "not an http(s) URL"
+)]
+#[case::twice(
+    "packages = [\"kubeadm\"]\n[kubernetes]\nsource = \"binaries\"\nversion = \"v1.36.5\"\n",
+    "kubernetes.source",
+    "remove it from `packages`"
+)]
+fn kubernetes_from_binaries_needs_an_exact_release(#[case] text: &str, #[case] field: &str, #[case] message: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "k.toml", &format!("name = \"t\"\n{text}[base]\nsuite = \"bookworm\"\n"));
+    let err = load(&p).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some(field), "{err}");
+    assert!(err.message.contains(message), "{err}");
+    let ok =
+        write(d.path(), "ok.toml", &format!("{MINIMAL}[kubernetes]\nsource = \"binaries\"\nversion = \"v1.36.5\"\n"));
+    let spec = load(&ok).unwrap();
+    assert_eq!(spec.kubernetes.binaries_url, "https://dl.k8s.io/release");
+    assert_eq!(spec.kubernetes.node().version, "v1.36.5");
+}
