@@ -54,6 +54,18 @@ impl Cluster {
             Lead::RenewToken => self.renew_token().await?,
             Lead::Serve => {}
         }
+        if kubernetes && !self.kubeconfigs {
+            // The lab's administrators get the cluster's admin kubeconfig (on every start, so a
+            // user added to the image later gets one too).
+            let names = super::kubeconfig::admins(Path::new(super::kubeconfig::SUDOERS_D));
+            match super::kubeconfig::install(Path::new(super::kubeconfig::ADMIN_CONF), &names) {
+                Ok(files) if !files.is_empty() => info!(?files, "wrote the admins' kubeconfigs"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("admin kubeconfigs: {e:#}"),
+            }
+            // Once per start either way: a failure is logged, not repeated every round.
+            self.kubeconfigs = true;
+        }
         let info = self.state.join_info.clone().context("join info is minted before it is served")?;
         self.links.join_info.send_replace(Some(info.clone()));
         self.set_join_info(&info);

@@ -10,6 +10,7 @@ pub mod hosts;
 pub mod join;
 pub mod kube;
 pub mod kubeadm;
+pub mod kubeconfig;
 pub mod lan;
 pub mod plan;
 pub mod state;
@@ -101,6 +102,8 @@ pub struct Cluster {
     phase: Phase,
     /// Failed kubeadm steps in a row, and when the next may run.
     backoff: plan::Backoff,
+    /// The admins' kubeconfigs were written since the agent started.
+    kubeconfigs: bool,
 }
 
 impl Cluster {
@@ -125,6 +128,7 @@ impl Cluster {
             peers: Default::default(),
             announced,
             backoff: Default::default(),
+            kubeconfigs: false,
             phase: Phase::Starting,
         }
     }
