@@ -118,7 +118,9 @@ impl Plan {
         let (preload, registry) = if spec.preload.is_empty() {
             (Vec::new(), None)
         } else {
-            let reg = registry::Registry::new(&opts.registry, &opts.cache_dir)?;
+            let ropts =
+                registry::with_loopback_plain(&opts.registry, spec.preload.iter().map(|p| p.reference.as_str()));
+            let reg = registry::Registry::new(&ropts, &opts.cache_dir)?;
             let refs: Vec<(String, Option<String>)> = spec
                 .preload
                 .iter()

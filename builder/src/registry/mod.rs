@@ -47,6 +47,31 @@ pub fn parse_reference(s: &str) -> Result<Reference> {
     Ok(r)
 }
 
+/// Whether `registry` (`host[:port]`) is on this machine: `localhost`, `127.0.0.0/8` or `[::1]`.
+/// Such registries are spoken to over plain HTTP without `--plain-http`, as docker and
+/// go-containerregistry treat them (a local mirror rarely has a certificate).
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `opts` with every loopback registry among `refs` added to the plain-HTTP list.
+pub fn with_loopback_plain<'a>(opts: &RegistryOptions, refs: impl IntoIterator<Item = &'a str>) -> RegistryOptions {
+    let mut opts = opts.clone();
+    for r in refs {
+        if let Ok(r) = parse_reference(r) {
+            let host = r.registry().to_string();
+            if is_loopback(&host) && !opts.plain_http.contains(&host) {
+                opts.plain_http.push(host);
+            }
+        }
+    }
+    opts
+}
+
 /// The name containerd gives an image: `registry/repository:tag`, or `…@digest` without a tag.
 pub fn containerd_name(r: &Reference) -> String {
     match (r.tag(), r.digest()) {
@@ -418,5 +443,26 @@ fn explain(spec_ref: &str, target: &Reference, what: &str, e: OciDistributionErr
         e.context(format!("preload {spec_ref}: fetching the {what}"))
     } else {
         e.context(format!("preload {spec_ref}: {hint}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registries_on_this_machine_are_plain_http() {
+        for r in ["localhost:5000", "127.0.0.1:5000", "127.9.9.9", "[::1]:5000", "LOCALHOST"] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in ["registry.k8s.io", "10.0.0.5:5000", "localhost.example.org:5000", "[2001:db8::1]:5000"] {
+            assert!(!is_loopback(r), "{r}");
+        }
+        let opts = RegistryOptions { plain_http: vec!["mirror.lab:5000".into()], ca_files: vec![], parallel: 1 };
+        let got = with_loopback_plain(
+            &opts,
+            ["127.0.0.1:5000/t/a:1", "registry.k8s.io/pause:3.10.2", "127.0.0.1:5000/t/b:1", "not a ref"],
+        );
+        assert_eq!(got.plain_http, ["mirror.lab:5000", "127.0.0.1:5000"]);
     }
 }
