@@ -90,6 +90,7 @@ impl Cluster {
         let text = kubeadm::init_config(&kubeadm::InitParams {
             cluster: &self.cfg.cluster,
             kubernetes_version: &self.cfg.kubernetes.version,
+            image_repository: &self.cfg.kubernetes.image_repository,
             node_name: &self.inventory.hostname,
             node_ip,
             token,
@@ -152,6 +153,7 @@ impl Cluster {
             &kubeadm::init_config(&kubeadm::InitParams {
                 cluster: &self.cfg.cluster,
                 kubernetes_version: &self.cfg.kubernetes.version,
+                image_repository: &self.cfg.kubernetes.image_repository,
                 node_name: &self.inventory.hostname,
                 node_ip: &node_ip,
                 token: &token,

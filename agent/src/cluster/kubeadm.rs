@@ -40,6 +40,8 @@ pub fn new_token() -> String {
 pub struct InitParams<'a> {
     pub cluster: &'a ClusterConfig,
     pub kubernetes_version: &'a str,
+    /// kubeadm's `imageRepository`; empty: its default.
+    pub image_repository: &'a str,
     pub node_name: &'a str,
     pub node_ip: &'a str,
     pub token: &'a str,
@@ -70,6 +72,9 @@ pub fn init_config(p: &InitParams) -> String {
     });
     if !p.kubernetes_version.is_empty() {
         cluster["kubernetesVersion"] = Value::from(p.kubernetes_version);
+    }
+    if !p.image_repository.is_empty() {
+        cluster["imageRepository"] = Value::from(p.image_repository);
     }
     let kubelet = json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -205,7 +210,8 @@ mod tests {
         let cluster = ClusterConfig { name: "lab".into(), ..Default::default() };
         let text = init_config(&InitParams {
             cluster: &cluster,
-            kubernetes_version: "v1.31.4",
+            kubernetes_version: "v1.36.5",
+            image_repository: "",
             node_name: "lab-123456",
             node_ip: "10.77.0.11",
             token: "abcdef.0123456789abcdef",
@@ -227,12 +233,22 @@ mod tests {
         assert_eq!(cc["kind"], "ClusterConfiguration");
         assert_eq!(cc["clusterName"], "lab");
         assert_eq!(cc["controlPlaneEndpoint"], "lab-api:6443");
-        assert_eq!(cc["kubernetesVersion"], "v1.31.4");
+        assert_eq!(cc["kubernetesVersion"], "v1.36.5");
+        assert!(cc.get("imageRepository").is_none(), "kubeadm's default unless set");
         assert_eq!(cc["networking"]["podSubnet"], "10.244.0.0/16");
         assert_eq!(cc["networking"]["serviceSubnet"], "10.96.0.0/12");
         assert_eq!(cc["apiServer"]["certSANs"][0], "lab-api");
         assert_eq!(d[2]["kind"], "KubeletConfiguration");
         assert_eq!(d[2]["cgroupDriver"], "systemd");
+        let mirrored = init_config(&InitParams {
+            cluster: &cluster,
+            kubernetes_version: "v1.36.5",
+            image_repository: "registry.lab:5000/k8s",
+            node_name: "lab-123456",
+            node_ip: "10.77.0.11",
+            token: "abcdef.0123456789abcdef",
+        });
+        assert_eq!(docs(&mirrored)[1]["imageRepository"], "registry.lab:5000/k8s");
     }
 
     #[test]

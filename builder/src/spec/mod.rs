@@ -107,6 +107,10 @@ pub struct KubernetesSpec {
     /// Required with `source = "binaries"` (it names the release files).
     #[serde(default)]
     pub version: String,
+    /// kubeadm's `imageRepository`, where the control-plane images are named from (e.g. a
+    /// site's own registry); empty: `registry.k8s.io`.
+    #[serde(default)]
+    pub image_repository: String,
     /// `packages` (kubeadm, kubelet, kubectl from `packages` and an apt repository) or
     /// `binaries` (release files from `binaries-url`, pinned in the lock file).
     #[serde(default)]
@@ -129,6 +133,7 @@ impl Default for KubernetesSpec {
         KubernetesSpec {
             enabled: false,
             version: String::new(),
+            image_repository: String::new(),
             source: KubernetesSource::default(),
             binaries_url: default_binaries_url(),
             cni_version: default_cni_version(),
@@ -140,7 +145,11 @@ impl Default for KubernetesSpec {
 impl KubernetesSpec {
     /// What the node's agent reads.
     pub fn node(&self) -> KubernetesConfig {
-        KubernetesConfig { enabled: self.enabled, version: self.version.clone() }
+        KubernetesConfig {
+            enabled: self.enabled,
+            version: self.version.clone(),
+            image_repository: self.image_repository.clone(),
+        }
     }
 }
 

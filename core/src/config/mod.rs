@@ -108,9 +108,13 @@ pub struct KubernetesConfig {
     /// elects and reports `kubernetes: disabled`.
     #[serde(default)]
     pub enabled: bool,
-    /// `kubernetesVersion` for kubeadm (e.g. `v1.31.4`); empty: kubeadm's own version.
+    /// `kubernetesVersion` for kubeadm (e.g. `v1.36.5`); empty: kubeadm's own version.
     #[serde(default)]
     pub version: String,
+    /// kubeadm's `imageRepository`: where the control-plane images are named from (they are
+    /// preloaded under those names); empty: kubeadm's default, `registry.k8s.io`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_repository: String,
 }
 
 fn default_hostname() -> String {

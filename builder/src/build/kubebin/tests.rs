@@ -85,6 +85,7 @@ fn mirror(version: &str) -> (KubernetesSpec, Files) {
         binaries_url: format!("{base}/release/"),
         cni_version: "v1.10.0".into(),
         cni_url: format!("{base}/cni"),
+        ..Default::default()
     };
     (k, files)
 }
