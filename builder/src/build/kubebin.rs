@@ -179,6 +179,39 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The images kubeadm itself says the control plane needs (`kubeadm config images list` for
+/// the spec's version and image repository), run from the pinned kubeadm (fetched into the
+/// cache if it is not there yet): the preload list can never drift from the kubeadm in the image.
+pub fn control_plane_images(k: &KubernetesSpec, pins: &[Pinned], cache: &Path) -> Result<Vec<String>> {
+    let Some(kubeadm) = pins.iter().find(|p| p.name == "kubeadm") else { return Ok(Vec::new()) };
+    let cached = fetch_all(std::slice::from_ref(kubeadm), cache)?.remove(0);
+    // The cache keeps files 0600; run a private executable copy.
+    let dir = tempfile::tempdir().context("making a directory to run kubeadm from")?;
+    let exe = dir.path().join("kubeadm");
+    fs::copy(&cached, &exe).with_context(|| format!("copying {}", cached.display()))?;
+    fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let exe_path = exe.to_str().context("a temporary path that is not UTF-8")?;
+    let mut cmd = Cmd::new(exe_path).args(["config", "images", "list", "--kubernetes-version", &k.version]);
+    if !k.image_repository.is_empty() {
+        cmd = cmd.args(["--image-repository", &k.image_repository]);
+    }
+    let out =
+        cmd.run().with_context(|| format!("asking kubeadm {} which images its control plane needs", k.version))?;
+    parse_image_list(&out).with_context(|| format!("reading what kubeadm {} listed", k.version))
+}
+
+/// One image reference per line; anything else is an error.
+pub fn parse_image_list(text: &str) -> Result<Vec<String>> {
+    let refs: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    if refs.is_empty() {
+        bail!("it listed no image");
+    }
+    for r in &refs {
+        crate::registry::parse_reference(r)?;
+    }
+    Ok(refs)
+}
+
 /// kubelet's unit: kubeadm supplies its flags and config through the drop-in below.
 const KUBELET_UNIT: &str = "\
 # Written by labforge ([kubernetes] source = \"binaries\"): kubelet as installed without a package manager.

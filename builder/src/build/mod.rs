@@ -115,6 +115,15 @@ impl Plan {
         let lock_path = opts.lock_file.clone().unwrap_or_else(|| registry::lock::path_for(&opts.spec, &spec.name));
         let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
         let binaries = kubebin::resolve(&spec.kubernetes, &lock)?;
+        if spec.kubernetes.enabled {
+            // The control plane's images, as the image's own kubeadm names them, join the
+            // preload set (after the spec's own, without repeats).
+            for r in kubebin::control_plane_images(&spec.kubernetes, &binaries, &opts.cache_dir)? {
+                if !spec.preload.iter().any(|p| p.reference == r) {
+                    spec.preload.push(spec::Preload { reference: r });
+                }
+            }
+        }
         let (preload, registry) = if spec.preload.is_empty() {
             (Vec::new(), None)
         } else {

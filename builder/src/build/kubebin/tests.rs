@@ -65,7 +65,11 @@ fn cni_tgz() -> Vec<u8> {
 fn mirror(version: &str) -> (KubernetesSpec, Files) {
     let mut files = BTreeMap::new();
     for p in PROGRAMS {
-        let body = format!("#!/bin/sh\necho {p} {version}\n").into_bytes();
+        // kubeadm answers `config images list` as the real one does: one reference a line.
+        let list = "if [ \"$1 $2 $3 $4\" = \"config images list --kubernetes-version\" ]; then\n  \
+                    repo=registry.k8s.io; [ \"$6\" = --image-repository ] && repo=$7\n  \
+                    echo $repo/kube-apiserver:$5; echo $repo/pause:3.10.2; exit 0\nfi\n";
+        let body = format!("#!/bin/sh\n{}echo {p} {version}\n", if p == "kubeadm" { list } else { "" }).into_bytes();
         let path = format!("/release/{version}/bin/linux/amd64/{p}");
         files.insert(format!("{path}.sha256"), hex_sha(&body).into_bytes());
         files.insert(path, body);
@@ -178,4 +182,23 @@ fn a_version_without_release_files_is_refused_before_the_build() {
     k.binaries_url = "http://127.0.0.1:9/release".into();
     let e = format!("{:#}", resolve(&k, &LockFile::default()).unwrap_err());
     assert!(e.contains("has no kubeadm at http://127.0.0.1:9/release/v1.36.99/bin/linux/amd64/kubeadm"), "{e}");
+}
+
+#[test]
+fn the_control_plane_images_are_what_the_pinned_kubeadm_lists() {
+    let (mut k, _files) = mirror("v1.36.5");
+    let pins = resolve(&k, &LockFile::default()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    assert_eq!(
+        control_plane_images(&k, &pins, cache.path()).unwrap(),
+        ["registry.k8s.io/kube-apiserver:v1.36.5", "registry.k8s.io/pause:3.10.2"]
+    );
+    k.image_repository = "registry.lab:5000/k8s".into();
+    assert_eq!(
+        control_plane_images(&k, &pins, cache.path()).unwrap(),
+        ["registry.lab:5000/k8s/kube-apiserver:v1.36.5", "registry.lab:5000/k8s/pause:3.10.2"]
+    );
+    assert!(control_plane_images(&k, &[], cache.path()).unwrap().is_empty(), "no kubeadm, no list");
+    assert!(parse_image_list("\n").is_err(), "an empty list is an error");
+    assert!(parse_image_list("registry.k8s.io/pause:3.10.2\nW1202 warning: something\n").is_err());
 }
