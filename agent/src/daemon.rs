@@ -156,6 +156,7 @@ impl Boot {
             install: install::write::installed_status(Path::new(&self.cfg.state_dir)),
             pxe: None,
             enrol: None,
+            kube_api: None,
             clock_skew: None,
             time: None,
             notices: self.notices.clone(),
@@ -328,6 +329,12 @@ async fn node(
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
             tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
             tasks.spawn(crate::network::time::run(report.clone(), view_rx.clone()));
+            tasks.spawn(cluster::api::run(
+                report.clone(),
+                inventory.hostname.clone(),
+                cfg.kubernetes.enabled,
+                view_rx.clone(),
+            ));
             let hostname = inventory.hostname.clone();
             tasks.spawn(crate::disks::ceph::run(report.clone(), cfg.clone(), hostname, view_rx, offer_rx.clone()));
             let links = cluster::Links { report, ceph_offer: offer_rx, view: view_tx, join_info };

@@ -41,6 +41,8 @@ pub struct ConsoleKey {
     ceph: Option<BTreeMap<String, Vec<String>>>,
     /// A skewed clock is worth a line when it appears and when it is gone.
     clock_skew: bool,
+    /// The API server starting or stopping to answer, and this node's readiness.
+    kube_api: Option<(crate::cluster::api::ApiState, Option<bool>)>,
 }
 
 impl ConsoleKey {
@@ -58,6 +60,7 @@ impl ConsoleKey {
             pxe: s.pxe.as_ref().map(|p| p.state),
             ceph: s.ceph.as_ref().map(|c| c.nodes.clone()),
             clock_skew: s.clock_skew.is_some(),
+            kube_api: s.kube_api.as_ref().map(|k| (k.state, k.node_ready)),
         })
     }
 }

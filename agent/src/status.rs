@@ -124,6 +124,10 @@ pub struct Status {
     /// Netbooted nodes asking for the cluster secret (master with `[pxe] serve`).
     #[serde(default)]
     pub enrol: Option<crate::pxe::enrol::EnrolStatus>,
+    /// What the Kubernetes API server says (images that run Kubernetes): its version, this
+    /// node's Ready condition, and on the master every node and the control-plane pods.
+    #[serde(default)]
+    pub kube_api: Option<crate::cluster::api::KubeApi>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -295,6 +299,31 @@ impl std::fmt::Display for Status {
         }
         if let Some(t) = &self.time {
             writeln!(f, "time     {}", t.message)?;
+        }
+        if let Some(k) = &self.kube_api {
+            use crate::cluster::api::ApiState;
+            match k.state {
+                ApiState::Answering => {
+                    let ready = k.nodes.iter().filter(|n| n.ready).count();
+                    let pods = k.control_plane.iter().filter(|p| p.ready).count();
+                    let this = match k.node_ready {
+                        Some(true) => "this node Ready",
+                        Some(false) => "this node not Ready",
+                        None => "this node not registered",
+                    };
+                    write!(f, "k8s      {} answering; {this}", k.version.as_deref().unwrap_or("API server"))?;
+                    if !k.nodes.is_empty() {
+                        write!(
+                            f,
+                            "; {ready}/{} nodes Ready; {pods}/{} control-plane pods Ready",
+                            k.nodes.len(),
+                            k.control_plane.len()
+                        )?;
+                    }
+                    writeln!(f)?;
+                }
+                _ => writeln!(f, "k8s      {:?}: {}", k.state, k.message)?,
+            }
         }
         if let Some(k) = &self.clock_skew {
             writeln!(f, "clock    node {}'s clock is {:+} s from ours", k.peer, k.offset_seconds)?;

@@ -276,6 +276,14 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
     assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()));
     assert_eq!(s.join_info_sha256, ready[master].join_info_sha256);
     assert_joined_with(&room, late, &token, &ca_hash, &s.node.hostname);
+    // The image has no kubectl (the kubeadm double only): the API section says so, and
+    // pretends nothing.
+    if !real_kubeadm() {
+        let m = room.query(&master_ip)?;
+        let api = m.kube_api.expect("the kube_api section on a node with Kubernetes enabled");
+        assert_eq!(api.state, labforge_agent::cluster::api::ApiState::Unavailable, "{api:?}");
+        assert_eq!((api.message.as_str(), api.node_ready), ("kubectl is not in this image", None));
+    }
     // (node, ready status) of every member so far.
     let mut members: Vec<(usize, Status)> = ready.iter().cloned().enumerate().collect();
     members.push((late, s));

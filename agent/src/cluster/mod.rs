@@ -4,6 +4,7 @@
 //! in `state` before anyone is told. The task publishes a [`ClusterView`] for the tasks that
 //! depend on the node's place in the cluster (netboot, Ceph, later the stack and healing).
 
+pub mod api;
 pub mod discovery;
 pub mod election;
 pub mod hosts;

@@ -1,0 +1,215 @@
+//! What the Kubernetes API server says about the cluster, for `/status` (`kube_api`): its
+//! version, whether this node is Ready, and on the master every node with its Ready condition
+//! and the control-plane pods. Read every 15 s with the image's kubectl: the master with
+//! kubeadm's `admin.conf`, a worker with its kubelet's own credentials (which may read its own
+//! Node). The parsers are pure and read only the fields they report.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::cluster::ClusterView;
+use crate::report::Report;
+use crate::sys::Cmd;
+
+pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+const EVERY: Duration = Duration::from_secs(15);
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiState {
+    /// Nothing to ask yet (no kubeconfig on this node), or no kubectl in the image.
+    Unavailable,
+    /// The API server answered.
+    Answering,
+    /// It did not answer, or answered an error (in `message`).
+    Failing,
+}
+
+/// A node as the API server lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSeen {
+    pub name: String,
+    pub ready: bool,
+}
+
+/// A control-plane pod (`kube-system`, label `tier=control-plane`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSeen {
+    pub name: String,
+    pub ready: bool,
+}
+
+/// The `kube_api` part of `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeApi {
+    pub state: ApiState,
+    /// The API server's version (`gitVersion`).
+    pub version: Option<String>,
+    /// This node's Ready condition.
+    pub node_ready: Option<bool>,
+    /// On the master: every node.
+    pub nodes: Vec<NodeSeen>,
+    /// On the master: the control-plane pods.
+    pub control_plane: Vec<PodSeen>,
+    pub message: String,
+}
+
+impl KubeApi {
+    fn unavailable(message: &str) -> KubeApi {
+        KubeApi {
+            state: ApiState::Unavailable,
+            version: None,
+            node_ready: None,
+            nodes: vec![],
+            control_plane: vec![],
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether `conditions` (a Node's or Pod's `status.conditions`) say Ready=True.
+fn ready(item: &Value) -> bool {
+    item["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn name(item: &Value) -> String {
+    item["metadata"]["name"].as_str().unwrap_or("").to_string()
+}
+
+/// `kubectl get nodes -o json` (a List) or `get node X -o json` (one Node).
+pub fn parse_nodes(json: &str) -> Result<Vec<NodeSeen>> {
+    let v: Value = serde_json::from_str(json).context("kubectl printed no JSON")?;
+    let items = match v["kind"].as_str() {
+        Some("Node") => vec![v],
+        Some("List") | Some("NodeList") => v["items"].as_array().cloned().unwrap_or_default(),
+        other => anyhow::bail!("expected nodes, got kind {other:?}"),
+    };
+    Ok(items.iter().map(|n| NodeSeen { name: name(n), ready: ready(n) }).collect())
+}
+
+/// `kubectl get pods -o json`.
+pub fn parse_pods(json: &str) -> Result<Vec<PodSeen>> {
+    let v: Value = serde_json::from_str(json).context("kubectl printed no JSON")?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    Ok(items.iter().map(|p| PodSeen { name: name(p), ready: ready(p) }).collect())
+}
+
+/// The server's `gitVersion` from `kubectl version -o json`.
+pub fn parse_version(json: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    v["serverVersion"]["gitVersion"].as_str().map(str::to_string)
+}
+
+fn kubectl(conf: &str, args: &[&str]) -> Result<String> {
+    Cmd::new("kubectl").arg(format!("--kubeconfig={conf}")).args(args).timeout(KUBECTL_TIMEOUT).run()
+}
+
+/// Asks the API server, as the master (`leading`) or a worker named `hostname`.
+pub fn observe(leading: bool, hostname: &str) -> KubeApi {
+    if !Path::new("/usr/bin/kubectl").exists() {
+        return KubeApi::unavailable("kubectl is not in this image");
+    }
+    let conf = if leading { ADMIN_CONF } else { KUBELET_CONF };
+    if !Path::new(conf).exists() {
+        return KubeApi::unavailable(&format!("no {conf} yet"));
+    }
+    let mut api = KubeApi::unavailable("");
+    api.version = kubectl(conf, &["version", "-o", "json"]).ok().and_then(|o| parse_version(&o));
+    let nodes = if leading {
+        kubectl(conf, &["get", "nodes", "-o", "json"])
+    } else {
+        kubectl(conf, &["get", "node", hostname, "-o", "json"])
+    };
+    match nodes.and_then(|o| parse_nodes(&o)) {
+        Ok(nodes) => {
+            api.state = ApiState::Answering;
+            api.node_ready = nodes.iter().find(|n| n.name == hostname).map(|n| n.ready);
+            if leading {
+                api.nodes = nodes;
+            }
+        }
+        Err(e) => {
+            api.state = ApiState::Failing;
+            api.message = format!("{e:#}");
+            return api;
+        }
+    }
+    if leading {
+        match kubectl(conf, &["-n", "kube-system", "get", "pods", "-l", "tier=control-plane", "-o", "json"])
+            .and_then(|o| parse_pods(&o))
+        {
+            Ok(pods) => api.control_plane = pods,
+            Err(e) => api.message = format!("control-plane pods: {e:#}"),
+        }
+    }
+    api
+}
+
+/// Keeps `kube_api` in `/status` current while the node runs Kubernetes.
+pub async fn run(report: Report, hostname: String, enabled: bool, view: watch::Receiver<ClusterView>) -> Result<()> {
+    if !enabled {
+        return Ok(());
+    }
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tick.tick().await;
+        let leading = view.borrow().leading;
+        let name = hostname.clone();
+        let api = match crate::sys::blocking(move || Ok(observe(leading, &name))).await {
+            Ok(a) => a,
+            Err(e) => KubeApi { state: ApiState::Failing, message: format!("{e:#}"), ..KubeApi::unavailable("") },
+        };
+        report.update(|s| s.kube_api = Some(api));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ready: &str) -> Value {
+        serde_json::json!({
+            "kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+            "status": {"conditions": [
+                {"type": "MemoryPressure", "status": "False"},
+                {"type": "Ready", "status": ready, "reason": "KubeletReady"},
+            ]},
+        })
+    }
+
+    #[test]
+    fn nodes_pods_and_version_as_the_api_server_prints_them() {
+        let list = serde_json::json!({"kind": "List", "apiVersion": "v1", "items": [node("lab-a", "True"), node("lab-b", "False")]});
+        assert_eq!(
+            parse_nodes(&list.to_string()).unwrap(),
+            [NodeSeen { name: "lab-a".into(), ready: true }, NodeSeen { name: "lab-b".into(), ready: false }]
+        );
+        assert!(!parse_nodes(&node("lab-c", "Unknown").to_string()).unwrap()[0].ready, "Unknown is not Ready");
+        assert!(parse_nodes("{\"kind\":\"Pod\"}").is_err());
+        assert!(parse_nodes("error: the server doesn't have a resource type").is_err());
+
+        let pods = serde_json::json!({"kind": "List", "items": [
+            {"metadata": {"name": "etcd-lab-a"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}},
+            {"metadata": {"name": "kube-apiserver-lab-a"}, "status": {"phase": "Pending"}},
+        ]});
+        assert_eq!(
+            parse_pods(&pods.to_string()).unwrap(),
+            [
+                PodSeen { name: "etcd-lab-a".into(), ready: true },
+                PodSeen { name: "kube-apiserver-lab-a".into(), ready: false }
+            ]
+        );
+        let version = r#"{"clientVersion": {"gitVersion": "v1.36.5"}, "kustomizeVersion": "v5", "serverVersion": {"gitVersion": "v1.36.5", "major": "1"}}"#;
+        assert_eq!(parse_version(version).as_deref(), Some("v1.36.5"));
+        assert_eq!(parse_version(r#"{"clientVersion": {"gitVersion": "v1.36.5"}}"#), None, "no server answered");
+    }
+}
