@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::cluster::kubeconfig::ADMIN_CONF;
 use crate::cluster::ClusterView;
 use crate::report::Report;
 use crate::sys::Cmd;
 
-pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 const EVERY: Duration = Duration::from_secs(15);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);

@@ -11,7 +11,7 @@
 //! - `<cni>/<cni-version>/cni-plugins-linux-amd64-<cni-version>.tgz` and its `.sha256`
 //!   (`<hex>  <file>`, as the CNI plugins' release page serves them).
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::fsutil::write_in_root;
+use super::outputs::sha256_file;
 use crate::cmd::Cmd;
 use crate::registry::lock::{LockFile, LockedFile};
 use crate::spec::{KubernetesSource, KubernetesSpec};
@@ -170,13 +171,6 @@ fn fetch(http: &reqwest::blocking::Client, p: &Pinned, to: &Path) -> Result<()> 
     tmp.as_file().sync_all()?;
     tmp.persist(to).map_err(|e| e.error).with_context(|| format!("writing {}", to.display()))?;
     Ok(())
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// The images kubeadm itself says the control plane needs (`kubeadm config images list` for
