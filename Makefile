@@ -4,13 +4,14 @@
 HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools fdisk binutils systemd-boot-efi systemd passwd tar gpg curl qemu-utils squashfs-tools qemu-system-x86 ovmf bmap-tools zstd ca-certificates openssl dnsmasq-base iproute2
 # What the tests need beyond that: a real OCI registry, skopeo (the peer in `make bench`),
 # and a C toolchain with static glibc for the tiny test images.
-TEST_PACKAGES := docker-registry skopeo gcc libc6-dev
+# iptables goes into the kube-proxy test image; ssh drives the real-Kubernetes scenarios.
+TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client
 
 CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build lint demo test bench e2e-kubernetes clean
+.PHONY: all host-deps build lint demo test bench e2e-kubernetes kubernetes-release clean
 
 all: build
 
@@ -28,8 +29,14 @@ demo: host-deps build
 	target/release/labforge-vm $(OUT)/demo.img
 
 # The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
+# Upstream Kubernetes for the real-cluster scenarios is built from its Go modules (once per
+# machine, cached by its inputs); the build starts in the background at low priority so it
+# overlaps the scenarios that do not need it, and the first one that does waits for it.
 test: host-deps build lint
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
+	@mkdir -p target/qemu-tests
+	@echo "building the Kubernetes test fixture in the background (log: target/qemu-tests/kubernetes-fixture-background.log)"
+	@FIXTURE_NICE=19 nohup target/release/labforge-kubernetes-release --fixture-only >/dev/null 2>&1 &
 	$(CARGO) test --release --workspace --no-fail-fast
 
 # Formatting and lints are part of the suite.
@@ -47,6 +54,11 @@ bench: host-deps build
 # pkgs.k8s.io must be reachable; 4 VMs with 2 CPUs / 2.5 GB each).
 e2e-kubernetes: host-deps build
 	LABFORGE_REAL_KUBEADM=1 $(CARGO) test --release -p qemu-tests --test cluster -- --test-threads=1
+
+# Upstream Kubernetes built from its Go modules, as a mirror of release files plus an OCI
+# layout of the control-plane images (see README, "Kubernetes from release binaries").
+kubernetes-release: build
+	target/release/labforge-kubernetes-release out/kubernetes-release $(if $(IMAGE_REPOSITORY),--image-repository $(IMAGE_REPOSITORY))
 
 clean:
 	rm -rf $(OUT) target/qemu-tests

@@ -329,15 +329,19 @@ async fn node(
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
             tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
             tasks.spawn(crate::network::time::run(report.clone(), view_rx.clone()));
+            let (pod_cidr_tx, pod_cidr_rx) = watch::channel(None);
             tasks.spawn(cluster::api::run(
                 report.clone(),
                 inventory.hostname.clone(),
                 cfg.kubernetes.enabled,
+                cfg.cluster.pod_cidr.clone(),
                 view_rx.clone(),
+                pod_cidr_tx,
             ));
             let hostname = inventory.hostname.clone();
             tasks.spawn(crate::disks::ceph::run(report.clone(), cfg.clone(), hostname, view_rx, offer_rx.clone()));
-            let links = cluster::Links { report, ceph_offer: offer_rx, view: view_tx, join_info };
+            let links =
+                cluster::Links { report, ceph_offer: offer_rx, view: view_tx, join_info, pod_cidr: pod_cidr_rx };
             tasks.spawn(Cluster::new(cfg, secret, inventory, store, state, links).run());
         }
     }

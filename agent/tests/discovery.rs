@@ -20,6 +20,7 @@ fn beacon(id: &str, nonce: &str) -> Beacon {
         term: 1,
         disks: DiskSummary::default(),
         port: 9743,
+        pod_cidr: None,
         ts_ms: labforge_agent::sys::clock::now_ms(),
         nonce: nonce.into(),
     }

@@ -2,6 +2,7 @@
 
 pub mod disks;
 pub mod images;
+pub mod kubernetes;
 pub mod lan;
 pub mod registry;
 pub mod rogue;

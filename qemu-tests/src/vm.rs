@@ -199,7 +199,12 @@ impl Vm {
             }
             _ => Command::new("qemu-system-x86_64"),
         };
-        cmd.args(["-accel", accel(), "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
+        // A VM given several vCPUs (a control plane) gets a host thread for each.
+        let accel = match accel() {
+            "tcg,thread=single" if cfg.cpus > 1 => "tcg,thread=multi",
+            a => a,
+        };
+        cmd.args(["-accel", accel, "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
             .args(["-serial", "stdio"])
             .args(["-rtc", &rtc(cfg.clock_offset_secs)])

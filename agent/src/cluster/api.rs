@@ -1,8 +1,10 @@
 //! What the Kubernetes API server says about the cluster, for `/status` (`kube_api`): its
 //! version, whether this node is Ready, and on the master every node with its Ready condition
-//! and the control-plane pods. Read every 15 s with the image's kubectl: the master with
-//! kubeadm's `admin.conf`, a worker with its kubelet's own credentials (which may read its own
-//! Node). The parsers are pure and read only the fields they report.
+//! and the kube-system pods (control plane, CoreDNS, kube-proxy). Read every 15 s with the
+//! image's kubectl: the master with kubeadm's `admin.conf`, a worker with its kubelet's own
+//! credentials (which may read its own Node only). The parsers are pure and read only the
+//! fields they report. The same round keeps the pod network (`podnet`) in line with the pod
+//! CIDR the API server gave this node.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,11 +15,12 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::cluster::kubeconfig::ADMIN_CONF;
-use crate::cluster::ClusterView;
+use crate::cluster::{podnet, ClusterView};
 use crate::report::Report;
 use crate::sys::Cmd;
 
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+const KUBECTL: &str = "/usr/bin/kubectl";
 const EVERY: Duration = Duration::from_secs(15);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -37,9 +40,12 @@ pub enum ApiState {
 pub struct NodeSeen {
     pub name: String,
     pub ready: bool,
+    /// `spec.podCIDR`, once the controller-manager assigned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
 }
 
-/// A control-plane pod (`kube-system`, label `tier=control-plane`).
+/// A `kube-system` pod: the control plane, CoreDNS, kube-proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSeen {
     pub name: String,
@@ -54,9 +60,12 @@ pub struct KubeApi {
     pub version: Option<String>,
     /// This node's Ready condition.
     pub node_ready: Option<bool>,
+    /// This node's pod CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
     /// On the master: every node.
     pub nodes: Vec<NodeSeen>,
-    /// On the master: the control-plane pods.
+    /// On the master: the `kube-system` pods.
     pub control_plane: Vec<PodSeen>,
     pub message: String,
 }
@@ -67,6 +76,7 @@ impl KubeApi {
             state: ApiState::Unavailable,
             version: None,
             node_ready: None,
+            pod_cidr: None,
             nodes: vec![],
             control_plane: vec![],
             message: message.into(),
@@ -93,7 +103,14 @@ pub fn parse_nodes(json: &str) -> Result<Vec<NodeSeen>> {
         Some("List") | Some("NodeList") => v["items"].as_array().cloned().unwrap_or_default(),
         other => anyhow::bail!("expected nodes, got kind {other:?}"),
     };
-    Ok(items.iter().map(|n| NodeSeen { name: name(n), ready: ready(n) }).collect())
+    Ok(items
+        .iter()
+        .map(|n| NodeSeen {
+            name: name(n),
+            ready: ready(n),
+            pod_cidr: n["spec"]["podCIDR"].as_str().map(str::to_string),
+        })
+        .collect())
 }
 
 /// `kubectl get pods -o json`.
@@ -110,14 +127,21 @@ pub fn parse_version(json: &str) -> Option<String> {
 }
 
 fn kubectl(conf: &str, args: &[&str]) -> Result<String> {
-    Cmd::new("kubectl").arg(format!("--kubeconfig={conf}")).args(args).timeout(KUBECTL_TIMEOUT).run()
+    Cmd::new(KUBECTL).arg(format!("--kubeconfig={conf}")).args(args).timeout(KUBECTL_TIMEOUT).run()
 }
 
-/// Asks the API server, as the master (`leading`) or a worker named `hostname`.
-pub fn observe(leading: bool, hostname: &str) -> KubeApi {
-    if !Path::new("/usr/bin/kubectl").exists() {
+/// Whether the image has the kubectl these checks run.
+pub fn kubectl_present() -> bool {
+    Path::new(KUBECTL).exists()
+}
+
+/// Asks the API server about the node named `hostname`: as the master when kubeadm's
+/// `admin.conf` is here, else with the kubelet's credentials.
+pub fn observe(hostname: &str) -> KubeApi {
+    if !kubectl_present() {
         return KubeApi::unavailable("kubectl is not in this image");
     }
+    let leading = Path::new(ADMIN_CONF).exists();
     let conf = if leading { ADMIN_CONF } else { KUBELET_CONF };
     if !Path::new(conf).exists() {
         return KubeApi::unavailable(&format!("no {conf} yet"));
@@ -132,7 +156,9 @@ pub fn observe(leading: bool, hostname: &str) -> KubeApi {
     match nodes.and_then(|o| parse_nodes(&o)) {
         Ok(nodes) => {
             api.state = ApiState::Answering;
-            api.node_ready = nodes.iter().find(|n| n.name == hostname).map(|n| n.ready);
+            let own = nodes.iter().find(|n| n.name == hostname);
+            api.node_ready = own.map(|n| n.ready);
+            api.pod_cidr = own.and_then(|n| n.pod_cidr.clone());
             if leading {
                 api.nodes = nodes;
             }
@@ -144,9 +170,7 @@ pub fn observe(leading: bool, hostname: &str) -> KubeApi {
         }
     }
     if leading {
-        match kubectl(conf, &["-n", "kube-system", "get", "pods", "-l", "tier=control-plane", "-o", "json"])
-            .and_then(|o| parse_pods(&o))
-        {
+        match kubectl(conf, &["-n", "kube-system", "get", "pods", "-o", "json"]).and_then(|o| parse_pods(&o)) {
             Ok(pods) => api.control_plane = pods,
             Err(e) => api.message = format!("control-plane pods: {e:#}"),
         }
@@ -154,20 +178,47 @@ pub fn observe(leading: bool, hostname: &str) -> KubeApi {
     api
 }
 
-/// Keeps `kube_api` in `/status` current while the node runs Kubernetes.
-pub async fn run(report: Report, hostname: String, enabled: bool, view: watch::Receiver<ClusterView>) -> Result<()> {
+/// Keeps `kube_api` in `/status` current while the node runs Kubernetes, and the pod network
+/// in line with it: this node's pod CIDR goes to `pod_cidr` (the beacons announce it) and into
+/// the CNI configuration, the peers' (from `view`) into routes.
+pub async fn run(
+    report: Report,
+    hostname: String,
+    enabled: bool,
+    cluster_pod_cidr: String,
+    view: watch::Receiver<ClusterView>,
+    pod_cidr: watch::Sender<Option<String>>,
+) -> Result<()> {
     if !enabled {
         return Ok(());
     }
     let mut tick = tokio::time::interval(EVERY);
+    let applied = std::sync::Arc::new(std::sync::Mutex::new(podnet::Applied::default()));
     loop {
         tick.tick().await;
-        let leading = view.borrow().leading;
         let name = hostname.clone();
-        let api = match crate::sys::blocking(move || Ok(observe(leading, &name))).await {
+        let mut api = match crate::sys::blocking(move || Ok(observe(&name))).await {
             Ok(a) => a,
             Err(e) => KubeApi { state: ApiState::Failing, message: format!("{e:#}"), ..KubeApi::unavailable("") },
         };
+        if let Some(own) = api.pod_cidr.clone() {
+            pod_cidr.send_if_modified(|c| {
+                let changed = c.as_deref() != Some(own.as_str());
+                *c = Some(own.clone());
+                changed
+            });
+            let announced = view.borrow().pod_routes.clone();
+            let (applied, cluster) = (applied.clone(), cluster_pod_cidr.clone());
+            let done = crate::sys::blocking(move || {
+                let mut a = applied.lock().unwrap_or_else(|e| e.into_inner());
+                podnet::ensure(&mut a, &own, &cluster, &announced)
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::warn!("pod network: {e:#}");
+                api.message = format!("pod network: {e:#}");
+            }
+        }
         report.update(|s| s.kube_api = Some(api));
     }
 }
@@ -179,6 +230,7 @@ mod tests {
     fn node(name: &str, ready: &str) -> Value {
         serde_json::json!({
             "kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+            "spec": if name == "lab-a" { serde_json::json!({"podCIDR": "10.244.0.0/24"}) } else { serde_json::json!({}) },
             "status": {"conditions": [
                 {"type": "MemoryPressure", "status": "False"},
                 {"type": "Ready", "status": ready, "reason": "KubeletReady"},
@@ -191,7 +243,10 @@ mod tests {
         let list = serde_json::json!({"kind": "List", "apiVersion": "v1", "items": [node("lab-a", "True"), node("lab-b", "False")]});
         assert_eq!(
             parse_nodes(&list.to_string()).unwrap(),
-            [NodeSeen { name: "lab-a".into(), ready: true }, NodeSeen { name: "lab-b".into(), ready: false }]
+            [
+                NodeSeen { name: "lab-a".into(), ready: true, pod_cidr: Some("10.244.0.0/24".into()) },
+                NodeSeen { name: "lab-b".into(), ready: false, pod_cidr: None }
+            ]
         );
         assert!(!parse_nodes(&node("lab-c", "Unknown").to_string()).unwrap()[0].ready, "Unknown is not Ready");
         assert!(parse_nodes("{\"kind\":\"Pod\"}").is_err());

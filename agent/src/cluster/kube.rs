@@ -69,8 +69,22 @@ impl Cluster {
         let info = self.state.join_info.clone().context("join info is minted before it is served")?;
         self.links.join_info.send_replace(Some(info.clone()));
         self.set_join_info(&info);
-        self.set_phase(Phase::Ready, plan::ready_message(true, kubernetes));
+        self.settle(true);
         Ok(())
+    }
+
+    /// After this node's kubeadm step: `ready` once the API server reports the node Ready.
+    fn settle(&mut self, leading: bool) {
+        let kubernetes = self.cfg.kubernetes.enabled;
+        let api = self.links.report.snapshot().kube_api;
+        let health = match api.and_then(|a| a.node_ready) {
+            _ if !super::api::kubectl_present() => plan::NodeHealth::Unobservable,
+            Some(true) => plan::NodeHealth::Ready,
+            Some(false) => plan::NodeHealth::NotReady,
+            None => plan::NodeHealth::Unlisted,
+        };
+        let (phase, message) = plan::settled(leading, kubernetes, health);
+        self.set_phase(phase, message);
     }
 
     /// Writes `name` under the state directory's `kubeadm/`, 0600: these files carry the
@@ -94,6 +108,7 @@ impl Cluster {
             node_name: &self.inventory.hostname,
             node_ip,
             token,
+            schedule_on_master: self.cfg.kubernetes.schedule_on_master,
         });
         self.reset_if_interrupted("init").await?;
         let config = self.kubeadm_file("init.yaml", &text)?;
@@ -157,6 +172,7 @@ impl Cluster {
                 node_name: &self.inventory.hostname,
                 node_ip: &node_ip,
                 token: &token,
+                schedule_on_master: self.cfg.kubernetes.schedule_on_master,
             }),
         )?;
         let ran = self.run_kubeadm(kubeadm::token_create_argv(&config), &token).await;
@@ -178,7 +194,7 @@ impl Cluster {
                 self.hosts_entry(&info.master_address)?;
                 self.set_join_info(&info);
             }
-            self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
+            self.settle(false);
             return Ok(());
         }
         if self.kubeadm_waits() {
@@ -220,7 +236,7 @@ impl Cluster {
         self.state.joined = true;
         self.store.save(&self.state)?;
         self.set_join_info(&info);
-        self.set_phase(Phase::Ready, plan::ready_message(false, kubernetes));
+        self.settle(false);
         Ok(())
     }
 }

@@ -45,12 +45,28 @@ pub struct InitParams<'a> {
     pub node_name: &'a str,
     pub node_ip: &'a str,
     pub token: &'a str,
+    /// Leave kubeadm's control-plane taint off, so workloads run on the master too.
+    pub schedule_on_master: bool,
+}
+
+/// kubeadm's v1beta4 `timeouts`, stretched for slow PCs (and emulated CPUs in the tests): a
+/// control plane that takes ten minutes to come up on an old lab PC is slow, not broken, and a
+/// kubeadm that gives up after its default four minutes leaves a half-made node behind.
+fn timeouts() -> Value {
+    json!({
+        "controlPlaneComponentHealthCheck": "30m0s",
+        "kubeletHealthCheck": "15m0s",
+        "kubernetesAPICall": "5m0s",
+        "etcdAPICall": "5m0s",
+        "tlsBootstrap": "15m0s",
+        "discovery": "30m0s",
+    })
 }
 
 /// `InitConfiguration` + `ClusterConfiguration` + `KubeletConfiguration`, as a multi-document
 /// file.
 pub fn init_config(p: &InitParams) -> String {
-    let init = json!({
+    let mut init = json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "InitConfiguration",
         "bootstrapTokens": [{
@@ -61,7 +77,12 @@ pub fn init_config(p: &InitParams) -> String {
         }],
         "nodeRegistration": node_registration(p.node_name, p.node_ip),
         "localAPIEndpoint": {"advertiseAddress": p.node_ip, "bindPort": API_PORT},
+        "timeouts": timeouts(),
     });
+    if p.schedule_on_master {
+        // An empty list (not an absent one) is kubeadm's way of saying "no taints".
+        init["nodeRegistration"]["taints"] = json!([]);
+    }
     let mut cluster = json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "ClusterConfiguration",
@@ -69,6 +90,12 @@ pub fn init_config(p: &InitParams) -> String {
         "controlPlaneEndpoint": endpoint(p.cluster),
         "networking": {"podSubnet": p.cluster.pod_cidr, "serviceSubnet": p.cluster.service_cidr},
         "apiServer": {"certSANs": [endpoint_host(p.cluster), p.node_ip]},
+        // etcd's defaults (100 ms heartbeats, 1 s elections) assume a quick disk and CPU; a
+        // busy old PC misses them and the member thrashes.
+        "etcd": {"local": {"extraArgs": [
+            {"name": "heartbeat-interval", "value": "500"},
+            {"name": "election-timeout", "value": "5000"},
+        ]}},
     });
     if !p.kubernetes_version.is_empty() {
         cluster["kubernetesVersion"] = Value::from(p.kubernetes_version);
@@ -122,6 +149,7 @@ pub fn join_config(p: &JoinParams) -> String {
             },
         },
         "nodeRegistration": node_registration(p.node_name, p.node_ip),
+        "timeouts": timeouts(),
     });
     serde_json::to_string_pretty(&join).expect("json") + "\n"
 }
@@ -215,6 +243,7 @@ mod tests {
             node_name: "lab-123456",
             node_ip: "10.77.0.11",
             token: "abcdef.0123456789abcdef",
+            schedule_on_master: true,
         });
         let d = docs(&text);
         assert_eq!(d.len(), 3);
@@ -229,6 +258,8 @@ mod tests {
         assert_eq!(init["nodeRegistration"]["kubeletExtraArgs"][0]["value"], "10.77.0.11");
         assert_eq!(init["localAPIEndpoint"]["advertiseAddress"], "10.77.0.11");
         assert_eq!(init["localAPIEndpoint"]["bindPort"], 6443);
+        assert_eq!(init["nodeRegistration"]["taints"], json!([]), "schedule-on-master: no taint");
+        assert_eq!(init["timeouts"]["controlPlaneComponentHealthCheck"], "30m0s");
         let cc = &d[1];
         assert_eq!(cc["kind"], "ClusterConfiguration");
         assert_eq!(cc["clusterName"], "lab");
@@ -238,6 +269,7 @@ mod tests {
         assert_eq!(cc["networking"]["podSubnet"], "10.244.0.0/16");
         assert_eq!(cc["networking"]["serviceSubnet"], "10.96.0.0/12");
         assert_eq!(cc["apiServer"]["certSANs"][0], "lab-api");
+        assert_eq!(cc["etcd"]["local"]["extraArgs"][1]["name"], "election-timeout");
         assert_eq!(d[2]["kind"], "KubeletConfiguration");
         assert_eq!(d[2]["cgroupDriver"], "systemd");
         let mirrored = init_config(&InitParams {
@@ -247,8 +279,10 @@ mod tests {
             node_name: "lab-123456",
             node_ip: "10.77.0.11",
             token: "abcdef.0123456789abcdef",
+            schedule_on_master: false,
         });
         assert_eq!(docs(&mirrored)[1]["imageRepository"], "registry.lab:5000/k8s");
+        assert!(docs(&mirrored)[0]["nodeRegistration"].get("taints").is_none(), "kubeadm's default taint");
     }
 
     #[test]
@@ -274,6 +308,7 @@ mod tests {
         assert_eq!(v["discovery"]["bootstrapToken"]["caCertHashes"][0], "sha256:00ff");
         assert_eq!(v["discovery"]["bootstrapToken"]["apiServerEndpoint"], "lab-api:6443");
         assert_eq!(v["nodeRegistration"]["kubeletExtraArgs"][0]["value"], "10.0.0.12");
+        assert_eq!(v["timeouts"]["discovery"], "30m0s");
         let argv = join_argv(Path::new("/var/lib/labforge/kubeadm/join.yaml"));
         assert_eq!(argv, ["join", "--config", "/var/lib/labforge/kubeadm/join.yaml"]);
         let argv = token_create_argv(Path::new("/x/token.yaml"));

@@ -14,6 +14,7 @@ pub mod kubeadm;
 pub mod kubeconfig;
 pub mod lan;
 pub mod plan;
+pub mod podnet;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ pub struct ClusterView {
     pub leading: bool,
     /// Nodes heard recently that follow this node's cluster.
     pub members: Vec<Member>,
+    /// The pod CIDRs this cluster's other nodes announce, with their LAN addresses.
+    pub pod_routes: Vec<podnet::PodRoute>,
 }
 
 /// A node following the cluster, as its beacons describe it.
@@ -84,6 +87,8 @@ pub struct Links {
     pub view: watch::Sender<ClusterView>,
     /// Join info to serve (master) on `/join-info`.
     pub join_info: watch::Sender<Option<JoinInfo>>,
+    /// This node's pod CIDR once the API server gave it one (for the beacons).
+    pub pod_cidr: watch::Receiver<Option<String>>,
 }
 
 pub struct Cluster {
@@ -242,6 +247,7 @@ impl Cluster {
         let dest = SocketAddr::from((lan.broadcast, BEACON_PORT));
         let announced = self.announced.subscribe();
         let ceph_offer = self.links.ceph_offer.clone();
+        let pod_cidr = self.links.pod_cidr.clone();
         let base = Beacon {
             node: self.view(),
             hostname: self.inventory.hostname.clone(),
@@ -253,6 +259,7 @@ impl Cluster {
                 ceph: Vec::new(),
             },
             port: self.cfg.status_port,
+            pod_cidr: None,
             ts_ms: 0,
             nonce: String::new(),
         };
@@ -260,6 +267,7 @@ impl Cluster {
             let mut b = base.clone();
             b.node.allegiance = announced.borrow().clone();
             b.disks.ceph = ceph_offer.borrow().clone();
+            b.pod_cidr = pod_cidr.borrow().clone();
             b.ts_ms = crate::sys::clock::now_ms();
             b.nonce = random_uid();
             b
@@ -321,8 +329,18 @@ impl Cluster {
             )
             .map(|p| Member { hostname: p.beacon.hostname.clone(), ceph: p.beacon.disks.ceph.clone() })
             .collect();
+        let mut pod_routes: Vec<podnet::PodRoute> = peers
+            .iter()
+            .filter(|p| p.beacon.node.allegiance.uid().is_some() && p.beacon.node.allegiance.uid() == uid.as_deref())
+            .filter(|p| !matches!(p.beacon.node.allegiance, Allegiance::Refused { .. }))
+            .filter_map(|p| {
+                let cidr = p.beacon.pod_cidr.clone()?;
+                Some(podnet::PodRoute { cidr, via: p.beacon.addresses.first()?.clone() })
+            })
+            .collect();
+        pod_routes.sort();
         let leading = committed && self.phase == Phase::Ready;
-        let view = ClusterView { role, uid, lan, leading, members };
+        let view = ClusterView { role, uid, lan, leading, members, pod_routes };
         self.links.view.send_if_modified(|v| {
             let changed = *v != view;
             *v = view;

@@ -165,6 +165,39 @@ pub fn ready_message(leading: bool, kubernetes: bool) -> &'static str {
     }
 }
 
+/// What the API server says of this node once its kubeadm step finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeHealth {
+    /// The Node's Ready condition is True.
+    Ready,
+    /// Listed, not Ready (no pod network yet, kubelet still starting).
+    NotReady,
+    /// Not listed yet, or the API server did not answer.
+    Unlisted,
+    /// The image has no kubectl to ask with (a test image with the kubeadm double).
+    Unobservable,
+}
+
+/// The phase of a node whose kubeadm step is done: `ready` once the API server reports the
+/// node Ready (or Kubernetes is off, or nothing can tell), otherwise still initialising or
+/// joining, saying what it waits for.
+pub fn settled(leading: bool, kubernetes: bool, health: NodeHealth) -> (Phase, &'static str) {
+    let waiting = if leading { Phase::Initialising } else { Phase::Joining };
+    match (kubernetes, health) {
+        (false, _) | (true, NodeHealth::Ready) => (Phase::Ready, ready_message(leading, kubernetes)),
+        (true, NodeHealth::Unobservable) if leading => {
+            (Phase::Ready, "leading the cluster (no kubectl in this image: kubeadm init's exit is all that is known)")
+        }
+        (true, NodeHealth::Unobservable) => {
+            (Phase::Ready, "joined (no kubectl in this image: kubeadm join's exit is all that is known)")
+        }
+        (true, NodeHealth::NotReady) => {
+            (waiting, "kubeadm finished; waiting for the kubelet to report this node Ready (pod network, system pods)")
+        }
+        (true, NodeHealth::Unlisted) => (waiting, "kubeadm finished; waiting for the API server to list this node"),
+    }
+}
+
 /// Whether `info` answers for the cluster this node follows.
 pub fn check_join_info(info: &JoinInfo, uid: &str) -> Result<(), String> {
     if info.cluster_uid == uid {
@@ -176,6 +209,19 @@ pub fn check_join_info(info: &JoinInfo, uid: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ready_means_the_api_server_says_so() {
+        use NodeHealth::*;
+        assert_eq!(settled(true, true, Ready).0, Phase::Ready);
+        assert_eq!(settled(true, true, NotReady).0, Phase::Initialising);
+        assert_eq!(settled(false, true, NotReady).0, Phase::Joining);
+        assert!(settled(false, true, Unlisted).1.contains("list this node"));
+        assert_eq!(settled(false, false, Unlisted).0, Phase::Ready, "kubernetes off: nothing to wait for");
+        let (phase, message) = settled(true, true, Unobservable);
+        assert_eq!(phase, Phase::Ready);
+        assert!(message.contains("no kubectl"), "{message}");
+    }
+
     #[test]
     fn failed_kubeadm_steps_wait_longer_each_time() {
         use super::*;

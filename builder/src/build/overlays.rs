@@ -220,6 +220,25 @@ mod tests {
     }
 
     #[test]
+    fn containerds_sandbox_image_is_the_preloaded_pause() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays/base");
+        let render = |refs: &[&str]| {
+            let mut spec = spec_with(vec![base.clone()]);
+            spec.preload = refs.iter().map(|r| crate::spec::Preload { reference: r.to_string() }).collect();
+            let root = tempfile::tempdir().unwrap();
+            apply(&spec, root.path()).unwrap();
+            let text = fs::read_to_string(root.path().join("etc/containerd/config.toml")).unwrap();
+            let conf: toml::Table = toml::from_str(&text).unwrap();
+            conf["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"].as_str().unwrap().to_string()
+        };
+        assert_eq!(render(&[]), "registry.k8s.io/pause:3.10.2");
+        assert_eq!(
+            render(&["127.0.0.1:35124/k8s/kube-apiserver:v1.36.5", "127.0.0.1:35124/k8s/pause:3.10.2"]),
+            "127.0.0.1:35124/k8s/pause:3.10.2"
+        );
+    }
+
+    #[test]
     fn unknown_template_variable_names_file_and_line() {
         let d = tempfile::tempdir().unwrap();
         let ov = d.path().join("ov");

@@ -111,6 +111,10 @@ pub struct KubernetesSpec {
     /// site's own registry); empty: `registry.k8s.io`.
     #[serde(default)]
     pub image_repository: String,
+    /// Workloads may run on the master: kubeadm's control-plane taint is left off. Default
+    /// true: in a lab every PC counts.
+    #[serde(default = "default_true")]
+    pub schedule_on_master: bool,
     /// `packages` (kubeadm, kubelet, kubectl from `packages` and an apt repository) or
     /// `binaries` (release files from `binaries-url`, pinned in the lock file).
     #[serde(default)]
@@ -134,6 +138,7 @@ impl Default for KubernetesSpec {
             enabled: false,
             version: String::new(),
             image_repository: String::new(),
+            schedule_on_master: true,
             source: KubernetesSource::default(),
             binaries_url: default_binaries_url(),
             cni_version: default_cni_version(),
@@ -149,6 +154,7 @@ impl KubernetesSpec {
             enabled: self.enabled,
             version: self.version.clone(),
             image_repository: self.image_repository.clone(),
+            schedule_on_master: self.schedule_on_master,
         }
     }
 }
@@ -397,4 +403,8 @@ impl Spec {
         all.dedup();
         all
     }
+}
+
+fn default_true() -> bool {
+    true
 }

@@ -102,7 +102,6 @@ pub struct ClusterConfig {
 /// Whether this image runs kubeadm. The spec's `[kubernetes]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-#[derive(Default)]
 pub struct KubernetesConfig {
     /// Run kubeadm init/join. `false` for images without kubeadm: the node still discovers,
     /// elects and reports `kubernetes: disabled`.
@@ -115,6 +114,25 @@ pub struct KubernetesConfig {
     /// preloaded under those names); empty: kubeadm's default, `registry.k8s.io`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image_repository: String,
+    /// Workloads may run on the master (kubeadm's control-plane taint is not set). In a lab
+    /// every PC counts, so this is the default.
+    #[serde(default = "default_true")]
+    pub schedule_on_master: bool,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            version: String::new(),
+            image_repository: String::new(),
+            schedule_on_master: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_hostname() -> String {

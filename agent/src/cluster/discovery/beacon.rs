@@ -31,6 +31,10 @@ pub struct Beacon {
     pub disks: DiskSummary,
     /// TCP port of the sender's status and join-info endpoint.
     pub port: u16,
+    /// The pod CIDR the API server gave the sender's Node, once it has one: peers route it
+    /// to the sender's first address (see `cluster::podnet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
     pub ts_ms: u64,
     pub nonce: String,
 }
@@ -174,6 +178,11 @@ pub fn validate(b: &Beacon, from: IpAddr) -> Result<(), String> {
     if b.port == 0 {
         return Err("port 0".into());
     }
+    if let Some(cidr) = &b.pod_cidr {
+        if cidr.len() > MAX_FIELD || crate::cluster::podnet::parse_cidr(cidr).is_err() {
+            return Err(format!("pod CIDR {:?} is not an IPv4 CIDR", short(cidr)));
+        }
+    }
     if b.disks.ceph.len() > MAX_CEPH_DEVICES {
         return Err(format!("offers {} disks to Ceph (at most {MAX_CEPH_DEVICES})", b.disks.ceph.len()));
     }
@@ -229,6 +238,7 @@ mod tests {
             term: 1,
             disks: DiskSummary { count: 2, total_bytes: 1 << 40, ceph: vec![] },
             port: 9743,
+            pod_cidr: None,
             ts_ms: ts,
             nonce: nonce.into(),
         }
@@ -284,6 +294,9 @@ mod tests {
     #[case::ceph_traversal(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/../../sda".into()], Some("by-id"))]
     #[case::ceph_space(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/a b".into()], Some("by-id"))]
     #[case::ceph_many(|b: &mut Beacon| b.disks.ceph = vec!["/dev/disk/by-id/x".into(); 65], Some("at most"))]
+    #[case::pod_cidr(|b: &mut Beacon| b.pod_cidr = Some("10.244.1.0/24".into()), None)]
+    #[case::pod_cidr_host_bits(|b: &mut Beacon| b.pod_cidr = Some("10.244.1.7/24".into()), Some("pod CIDR"))]
+    #[case::pod_cidr_injection(|b: &mut Beacon| b.pod_cidr = Some("10.0.0.0/8 dev lo".into()), Some("pod CIDR"))]
     #[case::uid_injection(
         |b: &mut Beacon| b.node.allegiance = Allegiance::Master { uid: "u\"}".into(), committed: true },
         Some("cluster uid")

@@ -1,0 +1,527 @@
+//! Upstream Kubernetes for the VM scenarios, built from its own Go modules by
+//! `qemu-tests/fixtures/kubernetes/build.sh` (once per machine: cached under the cache dir by
+//! the hash of its inputs) and handed to the builder the way a site's own mirror would:
+//!
+//! - the release files in upstream's download layout (`release/<version>/bin/linux/amd64/…`
+//!   with `.sha256` beside each, `cni/<version>/cni-plugins-linux-amd64-<version>.tgz`), served
+//!   over HTTP on loopback for `[kubernetes] source = "binaries"`;
+//! - the control-plane images (apiserver, controller-manager, scheduler, kube-proxy with the
+//!   iptables tools it runs, etcd, CoreDNS, pause) as OCI images, pushed to a real registry on
+//!   loopback under `[kubernetes] image-repository`, from which the builder preloads them.
+//!
+//! `labforge-kubernetes-release` (`make kubernetes-release`) writes the same files and an OCI
+//! image layout to a directory instead.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::registry::{digest, Pusher, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST};
+
+pub const VERSION: &str = "v1.36.5";
+pub const CNI_VERSION: &str = "v1.10.0";
+pub const ETCD_TAG: &str = "3.6.8-0";
+pub const COREDNS_TAG: &str = "v1.14.2";
+pub const PAUSE_TAG: &str = "3.10.2";
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the fixture is built: `<cache>/fixtures/kubernetes-<version>` (`LABFORGE_CACHE_DIR`,
+/// else labforge's default cache dir), shared by every checkout on the machine.
+pub fn fixture_dir() -> PathBuf {
+    std::env::var_os("LABFORGE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(labforge::build::default_cache_dir)
+        .join("fixtures")
+        .join(format!("kubernetes-{VERSION}"))
+}
+
+/// Builds the fixture, or reuses it when its inputs are unchanged (a build already running,
+/// e.g. started in the background by `make test`, is waited for). Returns its directory:
+/// `bin/` (kubeadm, kubelet, kubectl, the control plane, etcd, coredns, pause) and `cni/`.
+/// The build's output goes to `target/qemu-tests/<log>.log`.
+pub fn fixture(log: &str) -> Result<PathBuf> {
+    let dir = fixture_dir();
+    let script = crate::workspace_root().join("qemu-tests/fixtures/kubernetes/build.sh");
+    let log_path = crate::workspace_root().join(format!("target/qemu-tests/{log}.log"));
+    fs::create_dir_all(log_path.parent().expect("parent"))?;
+    let log = fs::File::create(&log_path)?;
+    let started = std::time::Instant::now();
+    let status = Command::new(&script)
+        .arg(&dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        bail!(
+            "building upstream Kubernetes from its Go modules failed ({status}); last lines:\n{}\n(full log: {})",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            log_path.display()
+        );
+    }
+    eprintln!("kubernetes fixture ready in {:.0?}: {}", started.elapsed(), text.lines().last().unwrap_or(""));
+    Ok(dir)
+}
+
+/// One entry of an image layer.
+pub enum Entry {
+    File { path: String, data: Vec<u8>, mode: u32 },
+    Link { path: String, target: String },
+}
+
+/// An uncompressed tar layer with fixed times and owners (the same entries, the same digest).
+pub fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::File { path, data, mode } => {
+                h.set_size(data.len() as u64);
+                h.set_mode(*mode);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_cksum();
+                b.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Link { path, target } => {
+                h.set_size(0);
+                h.set_mode(0o777);
+                h.set_entry_type(tar::EntryType::Symlink);
+                b.append_link(&mut h, path, target)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// A single-layer linux/amd64 OCI image, in memory.
+pub struct OciImage {
+    /// Name below the repository (`kube-apiserver`, `labforge-test/web`).
+    pub name: String,
+    pub tag: String,
+    pub layer: Vec<u8>,
+    pub config: Vec<u8>,
+}
+
+impl OciImage {
+    pub fn new(name: &str, tag: &str, entries: &[Entry], entrypoint: &[&str]) -> Result<OciImage> {
+        let layer = layer(entries)?;
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Entrypoint": entrypoint, "Env": [PATH_ENV] },
+            "rootfs": { "type": "layers", "diff_ids": [digest(&layer)] },
+        }))?;
+        Ok(OciImage { name: name.into(), tag: tag.into(), layer, config })
+    }
+
+    pub fn manifest(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": { "mediaType": OCI_CONFIG, "digest": digest(&self.config), "size": self.config.len() },
+            "layers": [{ "mediaType": OCI_LAYER, "digest": digest(&self.layer), "size": self.layer.len() }],
+        }))
+        .expect("json")
+    }
+
+    /// Pushes to the registry at `base` (`http://host:port`) as `<prefix>/<name>:<tag>`.
+    pub fn push(&self, base: &str, prefix: &str) -> Result<String> {
+        let p = Pusher::new(base);
+        let repo = if prefix.is_empty() { self.name.clone() } else { format!("{prefix}/{}", self.name) };
+        p.blob(&repo, &self.layer)?;
+        p.blob(&repo, &self.config)?;
+        p.manifest(&repo, &self.tag, OCI_MANIFEST, &self.manifest())
+    }
+}
+
+/// Writes `images` into one OCI image layout at `dir` (`oci-layout`, `index.json`,
+/// `blobs/sha256/`), each named `<repository>/<name>:<tag>` in its
+/// `org.opencontainers.image.ref.name` annotation (what `skopeo copy oci:DIR:NAME` reads).
+pub fn write_oci_layout(images: &[OciImage], dir: &Path, repository: &str) -> Result<()> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut manifests = Vec::new();
+    for img in images {
+        let manifest = img.manifest();
+        for blob in [&img.layer, &img.config, &manifest] {
+            let path = blobs.join(&digest(blob)["sha256:".len()..]);
+            if !path.exists() {
+                fs::write(&path, blob)?;
+            }
+        }
+        manifests.push(serde_json::json!({
+            "mediaType": OCI_MANIFEST,
+            "digest": digest(&manifest),
+            "size": manifest.len(),
+            "annotations": {
+                "org.opencontainers.image.ref.name": format!("{}/{}:{}", repository.trim_end_matches('/'), img.name, img.tag),
+            },
+        }));
+    }
+    let index =
+        serde_json::json!({ "schemaVersion": 2, "mediaType": crate::registry::OCI_INDEX, "manifests": manifests });
+    fs::write(dir.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
+    Ok(())
+}
+
+fn file(path: &str, from: &Path) -> Result<Entry> {
+    let data = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    Ok(Entry::File { path: path.into(), data, mode: 0o755 })
+}
+
+/// The control-plane images kubeadm asks for, from the fixture's binaries.
+pub fn control_plane_images(fixture: &Path) -> Result<Vec<OciImage>> {
+    let bin = fixture.join("bin");
+    let mut images = Vec::new();
+    for name in ["kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+        let entry = file(&format!("usr/local/bin/{name}"), &bin.join(name))?;
+        images.push(OciImage::new(name, VERSION, &[entry], &[&format!("/usr/local/bin/{name}")])?);
+    }
+    let mut proxy = vec![file("usr/local/bin/kube-proxy", &bin.join("kube-proxy"))?];
+    proxy.extend(iptables_entries()?);
+    images.push(OciImage::new("kube-proxy", VERSION, &proxy, &["/usr/local/bin/kube-proxy"])?);
+    images.push(OciImage::new(
+        "etcd",
+        ETCD_TAG,
+        &[file("usr/local/bin/etcd", &bin.join("etcd"))?],
+        &["/usr/local/bin/etcd"],
+    )?);
+    images.push(OciImage::new("coredns", COREDNS_TAG, &[file("coredns", &bin.join("coredns"))?], &["/coredns"])?);
+    images.push(OciImage::new("pause", PAUSE_TAG, &[file("pause", &bin.join("pause"))?], &["/pause"])?);
+    Ok(images)
+}
+
+/// The host's iptables (nft backend) with the libraries and extensions it loads, laid out as
+/// a merged-/usr tree: what kube-proxy runs in its iptables mode. The build host is Debian, as
+/// the README's host requirements say; its `iptables` package is one of the test packages.
+fn iptables_entries() -> Result<Vec<Entry>> {
+    let multi = Path::new("/usr/sbin/xtables-nft-multi");
+    if !multi.exists() {
+        bail!(
+            "{} is missing: the kube-proxy test image takes the host's iptables (apt-get install iptables)",
+            multi.display()
+        );
+    }
+    let mut files = HostFiles::default();
+    let mut links: Vec<Entry> = ["bin", "sbin", "lib", "lib64"]
+        .iter()
+        .map(|d| Entry::Link { path: d.to_string(), target: format!("usr/{d}") })
+        .collect();
+    let ext_dir = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    let mut objects = vec![multi.to_path_buf()];
+    for e in fs::read_dir(ext_dir).with_context(|| format!("reading {}", ext_dir.display()))?.flatten() {
+        objects.push(e.path());
+    }
+    for o in &objects {
+        files.add(o)?;
+        for lib in ldd(o)? {
+            files.add(&lib)?;
+        }
+    }
+    for tool in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-restore",
+        "iptables-nft",
+        "iptables-nft-save",
+        "iptables-nft-restore",
+        "ip6tables-nft",
+        "ip6tables-nft-save",
+        "ip6tables-nft-restore",
+    ] {
+        links.push(Entry::Link { path: format!("usr/sbin/{tool}"), target: "xtables-nft-multi".into() });
+    }
+    links.extend(files.links);
+    links.extend(files.files.into_values());
+    Ok(links)
+}
+
+/// The shared objects `ldd` says `object` loads (absolute paths).
+fn ldd(object: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(object).output().context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let word = l.split("=>").nth(1).unwrap_or(l).split_whitespace().next()?;
+            word.starts_with('/').then(|| PathBuf::from(word))
+        })
+        .collect())
+}
+
+/// Host files copied into an image under their merged-/usr names.
+#[derive(Default)]
+struct HostFiles {
+    seen: std::collections::BTreeSet<String>,
+    links: Vec<Entry>,
+    files: BTreeMap<String, Entry>,
+}
+
+impl HostFiles {
+    /// `path`, following symlinks (each kept as a link in the image).
+    fn add(&mut self, path: &Path) -> Result<()> {
+        let mut p = path.to_path_buf();
+        for _ in 0..16 {
+            let s = p.to_string_lossy().into_owned();
+            let usr = ["/lib64/", "/lib/", "/sbin/", "/bin/"]
+                .iter()
+                .find_map(|pre| s.strip_prefix(pre).map(|rest| format!("usr/{}{rest}", &pre[1..])))
+                .unwrap_or_else(|| s.trim_start_matches('/').to_string());
+            if !self.seen.insert(usr.clone()) {
+                return Ok(());
+            }
+            let meta = fs::symlink_metadata(&p).with_context(|| format!("reading {}", p.display()))?;
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&p)?;
+                self.links.push(Entry::Link { path: usr, target: target.to_string_lossy().into_owned() });
+                p = p.parent().expect("parent").join(target);
+                continue;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            self.files.insert(usr.clone(), Entry::File { path: usr, data: fs::read(&p)?, mode });
+            return Ok(());
+        }
+        bail!("{}: too many levels of symbolic links", path.display())
+    }
+}
+
+/// A static HTTP server (C, static glibc) answering every request on port 8080 with
+/// `labforge-web-ok <hostname>`: the test workload.
+pub fn web_image(work: &Path) -> Result<OciImage> {
+    let src = work.join("web.c");
+    fs::write(&src, WEB_C)?;
+    let bin = work.join("web");
+    let out =
+        Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src).output().context("running gcc")?;
+    if !out.status.success() {
+        bail!("gcc -static failed (apt-get install gcc libc6-dev): {}", String::from_utf8_lossy(&out.stderr));
+    }
+    OciImage::new("labforge-test/web", "1", &[file("web", &bin)?], &["/web"])
+}
+
+const WEB_C: &str = r#"#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {
+  char host[256] = "", buf[4096], body[512], resp[1024];
+  gethostname(host, sizeof host - 1);
+  int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+  setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  struct sockaddr_in a = {0};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(8080);
+  if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 16)) { perror("listen"); return 1; }
+  printf("labforge-web listening on 8080 as %s\n", host);
+  fflush(stdout);
+  for (;;) {
+    int c = accept(s, 0, 0);
+    if (c < 0) continue;
+    read(c, buf, sizeof buf);
+    int n = snprintf(body, sizeof body, "labforge-web-ok %s\n", host);
+    int m = snprintf(resp, sizeof resp, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", n, body);
+    write(c, resp, m);
+    close(c);
+  }
+}
+"#;
+
+/// Lays the fixture out as upstream's release download site under `dir`:
+/// `release/<version>/bin/linux/amd64/{kubeadm,kubelet,kubectl}` each with a `.sha256` (the
+/// bare digest, as dl.k8s.io serves it), and `cni/<cni-version>/cni-plugins-linux-amd64-
+/// <cni-version>.tgz` with a `.sha256` (`<digest>  <file>`, as the plugins' release page does).
+pub fn release_tree(fixture: &Path, dir: &Path) -> Result<()> {
+    let bin_dir = dir.join(format!("release/{VERSION}/bin/linux/amd64"));
+    fs::create_dir_all(&bin_dir)?;
+    for name in ["kubeadm", "kubelet", "kubectl"] {
+        let to = bin_dir.join(name);
+        let _ = fs::remove_file(&to);
+        fs::copy(fixture.join("bin").join(name), &to).with_context(|| format!("copying {name}"))?;
+        fs::write(bin_dir.join(format!("{name}.sha256")), format!("{}\n", sha256_file(&to)?))?;
+    }
+    let cni_dir = dir.join(format!("cni/{CNI_VERSION}"));
+    fs::create_dir_all(&cni_dir)?;
+    let tgz_name = format!("cni-plugins-linux-amd64-{CNI_VERSION}.tgz");
+    let tgz = cni_dir.join(&tgz_name);
+    let out = Command::new("tar")
+        .args(["--sort=name", "--mtime=@1700000000", "--owner=0", "--group=0", "--numeric-owner"])
+        .args(["--use-compress-program=gzip -n", "-cf"])
+        .arg(&tgz)
+        .arg("-C")
+        .arg(fixture.join("cni"))
+        .arg(".")
+        .output()
+        .context("running tar")?;
+    if !out.status.success() {
+        bail!("packing the CNI plugins: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    fs::write(cni_dir.join(format!("{tgz_name}.sha256")), format!("{}  {tgz_name}\n", sha256_file(&tgz)?))?;
+    Ok(())
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A static file server on 127.0.0.1 for a directory (GET and HEAD, no listings, no paths
+/// outside it): the test's stand-in for a site's mirror of the release files.
+pub struct FileServer {
+    pub addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileServer {
+    pub fn start(dir: &Path, port: u16) -> Result<FileServer> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("binding 127.0.0.1:{port}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (root, flag) = (dir.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let root = root.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve_one(s, &root);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Ok(FileServer { addr, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(s: TcpStream, root: &Path) -> Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut r = BufReader::new(s.try_clone()?.take(16 * 1024));
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let mut w = s;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let rel = path.split('?').next().unwrap_or("").trim_start_matches('/');
+    let safe = !rel.is_empty() && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    let target = root.join(rel);
+    if !(method == "GET" || method == "HEAD") || !safe || !target.is_file() {
+        w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        return Ok(());
+    }
+    let mut f = fs::File::open(&target)?;
+    let len = f.metadata()?.len();
+    write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+    if method == "GET" {
+        std::io::copy(&mut f, &mut w)?;
+    }
+    Ok(())
+}
+
+/// The registry `qemu-tests/images/kube.toml` names as its `image-repository` host.
+pub const REGISTRY_PORT: u16 = 35124;
+/// The file server its `binaries-url` and `cni-url` name.
+pub const RELEASE_PORT: u16 = 35125;
+/// kubeadm's `imageRepository` in that spec.
+pub const IMAGE_REPOSITORY: &str = "127.0.0.1:35124/k8s";
+/// The preloaded test workload.
+pub const WEB_IMAGE: &str = "127.0.0.1:35124/labforge-test/web:1";
+
+/// The real-Kubernetes test image and how to log in to its nodes.
+pub struct KubeImage {
+    pub image: crate::images::TestImage,
+    /// The private key of the image's `lab` user (a sudoer: the agent gives it the admin
+    /// kubeconfig on the master).
+    pub ssh_key: PathBuf,
+}
+
+/// A key pair made once per machine under `target/qemu-tests/keys/` (so the image that carries
+/// its public half is built once too).
+fn ssh_key() -> Result<PathBuf> {
+    let dir = crate::workspace_root().join("target/qemu-tests/keys");
+    fs::create_dir_all(&dir)?;
+    let key = dir.join("lab_ed25519");
+    if !key.exists() {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "labforge-test", "-f"])
+            .arg(&key)
+            .output()
+            .context("running ssh-keygen (apt-get install openssh-client)")?;
+        if !out.status.success() {
+            bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(key)
+}
+
+/// Builds (or reuses) `qemu-tests/images/kube.toml` with the fixture: the release files served
+/// on 127.0.0.1:35125 and the images in a registry on 127.0.0.1:35124 while the builder runs.
+pub fn test_image() -> Result<KubeImage> {
+    let fixture = fixture("kubernetes-fixture")?;
+    let key = ssh_key()?;
+    let public = fs::read_to_string(key.with_extension("pub"))?;
+    let root = crate::workspace_root();
+    let spec_dir = root.join("target/qemu-tests/specs");
+    fs::create_dir_all(&spec_dir)?;
+    let spec = spec_dir.join("kube.toml");
+    let text = format!(
+        "# Generated by qemu-tests/src/kubernetes.rs: kube.toml plus the test's login.\nextends = {:?}\n\n[[users]]\nname = \"lab\"\nssh-authorized-keys = [{:?}]\nsudo = true\n",
+        root.join("qemu-tests/images/kube.toml").display().to_string(),
+        public.trim()
+    );
+    if fs::read_to_string(&spec).ok().as_deref() != Some(text.as_str()) {
+        fs::write(&spec, &text)?;
+    }
+    let work = tempfile::tempdir()?;
+    release_tree(&fixture, work.path())?;
+    let _files = FileServer::start(work.path(), RELEASE_PORT)?;
+    let reg = crate::registry::Registry::start_on(REGISTRY_PORT)
+        .with_context(|| format!("kube.toml expects a test registry on 127.0.0.1:{REGISTRY_PORT}"))?;
+    let base = format!("http://{}", reg.addr);
+    for img in control_plane_images(&fixture)? {
+        img.push(&base, "k8s")?;
+    }
+    web_image(work.path())?.push(&base, "")?;
+    let image = crate::images::image_with(&spec.display().to_string(), Default::default())?;
+    Ok(KubeImage { image, ssh_key: key })
+}
