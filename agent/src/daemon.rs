@@ -362,13 +362,20 @@ async fn node(
 
 fn apply_hostname(cfg: &NodeConfig, inv: &Inventory) {
     let mac = inv.primary_mac_hex().unwrap_or_else(|| inv.machine_id.clone());
-    match render_hostname(&cfg.hostname, &mac, &inv.machine_id) {
-        Ok(name) if name != inv.hostname => match nix::unistd::sethostname(&name) {
+    let name = match render_hostname(&cfg.hostname, &mac, &inv.machine_id) {
+        Ok(name) => name,
+        Err(e) => return warn!("rendering hostname: {e:#}"),
+    };
+    if name != inv.hostname {
+        match nix::unistd::sethostname(&name) {
             Ok(()) => info!(hostname = %name, "set hostname"),
             Err(e) => warn!(hostname = %name, "setting hostname: {e}"),
-        },
-        Ok(_) => {}
-        Err(e) => warn!("rendering hostname: {e:#}"),
+        }
+    }
+    // The node's own name resolves without a DNS server (Debian's 127.0.1.1 convention):
+    // sudo, kubeadm's preflight and the kubelet look it up, and a room may have no DNS at all.
+    if let Err(e) = cluster::hosts::set_hosts_entry(std::path::Path::new("/etc/hosts"), &name, "127.0.1.1") {
+        warn!("mapping the hostname in /etc/hosts: {e:#}");
     }
 }
 

@@ -199,12 +199,15 @@ impl Vm {
             }
             _ => Command::new("qemu-system-x86_64"),
         };
-        // A VM given several vCPUs (a control plane) gets a host thread for each.
-        let accel = match accel() {
-            "tcg,thread=single" if cfg.cpus > 1 => "tcg,thread=multi",
-            a => a,
+        // A VM given several vCPUs (a control plane) gets a host thread for each, and every
+        // CPU feature TCG emulates: Go's TLS and hashing use AES-NI, PCLMULQDQ, BMI2 and AVX2
+        // when the CPU has them, and their generic code is far slower still under emulation.
+        let (accel, cpu) = match accel() {
+            "tcg,thread=single" if cfg.cpus > 1 => ("tcg,thread=multi", Some("max")),
+            a => (a, None),
         };
         cmd.args(["-accel", accel, "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args(cpu.map(|c| ["-cpu", c]).into_iter().flatten())
             .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
             .args(["-serial", "stdio"])
             .args(["-rtc", &rtc(cfg.clock_offset_secs)])

@@ -95,7 +95,7 @@ fn name(item: &Value) -> String {
     item["metadata"]["name"].as_str().unwrap_or("").to_string()
 }
 
-/// `kubectl get nodes -o json` (a List) or `get node X -o json` (one Node).
+/// `GET /api/v1/nodes` (a NodeList) or `/api/v1/nodes/X` (one Node).
 pub fn parse_nodes(json: &str) -> Result<Vec<NodeSeen>> {
     let v: Value = serde_json::from_str(json).context("kubectl printed no JSON")?;
     let items = match v["kind"].as_str() {
@@ -113,17 +113,17 @@ pub fn parse_nodes(json: &str) -> Result<Vec<NodeSeen>> {
         .collect())
 }
 
-/// `kubectl get pods -o json`.
+/// `GET /api/v1/namespaces/N/pods` (a PodList).
 pub fn parse_pods(json: &str) -> Result<Vec<PodSeen>> {
     let v: Value = serde_json::from_str(json).context("kubectl printed no JSON")?;
     let items = v["items"].as_array().cloned().unwrap_or_default();
     Ok(items.iter().map(|p| PodSeen { name: name(p), ready: ready(p) }).collect())
 }
 
-/// The server's `gitVersion` from `kubectl version -o json`.
+/// The server's `gitVersion` from `GET /version`.
 pub fn parse_version(json: &str) -> Option<String> {
     let v: Value = serde_json::from_str(json).ok()?;
-    v["serverVersion"]["gitVersion"].as_str().map(str::to_string)
+    v["gitVersion"].as_str().map(str::to_string)
 }
 
 fn kubectl(conf: &str, args: &[&str]) -> Result<String> {
@@ -146,12 +146,14 @@ pub fn observe(hostname: &str) -> KubeApi {
     if !Path::new(conf).exists() {
         return KubeApi::unavailable(&format!("no {conf} yet"));
     }
+    // `get --raw` skips kubectl's API discovery: three plain GETs a round, cheap for a slow
+    // PC's API server.
     let mut api = KubeApi::unavailable("");
-    api.version = kubectl(conf, &["version", "-o", "json"]).ok().and_then(|o| parse_version(&o));
+    api.version = kubectl(conf, &["get", "--raw", "/version"]).ok().and_then(|o| parse_version(&o));
     let nodes = if leading {
-        kubectl(conf, &["get", "nodes", "-o", "json"])
+        kubectl(conf, &["get", "--raw", "/api/v1/nodes"])
     } else {
-        kubectl(conf, &["get", "node", hostname, "-o", "json"])
+        kubectl(conf, &["get", "--raw", &format!("/api/v1/nodes/{hostname}")])
     };
     match nodes.and_then(|o| parse_nodes(&o)) {
         Ok(nodes) => {
@@ -170,9 +172,9 @@ pub fn observe(hostname: &str) -> KubeApi {
         }
     }
     if leading {
-        match kubectl(conf, &["-n", "kube-system", "get", "pods", "-o", "json"]).and_then(|o| parse_pods(&o)) {
+        match kubectl(conf, &["get", "--raw", "/api/v1/namespaces/kube-system/pods"]).and_then(|o| parse_pods(&o)) {
             Ok(pods) => api.control_plane = pods,
-            Err(e) => api.message = format!("control-plane pods: {e:#}"),
+            Err(e) => api.message = format!("kube-system pods: {e:#}"),
         }
     }
     api
@@ -196,6 +198,11 @@ pub async fn run(
     let applied = std::sync::Arc::new(std::sync::Mutex::new(podnet::Applied::default()));
     loop {
         tick.tick().await;
+        // While kubeadm brings the node up, its API server is busy enough (a slow PC's TLS
+        // handshakes alone take seconds): ask only once kubeadm is done.
+        if !view.borrow().kubeadm_done {
+            continue;
+        }
         let name = hostname.clone();
         let mut api = match crate::sys::blocking(move || Ok(observe(&name))).await {
             Ok(a) => a,
@@ -240,7 +247,7 @@ mod tests {
 
     #[test]
     fn nodes_pods_and_version_as_the_api_server_prints_them() {
-        let list = serde_json::json!({"kind": "List", "apiVersion": "v1", "items": [node("lab-a", "True"), node("lab-b", "False")]});
+        let list = serde_json::json!({"kind": "NodeList", "apiVersion": "v1", "items": [node("lab-a", "True"), node("lab-b", "False")]});
         assert_eq!(
             parse_nodes(&list.to_string()).unwrap(),
             [
@@ -252,7 +259,7 @@ mod tests {
         assert!(parse_nodes("{\"kind\":\"Pod\"}").is_err());
         assert!(parse_nodes("error: the server doesn't have a resource type").is_err());
 
-        let pods = serde_json::json!({"kind": "List", "items": [
+        let pods = serde_json::json!({"kind": "PodList", "items": [
             {"metadata": {"name": "etcd-lab-a"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}},
             {"metadata": {"name": "kube-apiserver-lab-a"}, "status": {"phase": "Pending"}},
         ]});
@@ -263,8 +270,8 @@ mod tests {
                 PodSeen { name: "kube-apiserver-lab-a".into(), ready: false }
             ]
         );
-        let version = r#"{"clientVersion": {"gitVersion": "v1.36.5"}, "kustomizeVersion": "v5", "serverVersion": {"gitVersion": "v1.36.5", "major": "1"}}"#;
+        let version = r#"{"major": "1", "minor": "36", "gitVersion": "v1.36.5", "platform": "linux/amd64"}"#;
         assert_eq!(parse_version(version).as_deref(), Some("v1.36.5"));
-        assert_eq!(parse_version(r#"{"clientVersion": {"gitVersion": "v1.36.5"}}"#), None, "no server answered");
+        assert_eq!(parse_version("error: the server could not find the requested resource"), None);
     }
 }

@@ -23,7 +23,7 @@ impl Cluster {
         let kubernetes = self.cfg.kubernetes.enabled;
         match plan::lead(&self.state, kubernetes, now_secs()) {
             Lead::Init { token } => {
-                if self.kubeadm_waits() {
+                if self.kubeadm_waits() || (kubernetes && self.images_pending(Phase::Initialising)) {
                     return Ok(());
                 }
                 self.set_phase(Phase::Initialising, "this node is the master");
@@ -71,6 +71,17 @@ impl Cluster {
         self.set_join_info(&info);
         self.settle(true);
         Ok(())
+    }
+
+    /// True (and reported in `phase`) while the preloaded images are still being imported.
+    fn images_pending(&mut self, phase: Phase) -> bool {
+        match plan::awaiting_images(&self.links.report.snapshot().preload) {
+            Some(message) => {
+                self.set_phase(phase, &message);
+                true
+            }
+            None => false,
+        }
     }
 
     /// After this node's kubeadm step: `ready` once the API server reports the node Ready.
@@ -197,7 +208,7 @@ impl Cluster {
             self.settle(false);
             return Ok(());
         }
-        if self.kubeadm_waits() {
+        if self.kubeadm_waits() || (kubernetes && self.images_pending(Phase::Joining)) {
             return Ok(());
         }
         self.set_phase(Phase::Joining, &format!("fetching join info from {master_addr}"));

@@ -56,7 +56,7 @@ fn timeouts() -> Value {
     json!({
         "controlPlaneComponentHealthCheck": "30m0s",
         "kubeletHealthCheck": "15m0s",
-        "kubernetesAPICall": "5m0s",
+        "kubernetesAPICall": "15m0s",
         "etcdAPICall": "5m0s",
         "tlsBootstrap": "15m0s",
         "discovery": "30m0s",

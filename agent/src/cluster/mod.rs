@@ -59,6 +59,8 @@ pub struct ClusterView {
     pub members: Vec<Member>,
     /// The pod CIDRs this cluster's other nodes announce, with their LAN addresses.
     pub pod_routes: Vec<podnet::PodRoute>,
+    /// This node's kubeadm init or join finished (its success marker is saved).
+    pub kubeadm_done: bool,
 }
 
 /// A node following the cluster, as its beacons describe it.
@@ -340,7 +342,8 @@ impl Cluster {
             .collect();
         pod_routes.sort();
         let leading = committed && self.phase == Phase::Ready;
-        let view = ClusterView { role, uid, lan, leading, members, pod_routes };
+        let kubeadm_done = self.state.initialised || self.state.joined;
+        let view = ClusterView { role, uid, lan, leading, members, pod_routes, kubeadm_done };
         self.links.view.send_if_modified(|v| {
             let changed = *v != view;
             *v = view;

@@ -165,6 +165,20 @@ pub fn ready_message(leading: bool, kubernetes: bool) -> &'static str {
     }
 }
 
+/// Why kubeadm must wait for the preloaded images, if it must: they are still going into
+/// containerd (kubeadm would try to pull what is missing, and a lab node has no registry).
+/// Failed imports do not hold kubeadm back: it then names the missing image itself.
+pub fn awaiting_images(p: &crate::preload::PreloadStatus) -> Option<String> {
+    use crate::preload::PreloadState;
+    matches!(p.state, PreloadState::Waiting | PreloadState::Importing).then(|| {
+        format!(
+            "waiting for the preloaded images to be in containerd ({} of {}) before kubeadm runs",
+            p.imported + p.present,
+            p.total
+        )
+    })
+}
+
 /// What the API server says of this node once its kubeadm step finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeHealth {
@@ -209,6 +223,17 @@ pub fn check_join_info(info: &JoinInfo, uid: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kubeadm_waits_for_the_preloaded_images() {
+        use crate::preload::{PreloadState, PreloadStatus};
+        let p = |state| PreloadStatus { state, total: 8, imported: 3, present: 1, ..Default::default() };
+        assert!(awaiting_images(&p(PreloadState::Importing)).is_some_and(|m| m.contains("4 of 8")));
+        assert!(awaiting_images(&p(PreloadState::Waiting)).is_some());
+        for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
+            assert_eq!(awaiting_images(&p(go)), None, "{go:?}");
+        }
+    }
+
     #[test]
     fn ready_means_the_api_server_says_so() {
         use NodeHealth::*;
