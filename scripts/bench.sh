@@ -18,6 +18,10 @@
 #                           power-on to "joined" for one node, and for three at once; then a PC
 #                           with a blank disk installing itself over the network (power-on to
 #                           "installed", and to "ready" from its disk)
+#   k8s_*                   one PC of qemu-tests/images/kube.toml (real Kubernetes built from
+#                           source): power-on to node Ready with the agent, and by hand on the
+#                           same image (kubeadm init, CNI config, wait Ready); their ratio; power
+#                           cut to Ready again (target/release/labforge-bench-kubernetes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
@@ -133,6 +137,8 @@ echo "bench: flashing (labforge flash vs bmaptool copy vs dd)" >&2
 scripts/bench-flash.sh "$B/out/demo.img" "$B/flash.json" >/dev/null
 echo "bench: netboot (one node, then three at once, then an install over the network)" >&2
 target/release/labforge-bench-netboot > "$B/netboot.json"
-jq -s '.[0] + .[1] + .[2]' "$B/results.json" "$B/flash.json" "$B/netboot.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
+echo "bench: real Kubernetes on one PC, the agent against the same steps by hand" >&2
+target/release/labforge-bench-kubernetes > "$B/kubernetes.json"
+jq -s '.[0] + .[1] + .[2] + .[3]' "$B/results.json" "$B/flash.json" "$B/netboot.json" "$B/kubernetes.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
 rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp" "$B/pull-cache" "$B"/skopeo-*
 cat "$B/results.json"

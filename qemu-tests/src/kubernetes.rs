@@ -525,3 +525,104 @@ pub fn test_image() -> Result<KubeImage> {
     let image = crate::images::image_with(&spec.display().to_string(), Default::default())?;
     Ok(KubeImage { image, ssh_key: key })
 }
+
+/// A node on a test LAN, reached as a lab administrator would: SSH as the image's sudo user
+/// `lab` (whose home holds the admin kubeconfig on the master), the agent's status over the
+/// LAN, and plain HTTP.
+pub struct Remote {
+    pub lan: crate::lan::Lan,
+    pub key: PathBuf,
+    /// The node's LAN address (empty until known).
+    pub addr: String,
+}
+
+impl Remote {
+    pub fn new(lan: crate::lan::Lan, key: &Path) -> Remote {
+        Remote { lan, key: key.to_path_buf(), addr: String::new() }
+    }
+
+    /// Runs `cmd` on the node over SSH from inside the LAN's namespace, with `stdin`.
+    pub fn ssh(&self, cmd: &str, stdin: &str) -> Result<std::process::Output> {
+        use std::process::Stdio;
+        let mut child = self
+            .lan
+            .command("ssh")
+            .arg("-i")
+            .arg(&self.key)
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+            .args(["-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
+            .arg(format!("lab@{}", self.addr))
+            .arg(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ssh (apt-get install openssh-client)")?;
+        child.stdin.take().expect("piped").write_all(stdin.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// [`Remote::ssh`], failing with the command's stderr unless it succeeds; its stdout.
+    pub fn run(&self, cmd: &str, stdin: &str) -> Result<String> {
+        let out = self.ssh(cmd, stdin)?;
+        if !out.status.success() {
+            bail!("`{cmd}` on {} failed ({}): {}", self.addr, out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The agent's status, asked over the LAN as any client would.
+    pub fn status(&self) -> Result<labforge_agent::status::Status> {
+        let bin = crate::workspace_root().join("target/release/labforge-agent");
+        let out = self
+            .lan
+            .command(bin.to_str().context("utf-8 path")?)
+            .args(["status", "--json", "--addr", &format!("{}:9743", self.addr)])
+            .output()?;
+        if !out.status.success() {
+            bail!("status query failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Polls the status over the LAN until `pred` holds.
+    pub fn wait_api(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&labforge_agent::status::Status) -> bool,
+    ) -> Result<labforge_agent::status::Status> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let last = match self.status() {
+                Ok(s) if pred(&s) => return Ok(s),
+                Ok(s) => serde_json::to_string(&s.kube_api).unwrap_or_default(),
+                Err(e) => format!("{e:#}"),
+            };
+            if std::time::Instant::now() > deadline {
+                bail!("{what}: not within {within:?}; last kube_api: {last}");
+            }
+            std::thread::sleep(Duration::from_secs(10));
+        }
+    }
+
+    /// GETs `http://<node>:<port>/` from the LAN until it answers; the body.
+    pub fn http_get(&self, port: u16, within: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let out = self
+                .lan
+                .command("curl")
+                .args(["-s", "--max-time", "10", &format!("http://{}:{port}/", self.addr)])
+                .output()?;
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && !body.is_empty() {
+                return Ok(body);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("nothing answered on {}:{port} within {within:?}", self.addr);
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    }
+}

@@ -8,15 +8,13 @@
 //! user `lab`, with the admin kubeconfig the agent put in its home, and from the LAN with
 //! plain HTTP to a NodePort.
 
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use labforge_agent::status::{Phase, Status};
-use qemu_tests::kubernetes::{self, WEB_IMAGE};
+use qemu_tests::kubernetes::{self, Remote, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::vm::{Net, Vm, VmConfig};
-use qemu_tests::workspace_root;
 
 /// Power-on to a Ready node under TCG: boot, importing ~450 MB of preloaded images,
 /// `kubeadm init` with a control plane on emulated CPUs, the pod network.
@@ -28,95 +26,14 @@ const NODE_PORT: u16 = 30080;
 struct Appliance {
     vm: Option<Vm>,
     cfg: VmConfig,
-    lan: Lan,
+    // After the VM, so the LAN outlives it.
+    node: Remote,
     dir: std::path::PathBuf,
-    key: std::path::PathBuf,
-    addr: String,
 }
 
 impl Appliance {
     fn vm(&mut self) -> &mut Vm {
         self.vm.as_mut().expect("running")
-    }
-
-    /// Runs `cmd` on the node as `lab` over SSH from inside the LAN's namespace, with `stdin`.
-    fn ssh(&self, cmd: &str, stdin: &str) -> Result<Output> {
-        use std::io::Write;
-        let mut child = self
-            .lan
-            .command("ssh")
-            .arg("-i")
-            .arg(&self.key)
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-            .args(["-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
-            .arg(format!("lab@{}", self.addr))
-            .arg(cmd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running ssh (apt-get install openssh-client)")?;
-        child.stdin.take().expect("piped").write_all(stdin.as_bytes())?;
-        Ok(child.wait_with_output()?)
-    }
-
-    /// [`Appliance::ssh`], failing with the command's stderr unless it succeeds.
-    fn run(&self, cmd: &str, stdin: &str) -> Result<String> {
-        let out = self.ssh(cmd, stdin)?;
-        if !out.status.success() {
-            bail!("`{cmd}` on the node failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The agent's status, asked over the LAN as any client would.
-    fn status(&self) -> Result<Status> {
-        let bin = workspace_root().join("target/release/labforge-agent");
-        let out = self
-            .lan
-            .command(bin.to_str().expect("utf-8 path"))
-            .args(["status", "--json", "--addr", &format!("{}:9743", self.addr)])
-            .output()?;
-        if !out.status.success() {
-            bail!("status query failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    /// Polls the status over the LAN until `pred` holds.
-    fn wait_api(&self, what: &str, within: Duration, pred: impl Fn(&Status) -> bool) -> Result<Status> {
-        let deadline = Instant::now() + within;
-        loop {
-            let last = match self.status() {
-                Ok(s) if pred(&s) => return Ok(s),
-                Ok(s) => serde_json::to_string(&s.kube_api).unwrap_or_default(),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() > deadline {
-                bail!("{what}: not within {within:?}; last kube_api: {last}");
-            }
-            std::thread::sleep(Duration::from_secs(10));
-        }
-    }
-
-    /// GETs `http://<node>:<NODE_PORT>/` from the LAN until it answers.
-    fn web(&self, within: Duration) -> Result<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let out = self
-                .lan
-                .command("curl")
-                .args(["-s", "--max-time", "10", &format!("http://{}:{NODE_PORT}/", self.addr)])
-                .output()?;
-            let body = String::from_utf8_lossy(&out.stdout).into_owned();
-            if out.status.success() && !body.is_empty() {
-                return Ok(body);
-            }
-            if Instant::now() > deadline {
-                bail!("nothing answered on {}:{NODE_PORT} within {within:?}", self.addr);
-            }
-            std::thread::sleep(Duration::from_secs(5));
-        }
     }
 }
 
@@ -175,21 +92,23 @@ fn single_node_appliance() -> Result<()> {
     cfg.net = Net::Tap { ns: lan.ns.clone(), tap, mac: "52:54:00:78:00:01".into() };
     let started = Instant::now();
     let vm = Vm::start(&cfg, &dir)?;
-    let mut a = Appliance { vm: Some(vm), cfg, lan, dir, key: built.ssh_key.clone(), addr: String::new() };
+    let mut node = Remote::new(lan, &built.ssh_key);
 
     // Phase `ready` means the API server reports the node Ready: kubeadm init ran, the pod
     // network is up, the kubelet is happy.
-    a.vm().wait_booted(Duration::from_secs(900))?;
-    let ready = a.vm().wait_status("phase ready", UP, |s| s.phase == Phase::Ready)?;
+    let mut vm = vm;
+    vm.wait_booted(Duration::from_secs(900))?;
+    let ready = vm.wait_status("phase ready", UP, |s| s.phase == Phase::Ready)?;
     let to_ready = started.elapsed();
     eprintln!("single node: power-on to node Ready in {to_ready:.0?}");
-    a.addr = ready.lan_address.clone().context("a ready node has a LAN address")?;
-    assert!(a.addr.starts_with(lan::SUBNET), "{}", a.addr);
+    node.addr = ready.lan_address.clone().context("a ready node has a LAN address")?;
+    assert!(node.addr.starts_with(lan::SUBNET), "{}", node.addr);
+    let mut a = Appliance { vm: Some(vm), cfg, node, dir };
     let uid = ready.cluster_uid.clone().context("a ready master has a cluster uid")?;
 
     // What the API server says, through the agent's status: the version built from source,
     // this node Ready with a pod CIDR, every system pod Ready (CoreDNS needs the pod network).
-    let s = a.wait_api("control plane, kube-proxy and CoreDNS Ready", SETTLE, |s| pods_ready(s, SYSTEM_PODS))?;
+    let s = a.node.wait_api("control plane, kube-proxy and CoreDNS Ready", SETTLE, |s| pods_ready(s, SYSTEM_PODS))?;
     let api = s.kube_api.as_ref().expect("kube_api");
     assert_eq!(api.version.as_deref(), Some(kubernetes::VERSION), "{api:?}");
     assert_eq!(api.node_ready, Some(true), "{api:?}");
@@ -197,29 +116,29 @@ fn single_node_appliance() -> Result<()> {
     assert!(api.pod_cidr.as_deref().is_some_and(|c| c.starts_with("10.244.")), "{api:?}");
 
     // The admin kubeconfig is the sudo user's, and the node takes workloads (no taint).
-    let nodes = a.run("kubectl get nodes -o jsonpath='{.items[0].spec.taints}'", "")?;
+    let nodes = a.node.run("kubectl get nodes -o jsonpath='{.items[0].spec.taints}'", "")?;
     assert!(!nodes.contains("NoSchedule"), "schedule-on-master leaves the master untainted: {nodes}");
-    let applied = a.run("kubectl apply -f -", &workload())?;
+    let applied = a.node.run("kubectl apply -f -", &workload())?;
     assert!(applied.contains("deployment.apps/web"), "{applied}");
-    a.run("kubectl rollout status deployment/web --timeout=900s", "")?;
-    let body = a.web(SETTLE)?;
+    a.node.run("kubectl rollout status deployment/web --timeout=900s", "")?;
+    let body = a.node.http_get(NODE_PORT, SETTLE)?;
     assert!(body.starts_with("labforge-web-ok web-"), "the NodePort answers from the web pod: {body:?}");
 
     // Pod to Service by name: CoreDNS answers for the cluster domain.
-    let dns = a.run("kubectl -n kube-system get endpointslices -l k8s.io/service-name=kube-dns -o name", "")?;
+    let dns = a.node.run("kubectl -n kube-system get endpointslices -l k8s.io/service-name=kube-dns -o name", "")?;
     assert!(!dns.trim().is_empty(), "kube-dns has endpoints");
 
     // Nothing was ever pulled: every image came from the USB stick.
-    let pulls = a.run("sudo journalctl -u containerd --no-pager -o cat | grep -c 'PullImage' || true", "")?;
+    let pulls = a.node.run("sudo journalctl -u containerd --no-pager -o cat | grep -c 'PullImage' || true", "")?;
     assert_eq!(pulls.trim(), "0", "containerd pulled images");
     // The bootstrap token (kept in the agent's 0600 state file) is in no log and not in the
     // status anyone on the LAN may read.
-    let state: serde_json::Value = serde_json::from_str(&a.run("sudo cat /var/lib/labforge/state.json", "")?)?;
+    let state: serde_json::Value = serde_json::from_str(&a.node.run("sudo cat /var/lib/labforge/state.json", "")?)?;
     let token = state["join_info"]["token"].as_str().context("the master keeps its join token")?.to_string();
     assert_eq!(token.len(), 23, "a kubeadm token");
-    let in_logs = a.run(&format!("sudo journalctl --no-pager -o cat | grep -cF '{token}' || true"), "")?;
+    let in_logs = a.node.run(&format!("sudo journalctl --no-pager -o cat | grep -cF '{token}' || true"), "")?;
     assert_eq!(in_logs.trim(), "0", "the bootstrap token is in the journal");
-    assert!(!serde_json::to_string(&a.status()?)?.contains(&token), "the bootstrap token is in /status");
+    assert!(!serde_json::to_string(&a.node.status()?)?.contains(&token), "the bootstrap token is in /status");
 
     // Power cut: the node comes back Ready by itself, same cluster, workload serving again.
     a.vm.take().expect("running").power_cut()?;
@@ -228,10 +147,11 @@ fn single_node_appliance() -> Result<()> {
     let again = a.vm().wait_status("phase ready after the power cut", UP, |s| s.phase == Phase::Ready)?;
     eprintln!("single node: power-on after a power cut to node Ready in {:.0?}", restarted.elapsed());
     assert_eq!(again.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
-    let body = a.web(SETTLE)?;
+    let body = a.node.http_get(NODE_PORT, SETTLE)?;
     assert!(body.starts_with("labforge-web-ok web-"), "serving again after the power cut: {body:?}");
-    let inits =
-        a.run("sudo journalctl -b -u labforge-agent --no-pager -o cat | grep -c 'running kubeadm.*init' || true", "")?;
+    let inits = a
+        .node
+        .run("sudo journalctl -b -u labforge-agent --no-pager -o cat | grep -c 'running kubeadm.*init' || true", "")?;
     assert_eq!(inits.trim(), "0", "kubeadm init ran again after the power cut (journal of this boot)");
 
     a.vm().wait_booted(Duration::from_secs(60))?;

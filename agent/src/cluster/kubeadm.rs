@@ -63,6 +63,15 @@ fn timeouts() -> Value {
     })
 }
 
+/// Leader-election timings for the controller-manager and scheduler that a slow PC meets.
+fn leader_election() -> Value {
+    json!([
+        {"name": "leader-elect-lease-duration", "value": "60s"},
+        {"name": "leader-elect-renew-deadline", "value": "45s"},
+        {"name": "leader-elect-retry-period", "value": "10s"},
+    ])
+}
+
 /// `InitConfiguration` + `ClusterConfiguration` + `KubeletConfiguration`, as a multi-document
 /// file.
 pub fn init_config(p: &InitParams) -> String {
@@ -96,6 +105,11 @@ pub fn init_config(p: &InitParams) -> String {
             {"name": "heartbeat-interval", "value": "500"},
             {"name": "election-timeout", "value": "5000"},
         ]}},
+        // The controller-manager and scheduler renew a leader lease every 2 s and stop when a
+        // renewal takes over 10 s: on a busy old PC they lose it again and again, and the
+        // controllers (node IPAM, so the pod network) never get to work.
+        "controllerManager": {"extraArgs": leader_election()},
+        "scheduler": {"extraArgs": leader_election()},
     });
     if !p.kubernetes_version.is_empty() {
         cluster["kubernetesVersion"] = Value::from(p.kubernetes_version);
@@ -270,6 +284,8 @@ mod tests {
         assert_eq!(cc["networking"]["serviceSubnet"], "10.96.0.0/12");
         assert_eq!(cc["apiServer"]["certSANs"][0], "lab-api");
         assert_eq!(cc["etcd"]["local"]["extraArgs"][1]["name"], "election-timeout");
+        assert_eq!(cc["controllerManager"]["extraArgs"][1]["value"], "45s");
+        assert_eq!(cc["scheduler"]["extraArgs"][0]["name"], "leader-elect-lease-duration");
         assert_eq!(d[2]["kind"], "KubeletConfiguration");
         assert_eq!(d[2]["cgroupDriver"], "systemd");
         let mirrored = init_config(&InitParams {

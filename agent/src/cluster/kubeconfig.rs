@@ -53,20 +53,29 @@ pub fn install_with(
             tracing::warn!(%name, "no such user: no kubeconfig for them");
             continue;
         };
-        let dir = user.home.join(".kube");
-        let file = dir.join("config");
-        if fs::read(&file).ok().as_deref() == Some(conf.as_slice()) {
-            continue;
+        // One admin's home that cannot be written to costs only that admin their kubeconfig.
+        match write_one(&user, &conf) {
+            Ok(Some(file)) => written.push(file),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%name, "no kubeconfig for them: {e:#}"),
         }
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-        nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).with_context(|| format!("chown {}", dir.display()))?;
-        crate::sys::fs::write_durable_mode(&file, &conf, 0o600)?;
-        nix::unistd::chown(&file, Some(user.uid), Some(user.gid))
-            .with_context(|| format!("chown {}", file.display()))?;
-        written.push(file);
     }
     Ok(written)
+}
+
+/// Writes `conf` to the user's `~/.kube/config` (0600, theirs) unless it is there already.
+fn write_one(user: &Account, conf: &[u8]) -> Result<Option<PathBuf>> {
+    let dir = user.home.join(".kube");
+    let file = dir.join("config");
+    if fs::read(&file).ok().as_deref() == Some(conf) {
+        return Ok(None);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).with_context(|| format!("chown {}", dir.display()))?;
+    crate::sys::fs::write_durable_mode(&file, conf, 0o600)?;
+    nix::unistd::chown(&file, Some(user.uid), Some(user.gid)).with_context(|| format!("chown {}", file.display()))?;
+    Ok(Some(file))
 }
 
 #[cfg(test)]
