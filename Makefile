@@ -11,7 +11,7 @@ CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build lint demo test bench e2e-kubernetes kubernetes-release clean
+.PHONY: all host-deps build lint demo test test-kubernetes bench e2e-kubernetes kubernetes-release clean
 
 all: build
 
@@ -29,15 +29,17 @@ demo: host-deps build
 	target/release/labforge-vm $(OUT)/demo.img
 
 # The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
-# Upstream Kubernetes for the real-cluster scenarios is built from its Go modules (once per
-# machine, cached by its inputs); the build starts in the background at low priority so it
-# overlaps the scenarios that do not need it, and the first one that does waits for it.
 test: host-deps build lint
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
-	@mkdir -p target/qemu-tests
-	@echo "building the Kubernetes test fixture in the background (log: target/qemu-tests/kubernetes-fixture-background.log)"
-	@FIXTURE_NICE=19 nohup target/release/labforge-kubernetes-release --fixture-only >/dev/null 2>&1 &
 	$(CARGO) test --release --workspace --no-fail-fast
+
+# The real-Kubernetes scenarios (qemu-tests/tests/real_cluster.rs): upstream Kubernetes built
+# from its Go modules (once per machine, cached by its inputs), then one PC forming a real
+# cluster. Not yet part of `make test`: with it the suite does not fit CI's time limit on two
+# cores (see README, "Tests").
+test-kubernetes: host-deps build
+	@scripts/install-host-deps.sh $(TEST_PACKAGES)
+	$(CARGO) test --release -p qemu-tests --test real_cluster -- --ignored --nocapture
 
 # Formatting and lints are part of the suite.
 lint:

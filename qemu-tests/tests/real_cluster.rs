@@ -80,6 +80,7 @@ const SYSTEM_PODS: &[&str] =
     &["etcd-", "kube-apiserver-", "kube-controller-manager-", "kube-scheduler-", "kube-proxy-", "coredns-"];
 
 #[test]
+#[ignore = "about half an hour of TCG on two cores: `make test-kubernetes` runs it (see README, Tests)"]
 fn single_node_appliance() -> Result<()> {
     let _one_at_a_time = qemu_tests::exclusive()?;
     let built = kubernetes::test_image()?;
