@@ -126,7 +126,7 @@ fn single_node_appliance() -> Result<()> {
     assert!(body.starts_with("labforge-web-ok web-"), "the NodePort answers from the web pod: {body:?}");
 
     // Pod to Service by name: CoreDNS answers for the cluster domain.
-    let dns = a.node.run("kubectl -n kube-system get endpointslices -l kubernetes.io/service-name=kube-dns -o jsonpath={.items[*].endpoints[*].addresses[*]}", "")?;
+    let dns = a.node.run("kubectl -n kube-system get endpointslices -l kubernetes.io/service-name=kube-dns -o jsonpath='{.items[*].endpoints[*].addresses[*]}'", "")?;
     assert!(
         dns.split_whitespace().any(|a| a.starts_with("10.244.")),
         "kube-dns has CoreDNS pods on the pod network behind it: {dns:?}"
