@@ -124,7 +124,11 @@ fn shipped_specs_parse_and_plan() {
     assert!(cmd.contains(" noble ") && cmd.contains("ubuntu-archive-keyring.gpg"), "{cmd}");
     // The lab image carries the control-plane images of the Kubernetes version it runs, and the
     // sandbox image containerd is configured with.
-    let sandbox = labforge::build::preload::sandbox_image(&root.join("overlays/base"));
+    // (containerd's config is a template of the base overlay: render it as a build would.)
+    let rendered = tempfile::tempdir().unwrap();
+    labforge::build::overlays::apply(&lab, rendered.path()).unwrap();
+    let sandbox = labforge::build::preload::sandbox_image(rendered.path());
+    assert!(sandbox.ends_with("/pause:3.10.2"), "{sandbox}");
     let refs: Vec<&str> = lab.preload.iter().map(|p| p.reference.as_str()).collect();
     assert!(refs.contains(&sandbox.as_str()), "{sandbox} preloaded: {refs:?}");
     let v = &lab.kubernetes.version;
