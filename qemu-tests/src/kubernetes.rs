@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
 use crate::registry::{digest, Pusher, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST};
 
@@ -357,7 +356,10 @@ pub fn release_tree(fixture: &Path, dir: &Path) -> Result<()> {
         let to = bin_dir.join(name);
         let _ = fs::remove_file(&to);
         fs::copy(fixture.join("bin").join(name), &to).with_context(|| format!("copying {name}"))?;
-        fs::write(bin_dir.join(format!("{name}.sha256")), format!("{}\n", sha256_file(&to)?))?;
+        fs::write(
+            bin_dir.join(format!("{name}.sha256")),
+            format!("{}\n", labforge::build::outputs::sha256_file(&to)?),
+        )?;
     }
     let cni_dir = dir.join(format!("cni/{CNI_VERSION}"));
     fs::create_dir_all(&cni_dir)?;
@@ -375,15 +377,11 @@ pub fn release_tree(fixture: &Path, dir: &Path) -> Result<()> {
     if !out.status.success() {
         bail!("packing the CNI plugins: {}", String::from_utf8_lossy(&out.stderr));
     }
-    fs::write(cni_dir.join(format!("{tgz_name}.sha256")), format!("{}  {tgz_name}\n", sha256_file(&tgz)?))?;
+    fs::write(
+        cni_dir.join(format!("{tgz_name}.sha256")),
+        format!("{}  {tgz_name}\n", labforge::build::outputs::sha256_file(&tgz)?),
+    )?;
     Ok(())
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// A static file server on 127.0.0.1 for a directory (GET and HEAD, no listings, no paths
