@@ -304,7 +304,8 @@ impl HostFiles {
 }
 
 /// A static HTTP server (C, static glibc) answering every request on port 8080 with
-/// `labforge-web-ok <hostname>`: the test workload.
+/// `labforge-web-ok <hostname>`: the test workload. `/web get IP` is its client, for checks
+/// from one pod to another.
 pub fn web_image(work: &Path) -> Result<OciImage> {
     let src = work.join("web.c");
     fs::write(&src, WEB_C)?;
@@ -317,12 +318,38 @@ pub fn web_image(work: &Path) -> Result<OciImage> {
     OciImage::new("labforge-test/web", "1", &[file("web", &bin)?], &["/web"])
 }
 
-const WEB_C: &str = r#"#include <netinet/in.h>
+const WEB_C: &str = r#"#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
-int main(void) {
+/* `web get IP`: fetch http://IP:8080/ and print the body (exit 0 on a 200), the client for
+   pod-to-pod checks; otherwise serve `labforge-web-ok <hostname>` on 8080. */
+static int get(const char *ip) {
+  char buf[4096];
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {0};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(8080);
+  if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) { fprintf(stderr, "not an IPv4 address: %s\n", ip); return 2; }
+  struct timeval tv = {20, 0};
+  setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
+  const char *req = "GET / HTTP/1.0\r\n\r\n";
+  write(s, req, strlen(req));
+  int n = 0, r;
+  while (n < (int)sizeof buf - 1 && (r = read(s, buf + n, sizeof buf - 1 - n)) > 0) n += r;
+  buf[n] = 0;
+  char *body = strstr(buf, "\r\n\r\n");
+  if (strncmp(buf, "HTTP/1.0 200", 12) || !body) { fprintf(stderr, "bad answer: %s\n", buf); return 1; }
+  fputs(body + 4, stdout);
+  return 0;
+}
+int main(int argc, char **argv) {
+  if (argc == 3 && !strcmp(argv[1], "get")) return get(argv[2]);
   char host[256] = "", buf[4096], body[512], resp[1024];
   gethostname(host, sizeof host - 1);
   int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
@@ -541,6 +568,11 @@ impl Remote {
 
     /// Runs `cmd` on the node over SSH from inside the LAN's namespace, with `stdin`.
     pub fn ssh(&self, cmd: &str, stdin: &str) -> Result<std::process::Output> {
+        self.ssh_at(&self.addr, cmd, stdin)
+    }
+
+    /// [`Remote::ssh`] on the node at `addr`.
+    pub fn ssh_at(&self, addr: &str, cmd: &str, stdin: &str) -> Result<std::process::Output> {
         use std::process::Stdio;
         let mut child = self
             .lan
@@ -549,7 +581,7 @@ impl Remote {
             .arg(&self.key)
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
             .args(["-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
-            .arg(format!("lab@{}", self.addr))
+            .arg(format!("lab@{addr}"))
             .arg(cmd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -562,20 +594,30 @@ impl Remote {
 
     /// [`Remote::ssh`], failing with the command's stderr unless it succeeds; its stdout.
     pub fn run(&self, cmd: &str, stdin: &str) -> Result<String> {
-        let out = self.ssh(cmd, stdin)?;
+        self.run_at(&self.addr, cmd, stdin)
+    }
+
+    /// [`Remote::run`] on the node at `addr`.
+    pub fn run_at(&self, addr: &str, cmd: &str, stdin: &str) -> Result<String> {
+        let out = self.ssh_at(addr, cmd, stdin)?;
         if !out.status.success() {
-            bail!("`{cmd}` on {} failed ({}): {}", self.addr, out.status, String::from_utf8_lossy(&out.stderr));
+            bail!("`{cmd}` on {addr} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The agent's status, asked over the LAN as any client would.
     pub fn status(&self) -> Result<labforge_agent::status::Status> {
+        self.status_at(&self.addr)
+    }
+
+    /// [`Remote::status`] of the node at `addr`.
+    pub fn status_at(&self, addr: &str) -> Result<labforge_agent::status::Status> {
         let bin = crate::workspace_root().join("target/release/labforge-agent");
         let out = self
             .lan
             .command(bin.to_str().context("utf-8 path")?)
-            .args(["status", "--json", "--addr", &format!("{}:9743", self.addr)])
+            .args(["status", "--json", "--addr", &format!("{addr}:9743")])
             .output()?;
         if !out.status.success() {
             bail!("status query failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -590,9 +632,20 @@ impl Remote {
         within: Duration,
         pred: impl Fn(&labforge_agent::status::Status) -> bool,
     ) -> Result<labforge_agent::status::Status> {
+        self.wait_api_at(&self.addr, what, within, pred)
+    }
+
+    /// [`Remote::wait_api`] on the node at `addr`.
+    pub fn wait_api_at(
+        &self,
+        addr: &str,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&labforge_agent::status::Status) -> bool,
+    ) -> Result<labforge_agent::status::Status> {
         let deadline = std::time::Instant::now() + within;
         loop {
-            let last = match self.status() {
+            let last = match self.status_at(addr) {
                 Ok(s) if pred(&s) => return Ok(s),
                 Ok(s) => serde_json::to_string(&s.kube_api).unwrap_or_default(),
                 Err(e) => format!("{e:#}"),
@@ -606,19 +659,24 @@ impl Remote {
 
     /// GETs `http://<node>:<port>/` from the LAN until it answers; the body.
     pub fn http_get(&self, port: u16, within: Duration) -> Result<String> {
+        self.http_get_at(&self.addr, port, within)
+    }
+
+    /// [`Remote::http_get`] from the node at `addr`.
+    pub fn http_get_at(&self, addr: &str, port: u16, within: Duration) -> Result<String> {
         let deadline = std::time::Instant::now() + within;
         loop {
             let out = self
                 .lan
                 .command("curl")
-                .args(["-s", "--max-time", "10", &format!("http://{}:{port}/", self.addr)])
+                .args(["-s", "--max-time", "10", &format!("http://{addr}:{port}/")])
                 .output()?;
             let body = String::from_utf8_lossy(&out.stdout).into_owned();
             if out.status.success() && !body.is_empty() {
                 return Ok(body);
             }
             if std::time::Instant::now() > deadline {
-                bail!("nothing answered on {}:{port} within {within:?}", self.addr);
+                bail!("nothing answered on {addr}:{port} within {within:?}");
             }
             std::thread::sleep(Duration::from_secs(5));
         }

@@ -274,7 +274,20 @@ impl Vm {
                 );
             }
         }
-        let log = dir.join(format!("{}-console{}.log", cfg.name, if fresh { "" } else { "-restart" }));
+        // A fresh boot's log, then `-restart`, `-restart2`, … : every boot's console is kept.
+        let mut log = dir.join(format!("{}-console.log", cfg.name));
+        if !fresh {
+            log = (1..)
+                .map(|n: u32| {
+                    dir.join(format!(
+                        "{}-console-restart{}.log",
+                        cfg.name,
+                        if n == 1 { String::new() } else { n.to_string() }
+                    ))
+                })
+                .find(|p| !p.exists())
+                .expect("a free name");
+        }
         let logfile = fs::File::create(&log)?;
         let mut child = cmd
             .stdin(Stdio::null())

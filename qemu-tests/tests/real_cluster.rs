@@ -1,18 +1,30 @@
 //! Real Kubernetes in VMs: upstream v1.36.5 built from its Go modules by the test fixture
 //! (`qemu-tests/fixtures/kubernetes`), put into the image by the builder from release files
 //! and a registry on loopback (`[kubernetes] source = "binaries"`), and formed by the agent
-//! with the real kubeadm, kubelet and containerd. One boot serves many checks: everything a
-//! user of a one-PC appliance would look at, then a power cut.
+//! with the real kubeadm, kubelet and containerd.
 //!
-//! The test drives the cluster as a lab administrator would: over SSH as the image's sudo
-//! user `lab`, with the admin kubeconfig the agent put in its home, and from the LAN with
-//! plain HTTP to a NodePort.
+//! One room, two PCs, every check in turn (a boot costs minutes under TCG):
+//! 1. `interrupted_init`: the first PC's power is cut while its `kubeadm init` runs; on the
+//!    next boot the agent resets what that init left and completes it. One cluster uid, ever.
+//! 2. `single_node_appliance`: that PC alone is a working cluster: node Ready, control plane,
+//!    kube-proxy and CoreDNS Ready, a preloaded workload behind a NodePort answering the LAN.
+//! 3. `worker_joins_real_cluster`: a second PC powered on later joins with the token from the
+//!    master's join info; both nodes Ready; a pod on the worker reaches a pod on the master
+//!    over the pod network and back.
+//! 4. `whole_room_power_cut`: both PCs lose power at once and come back by themselves: every
+//!    node Ready, the workload serving, no kubeadm init or join run again.
+//!
+//! Throughout: containerd never pulls (every image came on the stick), and the bootstrap token
+//! is in no log and no status. The test drives the cluster as a lab administrator would: over
+//! SSH as the image's sudo user `lab`, with the admin kubeconfig the agent put in its home on
+//! the master, and from the LAN with plain HTTP to a NodePort.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use labforge_agent::status::{Phase, Status};
-use qemu_tests::kubernetes::{self, Remote, WEB_IMAGE};
+use anyhow::{bail, Context, Result};
+use labforge_agent::status::{Phase, Role, Status};
+use qemu_tests::kubernetes::{self, KubeImage, Remote, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::vm::{Net, Vm, VmConfig};
 
@@ -23,33 +35,28 @@ const UP: Duration = Duration::from_secs(45 * 60);
 const SETTLE: Duration = Duration::from_secs(15 * 60);
 const NODE_PORT: u16 = 30080;
 
-struct Appliance {
-    vm: Option<Vm>,
-    cfg: VmConfig,
-    // After the VM, so the LAN outlives it.
-    node: Remote,
-    dir: std::path::PathBuf,
-}
+const SYSTEM_PODS: &[&str] =
+    &["etcd-", "kube-apiserver-", "kube-controller-manager-", "kube-scheduler-", "kube-proxy-", "coredns-"];
 
-impl Appliance {
-    fn vm(&mut self) -> &mut Vm {
-        self.vm.as_mut().expect("running")
-    }
-}
-
-/// The workload: a Deployment of the preloaded web image (never pulled: `imagePullPolicy:
-/// Never`) and a NodePort Service in front of it.
+/// The workload: two replicas of the preloaded web image (never pulled: `imagePullPolicy:
+/// Never`), at most one per node, and a NodePort Service in front of them. On one node the
+/// second replica waits for a second node.
 fn workload() -> String {
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: web, namespace: default}}
 spec:
-  replicas: 1
+  replicas: 2
   selector: {{matchLabels: {{app: web}}}}
   template:
     metadata: {{labels: {{app: web}}}}
     spec:
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - labelSelector: {{matchLabels: {{app: web}}}}
+            topologyKey: kubernetes.io/hostname
       containers:
       - name: web
         image: {WEB_IMAGE}
@@ -76,89 +83,311 @@ fn pods_ready(s: &Status, prefixes: &[&str]) -> bool {
     })
 }
 
-const SYSTEM_PODS: &[&str] =
-    &["etcd-", "kube-apiserver-", "kube-controller-manager-", "kube-scheduler-", "kube-proxy-", "coredns-"];
+/// `n` nodes listed, every one Ready with a pod CIDR.
+fn nodes_ready(s: &Status, n: usize) -> bool {
+    s.kube_api
+        .as_ref()
+        .is_some_and(|api| api.nodes.len() == n && api.nodes.iter().all(|x| x.ready && x.pod_cidr.is_some()))
+}
+
+struct Pc {
+    cfg: VmConfig,
+    vm: Option<Vm>,
+    /// Its LAN address, once it reported one.
+    addr: String,
+}
+
+struct Room {
+    // Field order is drop order: VMs first, then the LAN (in `remote`), then the lock.
+    pcs: Vec<Pc>,
+    remote: Remote,
+    dir: PathBuf,
+    _one_at_a_time: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Room {
+    fn new(built: &KubeImage) -> Result<Room> {
+        let lock = qemu_tests::exclusive()?;
+        let dir = qemu_tests::vm::scenario_dir("real_room")?;
+        let mut lan = Lan::new("realroom", &dir)?;
+        let mut pcs = Vec::new();
+        // kubeadm's preflight wants 2 CPUs and 1.7 GB for a control plane; either PC may
+        // become the master.
+        for i in 0..2 {
+            let tap = lan.tap()?;
+            let mut cfg = VmConfig::new(&format!("node{i}"), &built.image.image);
+            (cfg.memory_mib, cfg.cpus) = (3072, 2);
+            cfg.net = Net::Tap { ns: lan.ns.clone(), tap, mac: format!("52:54:00:79:00:{:02x}", i + 1) };
+            pcs.push(Pc { cfg, vm: None, addr: String::new() });
+        }
+        let remote = Remote::new(lan, &built.ssh_key);
+        Ok(Room { pcs, remote, dir, _one_at_a_time: lock })
+    }
+
+    fn vm(&mut self, i: usize) -> &mut Vm {
+        self.pcs[i].vm.as_mut().expect("running")
+    }
+
+    /// Powers PC `i` on: a fresh VM the first time, the same disks after that.
+    fn power_on(&mut self, i: usize) -> Result<()> {
+        let fresh = !self.dir.join(format!("node{i}-console.log")).exists();
+        let vm =
+            if fresh { Vm::start(&self.pcs[i].cfg, &self.dir)? } else { Vm::restart(&self.pcs[i].cfg, &self.dir)? };
+        self.pcs[i].vm = Some(vm);
+        Ok(())
+    }
+
+    fn power_cut(&mut self, i: usize) -> Result<()> {
+        self.pcs[i].vm.take().expect("running").power_cut()
+    }
+
+    /// Waits for PC `i` to print a status line with phase `ready`, and remembers its address.
+    fn wait_ready(&mut self, i: usize, what: &str) -> Result<Status> {
+        let s = self.vm(i).wait_status(what, UP, |s| s.phase == Phase::Ready)?;
+        let addr = s.lan_address.clone().context("a ready node has a LAN address")?;
+        assert!(addr.starts_with(lan::SUBNET), "{addr}");
+        self.pcs[i].addr = addr;
+        Ok(s)
+    }
+
+    /// A command on PC `i` over SSH; its stdout.
+    fn run(&self, i: usize, cmd: &str, stdin: &str) -> Result<String> {
+        self.remote.run_at(&self.pcs[i].addr, cmd, stdin)
+    }
+
+    /// kubectl on the master `m`, with the admin kubeconfig the agent gave the `lab` user.
+    fn kubectl(&self, m: usize, args: &str, stdin: &str) -> Result<String> {
+        self.run(m, &format!("kubectl {args}"), stdin)
+    }
+
+    /// How many lines of this boot's agent journal on PC `i` match `pattern` (grep -E).
+    fn journal_count(&self, i: usize, pattern: &str) -> Result<usize> {
+        let out = self.run(
+            i,
+            &format!("sudo journalctl -b -u labforge-agent --no-pager -o cat | grep -cE '{pattern}' || true"),
+            "",
+        )?;
+        out.trim().parse().with_context(|| format!("counting {pattern:?}: {out:?}"))
+    }
+
+    /// Keeps this boot's journal of the agent, kubelet and containerd of every running PC in
+    /// the scenario directory (monotonic timestamps: where the minutes went).
+    fn keep_journals(&self, tag: &str) {
+        for (i, pc) in self.pcs.iter().enumerate() {
+            if pc.vm.is_none() || pc.addr.is_empty() {
+                continue;
+            }
+            let cmd = "sudo journalctl -b -o short-monotonic --no-pager -u labforge-agent -u kubelet -u containerd";
+            if let Ok(text) = self.run(i, cmd, "") {
+                let _ = std::fs::write(self.dir.join(format!("node{i}-journal-{tag}.log")), text);
+            }
+        }
+    }
+
+    /// Every console so far: no oops, no failed unit.
+    fn check_health(&mut self) -> Result<()> {
+        for pc in &mut self.pcs {
+            if let Some(vm) = &mut pc.vm {
+                vm.wait_booted(Duration::from_secs(300))?;
+                vm.check_console_health()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every status line any PC printed in any boot (the console logs in `dir`) names cluster
+/// `uid` or none.
+fn only_cluster(dir: &std::path::Path, uid: &str) -> Result<()> {
+    let mut lines = 0;
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("-console")) {
+            continue;
+        }
+        for line in String::from_utf8_lossy(&std::fs::read(&path)?).lines() {
+            if let Some(st) = qemu_tests::vm::parse_status(line) {
+                lines += 1;
+                assert!(
+                    st.cluster_uid.is_none() || st.cluster_uid.as_deref() == Some(uid),
+                    "a second cluster in {}: {line}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(lines > 0, "no status lines in {}", dir.display());
+    Ok(())
+}
+
+/// (name, node, pod IP) of every web pod.
+fn web_pods(room: &Room, m: usize) -> Result<Vec<(String, String, String)>> {
+    let out = room.kubectl(
+        m,
+        "get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}'",
+        "",
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .collect())
+}
 
 #[test]
-#[ignore = "about half an hour of TCG on two cores: `make test-kubernetes` runs it (see README, Tests)"]
-fn single_node_appliance() -> Result<()> {
-    let _one_at_a_time = qemu_tests::exclusive()?;
+#[ignore = "about 45 minutes of TCG on two cores: `make test-kubernetes` runs it (see README, Tests)"]
+fn real_room() -> Result<()> {
     let built = kubernetes::test_image()?;
-    let dir = qemu_tests::vm::scenario_dir("single_node_appliance")?;
-    let mut lan = Lan::new("appliance", &dir)?;
-    let tap = lan.tap()?;
-    let mut cfg = VmConfig::new("node0", &built.image.image);
-    // kubeadm's preflight wants 2 CPUs and 1.7 GB for a control plane.
-    (cfg.memory_mib, cfg.cpus) = (3072, 2);
-    cfg.net = Net::Tap { ns: lan.ns.clone(), tap, mac: "52:54:00:78:00:01".into() };
+    let mut room = Room::new(&built)?;
+    let result = scenario(&mut room);
+    if result.is_err() {
+        room.keep_journals("failed");
+    }
+    result
+}
+
+fn scenario(room: &mut Room) -> Result<()> {
+    // --- interrupted_init: the first PC, alone, loses power while kubeadm init runs.
     let started = Instant::now();
-    let vm = Vm::start(&cfg, &dir)?;
-    let mut node = Remote::new(lan, &built.ssh_key);
+    room.power_on(0)?;
+    let s = room.vm(0).wait_status("kubeadm init running", UP, |s| {
+        s.phase == Phase::Initialising && s.message == "this node is the master"
+    })?;
+    eprintln!("real room: power-on to kubeadm init in {:.0?}", started.elapsed());
+    let uid = s.cluster_uid.clone().context("a master has a cluster uid")?;
+    room.pcs[0].addr = s.lan_address.clone().context("a master has a LAN address")?;
+    // Cut once init has written the control plane's static pods: certificates, kubeconfigs
+    // and manifests are on disk, the control plane is not up yet.
+    let deadline = Instant::now() + UP;
+    let written = |room: &Room| {
+        room.remote
+            .ssh_at(&room.pcs[0].addr, "sudo test -s /etc/kubernetes/manifests/kube-apiserver.yaml && echo written", "")
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "written")
+    };
+    while !written(room) {
+        if Instant::now() > deadline {
+            bail!("kubeadm init never wrote its manifests");
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    eprintln!(
+        "real room: kubeadm init wrote the static pods {:.0?} after power-on; cutting the power",
+        started.elapsed()
+    );
+    room.power_cut(0)?;
+    let restarted = Instant::now();
+    room.power_on(0)?;
+    let ready = room.wait_ready(0, "phase ready after an interrupted init")?;
+    let to_ready = restarted.elapsed();
+    eprintln!("real room: power-on after an interrupted init to node Ready in {to_ready:.0?}");
+    assert_eq!(ready.role, Role::Master);
+    assert_eq!(ready.cluster_uid.as_deref(), Some(uid.as_str()), "one cluster uid, ever");
+    assert!(room.journal_count(0, "did not finish; resetting")? >= 1, "the interrupted init was reset");
+    assert_eq!(room.journal_count(0, "running kubeadm.*init")?, 1, "kubeadm init ran once on this boot");
 
-    // Phase `ready` means the API server reports the node Ready: kubeadm init ran, the pod
-    // network is up, the kubelet is happy.
-    let mut vm = vm;
-    vm.wait_booted(Duration::from_secs(900))?;
-    let ready = vm.wait_status("phase ready", UP, |s| s.phase == Phase::Ready)?;
-    let to_ready = started.elapsed();
-    eprintln!("single node: power-on to node Ready in {to_ready:.0?}");
-    node.addr = ready.lan_address.clone().context("a ready node has a LAN address")?;
-    assert!(node.addr.starts_with(lan::SUBNET), "{}", node.addr);
-    let mut a = Appliance { vm: Some(vm), cfg, node, dir };
-    let uid = ready.cluster_uid.clone().context("a ready master has a cluster uid")?;
+    // --- worker_joins_real_cluster, part 1: a second PC is powered on now, and boots while
+    // the checks below run.
+    let worker_on = Instant::now();
+    room.power_on(1)?;
 
-    // What the API server says, through the agent's status: the version built from source,
-    // this node Ready with a pod CIDR, every system pod Ready (CoreDNS needs the pod network).
-    let s = a.node.wait_api("control plane, kube-proxy and CoreDNS Ready", SETTLE, |s| pods_ready(s, SYSTEM_PODS))?;
+    // --- single_node_appliance: the API server, through the agent's status: the version built
+    // from source, the node Ready with a pod CIDR, every system pod Ready (CoreDNS needs the
+    // pod network).
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "control plane, kube-proxy and CoreDNS Ready", SETTLE, |s| {
+        pods_ready(s, SYSTEM_PODS)
+    })?;
     let api = s.kube_api.as_ref().expect("kube_api");
     assert_eq!(api.version.as_deref(), Some(kubernetes::VERSION), "{api:?}");
     assert_eq!(api.node_ready, Some(true), "{api:?}");
-    assert_eq!(api.nodes.len(), 1, "{api:?}");
-    assert!(api.pod_cidr.as_deref().is_some_and(|c| c.starts_with("10.244.")), "{api:?}");
-
-    // The admin kubeconfig is the sudo user's, and the node takes workloads (no taint).
-    let nodes = a.node.run("kubectl get nodes -o jsonpath='{.items[0].spec.taints}'", "")?;
-    assert!(!nodes.contains("NoSchedule"), "schedule-on-master leaves the master untainted: {nodes}");
-    let applied = a.node.run("kubectl apply -f -", &workload())?;
+    let me = api.nodes.iter().find(|n| n.name == ready.node.hostname).context("the master is listed")?;
+    assert!(me.pod_cidr.as_deref().is_some_and(|c| c.starts_with("10.244.")), "{api:?}");
+    // The admin kubeconfig is the sudo user's, and the master takes workloads (no taint).
+    let taints = room.kubectl(0, &format!("get node {} -o jsonpath='{{.spec.taints}}'", ready.node.hostname), "")?;
+    assert!(!taints.contains("NoSchedule"), "schedule-on-master leaves the master untainted: {taints}");
+    let applied = room.kubectl(0, "apply -f -", &workload())?;
     assert!(applied.contains("deployment.apps/web"), "{applied}");
-    a.node.run("kubectl rollout status deployment/web --timeout=900s", "")?;
-    let body = a.node.http_get(NODE_PORT, SETTLE)?;
-    assert!(body.starts_with("labforge-web-ok web-"), "the NodePort answers from the web pod: {body:?}");
-
+    let body = room.remote.http_get_at(&room.pcs[0].addr, NODE_PORT, SETTLE)?;
+    assert!(body.starts_with("labforge-web-ok web-"), "the NodePort answers from a web pod: {body:?}");
     // Pod to Service by name: CoreDNS answers for the cluster domain.
-    let dns = a.node.run("kubectl -n kube-system get endpointslices -l kubernetes.io/service-name=kube-dns -o jsonpath='{.items[*].endpoints[*].addresses[*]}'", "")?;
+    let dns = room.kubectl(0, "-n kube-system get endpointslices -l kubernetes.io/service-name=kube-dns -o jsonpath='{.items[*].endpoints[*].addresses[*]}'", "")?;
     assert!(
         dns.split_whitespace().any(|a| a.starts_with("10.244.")),
         "kube-dns has CoreDNS pods on the pod network behind it: {dns:?}"
     );
 
-    // Nothing was ever pulled: every image came from the USB stick.
-    let pulls = a.node.run("sudo journalctl -u containerd --no-pager -o cat | grep -c 'PullImage' || true", "")?;
-    assert_eq!(pulls.trim(), "0", "containerd pulled images");
-    // The bootstrap token (kept in the agent's 0600 state file) is in no log and not in the
-    // status anyone on the LAN may read.
-    let state: serde_json::Value = serde_json::from_str(&a.node.run("sudo cat /var/lib/labforge/state.json", "")?)?;
-    let token = state["join_info"]["token"].as_str().context("the master keeps its join token")?.to_string();
+    // --- worker_joins_real_cluster, part 2.
+    let w = room.wait_ready(1, "the worker Ready")?;
+    eprintln!("real room: worker power-on to node Ready in {:.0?}", worker_on.elapsed());
+    assert_eq!(w.role, Role::Worker, "{}", w.message);
+    assert_eq!(w.cluster_uid.as_deref(), Some(uid.as_str()));
+    let m = room.remote.status_at(&room.pcs[0].addr)?;
+    assert_eq!(w.join_info_sha256, m.join_info_sha256, "the worker got the join info the master minted");
+    // The token kubeadm join used is the one the master minted (both kept in 0600 state).
+    let state = |i: usize| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&room.run(i, "sudo cat /var/lib/labforge/state.json", "")?)?)
+    };
+    let token = state(0)?["join_info"]["token"].as_str().context("the master keeps its join token")?.to_string();
     assert_eq!(token.len(), 23, "a kubeadm token");
-    let in_logs = a.node.run(&format!("sudo journalctl --no-pager -o cat | grep -cF '{token}' || true"), "")?;
-    assert_eq!(in_logs.trim(), "0", "the bootstrap token is in the journal");
-    assert!(!serde_json::to_string(&a.node.status()?)?.contains(&token), "the bootstrap token is in /status");
+    assert_eq!(state(1)?["join_info"]["token"].as_str(), Some(token.as_str()), "joined with the master's token");
+    assert_eq!(room.journal_count(1, "running kubeadm.*join")?, 1, "the worker ran kubeadm join once");
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "both nodes Ready", SETTLE, |s| {
+        nodes_ready(s, 2) && pods_ready(s, SYSTEM_PODS)
+    })?;
+    let cidrs: Vec<String> =
+        s.kube_api.as_ref().expect("kube_api").nodes.iter().filter_map(|n| n.pod_cidr.clone()).collect();
+    assert_ne!(cidrs[0], cidrs[1], "each node has its own pod CIDR");
+    // The second replica found its node; one pod each.
+    room.kubectl(0, "rollout status deployment/web --timeout=900s", "")?;
+    let pods = web_pods(room, 0)?;
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let on = |host: &str| {
+        pods.iter().find(|p| p.1 == host).cloned().with_context(|| format!("no web pod on {host}: {pods:?}"))
+    };
+    let (on_master, on_worker) = (on(&ready.node.hostname)?, on(&w.node.hostname)?);
+    // Pod to pod across nodes, both ways, over the pod network (host-gw routes via the LAN).
+    for (from, to) in [(&on_worker, &on_master), (&on_master, &on_worker)] {
+        let got = room.kubectl(0, &format!("exec {} -- /web get {}", from.0, to.2), "")?;
+        assert_eq!(got.trim(), format!("labforge-web-ok {}", to.0), "{} on {} to {} on {}", from.0, from.1, to.0, to.1);
+    }
+    // The NodePort answers on the worker's address too (its own kube-proxy).
+    let body = room.remote.http_get_at(&room.pcs[1].addr, NODE_PORT, SETTLE)?;
+    assert!(body.starts_with("labforge-web-ok web-"), "the worker's NodePort: {body:?}");
+    room.keep_journals("formed");
+    room.check_health()?;
 
-    // Power cut: the node comes back Ready by itself, same cluster, workload serving again.
-    a.vm.take().expect("running").power_cut()?;
-    let restarted = Instant::now();
-    a.vm = Some(Vm::restart(&a.cfg, &a.dir)?);
-    let again = a.vm().wait_status("phase ready after the power cut", UP, |s| s.phase == Phase::Ready)?;
-    eprintln!("single node: power-on after a power cut to node Ready in {:.0?}", restarted.elapsed());
-    assert_eq!(again.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
-    let body = a.node.http_get(NODE_PORT, SETTLE)?;
-    assert!(body.starts_with("labforge-web-ok web-"), "serving again after the power cut: {body:?}");
-    let inits = a
-        .node
-        .run("sudo journalctl -b -u labforge-agent --no-pager -o cat | grep -c 'running kubeadm.*init' || true", "")?;
-    assert_eq!(inits.trim(), "0", "kubeadm init ran again after the power cut (journal of this boot)");
+    // --- whole_room_power_cut: every PC at once, then power back.
+    room.power_cut(0)?;
+    room.power_cut(1)?;
+    let back_on = Instant::now();
+    room.power_on(0)?;
+    room.power_on(1)?;
+    for i in 0..2 {
+        let s = room.wait_ready(i, "phase ready after the whole-room power cut")?;
+        assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
+    }
+    room.remote
+        .wait_api_at(&room.pcs[0].addr, "both nodes Ready after the power cut", SETTLE, |s| nodes_ready(s, 2))?;
+    eprintln!("real room: whole-room power-on to every node Ready in {:.0?}", back_on.elapsed());
+    for i in 0..2 {
+        let body = room.remote.http_get_at(&room.pcs[i].addr, NODE_PORT, SETTLE)?;
+        assert!(body.starts_with("labforge-web-ok web-"), "serving again after the power cut: {body:?}");
+        assert_eq!(room.journal_count(i, "running kubeadm")?, 0, "no kubeadm init or join after the power cut");
+    }
+    eprintln!("real room: whole-room power-on to the workload serving in {:.0?}", back_on.elapsed());
 
-    a.vm().wait_booted(Duration::from_secs(60))?;
-    a.vm().check_console_health()?;
-    Ok(())
+    // Nothing was ever pulled: every image came from the USB stick. The bootstrap token (in
+    // the agents' 0600 state) is in no log and not in the status anyone on the LAN may read.
+    for i in 0..2 {
+        let pulls = room.run(i, "sudo journalctl -u containerd --no-pager -o cat | grep -c 'PullImage' || true", "")?;
+        assert_eq!(pulls.trim(), "0", "containerd pulled images on node{i}");
+        let in_logs = room.run(i, &format!("sudo journalctl --no-pager -o cat | grep -cF '{token}' || true"), "")?;
+        assert_eq!(in_logs.trim(), "0", "the bootstrap token is in node{i}'s journal");
+        let st = room.remote.status_at(&room.pcs[i].addr)?;
+        assert!(!serde_json::to_string(&st)?.contains(&token), "the bootstrap token is in node{i}'s /status");
+    }
+    only_cluster(&room.dir, &uid)?;
+    room.keep_journals("after-power-cut");
+    room.check_health()
 }

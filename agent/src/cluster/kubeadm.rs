@@ -99,6 +99,9 @@ pub fn init_config(p: &InitParams) -> String {
         "controlPlaneEndpoint": endpoint(p.cluster),
         "networking": {"podSubnet": p.cluster.pod_cidr, "serviceSubnet": p.cluster.service_cidr},
         "apiServer": {"certSANs": [endpoint_host(p.cluster), p.node_ip]},
+        // P-256 keys for the cluster's CAs and certificates: as strong as RSA-3072, and made in
+        // milliseconds where RSA-2048 key generation takes seconds per key on a slow CPU.
+        "encryptionAlgorithm": "ECDSA-P256",
         // etcd's defaults (100 ms heartbeats, 1 s elections) assume a quick disk and CPU; a
         // busy old PC misses them and the member thrashes.
         "etcd": {"local": {"extraArgs": [
@@ -278,6 +281,7 @@ mod tests {
         assert_eq!(cc["kind"], "ClusterConfiguration");
         assert_eq!(cc["clusterName"], "lab");
         assert_eq!(cc["controlPlaneEndpoint"], "lab-api:6443");
+        assert_eq!(cc["encryptionAlgorithm"], "ECDSA-P256", "quick keys on slow CPUs");
         assert_eq!(cc["kubernetesVersion"], "v1.36.5");
         assert!(cc.get("imageRepository").is_none(), "kubeadm's default unless set");
         assert_eq!(cc["networking"]["podSubnet"], "10.244.0.0/16");
