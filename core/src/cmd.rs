@@ -92,7 +92,11 @@ impl Cmd {
     /// Runs to completion; stdout on success, an error naming the command, its exit status and
     /// the tail of its stderr otherwise.
     pub fn run(&self) -> Result<String> {
-        let done = self.finish()?;
+        self.check(self.finish()?)
+    }
+
+    /// Stdout of a finished program that succeeded; the error `run` describes otherwise.
+    fn check(&self, done: Finished) -> Result<String> {
         if !done.status.success() {
             let lines: Vec<&str> = done.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
             let tail = lines[lines.len().saturating_sub(STDERR_TAIL)..].join("\n");
@@ -100,6 +104,73 @@ impl Cmd {
             return Err(anyhow!("`{}` failed ({}){sep}{}", self.display(), done.status, self.redact(&tail)));
         }
         Ok(done.stdout)
+    }
+
+    /// [`Cmd::run`], handing each line of standard output (secrets redacted) to `on_line` as
+    /// the program prints it: progress of a long step (kubeadm's phases) while it runs.
+    pub fn run_lines(&self, on_line: &mut dyn FnMut(&str)) -> Result<String> {
+        tracing::debug!(cmd = %self.display(), "running");
+        let deadline = self.timeout.map(|t| std::time::Instant::now() + t);
+        let mut child = self.command(Stdio::piped(), Stdio::piped()).spawn().map_err(|e| self.spawn_error(e))?;
+        if let Some(bytes) = &self.stdin {
+            let mut pipe = child.stdin.take().expect("piped");
+            let bytes = bytes.clone();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            });
+        }
+        let err = reader(child.stderr.take().expect("piped"));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            // Lines are bounded by what a program prints; a runaway one is cut at 64 KiB.
+            let mut r = std::io::BufReader::new(stdout);
+            let mut line = Vec::new();
+            while let Ok(n) = (&mut r).take(64 * 1024).read_until(b'\n', &mut line) {
+                if n == 0 || tx.send(String::from_utf8_lossy(&line).trim_end().to_string()).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+        let mut out = String::new();
+        let timed_out = |child: &mut Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow!(
+                "`{}` did not finish within {} s; stopped it",
+                self.display(),
+                self.timeout.unwrap_or_default().as_secs()
+            )
+        };
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            let got = match left {
+                Some(l) => rx.recv_timeout(l),
+                None => rx.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+            };
+            match got {
+                Ok(line) => {
+                    let line = self.redact(&line);
+                    on_line(&line);
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(timed_out(&mut child)),
+            }
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let status = match left {
+            None => child.wait().with_context(|| format!("waiting for {}", self.program))?,
+            Some(l) => match child.wait_timeout(l).with_context(|| format!("waiting for {}", self.program))? {
+                Some(st) => st,
+                None => return Err(timed_out(&mut child)),
+            },
+        };
+        let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+        self.check(Finished { status, stdout: out, stderr })
     }
 
     /// Runs to completion and returns what it printed and how it exited, success or not (for
@@ -188,6 +259,30 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_arrive_redacted_as_printed_and_failures_still_carry_stderr() {
+        let mut seen = Vec::new();
+        let out = Cmd::new("sh")
+            .arg("-c")
+            .arg("echo '[certs] one'; echo 'token abc.def here'; printf 'no newline'")
+            .secret("abc.def")
+            .timeout(Duration::from_secs(30))
+            .run_lines(&mut |l| seen.push(l.to_string()))
+            .unwrap();
+        assert_eq!(seen, ["[certs] one", "token <redacted> here", "no newline"]);
+        assert_eq!(out, "[certs] one\ntoken <redacted> here\nno newline\n");
+        let err = Cmd::new("sh")
+            .arg("-c")
+            .arg("echo progress; echo 'broke on abc.def' >&2; exit 4")
+            .secret("abc.def")
+            .run_lines(&mut |_| {})
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("broke on <redacted>") && msg.contains("exit status: 4"), "{msg}");
+        let err = Cmd::new("sleep").arg("30").timeout(Duration::from_millis(300)).run_lines(&mut |_| {}).unwrap_err();
+        assert!(format!("{err:#}").contains("did not finish within"), "{err:#}");
+    }
 
     #[test]
     fn failure_carries_stderr_tail_and_argv() {

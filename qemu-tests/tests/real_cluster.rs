@@ -252,12 +252,16 @@ fn scenario(room: &mut Room) -> Result<()> {
     // --- interrupted_init: the first PC, alone, loses power while kubeadm init runs.
     let started = Instant::now();
     room.power_on(0)?;
-    let s = room.vm(0).wait_status("kubeadm init running", UP, |s| {
-        s.phase == Phase::Initialising && s.message == "this node is the master"
-    })?;
-    eprintln!("real room: power-on to kubeadm init in {:.0?}", started.elapsed());
+    let s = room
+        .vm(0)
+        .wait_status("the master initialising", UP, |s| s.phase == Phase::Initialising && s.lan_address.is_some())?;
     let uid = s.cluster_uid.clone().context("a master has a cluster uid")?;
     room.pcs[0].addr = s.lan_address.clone().context("a master has a LAN address")?;
+    // The status says which phase kubeadm init is in while it runs.
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "kubeadm init's phase in the status", UP, |s| {
+        s.message.starts_with("kubeadm init: [")
+    })?;
+    eprintln!("real room: power-on to kubeadm init in {:.0?} ({})", started.elapsed(), s.message);
     // Cut once init has written the control plane's static pods: certificates, kubeconfigs
     // and manifests are on disk, the control plane is not up yet.
     let deadline = Instant::now() + UP;
@@ -285,7 +289,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     assert_eq!(ready.role, Role::Master);
     assert_eq!(ready.cluster_uid.as_deref(), Some(uid.as_str()), "one cluster uid, ever");
     assert!(room.journal_count(0, "did not finish; resetting")? >= 1, "the interrupted init was reset");
-    assert_eq!(room.journal_count(0, "running kubeadm.*init")?, 1, "kubeadm init ran once on this boot");
+    assert_eq!(room.journal_count(0, "running kubeadm.* init --config")?, 1, "kubeadm init ran once on this boot");
 
     // --- worker_joins_real_cluster, part 1: a second PC is powered on now, and boots while
     // the checks below run.
@@ -331,7 +335,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     let token = state(0)?["join_info"]["token"].as_str().context("the master keeps its join token")?.to_string();
     assert_eq!(token.len(), 23, "a kubeadm token");
     assert_eq!(state(1)?["join_info"]["token"].as_str(), Some(token.as_str()), "joined with the master's token");
-    assert_eq!(room.journal_count(1, "running kubeadm.*join")?, 1, "the worker ran kubeadm join once");
+    assert_eq!(room.journal_count(1, "running kubeadm.* join --config")?, 1, "the worker ran kubeadm join once");
     let s = room.remote.wait_api_at(&room.pcs[0].addr, "both nodes Ready", SETTLE, |s| {
         nodes_ready(s, 2) && pods_ready(s, SYSTEM_PODS)
     })?;
@@ -373,7 +377,11 @@ fn scenario(room: &mut Room) -> Result<()> {
     for i in 0..2 {
         let body = room.remote.http_get_at(&room.pcs[i].addr, NODE_PORT, SETTLE)?;
         assert!(body.starts_with("labforge-web-ok web-"), "serving again after the power cut: {body:?}");
-        assert_eq!(room.journal_count(i, "running kubeadm")?, 0, "no kubeadm init or join after the power cut");
+        assert_eq!(
+            room.journal_count(i, "running kubeadm.* (init|join) --config")?,
+            0,
+            "no kubeadm init or join after the power cut"
+        );
     }
     eprintln!("real room: whole-room power-on to the workload serving in {:.0?}", back_on.elapsed());
 

@@ -146,9 +146,12 @@ impl Cluster {
     /// row ([`plan::retry_pause`]); rounds before then only report it ([`Cluster::kubeadm_waits`]).
     async fn run_kubeadm(&mut self, argv: Vec<String>, secret: &str) -> Result<()> {
         let secret = secret.to_string();
+        let report = self.links.report.clone();
+        let step = format!("kubeadm {}", argv.first().map(String::as_str).unwrap_or_default());
         let ran = blocking(move || {
             let secrets: Vec<&str> = [secret.as_str()].into_iter().filter(|s| !s.is_empty()).collect();
-            kubeadm::run(&argv, &secrets)
+            // The phase kubeadm is in goes into the status message as it runs.
+            kubeadm::run(&argv, &secrets, &mut |phase| report.update(|s| s.message = format!("{step}: {phase}")))
         })
         .await;
         match ran {

@@ -210,14 +210,38 @@ pub fn ca_cert_hash(pem: &[u8]) -> Result<String> {
 }
 
 /// Runs `kubeadm` with `argv`, returning stdout; the error carries the tail of stderr. Every
-/// value in `secrets` (the bootstrap token) is redacted from the log line and the error.
-pub fn run(argv: &[String], secrets: &[&str]) -> Result<String> {
+/// value in `secrets` (the bootstrap token) is redacted from the log lines and the error.
+/// kubeadm's output goes to the journal line by line as it comes, and each phase it enters
+/// (`[certs] …`, `[wait-control-plane] …`) to `progress`: an init takes minutes on a slow PC,
+/// and the status should say where it is.
+pub fn run(argv: &[String], secrets: &[&str], progress: &mut dyn FnMut(&str)) -> Result<String> {
     let cmd = secrets
         .iter()
         .fold(Cmd::new(kubeadm_path().to_string_lossy()).args(argv), |c, s| c.secret(*s))
         .timeout(KUBEADM_TIMEOUT);
     tracing::info!(cmd = %cmd.display(), "running kubeadm");
-    cmd.run()
+    cmd.run_lines(&mut |line| {
+        if !line.trim().is_empty() {
+            tracing::info!("kubeadm: {line}");
+        }
+        if let Some(phase) = phase_line(line) {
+            progress(phase);
+        }
+    })
+}
+
+/// A line of kubeadm's output that names the phase it is in (`[api-check] Waiting for a
+/// healthy API server…`), cut to a length a status line can carry.
+pub fn phase_line(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let tag = line.strip_prefix('[')?.split_once(']')?.0;
+    if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_lowercase() || c == '-' || c == '/') {
+        return None;
+    }
+    Some(match line.char_indices().nth(160) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    })
 }
 
 fn kubeadm_path() -> PathBuf {
@@ -248,6 +272,25 @@ mod tests {
         let found = leftovers(d.path());
         assert_eq!(found.len(), 2, "{found:?}");
         assert_eq!(reset_argv(), ["reset", "--force", "--cri-socket", CRI_SOCKET]);
+    }
+
+    #[test]
+    fn phases_are_told_from_other_output() {
+        assert_eq!(
+            phase_line("[certs] Generating \"ca\" certificate and key"),
+            Some("[certs] Generating \"ca\" certificate and key")
+        );
+        assert_eq!(
+            phase_line("  [wait-control-plane] Waiting for the kubelet"),
+            Some("[wait-control-plane] Waiting for the kubelet")
+        );
+        assert_eq!(phase_line("[control-plane/etcd] x"), Some("[control-plane/etcd] x"));
+        assert_eq!(phase_line("Your Kubernetes control-plane has initialized successfully!"), None);
+        assert_eq!(phase_line("[WARNING SystemVerification]: missing"), None, "a preflight warning is not a phase");
+        assert_eq!(phase_line("[] nothing"), None);
+        assert_eq!(phase_line("[certs"), None);
+        let long = format!("[certs] {}", "é".repeat(400));
+        assert_eq!(phase_line(&long).map(|l| l.chars().count()), Some(160));
     }
 
     #[test]
