@@ -167,7 +167,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
                 None => crate::preload::Source::for_boot(&layout, &crate::sys::fs::kernel_cmdline()),
             };
-            let s = crate::preload::round(&containerd, &source, &entries, Default::default(), &mut |_| {});
+            let s = crate::preload::round(&containerd, &source, &entries, Default::default(), None, &mut |_| {});
             println!("{}", serde_json::to_string_pretty(&s)?);
             if !s.failed.is_empty() {
                 anyhow::bail!("{} of {} images failed to import", s.failed.len(), s.total);

@@ -44,6 +44,7 @@ impl Cluster {
                     self.store.save(&self.state)?;
                     info.ca_cert_hash = self.kubeadm_init(&info.token, &lan.address.to_string()).await?;
                     self.backoff.succeeded();
+                    kubeadm_work_to_disk()?;
                 }
                 self.state.join_info = Some(info);
                 self.state.initialised = true;
@@ -246,6 +247,7 @@ impl Cluster {
             forget(&config);
             ran?;
             self.backoff.succeeded();
+            kubeadm_work_to_disk()?;
         }
         self.state.joined = true;
         self.store.save(&self.state)?;
@@ -253,6 +255,20 @@ impl Cluster {
         self.settle(false);
         Ok(())
     }
+}
+
+/// Flushes what kubeadm wrote (certificates, kubeconfigs, manifests, the kubelet's config,
+/// etcd's data) to the disk before the agent records that init or join finished: kubeadm does
+/// not fsync, and a marker that reaches the disk before those files would make a power cut
+/// leave a node that believes it is set up with empty files.
+fn kubeadm_work_to_disk() -> Result<()> {
+    for dir in ["/etc/kubernetes", "/var/lib/kubelet", "/var/lib/etcd"] {
+        let dir = Path::new(dir);
+        if dir.exists() {
+            crate::sys::fs::sync_filesystem(dir)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a kubeadm config file once kubeadm is done with it: the token it carries is kept

@@ -32,6 +32,12 @@ pub const NAMESPACE: &str = "k8s.io";
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// File in the state directory with the last round's result.
 pub const RESULT_FILE: &str = "preload.json";
+/// File in the state directory naming the image being imported until its unpacked layers are
+/// on disk: after a power cut, containerd may list an image as complete whose files were
+/// still in the page cache (found empty on the next boot).
+pub const PENDING_FILE: &str = "preload-pending.json";
+/// containerd's root: its content store and unpacked snapshots.
+pub const CONTAINERD_ROOT: &str = "/var/lib/containerd";
 /// Under the netboot base URL: `<base>/preload/blobs/sha256/<hex>` (served by the master).
 pub const REMOTE_DIR: &str = "preload";
 /// Manifests and configs are read whole; anything larger than this is not one.
@@ -242,6 +248,12 @@ impl Containerd {
     }
 
     /// Images that are complete and unpacked, by name.
+    /// Removes image `name` and, once nothing else uses them, its blobs and unpacked layers.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.ctr().args(["images", "rm", "--sync", name]).timeout(Duration::from_secs(300)).run()?;
+        Ok(())
+    }
+
     pub fn images(&self) -> Result<HashMap<String, String>> {
         let out = self.ctr().args(["images", "check"]).timeout(Duration::from_secs(300)).run()?;
         Ok(parse_image_check(&out))
@@ -375,12 +387,63 @@ pub fn blobs(source: &Source, entries: &[Entry]) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
+/// The image an import was started for, kept (durably) in the pending file until its layers
+/// are on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub name: String,
+    pub digest: String,
+}
+
+/// How a round makes its imports survive a power cut: the pending file (in the state
+/// directory) and the filesystem to flush after each import (containerd's root). `None` for
+/// a one-off import by hand.
+pub struct Durability<'a> {
+    pub pending: &'a Path,
+    pub containerd_root: &'a Path,
+}
+
+impl Durability<'_> {
+    fn start(&self, e: &Entry) -> Result<()> {
+        let p = Pending { name: e.name.clone(), digest: e.digest.clone() };
+        crate::sys::fs::write_durable(self.pending, &serde_json::to_vec(&p)?)
+    }
+
+    /// Flushes containerd's root, then forgets the pending import.
+    fn finish(&self) -> Result<()> {
+        crate::sys::fs::sync_filesystem(self.containerd_root)?;
+        self.clear()
+    }
+
+    fn clear(&self) -> Result<()> {
+        match fs::remove_file(self.pending) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("removing {}", self.pending.display())),
+        }
+        if let Some(dir) = self.pending.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The import a power cut interrupted, if any.
+    fn interrupted(&self) -> Option<Pending> {
+        serde_json::from_slice(&fs::read(self.pending).ok()?).ok()
+    }
+}
+
 /// One round: imports what containerd lacks. Returns the status after the round.
+///
+/// With `durable`, an image counts as imported only once its unpacked layers are flushed to
+/// disk, and an image whose import a power cut interrupted is removed and imported again even
+/// if containerd lists it complete.
 pub fn round(
     containerd: &Containerd,
     source: &Source,
     entries: &[Entry],
     mut status: PreloadStatus,
+    durable: Option<&Durability>,
     progress: &mut dyn FnMut(&PreloadStatus),
 ) -> PreloadStatus {
     status.rounds += 1;
@@ -388,14 +451,27 @@ pub fn round(
     status.source = source.remote.clone();
     status.failed.clear();
     status.present = 0;
-    let have = match containerd.images() {
-        Ok(h) => h,
-        Err(e) => {
-            status.state = PreloadState::Retrying;
-            status.failed = vec![ImportFailure { name: "*".into(), error: format!("{e:#}") }];
-            return status;
-        }
+    let retry = |mut status: PreloadStatus, name: &str, e: anyhow::Error| {
+        status.state = PreloadState::Retrying;
+        status.failed = vec![ImportFailure { name: name.into(), error: format!("{e:#}") }];
+        status
     };
+    let mut have = match containerd.images() {
+        Ok(h) => h,
+        Err(e) => return retry(status, "*", e),
+    };
+    if let Some(cut) = durable.and_then(|d| d.interrupted()) {
+        if have.get(&cut.name) == Some(&cut.digest) {
+            tracing::warn!(image = %cut.name, "a power cut interrupted this image's import: containerd lists it, but its files may never have reached the disk; importing it again");
+            if let Err(e) = containerd.remove(&cut.name) {
+                return retry(status, &cut.name, e);
+            }
+            have.remove(&cut.name);
+        }
+        if let Err(e) = durable.expect("interrupted comes from durable").clear() {
+            return retry(status, &cut.name, e);
+        }
+    }
     status.state = PreloadState::Importing;
     for e in entries {
         if have.get(&e.name) == Some(&e.digest) {
@@ -403,15 +479,19 @@ pub fn round(
             continue;
         }
         progress(&status);
-        let res = containerd.import(source, e).and_then(|fetched| {
-            status.fetched += fetched;
-            let after = containerd.images()?;
-            match after.get(&e.name) {
-                Some(d) if *d == e.digest => Ok(()),
-                Some(d) => bail!("containerd holds {} with digest {d} after the import, expected {}", e.name, e.digest),
-                None => bail!("containerd does not hold {} complete and unpacked after the import", e.name),
-            }
-        });
+        let res =
+            durable.map_or(Ok(()), |d| d.start(e)).and_then(|()| containerd.import(source, e)).and_then(|fetched| {
+                status.fetched += fetched;
+                let after = containerd.images()?;
+                match after.get(&e.name) {
+                    Some(d) if *d == e.digest => {}
+                    Some(d) => {
+                        bail!("containerd holds {} with digest {d} after the import, expected {}", e.name, e.digest)
+                    }
+                    None => bail!("containerd does not hold {} complete and unpacked after the import", e.name),
+                }
+                durable.map_or(Ok(()), |d| d.finish())
+            });
         match res {
             Ok(()) => {
                 tracing::info!(image = %e.name, digest = %e.digest, "imported");
@@ -457,11 +537,28 @@ mod tests {
     }
 
     #[test]
+    fn an_import_stays_pending_until_flushed() {
+        let d = tempfile::tempdir().unwrap();
+        let pending = d.path().join(PENDING_FILE);
+        let durable = Durability { pending: &pending, containerd_root: d.path() };
+        assert_eq!(durable.interrupted(), None, "nothing pending on a fresh node");
+        let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
+        durable.start(&e).unwrap();
+        // A power cut here: the next boot finds the import it must not trust.
+        assert_eq!(durable.interrupted(), Some(Pending { name: "r/app:1".into(), digest: "sha256:01".into() }));
+        durable.finish().unwrap();
+        assert_eq!(durable.interrupted(), None, "flushed and forgotten");
+        durable.clear().unwrap();
+        std::fs::write(&pending, "not json").unwrap();
+        assert_eq!(durable.interrupted(), None, "a torn marker names nothing");
+    }
+
+    #[test]
     fn an_unreachable_containerd_is_reported_and_retried_not_skipped() {
         let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
         assert!(!c.ready());
         let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
-        let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), &mut |_| {});
+        let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), None, &mut |_| {});
         assert_eq!(s.state, PreloadState::Retrying);
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
         assert_eq!(s.failed.len(), 1, "{s:?}");

@@ -42,10 +42,12 @@ pub async fn run(report: Report, state_dir: PathBuf, cmdline: String) -> Result<
             continue;
         }
         let (entries2, report2, before, cmdline2) = (entries.clone(), report.clone(), status.clone(), cmdline.clone());
+        let pending = state_dir.join(super::PENDING_FILE);
         status = blocking(move || {
             let mut progress = |p: &PreloadStatus| report2.update(|s| s.preload = p.clone());
             let source = Source::for_boot(Path::new(LAYOUT_DIR), &cmdline2);
-            Ok(super::round(&Containerd::default(), &source, &entries2, before, &mut progress))
+            let durable = super::Durability { pending: &pending, containerd_root: Path::new(super::CONTAINERD_ROOT) };
+            Ok(super::round(&Containerd::default(), &source, &entries2, before, Some(&durable), &mut progress))
         })
         .await?;
         if let Err(e) = super::save_result(&state_dir, &status) {

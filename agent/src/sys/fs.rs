@@ -38,6 +38,17 @@ pub fn write_durable_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Flushes everything written to the filesystem holding `path` to the disk (`syncfs`), so what
+/// other programs wrote there (containerd's unpacked layers, kubeadm's certificates and
+/// manifests) survives a power cut from now on. The agent calls it before it records that
+/// such a step finished: its own marker must never be on disk before the files it vouches for.
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(f.as_raw_fd()).with_context(|| format!("syncing the filesystem of {}", path.display()))?;
+    Ok(())
+}
+
 /// The hex sha256 of a file's contents.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
