@@ -22,6 +22,22 @@ use crate::sys::Cmd;
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 const KUBECTL: &str = "/usr/bin/kubectl";
 const EVERY: Duration = Duration::from_secs(15);
+/// How often once this node is Ready and every pod it watches is too: each round costs a slow
+/// PC's API server TLS handshakes and its CPU two kubectl processes.
+const SETTLED_EVERY: Duration = Duration::from_secs(60);
+
+/// The pause before the next round after `api`: short while anything is still coming up.
+pub fn period(api: &KubeApi) -> Duration {
+    let settled = api.state == ApiState::Answering
+        && api.node_ready == Some(true)
+        && api.nodes.iter().all(|n| n.ready)
+        && api.control_plane.iter().all(|p| p.ready);
+    if settled {
+        SETTLED_EVERY
+    } else {
+        EVERY
+    }
+}
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,8 +152,9 @@ pub fn kubectl_present() -> bool {
 }
 
 /// Asks the API server about the node named `hostname`: as the master when kubeadm's
-/// `admin.conf` is here, else with the kubelet's credentials.
-pub fn observe(hostname: &str) -> KubeApi {
+/// `admin.conf` is here, else with the kubelet's credentials. The server's version is asked
+/// only while `version` is not known yet.
+pub fn observe(hostname: &str, version: Option<String>) -> KubeApi {
     if !kubectl_present() {
         return KubeApi::unavailable("kubectl is not in this image");
     }
@@ -146,10 +163,10 @@ pub fn observe(hostname: &str) -> KubeApi {
     if !Path::new(conf).exists() {
         return KubeApi::unavailable(&format!("no {conf} yet"));
     }
-    // `get --raw` skips kubectl's API discovery: three plain GETs a round, cheap for a slow
-    // PC's API server.
+    // `get --raw` skips kubectl's API discovery: two plain GETs a round (three the first
+    // time), cheap for a slow PC's API server.
     let mut api = KubeApi::unavailable("");
-    api.version = kubectl(conf, &["get", "--raw", "/version"]).ok().and_then(|o| parse_version(&o));
+    api.version = version.or_else(|| kubectl(conf, &["get", "--raw", "/version"]).ok().and_then(|o| parse_version(&o)));
     let nodes = if leading {
         kubectl(conf, &["get", "--raw", "/api/v1/nodes"])
     } else {
@@ -194,20 +211,40 @@ pub async fn run(
     if !enabled {
         return Ok(());
     }
-    let mut tick = tokio::time::interval(EVERY);
+    let mut view = view;
     let applied = std::sync::Arc::new(std::sync::Mutex::new(podnet::Applied::default()));
+    let mut next = tokio::time::Instant::now();
+    let mut last: Option<KubeApi> = None;
     loop {
-        tick.tick().await;
+        // A round when it is time to ask the API server again; in between, a change in the
+        // cluster (a peer announcing its pod CIDR) only updates the routes.
+        let asked = tokio::select! {
+            _ = tokio::time::sleep_until(next) => true,
+            changed = view.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                false
+            }
+        };
         // While kubeadm brings the node up, its API server is busy enough (a slow PC's TLS
         // handshakes alone take seconds): ask only once kubeadm is done.
         if !view.borrow().kubeadm_done {
+            if asked {
+                next = tokio::time::Instant::now() + EVERY;
+            }
             continue;
         }
-        let name = hostname.clone();
-        let mut api = match crate::sys::blocking(move || Ok(observe(&name))).await {
-            Ok(a) => a,
-            Err(e) => KubeApi { state: ApiState::Failing, message: format!("{e:#}"), ..KubeApi::unavailable("") },
-        };
+        if asked {
+            let (name, version) = (hostname.clone(), last.as_ref().and_then(|a| a.version.clone()));
+            let api = match crate::sys::blocking(move || Ok(observe(&name, version))).await {
+                Ok(a) => a,
+                Err(e) => KubeApi { state: ApiState::Failing, message: format!("{e:#}"), ..KubeApi::unavailable("") },
+            };
+            next = tokio::time::Instant::now() + period(&api);
+            last = Some(api);
+        }
+        let Some(mut api) = last.clone() else { continue };
         if let Some(own) = api.pod_cidr.clone() {
             pod_cidr.send_if_modified(|c| {
                 let changed = c.as_deref() != Some(own.as_str());
@@ -233,6 +270,25 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asks_less_often_once_everything_is_ready() {
+        let mut api = KubeApi::unavailable("");
+        assert_eq!(period(&api), EVERY, "nothing known yet");
+        api.state = ApiState::Answering;
+        api.node_ready = Some(true);
+        api.nodes = vec![NodeSeen { name: "a".into(), ready: true, pod_cidr: None }];
+        api.control_plane = vec![PodSeen { name: "etcd-a".into(), ready: true }];
+        assert_eq!(period(&api), SETTLED_EVERY);
+        api.nodes.push(NodeSeen { name: "b".into(), ready: false, pod_cidr: None });
+        assert_eq!(period(&api), EVERY, "a node still joining");
+        api.nodes.pop();
+        api.control_plane.push(PodSeen { name: "coredns-x".into(), ready: false });
+        assert_eq!(period(&api), EVERY, "a system pod still starting");
+        api.control_plane.pop();
+        api.state = ApiState::Failing;
+        assert_eq!(period(&api), EVERY, "the API server stopped answering");
+    }
 
     fn node(name: &str, ready: &str) -> Value {
         serde_json::json!({

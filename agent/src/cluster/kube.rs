@@ -113,6 +113,12 @@ impl Cluster {
     /// attempt was interrupted: only the saved `initialised` marker says an init finished), and
     /// returns the CA's public-key hash.
     async fn kubeadm_init(&mut self, token: &str, node_ip: &str) -> Result<String> {
+        let patches = PathBuf::from(&self.cfg.state_dir).join("kubeadm/patches");
+        std::fs::create_dir_all(&patches).with_context(|| format!("creating {}", patches.display()))?;
+        for (name, text) in kubeadm::probe_patches() {
+            crate::sys::fs::write_durable(&patches.join(name), text.as_bytes())?;
+        }
+        let patches_dir = patches.display().to_string();
         let text = kubeadm::init_config(&kubeadm::InitParams {
             cluster: &self.cfg.cluster,
             kubernetes_version: &self.cfg.kubernetes.version,
@@ -121,6 +127,7 @@ impl Cluster {
             node_ip,
             token,
             schedule_on_master: self.cfg.kubernetes.schedule_on_master,
+            patches_dir: Some(&patches_dir),
         });
         self.reset_if_interrupted("init").await?;
         let config = self.kubeadm_file("init.yaml", &text)?;
@@ -188,6 +195,7 @@ impl Cluster {
                 node_ip: &node_ip,
                 token: &token,
                 schedule_on_master: self.cfg.kubernetes.schedule_on_master,
+                patches_dir: None,
             }),
         )?;
         let ran = self.run_kubeadm(kubeadm::token_create_argv(&config), &token).await;

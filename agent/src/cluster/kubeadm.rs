@@ -47,6 +47,28 @@ pub struct InitParams<'a> {
     pub token: &'a str,
     /// Leave kubeadm's control-plane taint off, so workloads run on the master too.
     pub schedule_on_master: bool,
+    /// kubeadm's `patches.directory`: where [`probe_patches`] were written.
+    pub patches_dir: Option<&'a str>,
+}
+
+/// Patches (kubeadm's `<target>+strategic.json` files) that give the control plane's static
+/// pods liveness and startup probes a slow PC passes: kubeadm's (a 15 s timeout, killed after
+/// 80 s of failures) kill an API server that is merely starved — by a worker's image import
+/// beside it in the tests, by a busy old CPU in a lab — and the restart starves it further.
+/// Here a probe may take 30 s, and the component is restarted after 4 minutes of failures (10
+/// minutes while it starts).
+pub fn probe_patches() -> Vec<(String, String)> {
+    ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
+        .iter()
+        .map(|name| {
+            let patch = json!({"spec": {"containers": [{
+                "name": name,
+                "livenessProbe": {"timeoutSeconds": 30, "failureThreshold": 24},
+                "startupProbe": {"timeoutSeconds": 30, "failureThreshold": 60},
+            }]}});
+            (format!("{name}+strategic.json"), serde_json::to_string_pretty(&patch).expect("json") + "\n")
+        })
+        .collect()
 }
 
 /// kubeadm's v1beta4 `timeouts`, stretched for slow PCs (and emulated CPUs in the tests): a
@@ -88,6 +110,9 @@ pub fn init_config(p: &InitParams) -> String {
         "localAPIEndpoint": {"advertiseAddress": p.node_ip, "bindPort": API_PORT},
         "timeouts": timeouts(),
     });
+    if let Some(dir) = p.patches_dir {
+        init["patches"] = json!({"directory": dir});
+    }
     if p.schedule_on_master {
         // An empty list (not an absent one) is kubeadm's way of saying "no taints".
         init["nodeRegistration"]["taints"] = json!([]);
@@ -304,6 +329,7 @@ mod tests {
             node_ip: "10.77.0.11",
             token: "abcdef.0123456789abcdef",
             schedule_on_master: true,
+            patches_dir: Some("/var/lib/labforge/kubeadm/patches"),
         });
         let d = docs(&text);
         assert_eq!(d.len(), 3);
@@ -320,6 +346,7 @@ mod tests {
         assert_eq!(init["localAPIEndpoint"]["bindPort"], 6443);
         assert_eq!(init["nodeRegistration"]["taints"], json!([]), "schedule-on-master: no taint");
         assert_eq!(init["timeouts"]["controlPlaneComponentHealthCheck"], "30m0s");
+        assert_eq!(init["patches"]["directory"], "/var/lib/labforge/kubeadm/patches");
         let cc = &d[1];
         assert_eq!(cc["kind"], "ClusterConfiguration");
         assert_eq!(cc["clusterName"], "lab");
@@ -343,9 +370,26 @@ mod tests {
             node_ip: "10.77.0.11",
             token: "abcdef.0123456789abcdef",
             schedule_on_master: false,
+            patches_dir: None,
         });
         assert_eq!(docs(&mirrored)[1]["imageRepository"], "registry.lab:5000/k8s");
         assert!(docs(&mirrored)[0]["nodeRegistration"].get("taints").is_none(), "kubeadm's default taint");
+        assert!(docs(&mirrored)[0].get("patches").is_none());
+    }
+
+    #[test]
+    fn probe_patches_name_their_target_and_its_container() {
+        let patches = probe_patches();
+        assert_eq!(patches.len(), 4);
+        for (file, text) in patches {
+            let (target, rest) = file.split_once('+').unwrap();
+            assert_eq!(rest, "strategic.json", "kubeadm's target[suffix][+patchtype].extension");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let c = &v["spec"]["containers"][0];
+            assert_eq!(c["name"], target, "a strategic merge patch finds the container by name");
+            assert_eq!(c["livenessProbe"]["failureThreshold"], 24);
+            assert_eq!(c["startupProbe"]["timeoutSeconds"], 30);
+        }
     }
 
     #[test]

@@ -84,6 +84,8 @@ fn run() -> Result<()> {
         node_ip: &node.addr,
         token: &kubeadm::new_token(),
         schedule_on_master: true,
+        // What an administrator types: kubeadm's own probes.
+        patches_dir: None,
     });
     node.run(
         &format!("echo '{} {}' | sudo tee -a /etc/hosts >/dev/null", node.addr, kubeadm::endpoint_host(&cluster)),
