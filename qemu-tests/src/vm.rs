@@ -320,6 +320,14 @@ impl Vm {
                     if pred(&line) {
                         return Ok(line);
                     }
+                    // A panicked guest prints nothing more: say so now, not at the deadline.
+                    if line.contains("Kernel panic - not syncing") {
+                        bail!(
+                            "the guest kernel panicked while waiting for {what:?}; last lines:\n{}\n(full log: {})",
+                            self.tail(),
+                            self.log.display()
+                        );
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => bail!(
                     "no console line with {what:?} within {within:?}; last lines:\n{}\n(full log: {})",

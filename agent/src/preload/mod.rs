@@ -409,9 +409,14 @@ impl Durability<'_> {
         crate::sys::fs::write_durable(self.pending, &serde_json::to_vec(&p)?)
     }
 
-    /// Flushes containerd's root, then forgets the pending import.
+    /// Flushes containerd's root (every filesystem when a site's containerd keeps its root
+    /// elsewhere), then forgets the pending import.
     fn finish(&self) -> Result<()> {
-        crate::sys::fs::sync_filesystem(self.containerd_root)?;
+        if self.containerd_root.exists() {
+            crate::sys::fs::sync_filesystem(self.containerd_root)?;
+        } else {
+            nix::unistd::sync();
+        }
         self.clear()
     }
 
