@@ -42,6 +42,17 @@ pub fn image(spec: &str) -> Result<TestImage> {
 /// Like `image`, reaching preloaded images' registries as `registry` says. The preload lock
 /// file goes beside the outputs, never into the source tree.
 pub fn image_with(spec: &str, registry: labforge::registry::RegistryOptions) -> Result<TestImage> {
+    build_image(spec, registry, false)
+}
+
+/// Like `image_with`, resolving every preload reference afresh (the lock file rewritten): for
+/// specs whose preloaded images the test itself builds and pushes, so a changed test image
+/// is never replaced by the digest an earlier run locked.
+pub fn image_relocked(spec: &str, registry: labforge::registry::RegistryOptions) -> Result<TestImage> {
+    build_image(spec, registry, true)
+}
+
+fn build_image(spec: &str, registry: labforge::registry::RegistryOptions, update_lock: bool) -> Result<TestImage> {
     let root = crate::workspace_root();
     let spec_path = root.join(spec);
     let stem = Path::new(spec).file_stem().expect("spec file").to_string_lossy().into_owned();
@@ -60,7 +71,7 @@ pub fn image_with(spec: &str, registry: labforge::registry::RegistryOptions) -> 
         force: false,
         lock_file: Some(out.join(format!("{stem}.lock.toml"))),
         registry,
-        update_lock: false,
+        update_lock,
     };
     let outcome = build::build(&opts).with_context(|| format!("building test image {spec}"))?;
     let name = outcome.manifest.name.clone();

@@ -547,7 +547,7 @@ pub fn test_image() -> Result<KubeImage> {
         img.push(&base, "k8s")?;
     }
     web_image(work.path())?.push(&base, "")?;
-    let image = crate::images::image_with(&spec.display().to_string(), Default::default())?;
+    let image = crate::images::image_relocked(&spec.display().to_string(), Default::default())?;
     Ok(KubeImage { image, ssh_key: key })
 }
 
