@@ -33,10 +33,11 @@ test: host-deps build lint
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	$(CARGO) test --release --workspace --no-fail-fast
 
-# The real-Kubernetes scenarios (qemu-tests/tests/real_cluster.rs): upstream Kubernetes built
-# from its Go modules (once per machine, cached by its inputs), then one PC forming a real
-# cluster. Not yet part of `make test`: with it the suite does not fit CI's time limit on two
-# cores (see README, "Tests").
+# The real-Kubernetes room (qemu-tests/tests/real_cluster.rs): upstream Kubernetes built from
+# its Go modules (once per machine, cached by its inputs), then two PCs: an interrupted init, a
+# single-node cluster, a worker joining, pod-to-pod traffic across nodes, a whole-room power
+# cut. Not part of `make test`: with it the suite does not fit CI's time limit on two emulated
+# cores (see README, "CI time").
 test-kubernetes: host-deps build
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	$(CARGO) test --release -p qemu-tests --test real_cluster -- --ignored --nocapture
