@@ -109,16 +109,8 @@ impl Cmd {
     /// [`Cmd::run`], handing each line of standard output (secrets redacted) to `on_line` as
     /// the program prints it: progress of a long step (kubeadm's phases) while it runs.
     pub fn run_lines(&self, on_line: &mut dyn FnMut(&str)) -> Result<String> {
-        tracing::debug!(cmd = %self.display(), "running");
         let deadline = self.timeout.map(|t| std::time::Instant::now() + t);
-        let mut child = self.command(Stdio::piped(), Stdio::piped()).spawn().map_err(|e| self.spawn_error(e))?;
-        if let Some(bytes) = &self.stdin {
-            let mut pipe = child.stdin.take().expect("piped");
-            let bytes = bytes.clone();
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
-        }
+        let mut child = self.start_piped()?;
         let err = reader(child.stderr.take().expect("piped"));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let stdout = child.stdout.take().expect("piped");
@@ -176,15 +168,7 @@ impl Cmd {
     /// Runs to completion and returns what it printed and how it exited, success or not (for
     /// programs whose exit status is an answer, like `systemctl is-system-running`).
     pub fn finish(&self) -> Result<Finished> {
-        tracing::debug!(cmd = %self.display(), "running");
-        let mut child = self.command(Stdio::piped(), Stdio::piped()).spawn().map_err(|e| self.spawn_error(e))?;
-        if let Some(bytes) = &self.stdin {
-            let mut pipe = child.stdin.take().expect("piped");
-            let bytes = bytes.clone();
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
-        }
+        let mut child = self.start_piped()?;
         let out = reader(child.stdout.take().expect("piped"));
         let err = reader(child.stderr.take().expect("piped"));
         let status = match self.timeout {
@@ -222,6 +206,21 @@ impl Cmd {
         let mut c = Command::new(&self.program);
         c.args(&self.args);
         c
+    }
+
+    /// Starts the program with stdout and stderr piped, feeding it its stdin (if any) from a
+    /// thread: the start `finish` and `run_lines` share.
+    fn start_piped(&self) -> Result<Child> {
+        tracing::debug!(cmd = %self.display(), "running");
+        let mut child = self.command(Stdio::piped(), Stdio::piped()).spawn().map_err(|e| self.spawn_error(e))?;
+        if let Some(bytes) = &self.stdin {
+            let mut pipe = child.stdin.take().expect("piped");
+            let bytes = bytes.clone();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            });
+        }
+        Ok(child)
     }
 
     fn command(&self, stdout: Stdio, stderr: Stdio) -> Command {
