@@ -12,4 +12,5 @@ pub mod layout;
 pub mod manifest;
 pub mod roots;
 pub mod secret;
+pub mod stack;
 pub mod wire;

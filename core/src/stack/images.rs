@@ -1,0 +1,131 @@
+//! Image references in rendered objects, and whether a preload set covers them.
+
+use serde_json::Value;
+
+use super::{ImageCarrying, ObjectRef};
+
+/// One image reference found in an object, with the field it was found in
+/// (`spec.template.spec.containers[0].image`, `…args[2]`, `…env[HELPER_IMAGE]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundImage {
+    pub object: ObjectRef,
+    pub field: String,
+    pub reference: String,
+}
+
+/// Every image reference in `obj`: each container's, init container's and ephemeral container's
+/// `image` in a Pod or a workload's pod template, and the arguments and environment variables
+/// the component declares as image-carrying.
+pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
+    let Ok(object) = ObjectRef::of(obj) else { return Vec::new() };
+    let pod_spec = match object.kind.as_str() {
+        "Pod" => "/spec",
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
+            "/spec/template/spec"
+        }
+        "CronJob" => "/spec/jobTemplate/spec/template/spec",
+        "PodTemplate" => "/template/spec",
+        _ => return Vec::new(),
+    };
+    let Some(spec) = obj.pointer(pod_spec) else { return Vec::new() };
+    let base = pod_spec.trim_start_matches('/').replace('/', ".");
+    let mut found = Vec::new();
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        let Some(cs) = spec.get(list).and_then(Value::as_array) else { continue };
+        for (i, c) in cs.iter().enumerate() {
+            let at = format!("{base}.{list}[{i}]");
+            if let Some(img) = c.get("image").and_then(Value::as_str) {
+                found.push(FoundImage { object: object.clone(), field: format!("{at}.image"), reference: img.into() });
+            }
+            for key in ["command", "args"] {
+                let Some(args) = c.get(key).and_then(Value::as_array) else { continue };
+                let args: Vec<&str> = args.iter().filter_map(Value::as_str).collect();
+                for (j, a) in args.iter().enumerate() {
+                    for flag in &carrying.args {
+                        let value = if let Some(v) = a.strip_prefix(flag.as_str()).and_then(|r| r.strip_prefix('=')) {
+                            Some(v)
+                        } else if *a == flag.as_str() {
+                            args.get(j + 1).copied()
+                        } else {
+                            None
+                        };
+                        if let Some(v) = value {
+                            found.push(FoundImage {
+                                object: object.clone(),
+                                field: format!("{at}.{key}[{j}] ({flag})"),
+                                reference: v.into(),
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(env) = c.get("env").and_then(Value::as_array) {
+                for e in env {
+                    let (Some(n), Some(v)) = (e.get("name").and_then(Value::as_str), e.get("value").and_then(Value::as_str))
+                    else {
+                        continue;
+                    };
+                    if carrying.env.iter().any(|x| x == n) {
+                        found.push(FoundImage {
+                            object: object.clone(),
+                            field: format!("{at}.env[{n}]"),
+                            reference: v.into(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A reference in the form containerd records it: registry host, repository path with Docker
+/// Hub's `library/` for single names, and `:latest` when neither tag nor digest is given.
+pub fn normalize(reference: &str) -> String {
+    let (name, suffix) = match reference.split_once('@') {
+        Some((n, d)) => (n, format!("@{d}")),
+        None => {
+            // A tag is after the last ':' that follows the last '/'.
+            let slash = reference.rfind('/').map(|i| i + 1).unwrap_or(0);
+            match reference[slash..].rfind(':') {
+                Some(i) => (&reference[..slash + i], reference[slash + i..].to_string()),
+                None => (reference, ":latest".to_string()),
+            }
+        }
+    };
+    let first = name.split('/').next().unwrap_or("");
+    let has_registry = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let full = if has_registry {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    };
+    format!("{full}{suffix}")
+}
+
+/// Whether `reference` is one of `preloaded` (each a reference as the spec wrote it, with the
+/// digest it was pinned to): the same name and tag, or the same repository at the pinned digest.
+pub fn covered(reference: &str, preloaded: &[(String, String)]) -> bool {
+    let want = normalize(reference);
+    preloaded.iter().any(|(r, digest)| {
+        let have = normalize(r);
+        if have == want {
+            return true;
+        }
+        let repo = |s: &str| -> String {
+            match s.split_once('@') {
+                Some((n, _)) => n.to_string(),
+                None => {
+                    let slash = s.rfind('/').map(|i| i + 1).unwrap_or(0);
+                    match s[slash..].rfind(':') {
+                        Some(i) => s[..slash + i].to_string(),
+                        None => s.to_string(),
+                    }
+                }
+            }
+        };
+        want.split_once('@').is_some_and(|(_, d)| d == digest && repo(&want) == repo(&have))
+    })
+}

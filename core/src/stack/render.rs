@@ -1,0 +1,193 @@
+//! Rendering a component's templates into Kubernetes objects.
+//!
+//! Templates are minijinja with strict undefined values: a misspelt setting fails the build
+//! instead of rendering an empty string. Context: `component` (`name`, `namespace`), `settings`,
+//! `images` and `cluster` ([`ClusterFacts`]). Each file may hold several YAML documents; empty
+//! documents are skipped. Every object gets the labels that mark it as the component's.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{ResolvedComponent, LABEL_COMPONENT, LABEL_MANAGED_BY};
+
+/// What templates may know about the cluster. The builder renders with [`ClusterFacts::at_build`]
+/// (one node, documentation addresses) to prove the objects well formed and air-gapped; the
+/// master renders again with the real values.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ClusterFacts {
+    /// Nodes in the cluster (Ready or not).
+    pub nodes: u32,
+    /// Their names.
+    pub node_names: Vec<String>,
+    /// The master's LAN address.
+    pub master_address: String,
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    pub kubernetes_version: String,
+}
+
+impl ClusterFacts {
+    pub fn at_build(pod_cidr: &str, service_cidr: &str, kubernetes_version: &str) -> ClusterFacts {
+        ClusterFacts {
+            nodes: 1,
+            node_names: vec!["node".into()],
+            master_address: "192.0.2.1".into(),
+            pod_cidr: pod_cidr.into(),
+            service_cidr: service_cidr.into(),
+            kubernetes_version: kubernetes_version.into(),
+        }
+    }
+}
+
+/// An object's identity as the API server knows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectRef {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {}/{}", self.kind, ns, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+impl ObjectRef {
+    pub fn of(obj: &Value) -> Result<ObjectRef> {
+        let s = |p: &str| obj.pointer(p).and_then(Value::as_str).map(str::to_string);
+        Ok(ObjectRef {
+            api_version: s("/apiVersion").context("object has no apiVersion")?,
+            kind: s("/kind").context("object has no kind")?,
+            namespace: s("/metadata/namespace"),
+            name: s("/metadata/name").context("object has no metadata.name")?,
+        })
+    }
+
+    /// `group/version` split: ("", "v1") for the core group.
+    pub fn group_version(&self) -> (&str, &str) {
+        match self.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", self.api_version.as_str()),
+        }
+    }
+}
+
+/// A component's objects, in template order, and the sha256 over them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub objects: Vec<Value>,
+    pub digest: String,
+}
+
+impl Rendered {
+    pub fn refs(&self) -> Vec<ObjectRef> {
+        self.objects.iter().filter_map(|o| ObjectRef::of(o).ok()).collect()
+    }
+}
+
+/// Renders every template of `c` with `cluster`.
+pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    let ctx = minijinja::context! {
+        component => minijinja::context! { name => &c.name, namespace => &c.namespace },
+        settings => minijinja::Value::from_serialize(&c.settings),
+        images => minijinja::Value::from_serialize(&c.images),
+        cluster => minijinja::Value::from_serialize(cluster),
+    };
+    let mut objects = Vec::new();
+    for (file, text) in &c.templates {
+        let where_ = format!("component {} template {file}", c.name);
+        let out = env.render_str(text, &ctx).map_err(|e| anyhow!("{where_}: {}", describe(&e)))?;
+        for (i, doc) in split_documents(&out).into_iter().enumerate() {
+            let v: Value = serde_yaml_ng::from_str(doc)
+                .map_err(|e| anyhow!("{where_}, document {}: not valid YAML after rendering: {e}", i + 1))?;
+            if v.is_null() {
+                continue;
+            }
+            let Value::Object(_) = v else {
+                bail!("{where_}, document {}: a Kubernetes object must be a mapping", i + 1);
+            };
+            let mut v = v;
+            let r = ObjectRef::of(&v).with_context(|| format!("{where_}, document {}", i + 1))?;
+            check_name(&r).with_context(|| format!("{where_}: {r}"))?;
+            label(&mut v, &c.name);
+            objects.push(v);
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for o in &objects {
+        let r = ObjectRef::of(o)?;
+        if seen.insert(r.clone(), ()).is_some() {
+            bail!("component {}: {r} is defined twice", c.name);
+        }
+    }
+    let digest = hex::encode(Sha256::digest(serde_json::to_vec(&objects)?));
+    Ok(Rendered { objects, digest })
+}
+
+/// Splits a YAML stream at its `---` document markers.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
+}
+
+fn check_name(r: &ObjectRef) -> Result<()> {
+    if r.name.is_empty() || r.name.len() > 253 {
+        bail!("name must be 1 to 253 characters");
+    }
+    if let Some(ns) = &r.namespace {
+        if !super::valid_dns_label(ns) {
+            bail!("namespace {ns:?} is not a DNS label");
+        }
+    }
+    Ok(())
+}
+
+fn label(obj: &mut Value, component: &str) {
+    let meta = obj
+        .as_object_mut()
+        .expect("checked: a mapping")
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(meta) = meta {
+        let labels = meta.entry("labels").or_insert_with(|| Value::Object(Default::default()));
+        if !labels.is_object() {
+            *labels = Value::Object(Default::default());
+        }
+        let labels = labels.as_object_mut().expect("just made an object");
+        labels.insert(LABEL_MANAGED_BY.into(), Value::String("labforge".into()));
+        labels.insert(LABEL_COMPONENT.into(), Value::String(component.into()));
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(line) = e.line() {
+        s = format!("line {line}: {s}");
+    }
+    s
+}
