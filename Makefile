@@ -5,7 +5,8 @@ HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools f
 # What the tests need beyond that: a real OCI registry, skopeo (the peer in `make bench`),
 # and a C toolchain with static glibc for the tiny test images.
 # iptables goes into the kube-proxy test image; ssh drives the real-Kubernetes scenarios.
-TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client
+# busybox-static's /bin/busybox is the local-path provisioner's helper image (busybox:1.35.0).
+TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client busybox-static
 
 CARGO    ?= cargo
 OUT      ?= out

@@ -31,6 +31,16 @@ pub enum Command {
         #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
         addr: String,
     },
+    /// Show the data stack the master applies: each component, its state and why. Exits 1
+    /// while a component has failed, 3 while any is not ready yet (0 when all are).
+    Stack {
+        /// Print the stack section as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Agent to ask (the master's).
+        #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
+        addr: String,
+    },
     /// Take the node inventory once and print it as JSON.
     Inventory,
     /// Show every disk, its class and what the agent does (or did) with it, and why. Changes
@@ -119,6 +129,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{s}");
+            }
+            Ok(())
+        }
+        Command::Stack { json, addr } => {
+            let s = status::fetch(&addr)?;
+            let Some(st) = s.stack else {
+                anyhow::bail!(
+                    "{} applies no stack: only the master of an image with [stack] components does (ask it with --addr MASTER:{})",
+                    s.node.hostname,
+                    config::STATUS_PORT
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("stack {} ({})", st.state, st.message);
+                for c in &st.components {
+                    let state = serde_json::to_value(c.state)?.as_str().unwrap_or_default().to_string();
+                    let digest = c.applied_digest.as_deref().map(|d| &d[..12.min(d.len())]).unwrap_or("-");
+                    println!("  {:<14} {:<9} {:<12} {}", c.name, state, digest, c.message);
+                }
+            }
+            use crate::stack::plan::State;
+            if st.components.iter().any(|c| c.state == State::Failed) {
+                std::process::exit(1);
+            }
+            if st.components.iter().any(|c| c.state != State::Ready) {
+                std::process::exit(3);
             }
             Ok(())
         }

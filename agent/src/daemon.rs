@@ -157,6 +157,7 @@ impl Boot {
             pxe: None,
             enrol: None,
             kube_api: None,
+            stack: None,
             clock_skew: None,
             time: None,
             notices: self.notices.clone(),
@@ -338,6 +339,15 @@ async fn node(
                 view_rx.clone(),
                 pod_cidr_tx,
             ));
+            if cfg.kubernetes.enabled {
+                let settings = crate::stack::task::Settings {
+                    state_dir: PathBuf::from(&cfg.state_dir),
+                    pod_cidr: cfg.cluster.pod_cidr.clone(),
+                    service_cidr: cfg.cluster.service_cidr.clone(),
+                    kubernetes_version: cfg.kubernetes.version.clone(),
+                };
+                tasks.spawn(crate::stack::task::run(report.clone(), settings, view_rx.clone()));
+            }
             let hostname = inventory.hostname.clone();
             tasks.spawn(crate::disks::ceph::run(report.clone(), cfg.clone(), hostname, view_rx, offer_rx.clone()));
             let links =

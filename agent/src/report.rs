@@ -43,6 +43,8 @@ pub struct ConsoleKey {
     clock_skew: bool,
     /// The API server starting or stopping to answer, and this node's readiness.
     kube_api: Option<(crate::cluster::api::ApiState, Option<bool>)>,
+    /// The stack's state and each component's.
+    stack: Option<(String, Vec<crate::stack::plan::State>)>,
 }
 
 impl ConsoleKey {
@@ -61,6 +63,7 @@ impl ConsoleKey {
             ceph: s.ceph.as_ref().map(|c| c.nodes.clone()),
             clock_skew: s.clock_skew.is_some(),
             kube_api: s.kube_api.as_ref().map(|k| (k.state, k.node_ready)),
+            stack: s.stack.as_ref().map(|st| (st.state.clone(), st.components.iter().map(|c| c.state).collect())),
         })
     }
 }

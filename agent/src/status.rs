@@ -128,6 +128,9 @@ pub struct Status {
     /// node's Ready condition, and on the master every node and the control-plane pods.
     #[serde(default)]
     pub kube_api: Option<crate::cluster::api::KubeApi>,
+    /// The data stack (on the master of an image with one): each component's state.
+    #[serde(default)]
+    pub stack: Option<crate::stack::StackStatus>,
     pub state: StateVolume,
     #[serde(default)]
     pub counters: Counters,
@@ -261,6 +264,21 @@ impl Status {
             let n = self.disks.disks.iter().filter(|d| d.class.as_str() == class).count();
             m.push_str(&format!("labforge_disk_class{{class=\"{class}\"}} {n}\n"));
         }
+        if let Some(st) = &self.stack {
+            m.push_str(
+                "# HELP labforge_stack_component_ready 1 when a stack component's readiness gates hold.\n# TYPE labforge_stack_component_ready gauge\n",
+            );
+            for c in &st.components {
+                let ready = u8::from(c.state == crate::stack::plan::State::Ready);
+                m.push_str(&format!("labforge_stack_component_ready{{component=\"{}\"}} {ready}\n", c.name));
+            }
+            m.push_str(
+                "# HELP labforge_stack_component_failures Failed attempts in a row, by component.\n# TYPE labforge_stack_component_failures gauge\n",
+            );
+            for c in &st.components {
+                m.push_str(&format!("labforge_stack_component_failures{{component=\"{}\"}} {}\n", c.name, c.failures));
+            }
+        }
         m
     }
 }
@@ -288,6 +306,14 @@ impl std::fmt::Display for Status {
                 "pxe      {} {} {} ({} files and {} preload blobs served) {}",
                 p.state, p.mode, p.url, p.served, p.preload_served, p.message
             )?;
+        }
+        if let Some(st) = &self.stack {
+            writeln!(f, "stack    {} ({})", st.state, st.message)?;
+            for c in &st.components {
+                let state = serde_json::to_value(c.state).ok();
+                let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or_default();
+                writeln!(f, "         {:<14} {state:<9} {}", c.name, c.message)?;
+            }
         }
         if let Some(e) = &self.enrol {
             let pending = e.nodes.iter().filter(|n| n.state == crate::pxe::enrol::EnrolState::Pending).count();

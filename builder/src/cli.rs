@@ -163,6 +163,7 @@ fn options(spec: SpecArgs, out: PathBuf, force: bool) -> BuildOptions {
         },
         update_lock: spec.update_lock,
         lock_file: spec.lock_file,
+        offline: false,
     }
 }
 
@@ -202,7 +203,9 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plan { spec, json } => {
-            let opts = options(spec, PathBuf::from("out"), false);
+            // A plan never touches the network: tags the lock file does not pin show as
+            // unresolved.
+            let opts = BuildOptions { offline: true, ..options(spec, PathBuf::from("out"), false) };
             let plan = build::Plan::new(&opts)?;
             let layout = build::disk::Layout::new(&plan.spec, &plan.input_hash);
             let cmd = plan.rootfs.command(std::path::Path::new("<rootfs.tar>"), std::path::Path::new("<tmp>"), &[]);
@@ -218,6 +221,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 "kernel-cmdline": build::disk::cmdline(&layout, &plan.spec),
                 "outputs": plan.spec.outputs,
                 "preload": plan.preload.iter().map(|(r, d)| serde_json::json!({"ref": r, "digest": d})).collect::<Vec<_>>(),
+                "stack": plan.stack.iter().map(|c| serde_json::json!({
+                    "name": c.name, "namespace": c.namespace, "origin": c.origin, "depends-on": c.depends_on,
+                    "images": c.images, "settings": c.settings, "digest": c.build_digest,
+                })).collect::<Vec<_>>(),
                 "disks": plan.spec.disks,
             });
             if json {
@@ -254,7 +261,22 @@ pub fn run(cli: Cli) -> Result<()> {
                     eprintln!("warning: wipe = \"force\" selects disks by size alone; a disk holding data in that range is wiped. The agent never wipes the OS disk, removable disks or Ceph OSDs, but naming the disks by id is safer.");
                 }
                 for (r, d) in &plan.preload {
-                    println!("preload    {r} {d}");
+                    if d == build::UNRESOLVED {
+                        println!("preload    {r} (unresolved: not pinned in the lock file; the build resolves it)");
+                    } else {
+                        println!("preload    {r} {d}");
+                    }
+                }
+                for (i, c) in plan.stack.iter().enumerate() {
+                    let after = if c.depends_on.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" after {}", c.depends_on.join(", "))
+                    };
+                    println!("stack {:>2}   {} (namespace {}, {}){after}", i + 1, c.name, c.namespace, c.origin);
+                    for (k, r) in &c.images {
+                        println!("             image {k} {r}");
+                    }
                 }
             }
             Ok(())

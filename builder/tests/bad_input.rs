@@ -248,3 +248,73 @@ fn drain(mut s: std::net::TcpStream) -> std::io::Result<()> {
     while s.read(&mut b)? > 0 {}
     Ok(())
 }
+
+const K8S_SPEC: &str = "name = \"t\"\n[base]\nsuite = \"bookworm\"\n[kubernetes]\nenabled = true\n";
+
+#[test]
+fn stack_image_not_preloaded_fails_naming_component_object_and_field() {
+    let c = Case::new();
+    c.write("wiki/component.toml", "name = \"wiki\"\nnamespace = \"wiki\"\n[images]\nweb = \"registry.lab/wiki:1\"\n");
+    c.write(
+        "wiki/app.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: wiki\nspec:\n  template:\n    spec:\n      containers:\n        - name: web\n          image: {{ images.web }}\n        - name: sidecar\n          image: registry.lab/sidecar:2\n",
+    );
+    let spec = c.write("spec.toml", &format!("{K8S_SPEC}[stack]\ncomponents = [\"wiki\"]\nsite = [\"wiki\"]\n"));
+    let out = c.build(&spec, &[]);
+    assert_error(
+        &out,
+        &[
+            "component wiki",
+            "Deployment wiki",
+            "spec.template.spec.containers[1].image",
+            "registry.lab/sidecar:2",
+            "does not preload",
+        ],
+    );
+    assert!(!c.path("cache/rootfs").exists(), "refused before any download");
+    assert!(!c.path("t.lock.toml").exists(), "no lock file written");
+    c.assert_nothing_left();
+}
+
+#[test]
+fn stack_cycles_and_unknown_components_are_refused_at_plan_time() {
+    let c = Case::new();
+    for (name, dep) in [("a", "b"), ("b", "a")] {
+        c.write(
+            &format!("{name}/component.toml"),
+            &format!("name = \"{name}\"\nnamespace = \"{name}\"\ndepends-on = [\"{dep}\"]\n"),
+        );
+        c.write(&format!("{name}/x.yaml"), &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"));
+    }
+    let spec =
+        c.write("spec.toml", &format!("{K8S_SPEC}[stack]\ncomponents = [\"a\", \"b\"]\nsite = [\"a\", \"b\"]\n"));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_labforge")).arg("plan").arg(&spec).env("RUST_LOG", "warn").output().unwrap();
+    assert_error(&out, &["circle", "a → b → a"]);
+    let spec = c.write("spec2.toml", &format!("{K8S_SPEC}[stack]\ncomponents = [\"storge\"]\n"));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_labforge")).arg("plan").arg(&spec).env("RUST_LOG", "warn").output().unwrap();
+    assert_error(&out, &["no component \"storge\"", "storage"]);
+    let spec = c.write("spec3.toml", &format!("{OK_SPEC}[stack]\ncomponents = [\"storage\"]\n"));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_labforge")).arg("plan").arg(&spec).env("RUST_LOG", "warn").output().unwrap();
+    assert_error(&out, &["[stack] components need Kubernetes", "[kubernetes] enabled = true"]);
+}
+
+#[test]
+fn plan_never_touches_the_network_and_shows_the_stack() {
+    // images/lab.toml preloads tags from registries this machine cannot reach, without a lock.
+    let out = Command::new(env!("CARGO_BIN_EXE_labforge"))
+        .arg("plan")
+        .arg(workspace().join("images/lab.toml"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("retry") && !stderr.contains("WARN"), "no network retries: {stderr}");
+    assert!(stdout.contains("preload    registry.k8s.io/kube-apiserver:v1.36.5 (unresolved"), "{stdout}");
+    assert!(stdout.contains("stack  1   storage (namespace labforge-storage, built-in)"), "{stdout}");
+    assert!(stdout.contains("image provisioner docker.io/rancher/local-path-provisioner:v0.0.30"), "{stdout}");
+}

@@ -72,6 +72,7 @@ fn build_image(spec: &str, registry: labforge::registry::RegistryOptions, update
         lock_file: Some(out.join(format!("{stem}.lock.toml"))),
         registry,
         update_lock,
+        offline: false,
     };
     let outcome = build::build(&opts).with_context(|| format!("building test image {spec}"))?;
     let name = outcome.manifest.name.clone();

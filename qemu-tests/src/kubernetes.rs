@@ -31,6 +31,15 @@ pub const CNI_VERSION: &str = "v1.10.0";
 pub const ETCD_TAG: &str = "3.6.8-0";
 pub const COREDNS_TAG: &str = "v1.14.2";
 pub const PAUSE_TAG: &str = "3.10.2";
+/// `local-path-provisioner:<tag>`: the fixture's Rancher local-path provisioner (its
+/// `addons/local-path-provisioner/go.mod` pin; the binary's `--version` reports it).
+pub const LOCAL_PATH_PROVISIONER_IMAGE: &str = "local-path-provisioner";
+pub const LOCAL_PATH_PROVISIONER_TAG: &str = "v0.0.30";
+/// `busybox:<tag>`: the provisioner's helper image, the build host's Debian `busybox-static`
+/// (bookworm: 1.35.0). Name it in the provisioner ConfigMap's `helperPod.yaml` (`image:`):
+/// v0.0.30 takes the helper pod's image from there and ignores `--helper-image`.
+pub const BUSYBOX_IMAGE: &str = "busybox";
+pub const BUSYBOX_TAG: &str = "1.35.0";
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Where the fixture is built: `<cache>/fixtures/kubernetes-<version>` (`LABFORGE_CACHE_DIR`,
@@ -303,6 +312,49 @@ impl HostFiles {
     }
 }
 
+/// The dynamic-storage images: the local-path provisioner from the fixture (entrypoint
+/// `/local-path-provisioner`, also on PATH as `/usr/bin/local-path-provisioner`, where
+/// upstream's image has it and its deploy YAML's `command` looks for it; it reaches the API
+/// server in-cluster, so no CA bundle) and the helper its helper pods run: the host's static
+/// busybox with the applets the default setup/teardown scripts use (`/bin/sh /script/setup`:
+/// `mkdir -m 0777 -p "$VOL_DIR"`; teardown: `rm -rf "$VOL_DIR"`) and a few for test pods.
+pub fn storage_images(fixture: &Path) -> Result<Vec<OciImage>> {
+    let provisioner = OciImage::new(
+        LOCAL_PATH_PROVISIONER_IMAGE,
+        LOCAL_PATH_PROVISIONER_TAG,
+        &[
+            file("local-path-provisioner", &fixture.join("bin/local-path-provisioner"))?,
+            Entry::Link { path: "usr/bin/local-path-provisioner".into(), target: "/local-path-provisioner".into() },
+        ],
+        &["/local-path-provisioner"],
+    )?;
+    Ok(vec![provisioner, busybox_image()?])
+}
+
+/// Debian's `busybox-static` (one of the test packages) as `busybox:BUSYBOX_TAG`, entrypoint
+/// `/bin/sh`. Refuses a host busybox of another version rather than mislabel it.
+fn busybox_image() -> Result<OciImage> {
+    let busybox = Path::new("/bin/busybox");
+    let out = Command::new(busybox).output().with_context(|| {
+        format!(
+            "running {}: the helper test image takes the host's (apt-get install busybox-static)",
+            busybox.display()
+        )
+    })?;
+    let banner = String::from_utf8_lossy(&out.stdout);
+    let banner = banner.lines().next().unwrap_or("");
+    if !banner.starts_with(&format!("BusyBox v{BUSYBOX_TAG} ")) {
+        bail!("{} is {banner:?}, not BusyBox v{BUSYBOX_TAG}: update BUSYBOX_TAG", busybox.display());
+    }
+    let mut entries = vec![file("bin/busybox", busybox)?];
+    for applet in
+        ["sh", "mkdir", "rm", "rmdir", "chmod", "ls", "cat", "echo", "test", "[", "touch", "sleep", "du", "df"]
+    {
+        entries.push(Entry::Link { path: format!("bin/{applet}"), target: "busybox".into() });
+    }
+    OciImage::new(BUSYBOX_IMAGE, BUSYBOX_TAG, &entries, &["/bin/sh"])
+}
+
 /// A static HTTP server (C, static glibc) answering every request on port 8080 with
 /// `labforge-web-ok <hostname>`: the test workload. `/web get IP` is its client, for checks
 /// from one pod to another.
@@ -491,6 +543,9 @@ pub const RELEASE_PORT: u16 = 35125;
 pub const IMAGE_REPOSITORY: &str = "127.0.0.1:35124/k8s";
 /// The preloaded test workload.
 pub const WEB_IMAGE: &str = "127.0.0.1:35124/labforge-test/web:1";
+/// The stack's storage images as kube.toml points `[stack.images]` at them.
+pub const PROVISIONER_REF: &str = "127.0.0.1:35124/labforge-test/local-path-provisioner:v0.0.30";
+pub const BUSYBOX_REF: &str = "127.0.0.1:35124/labforge-test/busybox:1.35.0";
 
 /// The real-Kubernetes test image and how to log in to its nodes.
 pub struct KubeImage {
@@ -547,6 +602,9 @@ pub fn test_image() -> Result<KubeImage> {
         img.push(&base, "k8s")?;
     }
     web_image(work.path())?.push(&base, "")?;
+    for img in storage_images(&fixture)? {
+        img.push(&base, "labforge-test")?;
+    }
     let image = crate::images::image_relocked(&spec.display().to_string(), Default::default())?;
     Ok(KubeImage { image, ssh_key: key })
 }
@@ -647,7 +705,11 @@ impl Remote {
         loop {
             let last = match self.status_at(addr) {
                 Ok(s) if pred(&s) => return Ok(s),
-                Ok(s) => serde_json::to_string(&s.kube_api).unwrap_or_default(),
+                Ok(s) => format!(
+                    "{} stack {}",
+                    serde_json::to_string(&s.kube_api).unwrap_or_default(),
+                    serde_json::to_string(&s.stack).unwrap_or_default()
+                ),
                 Err(e) => format!("{e:#}"),
             };
             if std::time::Instant::now() > deadline {

@@ -166,6 +166,7 @@ fn overlay_change_rebuilds_from_cache_and_failures_keep_previous_outputs() -> Re
         registry: Default::default(),
         update_lock: false,
         lock_file: None,
+        offline: false,
     };
     let first = build::build(&opts)?;
 

@@ -14,6 +14,12 @@
 //! 4. `whole_room_power_cut`: both PCs lose power at once and come back by themselves: every
 //!    node Ready, the workload serving, no kubeadm init or join run again.
 //!
+//! The stack (`stack_comes_up`, `stack_survives_power_cut`): once the single node is Ready its
+//! agent applies the image's stack (`storage`: the local-path provisioner built from its Go
+//! module, a default StorageClass); a claim on the default class binds and a Job writes a file
+//! into it; after the whole-room power cut the stack is ready again without anything applied
+//! again, and the file is intact.
+//!
 //! Throughout: containerd never pulls (every image came on the stick), and the bootstrap token
 //! is in no log and no status. The test drives the cluster as a lab administrator would: over
 //! SSH as the image's sudo user `lab`, with the admin kubeconfig the agent put in its home on
@@ -24,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use labforge_agent::status::{Phase, Role, Status};
-use qemu_tests::kubernetes::{self, KubeImage, Remote, WEB_IMAGE};
+use qemu_tests::kubernetes::{self, KubeImage, Remote, BUSYBOX_REF, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::vm::{Net, Vm, VmConfig};
 
@@ -74,6 +80,43 @@ spec:
 "#
     )
 }
+
+/// A claim on the default StorageClass (none named) and a Job that writes into it.
+fn volume_job() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: proof, namespace: default}}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 16Mi}}}}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: volume-writer, namespace: default}}
+spec:
+  backoffLimit: 3
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: writer
+        image: {BUSYBOX_REF}
+        imagePullPolicy: Never
+        command: [sh, -c, "echo labforge-volume-ok > /data/proof"]
+        volumeMounts: [{{name: data, mountPath: /data}}]
+      volumes: [{{name: data, persistentVolumeClaim: {{claimName: proof}}}}]
+"#
+    )
+}
+
+/// The master's stack: every component ready.
+fn stack_ready(s: &Status) -> bool {
+    s.stack.as_ref().is_some_and(|st| st.state == "ready")
+}
+
+/// The file the Job wrote, read on the node that holds the volume (the master: it was alone).
+const PROOF: &str = "sudo sh -c 'cat /var/lib/labforge/volumes/pvc-*_default_proof/proof'";
 
 fn pods_ready(s: &Status, prefixes: &[&str]) -> bool {
     let Some(api) = &s.kube_api else { return false };
@@ -326,6 +369,36 @@ fn scenario(room: &mut Room) -> Result<()> {
         "kube-dns has CoreDNS pods on the pod network behind it: {dns:?}"
     );
 
+    // --- stack_comes_up: the master applied the image's stack once it was Ready.
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready", SETTLE, stack_ready)?;
+    let st = s.stack.as_ref().expect("stack");
+    let names: Vec<&str> = st.components.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["storage"], "{st:?}");
+    assert!(st.components[0].applied_digest.as_deref().is_some_and(|d| d.len() == 64), "{st:?}");
+    let classes = room.kubectl(
+        0,
+        r#"get storageclass -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.annotations.storageclass\.kubernetes\.io/is-default-class} {end}'"#,
+        "",
+    )?;
+    assert!(classes.split_whitespace().any(|c| c == "local-path=true"), "a default StorageClass: {classes:?}");
+    let managed = room.kubectl(
+        0,
+        "-n labforge-storage get deployment local-path-provisioner -o jsonpath='{.metadata.labels}'",
+        "",
+    )?;
+    assert!(managed.contains("\"labforge.io/component\":\"storage\""), "the stack's objects are labelled: {managed}");
+    let applied = room.kubectl(0, "apply -f -", &volume_job())?;
+    assert!(applied.contains("job.batch/volume-writer"), "{applied}");
+    room.kubectl(0, "wait --for=condition=complete job/volume-writer --timeout=900s", "")?;
+    let phase = room.kubectl(0, "get pvc proof -o jsonpath='{.status.phase}'", "")?;
+    assert_eq!(phase.trim(), "Bound", "the claim on the default class is bound");
+    assert_eq!(
+        room.run(0, PROOF, "")?.trim(),
+        "labforge-volume-ok",
+        "the Job's file is on the master's state partition"
+    );
+    assert_eq!(room.journal_count(0, "applying component=storage")?, 1, "storage applied once");
+
     // --- worker_joins_real_cluster, part 2.
     let w = room.wait_ready(1, "the worker Ready")?;
     eprintln!("real room: worker power-on to node Ready in {:.0?}", worker_on.elapsed());
@@ -389,6 +462,11 @@ fn scenario(room: &mut Room) -> Result<()> {
         );
     }
     eprintln!("real room: whole-room power-on to the workload serving in {:.0?}", back_on.elapsed());
+    // --- stack_survives_power_cut: ready again, nothing applied again, the volume intact.
+    room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready after the power cut", SETTLE, stack_ready)?;
+    eprintln!("real room: whole-room power-on to the stack ready in {:.0?}", back_on.elapsed());
+    assert_eq!(room.journal_count(0, "applying component=")?, 0, "an unchanged stack is not applied again");
+    assert_eq!(room.run(0, PROOF, "")?.trim(), "labforge-volume-ok", "the volume's file survived the power cut");
 
     // Nothing was ever pulled: every image came from the USB stick. The bootstrap token (in
     // the agents' 0600 state) is in no log and not in the status anyone on the LAN may read.

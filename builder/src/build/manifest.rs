@@ -40,6 +40,35 @@ pub struct Manifest {
     /// Preloaded container images, in import order.
     #[serde(default)]
     pub preload: Vec<super::preload::PreloadRecord>,
+    /// The stack's components in the order the master applies them, with the digest of the
+    /// objects rendered at build time.
+    #[serde(default)]
+    pub stack: Vec<StackRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StackRecord {
+    pub name: String,
+    pub namespace: String,
+    pub origin: String,
+    pub depends_on: Vec<String>,
+    pub images: BTreeMap<String, String>,
+    /// sha256 of the objects rendered at build time.
+    pub digest: String,
+}
+
+impl From<&labforge_core::stack::ResolvedComponent> for StackRecord {
+    fn from(c: &labforge_core::stack::ResolvedComponent) -> Self {
+        StackRecord {
+            name: c.name.clone(),
+            namespace: c.namespace.clone(),
+            origin: c.origin.clone(),
+            depends_on: c.depends_on.clone(),
+            images: c.images.clone(),
+            digest: c.build_digest.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +115,7 @@ impl Manifest {
                 super::SecretSource::Generated => format!("generated: {}", super::secret_file_name(&spec.name)),
             },
             preload: Vec::new(),
+            stack: Vec::new(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod overlays;
 pub mod preload;
 pub mod pxe;
 pub mod rootfs;
+pub mod stack;
 pub mod system;
 
 use std::fs;
@@ -50,7 +51,12 @@ pub struct BuildOptions {
     pub update_lock: bool,
     /// The lock file (default: `<name>.lock.toml` beside the spec).
     pub lock_file: Option<PathBuf>,
+    /// Plan only, without the network: tags the lock file does not pin stay unresolved.
+    pub offline: bool,
 }
+
+/// The digest shown for a tag that an offline plan did not resolve.
+pub const UNRESOLVED: &str = "unresolved";
 
 /// `<name>.cluster.secret`, written beside the outputs when the build generated the secret.
 pub fn secret_file_name(image: &str) -> String {
@@ -93,6 +99,8 @@ pub struct Plan {
     pub registry: Option<crate::registry::Registry>,
     /// Kubernetes release files pinned to their sha256 (`[kubernetes] source = "binaries"`).
     pub binaries: Vec<kubebin::Pinned>,
+    /// The stack's components in the order the master applies them, rendered and checked.
+    pub stack: Vec<labforge_core::stack::ResolvedComponent>,
 }
 
 impl Plan {
@@ -124,8 +132,36 @@ impl Plan {
                 }
             }
         }
+        // Every image a stack component declares is preloaded: no node ever pulls.
+        let mut stack_components = stack::resolve(&spec.stack)?;
+        if !stack_components.is_empty() && !spec.kubernetes.enabled {
+            anyhow::bail!(
+                "[stack] components need Kubernetes: set [kubernetes] enabled = true, or remove the components"
+            );
+        }
+        for r in stack::declared_images(&stack_components) {
+            if !spec.preload.iter().any(|p| p.reference == r) {
+                spec.preload.push(spec::Preload { reference: r });
+            }
+        }
+        let refs: Vec<String> = spec.preload.iter().map(|p| p.reference.clone()).collect();
+        stack::check_names(&mut stack_components, &stack::build_facts(&spec), &refs)?;
         let (preload, registry) = if spec.preload.is_empty() {
             (Vec::new(), None)
+        } else if opts.offline {
+            let pinned = spec
+                .preload
+                .iter()
+                .map(|p| {
+                    let digest = lock
+                        .get(&p.reference)
+                        .map(str::to_string)
+                        .or_else(|| p.reference.split_once('@').map(|(_, d)| d.to_string()))
+                        .unwrap_or_else(|| UNRESOLVED.to_string());
+                    (p.reference.clone(), digest)
+                })
+                .collect();
+            (pinned, None)
         } else {
             let ropts =
                 registry::with_loopback_plain(&opts.registry, spec.preload.iter().map(|p| p.reference.as_str()));
@@ -138,6 +174,7 @@ impl Plan {
             let digests = reg.resolve_all(&refs)?;
             (refs.into_iter().map(|(r, _)| r).zip(digests).collect(), Some(reg))
         };
+        stack::check(&mut stack_components, &stack::build_facts(&spec), &preload)?;
         let mut h = Sha256::new();
         h.update(format!("{PIPELINE_VERSION}\0{}\0{rootfs_key}\0", env!("CARGO_PKG_VERSION")));
         h.update(serde_json::to_vec(&spec)?);
@@ -151,6 +188,10 @@ impl Plan {
         for b in &binaries {
             h.update(format!("binary\0{}\0{}\0", b.url, b.sha256));
         }
+        for c in &stack_components {
+            h.update(format!("stack\0{}\0{}\0", c.name, c.build_digest));
+            h.update(serde_json::to_vec(c)?);
+        }
         Ok(Plan {
             spec,
             secret,
@@ -163,6 +204,7 @@ impl Plan {
             lock_path,
             registry,
             binaries,
+            stack: stack_components,
         })
     }
 
@@ -335,6 +377,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     }
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
+    if !plan.stack.is_empty() {
+        stages.run("stack", "writing the stack's components", || stack::install(&root, &plan.stack))?;
+    }
     let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
     if let Some(reg) = &plan.registry {
         stages
@@ -414,6 +459,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         started.elapsed().as_secs_f64(),
     );
     manifest.preload = preloaded.iter().map(Into::into).collect();
+    manifest.stack = plan.stack.iter().map(Into::into).collect();
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
     let mut promoted = files.clone();

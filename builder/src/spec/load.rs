@@ -161,6 +161,13 @@ fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
             fix(v, vec!["overlays".into(), i.to_string()], true);
         }
     }
+    if let Some(toml::Value::Table(stack)) = layer.table.get_mut("stack") {
+        if let Some(toml::Value::Array(site)) = stack.get_mut("site") {
+            for (i, v) in site.iter_mut().enumerate() {
+                fix(v, vec!["stack".into(), "site".into(), i.to_string()], true);
+            }
+        }
+    }
     if let Some(v) = layer.table.get_mut("cluster-secret-file") {
         fix(v, vec!["cluster-secret-file".into()], false);
     }

@@ -88,6 +88,10 @@ pub struct Spec {
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]
     pub preload: Vec<Preload>,
+    /// The data stack the master applies once the cluster is Ready: which components, their
+    /// settings, image overrides and the site's own component folders.
+    #[serde(default)]
+    pub stack: StackSpec,
     /// Cluster secret file (64 hex digits, from `labforge secret new`). Without it, the build
     /// reuses `<out>/<name>.cluster.secret` or generates one there.
     #[serde(default)]
@@ -175,6 +179,28 @@ fn default_cni_version() -> String {
 }
 fn default_cni_url() -> String {
     "https://github.com/containernetworking/plugins/releases/download".into()
+}
+
+/// `[stack]`. Component settings are tables named after the component:
+/// `[stack.monitoring] retention = "15d"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct StackSpec {
+    /// Components the cluster runs (built-in or from `site`), in any order: they are applied in
+    /// dependency order.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// The site's own component folders (relative to the spec), same format as the built-in
+    /// ones (`component.toml` + templates).
+    #[serde(default)]
+    pub site: Vec<PathBuf>,
+    /// Image overrides: `"<component>.<image key>" = "<reference>"` (e.g. a site's registry).
+    #[serde(default)]
+    pub images: BTreeMap<String, String>,
+    /// Per-component settings, keyed by component name.
+    #[serde(flatten)]
+    #[schemars(with = "BTreeMap<String, BTreeMap<String, serde_json::Value>>")]
+    pub settings: BTreeMap<String, toml::Table>,
 }
 
 /// One container image to preload.

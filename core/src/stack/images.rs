@@ -18,6 +18,9 @@ pub struct FoundImage {
 /// the component declares as image-carrying.
 pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
     let Ok(object) = ObjectRef::of(obj) else { return Vec::new() };
+    if object.kind == "ConfigMap" {
+        return configmap_pods(obj, &object, carrying);
+    }
     let pod_spec = match object.kind.as_str() {
         "Pod" => "/spec",
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
@@ -61,7 +64,8 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
             }
             if let Some(env) = c.get("env").and_then(Value::as_array) {
                 for e in env {
-                    let (Some(n), Some(v)) = (e.get("name").and_then(Value::as_str), e.get("value").and_then(Value::as_str))
+                    let (Some(n), Some(v)) =
+                        (e.get("name").and_then(Value::as_str), e.get("value").and_then(Value::as_str))
                     else {
                         continue;
                     };
@@ -74,6 +78,36 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
                     }
                 }
             }
+        }
+    }
+    found
+}
+
+/// Images of the Pod templates a ConfigMap holds under the declared keys (a key whose text is not
+/// a Pod is reported as such, so the check cannot be dodged by a typo).
+fn configmap_pods(obj: &Value, object: &ObjectRef, carrying: &ImageCarrying) -> Vec<FoundImage> {
+    let mut found = Vec::new();
+    for key in &carrying.configmap_pods {
+        let Some(text) = obj.pointer("/data").and_then(|d| d.get(key)).and_then(Value::as_str) else { continue };
+        let pod: Value = serde_yaml_ng::from_str(text).unwrap_or(Value::Null);
+        let mut pod = pod;
+        if let Some(m) = pod.as_object_mut() {
+            m.entry("metadata").or_insert_with(|| serde_json::json!({"name": "template"}));
+        }
+        let inner = images_in(&pod, &ImageCarrying { configmap_pods: vec![], ..carrying.clone() });
+        if inner.is_empty() {
+            found.push(FoundImage {
+                object: object.clone(),
+                field: format!("data[{key}]"),
+                reference: "<not a Pod template with containers>".into(),
+            });
+        }
+        for f in inner {
+            found.push(FoundImage {
+                object: object.clone(),
+                field: format!("data[{key}].{}", f.field),
+                reference: f.reference,
+            });
         }
     }
     found

@@ -68,7 +68,8 @@ pub struct ComponentFile {
 }
 
 /// Container arguments (`--helper-image`, as `--flag=value` or `--flag value`) and environment
-/// variables whose values are image references.
+/// variables whose values are image references, and ConfigMap keys that hold a Pod template an
+/// operator runs (its containers' images count).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ImageCarrying {
@@ -76,6 +77,8 @@ pub struct ImageCarrying {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    #[serde(default)]
+    pub configmap_pods: Vec<String>,
 }
 
 /// A readiness gate: one object and the state it must reach. Workload kinds (Deployment,
@@ -145,7 +148,9 @@ impl ComponentSource {
         }
         for k in file.settings.keys() {
             if !valid_key(k) {
-                bail!("{origin}/component.toml: setting {k:?}: use letters, digits and _ (templates read settings.{k})");
+                bail!(
+                    "{origin}/component.toml: setting {k:?}: use letters, digits and _ (templates read settings.{k})"
+                );
             }
         }
         let templates: BTreeMap<String, String> =
@@ -166,8 +171,7 @@ impl ComponentSource {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
-            let text =
-                std::fs::read_to_string(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+            let text = std::fs::read_to_string(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
             files.insert(name, text);
         }
         ComponentSource::from_files(&dir.display().to_string(), files)
@@ -227,7 +231,12 @@ pub fn merge_settings(component: &ComponentFile, given: &toml::Table) -> Result<
             );
         };
         if std::mem::discriminant(default) != std::mem::discriminant(v) {
-            bail!("component {} setting {k}: expected a {}, got a {}", component.name, default.type_str(), v.type_str());
+            bail!(
+                "component {} setting {k}: expected a {}, got a {}",
+                component.name,
+                default.type_str(),
+                v.type_str()
+            );
         }
         out.insert(k.clone(), v.clone());
     }
@@ -253,7 +262,5 @@ pub(crate) fn valid_dns_label(s: &str) -> bool {
 }
 
 fn valid_key(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && !s.as_bytes()[0].is_ascii_digit()
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.as_bytes()[0].is_ascii_digit()
 }

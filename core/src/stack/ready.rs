@@ -21,12 +21,8 @@ pub fn condition(obj: &Value, kind: &str) -> Option<(bool, String)> {
     obj.pointer("/status/conditions")?.as_array()?.iter().find_map(|c| {
         (c.get("type")?.as_str()? == kind).then(|| {
             let status = c.get("status").and_then(Value::as_str) == Some("True");
-            let msg = c
-                .get("message")
-                .or_else(|| c.get("reason"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+            let msg =
+                c.get("message").or_else(|| c.get("reason")).and_then(Value::as_str).unwrap_or_default().to_string();
             (status, msg)
         })
     })

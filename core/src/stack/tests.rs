@@ -43,7 +43,11 @@ fn component(templates: &[(&str, &str)]) -> ResolvedComponent {
         namespace: "labforge-storage".into(),
         depends_on: vec![],
         images: BTreeMap::from([("provisioner".into(), "registry.lab:5000/lpp:v1".into())]),
-        image_carrying: ImageCarrying { args: vec!["--helper-image".into()], env: vec!["HELPER".into()] },
+        image_carrying: ImageCarrying {
+            args: vec!["--helper-image".into()],
+            env: vec!["HELPER".into()],
+            configmap_pods: vec![],
+        },
         settings: toml::from_str("path = \"/var/lib/x\"\nreplicas = 2").unwrap(),
         ready: vec![],
         web: None,
@@ -79,7 +83,13 @@ spec:
 
 #[test]
 fn render_labels_every_object_and_digests_them() {
-    let c = component(&[("a.yaml", DEPLOYMENT), ("b.yaml", "---\n# nothing\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {{ component.namespace }}\n")]);
+    let c = component(&[
+        ("a.yaml", DEPLOYMENT),
+        (
+            "b.yaml",
+            "---\n# nothing\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {{ component.namespace }}\n",
+        ),
+    ]);
     let r = render(&c, &ClusterFacts::at_build("10.244.0.0/16", "10.96.0.0/12", "v1.36.5")).unwrap();
     assert_eq!(r.objects.len(), 2);
     for o in &r.objects {
@@ -137,6 +147,16 @@ fn images_are_found_in_containers_args_and_declared_env() {
     assert_eq!(f[1].reference, "h:1");
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"image": "x"}});
     assert!(images_in(&cm, &c.image_carrying).is_empty());
+    let carrying = ImageCarrying { configmap_pods: vec!["helperPod.yaml".into()], ..Default::default() };
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+        "data": {"helperPod.yaml": "apiVersion: v1\nkind: Pod\nspec:\n  containers:\n    - name: h\n      image: busybox:1.37\n"}});
+    let f = images_in(&cm, &carrying);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].field, "data[helperPod.yaml].spec.containers[0].image");
+    assert_eq!(f[0].reference, "busybox:1.37");
+    let broken =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"helperPod.yaml": "nope"}});
+    assert_eq!(images_in(&broken, &carrying)[0].reference, "<not a Pod template with containers>");
 }
 
 #[test]
@@ -187,12 +207,15 @@ fn readiness_of_recorded_objects() {
             "status": {"observedGeneration": obs, "availableReplicas": avail, "updatedReplicas": upd, "replicas": 2}})
     };
     assert_eq!(readiness("Deployment", &dep(2, 2, 2, 2), None), Readiness::Ready);
-    assert!(matches!(readiness("Deployment", &dep(3, 2, 2, 2), None), Readiness::Waiting(m) if m.contains("generation 3")));
+    assert!(
+        matches!(readiness("Deployment", &dep(3, 2, 2, 2), None), Readiness::Waiting(m) if m.contains("generation 3"))
+    );
     assert!(matches!(readiness("Deployment", &dep(2, 2, 1, 2), None), Readiness::Waiting(m) if m.contains("1 of 2")));
     let ds = json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1,
         "desiredNumberScheduled": 3, "numberAvailable": 2, "updatedNumberScheduled": 3}});
     assert!(matches!(readiness("DaemonSet", &ds, None), Readiness::Waiting(_)));
-    let job_failed = json!({"status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}});
+    let job_failed =
+        json!({"status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}});
     assert!(matches!(readiness("Job", &job_failed, None), Readiness::Failed(m) if m.contains("BackoffLimitExceeded")));
     let crd = json!({"status": {"conditions": [{"type": "Established", "status": "True"}]}});
     assert_eq!(readiness("CustomResourceDefinition", &crd, None), Readiness::Ready);

@@ -1,0 +1,268 @@
+//! The stack's effects on the cluster, through the Kubernetes API (kube-rs): server-side apply
+//! as field manager `labforge`, readiness gates read back, and pruning by label.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{self, ApiCapabilities, ApiResource, Scope};
+use labforge_core::stack::{
+    prune, readiness, Gate, ObjectRef, Readiness, Rendered, ResolvedComponent, FIELD_MANAGER, LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+};
+use serde_json::Value;
+
+/// A connection to the API server.
+#[derive(Clone)]
+pub struct Kube {
+    client: kube::Client,
+}
+
+/// Every API call gives up after this long (a slow PC's API server answers within it).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Kube {
+    /// Connects with a kubeconfig (the master's `admin.conf`).
+    pub async fn connect(kubeconfig: &Path) -> Result<Kube> {
+        // kube-rs speaks TLS through rustls; the agent uses ring as its crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+            .with_context(|| format!("reading {}", kubeconfig.display()))?;
+        let mut cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("using {}", kubeconfig.display()))?;
+        cfg.connect_timeout = Some(Duration::from_secs(10));
+        cfg.read_timeout = Some(CALL_TIMEOUT);
+        cfg.write_timeout = Some(CALL_TIMEOUT);
+        let client = kube::Client::try_from(cfg).context("making the Kubernetes API client")?;
+        Ok(Kube { client })
+    }
+
+    async fn resource(&self, api_version: &str, kind: &str) -> Result<(ApiResource, ApiCapabilities)> {
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        discovery::pinned_kind(&self.client, &gvk)
+            .await
+            .map_err(|e| anyhow!("the API server does not serve {kind} in {api_version}: {e}"))
+    }
+
+    fn api(&self, ar: &ApiResource, caps: &ApiCapabilities, namespace: Option<&str>) -> Api<DynamicObject> {
+        match (&caps.scope, namespace) {
+            (Scope::Namespaced, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, ar),
+            _ => Api::all_with(self.client.clone(), ar),
+        }
+    }
+
+    /// Server-side applies `obj` (forcing conflicts: the component owns its fields). A
+    /// namespaced object without a namespace goes to `default_ns`.
+    pub async fn apply(&self, obj: &Value, default_ns: &str) -> Result<()> {
+        let r = ObjectRef::of(obj)?;
+        let (ar, caps) = self.resource(&r.api_version, &r.kind).await?;
+        let mut obj = obj.clone();
+        let ns = match caps.scope {
+            Scope::Namespaced => {
+                let ns = r.namespace.clone().unwrap_or_else(|| default_ns.to_string());
+                obj["metadata"]["namespace"] = Value::String(ns.clone());
+                Some(ns)
+            }
+            Scope::Cluster => {
+                if let Some(m) = obj["metadata"].as_object_mut() {
+                    m.remove("namespace");
+                }
+                None
+            }
+        };
+        let api = self.api(&ar, &caps, ns.as_deref());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        tokio::time::timeout(CALL_TIMEOUT, api.patch(&r.name, &params, &Patch::Apply(&obj)))
+            .await
+            .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
+        Ok(())
+    }
+
+    /// The object, or None when it does not exist.
+    pub async fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Value>> {
+        let (ar, caps) = self.resource(api_version, kind).await?;
+        let api = self.api(&ar, &caps, namespace);
+        let got = tokio::time::timeout(CALL_TIMEOUT, api.get_opt(name))
+            .await
+            .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
+        Ok(got.map(|o| serde_json::to_value(o).expect("an API object serializes")))
+    }
+
+    /// Whether `kind` is namespaced (None when the API server does not serve it).
+    pub async fn namespaced(&self, api_version: &str, kind: &str) -> Option<bool> {
+        self.resource(api_version, kind).await.ok().map(|(_, caps)| caps.scope == Scope::Namespaced)
+    }
+
+    /// Every object of a kind (all namespaces) labelled as `component`'s.
+    pub async fn labelled(&self, api_version: &str, kind: &str, component: &str) -> Result<Vec<Value>> {
+        let (ar, caps) = self.resource(api_version, kind).await?;
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let _ = caps;
+        let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=labforge,{LABEL_COMPONENT}={component}"));
+        let list = tokio::time::timeout(CALL_TIMEOUT, api.list(&lp))
+            .await
+            .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|mut o| {
+                // A list's items carry no apiVersion/kind of their own.
+                o.types = Some(kube::core::TypeMeta { api_version: api_version.to_string(), kind: kind.to_string() });
+                serde_json::to_value(o).expect("an API object serializes")
+            })
+            .collect())
+    }
+
+    pub async fn delete(&self, r: &ObjectRef) -> Result<()> {
+        let (ar, caps) = self.resource(&r.api_version, &r.kind).await?;
+        let api = self.api(&ar, &caps, r.namespace.as_deref());
+        let dp =
+            DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Background), ..Default::default() };
+        match tokio::time::timeout(CALL_TIMEOUT, api.delete(&r.name, &dp)).await {
+            Err(_) => Err(anyhow!("the API server did not answer within {CALL_TIMEOUT:?}")),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// `apiVersion/kind`, as the state file records kinds.
+pub fn kind_key(r: &ObjectRef) -> String {
+    format!("{}/{}", r.api_version, r.kind)
+}
+
+/// The order objects go in: namespaces, then CRDs (waited for until established, so the
+/// component's own custom resources can follow), then the rest as the templates have them.
+fn apply_order(objects: &[Value]) -> Vec<&Value> {
+    let rank = |o: &&Value| match o.get("kind").and_then(Value::as_str) {
+        Some("Namespace") => 0,
+        Some("CustomResourceDefinition") => 1,
+        _ => 2,
+    };
+    let mut v: Vec<&Value> = objects.iter().collect();
+    v.sort_by_key(rank);
+    v
+}
+
+/// Applies every object of `c`, then deletes the objects it had before and no longer has.
+/// Returns the kinds to remember (those applied now and those applied before).
+pub async fn apply_component(
+    kube: &Kube,
+    c: &ResolvedComponent,
+    rendered: &Rendered,
+    previous_kinds: &[String],
+) -> Result<Vec<String>> {
+    for obj in apply_order(&rendered.objects) {
+        let r = ObjectRef::of(obj)?;
+        kube.apply(obj, &c.namespace).await.with_context(|| format!("applying {r}"))?;
+        if r.kind == "CustomResourceDefinition" {
+            wait_established(kube, &r).await?;
+        }
+    }
+    let current = rendered.refs();
+    let mut kinds: Vec<String> = previous_kinds.to_vec();
+    for r in &current {
+        let k = kind_key(r);
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    for k in &kinds {
+        let Some((api_version, kind)) = k.rsplit_once('/') else { continue };
+        let listed = match kube.labelled(api_version, kind, &c.name).await {
+            Ok(l) => l,
+            // A kind no longer served (its CRD gone) has nothing left to prune.
+            Err(e) => {
+                tracing::debug!("not pruning {k}: {e:#}");
+                continue;
+            }
+        };
+        for stale in prune::stale(&c.name, &listed, &current) {
+            tracing::info!(component = %c.name, "pruning {stale}: the component no longer has it");
+            kube.delete(&stale).await.with_context(|| format!("pruning {stale}"))?;
+        }
+    }
+    Ok(kinds)
+}
+
+async fn wait_established(kube: &Kube, r: &ObjectRef) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(o) = kube.get(&r.api_version, &r.kind, None, &r.name).await? {
+            if readiness(&r.kind, &o, None) == Readiness::Ready {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("{r} was not established within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The gates of `c`: its declared ones, or else every workload, Job and CRD it has.
+pub fn gates(c: &ResolvedComponent, rendered: &Rendered) -> Vec<Gate> {
+    if !c.ready.is_empty() {
+        return c.ready.clone();
+    }
+    rendered
+        .refs()
+        .into_iter()
+        .filter(|r| {
+            matches!(r.kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet" | "Job" | "CustomResourceDefinition")
+        })
+        .map(|r| Gate {
+            kind: r.kind,
+            name: r.name,
+            namespace: r.namespace,
+            api_version: Some(r.api_version),
+            condition: None,
+        })
+        .collect()
+}
+
+/// Checks the gates in order; the first that does not hold is the answer.
+pub async fn check_gates(kube: &Kube, c: &ResolvedComponent, rendered: &Rendered) -> Result<Readiness> {
+    for g in gates(c, rendered) {
+        let api_version = match &g.api_version {
+            Some(v) => v.clone(),
+            None => rendered
+                .refs()
+                .into_iter()
+                .find(|r| r.kind == g.kind && r.name == g.name)
+                .map(|r| r.api_version)
+                .with_context(|| {
+                format!("gate {} {}: give its api-version (no such object in the component)", g.kind, g.name)
+            })?,
+        };
+        let namespaced = kube.namespaced(&api_version, &g.kind).await.unwrap_or(true);
+        let ns = namespaced.then(|| g.namespace.clone().unwrap_or_else(|| c.namespace.clone()));
+        let what = match &ns {
+            Some(ns) => format!("{} {ns}/{}", g.kind, g.name),
+            None => format!("{} {}", g.kind, g.name),
+        };
+        let Some(obj) = kube.get(&api_version, &g.kind, ns.as_deref(), &g.name).await? else {
+            return Ok(Readiness::Waiting(format!("{what} does not exist yet")));
+        };
+        match readiness(&g.kind, &obj, g.condition.as_deref()) {
+            Readiness::Ready => {}
+            Readiness::Waiting(m) => return Ok(Readiness::Waiting(format!("{what}: {m}"))),
+            Readiness::Failed(m) => return Ok(Readiness::Failed(format!("{what}: {m}"))),
+        }
+    }
+    Ok(Readiness::Ready)
+}

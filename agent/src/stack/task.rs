@@ -1,0 +1,265 @@
+//! The stack task: waits until this node leads a cluster whose API server reports it Ready,
+//! then applies the image's components round after round (see `plan` for what a round decides)
+//! and reports each one in `/status` → `stack`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use labforge_core::stack::{render, ClusterFacts, Readiness, StackPlan, STACK_PLAN};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::apply::{self, Kube};
+use super::plan::{self, Applied, Memory, State, Step};
+use super::{ComponentStatus, StackStatus, STATE_FILE};
+use crate::cluster::kubeconfig::ADMIN_CONF;
+use crate::cluster::ClusterView;
+use crate::report::Report;
+
+/// Between rounds while anything is on its way; once everything is ready, a round re-checks
+/// the gates (and puts back what someone deleted) this often.
+const BUSY: Duration = Duration::from_secs(5);
+const SETTLED: Duration = Duration::from_secs(60);
+
+/// What the task needs from the node config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    pub kubernetes_version: String,
+}
+
+pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<ClusterView>) -> Result<()> {
+    let plan = match StackPlan::load(Path::new(STACK_PLAN)) {
+        Ok(Some(p)) if !p.components.is_empty() => p,
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            warn!("the image's stack cannot be read: {e:#}");
+            report.update(|s| {
+                s.stack = Some(StackStatus {
+                    state: "error".into(),
+                    message: format!("the image's stack cannot be read: {e:#}"),
+                    components: Vec::new(),
+                })
+            });
+            return Ok(());
+        }
+    };
+    let state_path = settings.state_dir.join(STATE_FILE);
+    let mut memory = load_memory(&state_path);
+    let mut statuses: Vec<ComponentStatus> = plan
+        .components
+        .iter()
+        .map(|c| ComponentStatus {
+            name: c.name.clone(),
+            namespace: c.namespace.clone(),
+            state: State::Blocked,
+            message: "waiting for this node to lead a Ready cluster".into(),
+            applied_digest: memory.get(&c.name).map(|a| a.digest.clone()),
+            failures: 0,
+            web: c.web.clone(),
+        })
+        .collect();
+    publish(&report, "waiting", "waiting for this node to lead a Ready cluster", &statuses);
+    let mut failures: BTreeMap<String, (u32, Instant)> = BTreeMap::new();
+    let mut kube: Option<Kube> = None;
+    loop {
+        // Only the leading master applies, and only once its API server says it is Ready.
+        let leading = view.borrow().leading;
+        let ready = report.snapshot().kube_api.is_some_and(|k| k.node_ready == Some(true));
+        if !(leading && ready) {
+            kube = None;
+            tokio::select! {
+                _ = view.changed() => {}
+                _ = tokio::time::sleep(BUSY) => {}
+            }
+            continue;
+        }
+        let client = match &kube {
+            Some(k) => k.clone(),
+            None => match Kube::connect(Path::new(ADMIN_CONF)).await {
+                Ok(k) => {
+                    kube = Some(k.clone());
+                    k
+                }
+                Err(e) => {
+                    publish(&report, "waiting", &format!("cannot reach the API server: {e:#}"), &statuses);
+                    tokio::time::sleep(BUSY).await;
+                    continue;
+                }
+            },
+        };
+        let facts = facts(&report, &view.borrow(), &settings);
+        let all_ready =
+            round(&client, &plan, &facts, &mut memory, &mut failures, &mut statuses, &report, &state_path).await;
+        tokio::time::sleep(if all_ready { SETTLED } else { BUSY }).await;
+    }
+}
+
+/// One pass over the components in order. Returns whether every one is ready.
+#[allow(clippy::too_many_arguments)]
+async fn round(
+    kube: &Kube,
+    plan: &StackPlan,
+    facts: &ClusterFacts,
+    memory: &mut Memory,
+    failures: &mut BTreeMap<String, (u32, Instant)>,
+    statuses: &mut [ComponentStatus],
+    report: &Report,
+    state_path: &Path,
+) -> bool {
+    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    for (i, c) in plan.components.iter().enumerate() {
+        let rendered = render(c, facts);
+        let (count, since) = failures.get(&c.name).map(|(n, at)| (*n, at.elapsed())).unwrap_or((0, Duration::ZERO));
+        let input = plan::Input {
+            name: &c.name,
+            depends_on: &c.depends_on,
+            digest: rendered.as_ref().ok().map(|r| r.digest.as_str()),
+            failures: count,
+            since_failure: since,
+        };
+        let step = plan::step(&input, memory, &ready);
+        statuses[i].failures = count;
+        let outcome: Result<Readiness> = match step {
+            Step::Wait { on } => {
+                statuses[i].state = State::Blocked;
+                statuses[i].message = format!("waits for {on} to be ready");
+                ready.insert(c.name.clone(), false);
+                publish_round(report, statuses);
+                continue;
+            }
+            Step::Pause { left } => {
+                statuses[i].state = State::Failed;
+                if !statuses[i].message.contains("tried again in") {
+                    statuses[i].message = format!("{} (tried again in {}s)", statuses[i].message, left.as_secs());
+                }
+                ready.insert(c.name.clone(), false);
+                publish_round(report, statuses);
+                continue;
+            }
+            Step::Apply => match rendered {
+                Err(e) => Err(e),
+                Ok(r) => {
+                    statuses[i].state = State::Applying;
+                    statuses[i].message = format!("applying {} objects", r.objects.len());
+                    publish_round(report, statuses);
+                    info!(component = %c.name, digest = %&r.digest[..12], "applying");
+                    let previous = memory.get(&c.name).map(|a| a.kinds.clone()).unwrap_or_default();
+                    match apply::apply_component(kube, c, &r, &previous).await {
+                        Err(e) => Err(e),
+                        Ok(kinds) => {
+                            // Recorded once every object was accepted: a power cut before
+                            // this applies again, which server-side apply makes harmless.
+                            memory.insert(c.name.clone(), Applied { digest: r.digest.clone(), kinds, ready: false });
+                            save_memory(state_path, memory);
+                            statuses[i].applied_digest = Some(r.digest.clone());
+                            apply::check_gates(kube, c, &r).await
+                        }
+                    }
+                }
+            },
+            Step::Check => match rendered {
+                Err(e) => Err(e),
+                Ok(r) => apply::check_gates(kube, c, &r).await,
+            },
+        };
+        let is_ready = matches!(outcome, Ok(Readiness::Ready));
+        match outcome {
+            Ok(Readiness::Ready) => {
+                if statuses[i].state != State::Ready {
+                    info!(component = %c.name, "ready");
+                }
+                statuses[i].state = State::Ready;
+                statuses[i].message = String::new();
+                failures.remove(&c.name);
+                statuses[i].failures = 0;
+                if let Some(a) = memory.get_mut(&c.name) {
+                    if !a.ready {
+                        a.ready = true;
+                        save_memory(state_path, memory);
+                    }
+                }
+            }
+            Ok(Readiness::Waiting(m)) => {
+                statuses[i].state = State::Waiting;
+                statuses[i].message = m;
+            }
+            Ok(Readiness::Failed(m)) => fail(&mut statuses[i], failures, &c.name, m),
+            Err(e) => fail(&mut statuses[i], failures, &c.name, format!("{e:#}")),
+        }
+        ready.insert(c.name.clone(), is_ready);
+        publish_round(report, statuses);
+    }
+    statuses.iter().all(|s| s.state == State::Ready)
+}
+
+fn fail(st: &mut ComponentStatus, failures: &mut BTreeMap<String, (u32, Instant)>, name: &str, message: String) {
+    let n = failures.get(name).map_or(0, |(n, _)| *n) + 1;
+    failures.insert(name.to_string(), (n, Instant::now()));
+    warn!(component = %name, failures = n, "{message}");
+    st.state = State::Failed;
+    st.failures = n;
+    st.message = format!("{message} (tried again in {}s)", plan::backoff(n).as_secs());
+}
+
+fn publish_round(report: &Report, statuses: &[ComponentStatus]) {
+    let (state, message) = summary(statuses);
+    publish(report, state, &message, statuses);
+}
+
+/// The stack's state in one word, and a line for the console.
+pub fn summary(statuses: &[ComponentStatus]) -> (&'static str, String) {
+    let ready = statuses.iter().filter(|s| s.state == State::Ready).count();
+    let failed: Vec<&str> = statuses.iter().filter(|s| s.state == State::Failed).map(|s| s.name.as_str()).collect();
+    if ready == statuses.len() {
+        ("ready", format!("{ready} components ready"))
+    } else if !failed.is_empty() {
+        ("degraded", format!("{ready} of {} components ready; failing: {}", statuses.len(), failed.join(", ")))
+    } else {
+        ("applying", format!("{ready} of {} components ready", statuses.len()))
+    }
+}
+
+fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentStatus]) {
+    report.update(|s| {
+        s.stack = Some(StackStatus { state: state.into(), message: message.into(), components: statuses.to_vec() })
+    });
+}
+
+/// What templates know at run time: the nodes the API server lists and the master's address.
+fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> ClusterFacts {
+    let api = report.snapshot().kube_api;
+    let mut names: Vec<String> = api.map(|k| k.nodes.into_iter().map(|n| n.name).collect()).unwrap_or_default();
+    names.sort();
+    ClusterFacts {
+        nodes: names.len().max(1) as u32,
+        node_names: names,
+        master_address: view.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default(),
+        pod_cidr: settings.pod_cidr.clone(),
+        service_cidr: settings.service_cidr.clone(),
+        kubernetes_version: settings.kubernetes_version.clone(),
+    }
+}
+
+fn load_memory(path: &Path) -> Memory {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            warn!("{} is unreadable ({e}); every component is applied again", path.display());
+            Memory::new()
+        }),
+        Err(_) => Memory::new(),
+    }
+}
+
+fn save_memory(path: &Path, memory: &Memory) {
+    let r = serde_json::to_vec_pretty(memory)
+        .context("encoding")
+        .and_then(|b| crate::sys::fs::write_durable_mode(path, &b, 0o600));
+    if let Err(e) = r {
+        warn!("recording the applied stack in {}: {e:#}", path.display());
+    }
+}
