@@ -6,7 +6,7 @@ HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools f
 # and a C toolchain with static glibc for the tiny test images.
 # iptables goes into the kube-proxy test image; ssh drives the real-Kubernetes scenarios.
 # busybox-static's /bin/busybox is the local-path provisioner's helper image (busybox:1.35.0).
-TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client busybox-static
+TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client busybox-static ca-certificates
 
 CARGO    ?= cargo
 OUT      ?= out

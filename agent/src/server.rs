@@ -41,6 +41,7 @@ pub fn router(shared: Arc<Endpoints>) -> Router {
     Router::new()
         .route("/status", get(|State(s): State<Arc<Endpoints>>| async move { Json(s.report.snapshot()) }))
         .route("/metrics", get(|State(s): State<Arc<Endpoints>>| async move { s.report.snapshot().metrics() }))
+        .route("/sd/nodes", get(|State(s): State<Arc<Endpoints>>| async move { Json(sd_nodes(&s.report.snapshot())) }))
         .route("/join-info", post(join_info))
         .route("/pxe/:file", get(pxe_file))
         .route("/pxe/enrol", post(enrol))
@@ -318,4 +319,54 @@ impl Throttle {
 /// escaped.
 fn loggable(s: &str) -> String {
     s.chars().take(64).collect::<String>().escape_debug().to_string()
+}
+
+/// `GET /sd/nodes`: the cluster's nodes as the master's API server lists them, in Prometheus's
+/// HTTP service discovery format (`[{"targets": ["<address>"], "labels": {"node": "<name>"}}]`):
+/// the monitoring component scrapes each node's kubelet, node-exporter and agent through it, so
+/// a node that goes away stays a target and shows as down. Names and LAN addresses only, which
+/// every beacon carries anyway; empty on a node that is not the master.
+pub fn sd_nodes(s: &crate::status::Status) -> serde_json::Value {
+    let nodes = s.kube_api.as_ref().map(|k| k.nodes.as_slice()).unwrap_or_default();
+    serde_json::Value::Array(
+        nodes
+            .iter()
+            .filter_map(|n| {
+                let addr = n.address.as_deref()?;
+                Some(serde_json::json!({"targets": [addr], "labels": {"node": n.name}}))
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod sd_tests {
+    use crate::cluster::api::{ApiState, KubeApi, NodeSeen};
+    use crate::status::Status;
+
+    #[test]
+    fn service_discovery_lists_nodes_with_an_address() {
+        let mut s = Status::minimal("img", "id");
+        assert_eq!(super::sd_nodes(&s), serde_json::json!([]), "no API server view: no targets");
+        let node = |name: &str, addr: Option<&str>| NodeSeen {
+            name: name.into(),
+            ready: false,
+            pod_cidr: None,
+            address: addr.map(str::to_string),
+        };
+        s.kube_api = Some(KubeApi {
+            state: ApiState::Answering,
+            version: None,
+            node_ready: Some(true),
+            pod_cidr: None,
+            nodes: vec![node("lab-a", Some("10.0.0.2")), node("lab-b", None)],
+            control_plane: vec![],
+            message: String::new(),
+        });
+        assert_eq!(
+            super::sd_nodes(&s),
+            serde_json::json!([{"targets": ["10.0.0.2"], "labels": {"node": "lab-a"}}]),
+            "a node down stays a target (Ready or not); one without an address cannot be one"
+        );
+    }
 }

@@ -602,7 +602,7 @@ pub fn test_image() -> Result<KubeImage> {
         img.push(&base, "k8s")?;
     }
     web_image(work.path())?.push(&base, "")?;
-    for img in storage_images(&fixture)? {
+    for img in storage_images(&fixture)?.into_iter().chain(monitoring_images(work.path())?) {
         img.push(&base, "labforge-test")?;
     }
     let image = crate::images::image_relocked(&spec.display().to_string(), Default::default())?;
@@ -726,21 +726,184 @@ impl Remote {
 
     /// [`Remote::http_get`] from the node at `addr`.
     pub fn http_get_at(&self, addr: &str, port: u16, within: Duration) -> Result<String> {
+        self.http_get_path_at(addr, port, "/", within)
+    }
+
+    /// [`Remote::http_get_at`] of `path` (a 2xx answer with a body).
+    pub fn http_get_path_at(&self, addr: &str, port: u16, path: &str, within: Duration) -> Result<String> {
         let deadline = std::time::Instant::now() + within;
         loop {
             let out = self
                 .lan
                 .command("curl")
-                .args(["-s", "--max-time", "10", &format!("http://{addr}:{port}/")])
+                .args(["-s", "-f", "--max-time", "10", &format!("http://{addr}:{port}{path}")])
                 .output()?;
             let body = String::from_utf8_lossy(&out.stdout).into_owned();
             if out.status.success() && !body.is_empty() {
                 return Ok(body);
             }
             if std::time::Instant::now() > deadline {
-                bail!("nothing answered on {addr}:{port} within {within:?}");
+                bail!("nothing answered on {addr}:{port}{path} within {within:?}");
             }
             std::thread::sleep(Duration::from_secs(5));
         }
     }
+}
+
+/// The upstream version of Debian bookworm's `prometheus` package: the tag of the image
+/// [`monitoring_images`] builds from it.
+pub const PROMETHEUS_TAG: &str = "2.42.0";
+/// The upstream version of Debian bookworm's `prometheus-node-exporter` package: the tag of
+/// the image [`monitoring_images`] builds from it.
+pub const NODE_EXPORTER_TAG: &str = "1.5.0";
+
+/// The monitoring images, from Debian's own packages (fetched with `apt-get download` into
+/// `work` and unpacked with `dpkg-deb -x`; nothing is installed on the host):
+///
+/// - `prometheus:PROMETHEUS_TAG`, entrypoint `/bin/prometheus`, with the shared objects it
+///   loads (glibc), the host's CA bundle at `/etc/ssl/certs/ca-certificates.crt`, an empty
+///   `/prometheus` (mode 0777) for `--storage.tsdb.path=/prometheus`, and an `/etc/passwd`
+///   with `nobody`. No web UI assets: the HTTP API (`/api/v1/...`) and `/-/ready` work
+///   without them (`/` redirects to `/classic/graph`, which answers 500). Debian builds it
+///   without `kubernetes_sd_configs` (its NEWS.Debian: "Kubernetes support has been
+///   completely removed"): discover targets with `dns_sd_configs` on a headless Service,
+///   `static_configs` or `file_sd_configs`.
+/// - `node-exporter:NODE_EXPORTER_TAG`, entrypoint `/bin/node_exporter`, with the shared
+///   objects it loads. Debian's build enables the systemd collector and reads text files from
+///   `/var/lib/prometheus/node-exporter`; in a pod, `--no-collector.systemd
+///   --no-collector.textfile` keep its log quiet.
+///
+/// Refuses a package of another upstream version than the tag rather than mislabel it.
+pub fn monitoring_images(work: &Path) -> Result<Vec<OciImage>> {
+    let debs = work.join("monitoring-debs");
+    fs::create_dir_all(&debs)?;
+    apt_download(&debs, &["prometheus", "prometheus-node-exporter"])?;
+    let prometheus = debian_package(&debs, "prometheus", PROMETHEUS_TAG, "PROMETHEUS_TAG")?;
+    let node_exporter = debian_package(&debs, "prometheus-node-exporter", NODE_EXPORTER_TAG, "NODE_EXPORTER_TAG")?;
+
+    let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let ca_data =
+        fs::read(ca).with_context(|| format!("reading {} (apt-get install ca-certificates)", ca.display()))?;
+    let mut entries = binary_entries("bin/prometheus", &prometheus.join("usr/bin/prometheus"))?;
+    entries.push(Entry::File { path: "etc/ssl/certs/ca-certificates.crt".into(), data: ca_data, mode: 0o644 });
+    entries.push(Entry::File { path: "etc/passwd".into(), data: MONITORING_PASSWD.into(), mode: 0o644 });
+    entries.push(Entry::File { path: "etc/group".into(), data: MONITORING_GROUP.into(), mode: 0o644 });
+    let prometheus_image =
+        with_dirs(OciImage::new("prometheus", PROMETHEUS_TAG, &entries, &["/bin/prometheus"])?, &["prometheus/"])?;
+
+    let entries = binary_entries("bin/node_exporter", &node_exporter.join("usr/bin/prometheus-node-exporter"))?;
+    let node_exporter_image = OciImage::new("node-exporter", NODE_EXPORTER_TAG, &entries, &["/bin/node_exporter"])?;
+    Ok(vec![prometheus_image, node_exporter_image])
+}
+
+const MONITORING_PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const MONITORING_GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
+
+/// `apt-get download <packages>` in `dir`, after one `apt-get update` if the first try fails
+/// (stale package lists name versions the mirror no longer has).
+fn apt_download(dir: &Path, packages: &[&str]) -> Result<()> {
+    let download = || Command::new("apt-get").arg("download").args(packages).current_dir(dir).output();
+    let mut out = download().context("running apt-get download")?;
+    if !out.status.success() {
+        let update = Command::new("apt-get").args(["update", "-qq"]).output().context("running apt-get update")?;
+        if !update.status.success() {
+            bail!(
+                "apt-get download {} failed ({}), and so did apt-get update: {}",
+                packages.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&update.stderr).trim()
+            );
+        }
+        out = download().context("running apt-get download")?;
+    }
+    if !out.status.success() {
+        bail!("apt-get download {} failed: {}", packages.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Checks that the `<name>_*.deb` in `dir` has the upstream version `tag` (the Debian version
+/// without epoch, revision and `+ds`-style suffix) and unpacks it to `dir/<name>`; that
+/// directory. `constant` names the tag in errors.
+fn debian_package(dir: &Path, name: &str, tag: &str, constant: &str) -> Result<PathBuf> {
+    let prefix = format!("{name}_");
+    let deb = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with(&prefix) && n.ends_with(".deb")
+        })
+        .with_context(|| format!("apt-get download left no {prefix}*.deb in {}", dir.display()))?;
+    let out = Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version").output().context("running dpkg-deb")?;
+    if !out.status.success() {
+        bail!("dpkg-deb -f {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let upstream = version.split_once(':').map_or(version.as_str(), |(_, v)| v);
+    let upstream = upstream.rsplit_once('-').map_or(upstream, |(u, _)| u);
+    let upstream = upstream.split(['+', '~']).next().unwrap_or(upstream);
+    if upstream != tag {
+        bail!("Debian's {name} is version {version} (upstream {upstream}), not {tag}: update {constant}");
+    }
+    let root = dir.join(name);
+    if root.exists() {
+        fs::remove_dir_all(&root)?;
+    }
+    let out = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root).output().context("running dpkg-deb")?;
+    if !out.status.success() {
+        bail!("dpkg-deb -x {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(root)
+}
+
+/// `binary` at `path` in an image, with the host's copies of the shared objects `ldd` says it
+/// loads (none for a static one) under their merged-/usr names and the `/lib`, `/lib64` links.
+fn binary_entries(path: &str, binary: &Path) -> Result<Vec<Entry>> {
+    let mut entries = vec![file(path, binary)?];
+    let libs = ldd(binary)?;
+    if !libs.is_empty() {
+        let mut files = HostFiles::default();
+        for lib in &libs {
+            files.add(lib)?;
+        }
+        for d in ["lib", "lib64"] {
+            entries.push(Entry::Link { path: d.into(), target: format!("usr/{d}") });
+        }
+        entries.extend(files.links);
+        entries.extend(files.files.into_values());
+    }
+    Ok(entries)
+}
+
+/// `image` with empty directories (`dirs`, each `name/`, mode 0777, owned by root) ahead of
+/// its layer's entries; the config's `diff_ids` follow the new layer.
+fn with_dirs(mut image: OciImage, dirs: &[&str]) -> Result<OciImage> {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_entry_type(tar::EntryType::Directory);
+        b.append_data(&mut h, d, std::io::empty())?;
+    }
+    let mut layer = b.into_inner()?;
+    // The end-of-archive marker (two zeroed 512-byte blocks) goes; the image's layer follows.
+    let end = layer
+        .len()
+        .checked_sub(1024)
+        .filter(|&e| layer[e..].iter().all(|&b| b == 0))
+        .context("no end-of-archive marker in the directories' tar")?;
+    layer.truncate(end);
+    layer.extend_from_slice(&image.layer);
+    let mut config: serde_json::Value = serde_json::from_slice(&image.config)?;
+    config["rootfs"]["diff_ids"] = serde_json::json!([digest(&layer)]);
+    image.config = serde_json::to_vec(&config)?;
+    image.layer = layer;
+    Ok(image)
 }

@@ -15,10 +15,13 @@
 //!    node Ready, the workload serving, no kubeadm init or join run again.
 //!
 //! The stack (`stack_comes_up`, `stack_survives_power_cut`): once the single node is Ready its
-//! agent applies the image's stack (`storage`: the local-path provisioner built from its Go
-//! module, a default StorageClass); a claim on the default class binds and a Job writes a file
-//! into it; after the whole-room power cut the stack is ready again without anything applied
-//! again, and the file is intact.
+//! agent applies the image's stack — `storage` (the local-path provisioner built from its Go
+//! module, a default StorageClass), then `monitoring` (Prometheus and node-exporter from
+//! Debian's packages; Grafana, which cannot be had here, off). A claim on the default class
+//! binds and a Job writes a file into it; Prometheus, asked over the LAN, has every node's
+//! kubelet, cAdvisor, node-exporter and agent up, and raises NodeDown when node-exporter stops;
+//! Grafana's objects pass a server-side dry run. After the whole-room power cut the stack is
+//! ready again without anything applied again, and the file is intact.
 //!
 //! Throughout: containerd never pulls (every image came on the stick), and the bootstrap token
 //! is in no log and no status. The test drives the cluster as a lab administrator would: over
@@ -108,6 +111,110 @@ spec:
       volumes: [{{name: data, persistentVolumeClaim: {{claimName: proof}}}}]
 "#
     )
+}
+
+/// Prometheus's answer to an instant query, from the LAN through its NodePort.
+fn prometheus(room: &Room, path: &str) -> Result<serde_json::Value> {
+    let body = room.remote.http_get_path_at(&room.pcs[0].addr, PROMETHEUS_PORT, path, SETTLE)?;
+    serde_json::from_str(&body).with_context(|| format!("Prometheus {path}: {body}"))
+}
+
+/// Polls `f` every 10 s until it gives Some, for at most `within`.
+fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => String::new(),
+            Err(e) => format!(": {e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: not within {within:?}{last}");
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    }
+}
+
+const PROMETHEUS_PORT: u16 = 30090;
+
+/// The monitoring component on the single-node cluster.
+fn monitoring(room: &Room) -> Result<()> {
+    // Every job's target is up: the node's kubelet and cAdvisor (HTTPS, the service account's
+    // token), node-exporter and the agent, found through the master's /sd/nodes.
+    let jobs = ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent"];
+    let up = poll("every Prometheus job up", SETTLE, || {
+        let v = prometheus(room, "/api/v1/query?query=up")?;
+        let up: Vec<(String, String)> = v["data"]["result"]
+            .as_array()
+            .context("a vector")?
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"]["job"].as_str().unwrap_or("").to_string(),
+                    r["value"][1].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        Ok(jobs.iter().all(|j| up.iter().any(|(job, val)| job == j && val == "1")).then_some(up))
+    })?;
+    eprintln!("real room: Prometheus targets up: {up:?}");
+    let node = prometheus(room, "/api/v1/query?query=up%7Bjob%3D%22node-exporter%22%7D")?;
+    assert!(node["data"]["result"][0]["metric"]["node"].as_str().is_some_and(|n| !n.is_empty()), "{node}");
+    let rules = prometheus(room, "/api/v1/rules")?;
+    let names = rules.to_string();
+    for a in ["NodeDown", "DiskFilling", "StackComponentNotReady", "AgentStuck"] {
+        assert!(names.contains(a), "alert rule {a} loaded: {names}");
+    }
+    // Stop node-exporter (no node matches its pods' selector any more): NodeDown fires.
+    room.kubectl(
+        0,
+        r#"-n labforge-monitoring patch daemonset node-exporter -p '{"spec":{"template":{"spec":{"nodeSelector":{"labforge.test/none":"x"}}}}}'"#,
+        "",
+    )?;
+    let stopped = Instant::now();
+    poll("NodeDown firing once node-exporter stopped", SETTLE, || {
+        let v = prometheus(room, "/api/v1/alerts")?;
+        let alerts = v["data"]["alerts"].as_array().context("alerts")?;
+        Ok(alerts.iter().any(|a| a["labels"]["alertname"] == "NodeDown" && a["state"] == "firing").then_some(()))
+    })?;
+    eprintln!("real room: NodeDown fired {:.0?} after node-exporter stopped", stopped.elapsed());
+    room.kubectl(
+        0,
+        r#"-n labforge-monitoring patch daemonset node-exporter --type=json -p '[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]'"#,
+        "",
+    )?;
+    // Grafana (no image here) as the component renders it with grafana = true: the API server
+    // accepts every object (server-side dry run).
+    let spec: labforge::spec::StackSpec = toml::from_str("components = [\"storage\", \"monitoring\"]")?;
+    let components = labforge::build::stack::resolve(&spec)?;
+    let m = components.iter().find(|c| c.name == "monitoring").context("monitoring")?;
+    let facts = labforge_core::stack::ClusterFacts {
+        nodes: 1,
+        node_names: vec![],
+        master_address: room.pcs[0].addr.clone(),
+        pod_cidr: "10.244.0.0/16".into(),
+        service_cidr: "10.96.0.0/12".into(),
+        kubernetes_version: kubernetes::VERSION.into(),
+    };
+    let rendered = labforge_core::stack::render(m, &facts)?;
+    let grafana: Vec<&serde_json::Value> = rendered
+        .objects
+        .iter()
+        .filter(|o| o["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("grafana")))
+        .collect();
+    assert_eq!(grafana.len(), 5, "two ConfigMaps, a claim, a Deployment and a Service");
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": grafana});
+    let out = room.kubectl(0, "apply --dry-run=server -f -", &list.to_string())?;
+    for o in [
+        "configmap/grafana-provisioning",
+        "configmap/grafana-dashboards",
+        "persistentvolumeclaim/grafana-data",
+        "deployment.apps/grafana",
+        "service/grafana",
+    ] {
+        assert!(out.contains(&format!("{o} created (server dry run)")), "{o} accepted: {out}");
+    }
+    Ok(())
 }
 
 /// The master's stack: every component ready.
@@ -373,7 +480,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     let s = room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready", SETTLE, stack_ready)?;
     let st = s.stack.as_ref().expect("stack");
     let names: Vec<&str> = st.components.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["storage"], "{st:?}");
+    assert_eq!(names, ["storage", "monitoring"], "{st:?}");
     assert!(st.components[0].applied_digest.as_deref().is_some_and(|d| d.len() == 64), "{st:?}");
     let classes = room.kubectl(
         0,
@@ -398,6 +505,7 @@ fn scenario(room: &mut Room) -> Result<()> {
         "the Job's file is on the master's state partition"
     );
     assert_eq!(room.journal_count(0, "applying component=storage")?, 1, "storage applied once");
+    monitoring(room)?;
 
     // --- worker_joins_real_cluster, part 2.
     let w = room.wait_ready(1, "the worker Ready")?;

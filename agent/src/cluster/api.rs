@@ -59,6 +59,9 @@ pub struct NodeSeen {
     /// `spec.podCIDR`, once the controller-manager assigned one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_cidr: Option<String>,
+    /// Its `InternalIP` (the LAN address the kubelet registered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A `kube-system` pod: the control plane, CoreDNS, kube-proxy.
@@ -125,6 +128,9 @@ pub fn parse_nodes(json: &str) -> Result<Vec<NodeSeen>> {
             name: name(n),
             ready: ready(n),
             pod_cidr: n["spec"]["podCIDR"].as_str().map(str::to_string),
+            address: n["status"]["addresses"].as_array().and_then(|a| {
+                a.iter().find(|x| x["type"] == "InternalIP").and_then(|x| x["address"].as_str()).map(str::to_string)
+            }),
         })
         .collect())
 }
@@ -277,10 +283,10 @@ mod tests {
         assert_eq!(period(&api), EVERY, "nothing known yet");
         api.state = ApiState::Answering;
         api.node_ready = Some(true);
-        api.nodes = vec![NodeSeen { name: "a".into(), ready: true, pod_cidr: None }];
+        api.nodes = vec![NodeSeen { name: "a".into(), ready: true, pod_cidr: None, address: None }];
         api.control_plane = vec![PodSeen { name: "etcd-a".into(), ready: true }];
         assert_eq!(period(&api), SETTLED_EVERY);
-        api.nodes.push(NodeSeen { name: "b".into(), ready: false, pod_cidr: None });
+        api.nodes.push(NodeSeen { name: "b".into(), ready: false, pod_cidr: None, address: None });
         assert_eq!(period(&api), EVERY, "a node still joining");
         api.nodes.pop();
         api.control_plane.push(PodSeen { name: "coredns-x".into(), ready: false });
@@ -297,7 +303,9 @@ mod tests {
             "status": {"conditions": [
                 {"type": "MemoryPressure", "status": "False"},
                 {"type": "Ready", "status": ready, "reason": "KubeletReady"},
-            ]},
+            ], "addresses": if name == "lab-a" {
+                serde_json::json!([{"type": "Hostname", "address": "lab-a"}, {"type": "InternalIP", "address": "10.0.0.2"}])
+            } else { serde_json::json!([]) }},
         })
     }
 
@@ -307,8 +315,13 @@ mod tests {
         assert_eq!(
             parse_nodes(&list.to_string()).unwrap(),
             [
-                NodeSeen { name: "lab-a".into(), ready: true, pod_cidr: Some("10.244.0.0/24".into()) },
-                NodeSeen { name: "lab-b".into(), ready: false, pod_cidr: None }
+                NodeSeen {
+                    name: "lab-a".into(),
+                    ready: true,
+                    pod_cidr: Some("10.244.0.0/24".into()),
+                    address: Some("10.0.0.2".into())
+                },
+                NodeSeen { name: "lab-b".into(), ready: false, pod_cidr: None, address: None }
             ]
         );
         assert!(!parse_nodes(&node("lab-c", "Unknown").to_string()).unwrap()[0].ready, "Unknown is not Ready");

@@ -126,6 +126,45 @@ impl Kube {
             .collect())
     }
 
+    /// Makes Secret `name` in `namespace` hold every key in `keys`, each missing one with 32
+    /// random characters; keys it already has are kept as they are (a password someone uses).
+    /// Labelled `labforge.io/generated-for`, not as the component's: prune never takes it.
+    pub async fn ensure_secret(&self, namespace: &str, name: &str, keys: &[String], component: &str) -> Result<()> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let existing = tokio::time::timeout(CALL_TIMEOUT, api.get_opt(name))
+            .await
+            .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
+        let have: Vec<String> =
+            existing.as_ref().map(|s| s.data.iter().flat_map(|d| d.keys().cloned()).collect()).unwrap_or_default();
+        let mut missing = serde_json::Map::new();
+        for k in keys.iter().filter(|k| !have.contains(k)) {
+            missing.insert(k.clone(), Value::String(random_text()?));
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let body = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"labforge.io/generated-for": component}},
+            "type": "Opaque",
+            "stringData": missing,
+        });
+        let call = async {
+            if existing.is_some() {
+                api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await.map(|_| ())
+            } else {
+                let s: Secret = serde_json::from_value(body.clone()).expect("a Secret");
+                api.create(&kube::api::PostParams::default(), &s).await.map(|_| ())
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
+        tracing::info!(component, "made secret {namespace}/{name} ({} new keys)", missing.len());
+        Ok(())
+    }
+
     pub async fn delete(&self, r: &ObjectRef) -> Result<()> {
         let (ar, caps) = self.resource(&r.api_version, &r.kind).await?;
         let api = self.api(&ar, &caps, r.namespace.as_deref());
@@ -138,6 +177,19 @@ impl Kube {
             Ok(Err(e)) => Err(e.into()),
         }
     }
+}
+
+/// 32 characters from [A-Za-z0-9], from the kernel's random source.
+fn random_text() -> Result<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::with_capacity(32);
+    while out.len() < 32 {
+        let mut b = [0u8; 64];
+        getrandom::getrandom(&mut b).map_err(|e| anyhow!("reading random bytes: {e}"))?;
+        // 248 = 4 × 62: bytes above it are dropped so every character is equally likely.
+        out.extend(b.iter().filter(|&&x| x < 248).map(|&x| ALPHABET[usize::from(x % 62)] as char).take(32 - out.len()));
+    }
+    Ok(out)
 }
 
 /// `apiVersion/kind`, as the state file records kinds.
@@ -166,8 +218,18 @@ pub async fn apply_component(
     rendered: &Rendered,
     previous_kinds: &[String],
 ) -> Result<Vec<String>> {
+    let mut secrets_made = c.secrets.is_empty();
     for obj in apply_order(&rendered.objects) {
         let r = ObjectRef::of(obj)?;
+        if !secrets_made && r.kind != "Namespace" {
+            // Once the namespaces exist, before anything that mounts a generated secret.
+            for s in &c.secrets {
+                kube.ensure_secret(&c.namespace, &s.name, &s.keys, &c.name)
+                    .await
+                    .with_context(|| format!("making secret {}/{}", c.namespace, s.name))?;
+            }
+            secrets_made = true;
+        }
         kube.apply(obj, &c.namespace).await.with_context(|| format!("applying {r}"))?;
         if r.kind == "CustomResourceDefinition" {
             wait_established(kube, &r).await?;

@@ -39,6 +39,7 @@ pub struct ComponentStatus {
     pub applied_digest: Option<String>,
     /// Failed attempts in a row.
     pub failures: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub web: Option<labforge_core::stack::Web>,
+    /// Its web UIs, at every node's address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub web: Vec<labforge_core::stack::Web>,
 }

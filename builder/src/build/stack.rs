@@ -108,10 +108,14 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
                 .file
                 .images
                 .iter()
+                .filter(|(k, _)| stack::enabled(&settings, c.file.image_when.get(*k).map(String::as_str)))
                 .map(|(k, v)| {
                     (k.clone(), overrides.get(&(name.as_str(), k.as_str())).map_or(v.clone(), |o| o.to_string()))
                 })
                 .collect();
+            let web = c.file.web.iter().filter(|w| stack::enabled(&settings, w.when.as_deref())).cloned().collect();
+            let secrets =
+                c.file.secrets.iter().filter(|s| stack::enabled(&settings, s.when.as_deref())).cloned().collect();
             Ok(ResolvedComponent {
                 name: name.clone(),
                 namespace: c.file.namespace.clone(),
@@ -120,7 +124,8 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
                 image_carrying: c.file.image_carrying.clone(),
                 settings,
                 ready: c.file.ready.clone(),
-                web: c.file.web.clone(),
+                web,
+                secrets,
                 templates: c.templates.clone(),
                 origin: if c.origin.starts_with("stack/") { "built-in".into() } else { c.origin.clone() },
                 build_digest: String::new(),
@@ -248,7 +253,7 @@ mod tests {
         let e = resolve(&spec("components = [\"storage\"]\n[images]\n\"storage.nope\" = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("has no image \"nope\" (its images: helper, provisioner)"), "{e}");
         let e = resolve(&spec("components = [\"storag\"]\n")).unwrap_err();
-        assert!(e.to_string().contains("no component \"storag\" (known: storage"), "{e}");
+        assert!(e.to_string().contains("no component \"storag\" (known: monitoring, storage"), "{e}");
         let e = resolve(&spec("components = [\"storage\"]\n[monitoring]\nretention = \"1d\"\n")).unwrap_err();
         assert!(e.to_string().contains("[stack.monitoring] sets a component"), "{e}");
         let e = format!("{:#}", resolve(&spec("components = [\"storage\"]\n[storage]\npaht = \"/x\"\n")).unwrap_err());
@@ -288,5 +293,93 @@ mod tests {
         std::fs::write(site.join("component.toml"), "name = \"storage\"\nnamespace = \"x\"\n").unwrap();
         let e = resolve(&s).unwrap_err();
         assert!(e.to_string().contains("has the name of a built-in component"), "{e}");
+    }
+
+    fn configmap<'a>(r: &'a stack::Rendered, name: &str) -> &'a serde_json::Value {
+        r.objects
+            .iter()
+            .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ConfigMap {name}"))
+    }
+
+    #[test]
+    fn monitoring_renders_prometheus_config_rules_and_grafana_provisioning_that_parse() {
+        let mut cs =
+            resolve(&spec("components = [\"monitoring\", \"storage\"]\n[monitoring]\nretention = \"30d\"\n")).unwrap();
+        assert_eq!(cs.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["storage", "monitoring"]);
+        let images = declared_images(&cs);
+        check(&mut cs, &ClusterFacts::at_build("a", "b", "c"), &pinned(&images)).unwrap();
+        let m = &cs[1];
+        assert_eq!(
+            m.web.iter().map(|w| (w.title.as_str(), w.port)).collect::<Vec<_>>(),
+            [("Prometheus", 30090), ("Grafana", 30300)]
+        );
+        assert_eq!(m.secrets[0].name, "grafana-admin");
+        let r = stack::render(m, &ClusterFacts::at_build("a", "b", "c")).unwrap();
+        let cm = configmap(&r, "prometheus-config");
+        let prom: serde_json::Value = serde_yaml_ng::from_str(cm["data"]["prometheus.yml"].as_str().unwrap()).unwrap();
+        let jobs: Vec<&str> =
+            prom["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
+        assert_eq!(jobs, ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent"]);
+        let agent = &prom["scrape_configs"][4];
+        assert_eq!(agent["relabel_configs"][0]["replacement"], "${1}:9743", "the agents' /metrics port");
+        assert_eq!(agent["http_sd_configs"][0]["url"], "http://192.0.2.1:9743/sd/nodes", "the master lists the nodes");
+        assert_eq!(prom["scrape_configs"][2]["metrics_path"], "/metrics/cadvisor");
+        assert_eq!(prom["scrape_configs"][1]["scheme"], "https");
+        let rules: serde_json::Value = serde_yaml_ng::from_str(cm["data"]["rules.yml"].as_str().unwrap()).unwrap();
+        let alerts: Vec<&str> =
+            rules["groups"][0]["rules"].as_array().unwrap().iter().map(|r| r["alert"].as_str().unwrap()).collect();
+        for a in ["NodeDown", "DiskFilling", "StackComponentNotReady", "AgentStuck"] {
+            assert!(alerts.contains(&a), "{alerts:?}");
+        }
+        let node_down = &rules["groups"][0]["rules"][0];
+        assert_eq!(
+            node_down["annotations"]["summary"].as_str().unwrap().split(' ').nth(1),
+            Some("{{"),
+            "Prometheus templating kept"
+        );
+        let dep =
+            r.objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "prometheus").unwrap();
+        let args = dep["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
+        assert!(args.iter().any(|a| a == "--storage.tsdb.retention.time=30d"), "{args:?}");
+        assert_eq!(
+            dep["spec"]["template"]["metadata"]["annotations"]["labforge.io/config-sha256"].as_str().unwrap().len(),
+            64
+        );
+        // Grafana's provisioning files: the data source points at the Prometheus service, the
+        // provider at the folder the dashboard ConfigMap is mounted on, and the dashboard is JSON.
+        let prov = configmap(&r, "grafana-provisioning");
+        let ds: serde_json::Value =
+            serde_yaml_ng::from_str(prov["data"]["datasources.yaml"].as_str().unwrap()).unwrap();
+        assert_eq!(ds["datasources"][0]["url"], "http://prometheus.labforge-monitoring.svc:9090");
+        assert_eq!(ds["datasources"][0]["uid"], "prometheus");
+        let providers: serde_json::Value =
+            serde_yaml_ng::from_str(prov["data"]["dashboards.yaml"].as_str().unwrap()).unwrap();
+        let path = providers["providers"][0]["options"]["path"].as_str().unwrap();
+        let grafana =
+            r.objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "grafana").unwrap();
+        let mounts = grafana["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["mountPath"] == path && m["name"] == "dashboards"), "{mounts:?}");
+        let dash: serde_json::Value =
+            serde_json::from_str(configmap(&r, "grafana-dashboards")["data"]["cluster.json"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(dash["uid"], "labforge-cluster");
+        for p in dash["panels"].as_array().unwrap() {
+            assert_eq!(p["datasource"]["uid"], "prometheus", "every panel uses the provisioned data source");
+        }
+        let env = grafana["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+        let password = env.iter().find(|e| e["name"] == "GF_SECURITY_ADMIN_PASSWORD").unwrap();
+        assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "grafana-admin", "no default password");
+    }
+
+    #[test]
+    fn monitoring_without_grafana_neither_preloads_nor_renders_it() {
+        let cs = resolve(&spec("components = [\"storage\", \"monitoring\"]\n[monitoring]\ngrafana = false\n")).unwrap();
+        let images = declared_images(&cs);
+        assert!(!images.iter().any(|i| i.contains("grafana")), "{images:?}");
+        assert!(cs[1].web.iter().all(|w| w.title != "Grafana"));
+        assert!(cs[1].secrets.is_empty());
+        let r = stack::render(&cs[1], &ClusterFacts::at_build("a", "b", "c")).unwrap();
+        assert!(!r.objects.iter().any(|o| o["metadata"]["name"].as_str().unwrap_or_default().starts_with("grafana")));
     }
 }

@@ -52,6 +52,10 @@ pub struct ComponentFile {
     /// spec may point any of them elsewhere (`[stack.images]`); all of them are preloaded.
     #[serde(default)]
     pub images: BTreeMap<String, String>,
+    /// Images needed only while a boolean setting is true (`grafana = "grafana"`: the image
+    /// `grafana` is preloaded only when setting `grafana` is true).
+    #[serde(default)]
+    pub image_when: BTreeMap<String, String>,
     /// Where else than a container's `image` an image reference hides in its objects.
     #[serde(default)]
     pub image_carrying: ImageCarrying,
@@ -62,9 +66,24 @@ pub struct ComponentFile {
     /// What must hold before the component counts as ready (and its dependents start).
     #[serde(default)]
     pub ready: Vec<Gate>,
-    /// A web UI reached through the master (shown on the portal).
+    /// Web UIs reached through the master's address (shown on the portal).
     #[serde(default)]
-    pub web: Option<Web>,
+    pub web: Vec<Web>,
+    /// Secrets the master makes once, with random values, before the first apply (a web UI's
+    /// admin password: never a default one). Kept as they are afterwards.
+    #[serde(default)]
+    pub secrets: Vec<GeneratedSecret>,
+}
+
+/// A Secret in the component's namespace whose keys get 32 random characters each.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GeneratedSecret {
+    pub name: String,
+    pub keys: Vec<String>,
+    /// Only while this boolean setting is true.
+    #[serde(default)]
+    pub when: Option<String>,
 }
 
 /// Container arguments (`--helper-image`, as `--flag=value` or `--flag value`) and environment
@@ -105,10 +124,14 @@ pub struct Gate {
 pub struct Web {
     /// What people call it (e.g. "Grafana").
     pub title: String,
-    /// The master's port it answers on (the fixed port map in the README).
+    /// The port it answers on at every node's address (a NodePort; the fixed port map in the
+    /// README).
     pub port: u16,
     #[serde(default = "default_path")]
     pub path: String,
+    /// Only while this boolean setting is true.
+    #[serde(default)]
+    pub when: Option<String>,
 }
 
 fn default_path() -> String {
@@ -153,6 +176,31 @@ impl ComponentSource {
                 );
             }
         }
+        let boolean = |s: &str| file.settings.get(s).is_some_and(|v| v.is_bool());
+        for (img, setting) in &file.image_when {
+            if !file.images.contains_key(img) {
+                bail!("{origin}/component.toml: image-when names image {img:?}, which [images] does not declare");
+            }
+            if !boolean(setting) {
+                bail!("{origin}/component.toml: image-when {img} = {setting:?}: no boolean setting of that name");
+            }
+        }
+        let conditions = file.web.iter().filter_map(|w| w.when.as_ref());
+        for w in conditions.chain(file.secrets.iter().filter_map(|s| s.when.as_ref())) {
+            if !boolean(w) {
+                bail!("{origin}/component.toml: when = {w:?}: no boolean setting of that name");
+            }
+        }
+        for s in &file.secrets {
+            let key_ok =
+                |k: &String| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid_dns_label(&s.name) || s.keys.is_empty() || !s.keys.iter().all(key_ok) {
+                bail!(
+                    "{origin}/component.toml: secret {:?}: a DNS-label name and keys of letters, digits, - and _",
+                    s.name
+                );
+            }
+        }
         let templates: BTreeMap<String, String> =
             files.into_iter().filter(|(n, _)| n.ends_with(".yaml") || n.ends_with(".yml")).collect();
         if templates.is_empty() {
@@ -192,7 +240,11 @@ pub struct ResolvedComponent {
     /// Defaults merged with the spec's `[stack.<name>]`.
     pub settings: toml::Table,
     pub ready: Vec<Gate>,
-    pub web: Option<Web>,
+    /// Its web UIs (those whose `when` setting is false are left out).
+    pub web: Vec<Web>,
+    /// Secrets made once on the cluster (those whose `when` setting is false are left out).
+    #[serde(default)]
+    pub secrets: Vec<GeneratedSecret>,
     pub templates: BTreeMap<String, String>,
     /// Where it came from: `built-in` or the site folder.
     pub origin: String,
@@ -214,6 +266,14 @@ impl StackPlan {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
         }
+    }
+}
+
+/// Whether a component's boolean setting `when` is true in `settings` (no condition: true).
+pub fn enabled(settings: &toml::Table, when: Option<&str>) -> bool {
+    match when {
+        None => true,
+        Some(w) => settings.get(w).and_then(toml::Value::as_bool).unwrap_or(false),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Rendering a component's templates into Kubernetes objects.
 //!
 //! Templates are minijinja with strict undefined values: a misspelt setting fails the build
-//! instead of rendering an empty string. Context: `component` (`name`, `namespace`), `settings`,
+//! instead of rendering an empty string; filter `sha256` digests a text (a config's checksum
+//! in a pod template's annotations). Context: `component` (`name`, `namespace`), `settings`,
 //! `images` and `cluster` ([`ClusterFacts`]). Each file may hold several YAML documents; empty
 //! documents are skipped. Every object gets the labels that mark it as the component's.
 
@@ -101,6 +102,9 @@ pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered>
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    // `{{ text | sha256 }}`: a pod template annotation that changes with a config it mounts, so
+    // a changed config rolls the pods.
+    env.add_filter("sha256", |s: String| hex::encode(Sha256::digest(s.as_bytes())));
     let ctx = minijinja::context! {
         component => minijinja::context! { name => &c.name, namespace => &c.namespace },
         settings => minijinja::Value::from_serialize(&c.settings),
