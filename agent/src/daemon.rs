@@ -193,6 +193,9 @@ async fn supervise(boot: Boot) -> Result<()> {
         .context("installing SIGTERM handler")?;
     let mut tasks = JoinSet::new();
     tasks.spawn(server::serve(SocketAddr::from(([0, 0, 0, 0], boot.cfg.status_port)), endpoints.clone()));
+    if boot.cfg.kubernetes.enabled {
+        tasks.spawn(server::serve_portal(SocketAddr::from(([0, 0, 0, 0], crate::portal::PORT)), endpoints.clone()));
+    }
     tasks.spawn(crate::system::task::watch(report.clone()));
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("telling systemd we are ready: {e}");

@@ -10,6 +10,7 @@ pub mod heal;
 pub mod install;
 pub mod inventory;
 pub mod network;
+pub mod portal;
 pub mod preload;
 pub mod pxe;
 pub mod report;

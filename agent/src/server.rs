@@ -217,11 +217,42 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Endpoints>) -> Result<()> {
     serve_on(listener, shared, Limits::default()).await
 }
 
+/// The portal on port 80 (`portal`): one page, under the same connection limits. A node where
+/// port 80 is taken goes on without it (the status port still answers).
+pub async fn serve_portal(addr: SocketAddr, shared: Arc<Endpoints>) -> Result<()> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("the portal cannot listen on {addr}: {e}; it is not served");
+            return Ok(());
+        }
+    };
+    let app = Router::new()
+        .route(
+            "/",
+            get(|State(s): State<Arc<Endpoints>>, headers: axum::http::HeaderMap| async move {
+                let status = s.report.snapshot();
+                let fallback = status.lan_address.clone().unwrap_or_default();
+                let host = crate::portal::link_host(
+                    headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()),
+                    &fallback,
+                );
+                axum::response::Html(crate::portal::page(&status, &host))
+            }),
+        )
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared);
+    serve_app(listener, app, Limits::default()).await
+}
+
 /// Serves the endpoints on `listener` within `limits`: a client past its share is disconnected
 /// at once, slow and idle clients are dropped after the header timeout, and a full file
 /// descriptor table pauses accepting instead of spinning.
 pub async fn serve_on(listener: tokio::net::TcpListener, shared: Arc<Endpoints>, limits: Limits) -> Result<()> {
-    let app = router(shared);
+    serve_app(listener, router(shared), limits).await
+}
+
+async fn serve_app(listener: tokio::net::TcpListener, app: Router, limits: Limits) -> Result<()> {
     let gate = Arc::new(Gate { limits, open: Mutex::new((0, HashMap::new())) });
     let refused = Throttle::default();
     loop {

@@ -205,6 +205,16 @@ fn monitoring(room: &Room) -> Result<()> {
     assert_eq!(grafana.len(), 5, "two ConfigMaps, a claim, a Deployment and a Service");
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": grafana});
     let out = room.kubectl(0, "apply --dry-run=server -f -", &list.to_string())?;
+    // One door for people: the master's port 80 lists the components, ready, with the link to
+    // Prometheus at the address the browser used.
+    let addr = room.pcs[0].addr.clone();
+    let portal = room.remote.http_get_at(&addr, 80, SETTLE)?;
+    for needle in
+        ["<td>storage</td><td class=\"ready\">ready</td>", "<td>monitoring</td><td class=\"ready\">ready</td>"]
+    {
+        assert!(portal.contains(needle), "portal shows {needle}: {portal}");
+    }
+    assert!(portal.contains(&format!("<a href=\"http://{addr}:{PROMETHEUS_PORT}/\">Prometheus</a>")), "{portal}");
     for o in [
         "configmap/grafana-provisioning",
         "configmap/grafana-dashboards",

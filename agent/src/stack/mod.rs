@@ -39,6 +39,9 @@ pub struct ComponentStatus {
     pub applied_digest: Option<String>,
     /// Failed attempts in a row.
     pub failures: u32,
+    /// Its images' tags (`prometheus 2.42.0, node_exporter 1.5.0`).
+    #[serde(default)]
+    pub version: String,
     /// Its web UIs, at every node's address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub web: Vec<labforge_core::stack::Web>,

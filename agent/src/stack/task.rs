@@ -60,6 +60,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             message: "waiting for this node to lead a Ready cluster".into(),
             applied_digest: memory.get(&c.name).map(|a| a.digest.clone()),
             failures: 0,
+            version: version(&c.images),
             web: c.web.clone(),
         })
         .collect();
@@ -195,6 +196,16 @@ async fn round(
         publish_round(report, statuses);
     }
     statuses.iter().all(|s| s.state == State::Ready)
+}
+
+/// `key tag` of each image, for people (the portal, `labforge-agent stack`).
+fn version(images: &BTreeMap<String, String>) -> String {
+    let tag = |r: &str| -> String {
+        let name = r.split('@').next().unwrap_or(r);
+        let slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
+        name[slash..].rsplit_once(':').map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into())
+    };
+    images.iter().map(|(k, r)| format!("{k} {}", tag(r))).collect::<Vec<_>>().join(", ")
 }
 
 fn fail(st: &mut ComponentStatus, failures: &mut BTreeMap<String, (u32, Instant)>, name: &str, message: String) {
