@@ -21,7 +21,9 @@
 //! binds and a Job writes a file into it; Prometheus, asked over the LAN, has every node's
 //! kubelet, cAdvisor, node-exporter and agent up, and raises NodeDown when node-exporter stops;
 //! Grafana's objects pass a server-side dry run. After the whole-room power cut the stack is
-//! ready again without anything applied again, and the file is intact.
+//! ready again without anything applied again, and the file is intact. A site component whose
+//! Job fails on purpose is reported with its cause while the others come up, and the one that
+//! depends on it waits.
 //!
 //! Throughout: containerd never pulls (every image came on the stick), and the bootstrap token
 //! is in no log and no status. The test drives the cluster as a lab administrator would: over
@@ -32,6 +34,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use labforge_agent::stack::plan::State;
 use labforge_agent::status::{Phase, Role, Status};
 use qemu_tests::kubernetes::{self, KubeImage, Remote, BUSYBOX_REF, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
@@ -227,9 +230,11 @@ fn monitoring(room: &Room) -> Result<()> {
     Ok(())
 }
 
-/// The master's stack: every component ready.
+/// The master's stack: the built-in components ready (the test's `broken` never is).
 fn stack_ready(s: &Status) -> bool {
-    s.stack.as_ref().is_some_and(|st| st.state == "ready")
+    s.stack.as_ref().is_some_and(|st| {
+        ["storage", "monitoring"].iter().all(|n| st.components.iter().any(|c| &c.name == n && c.state == State::Ready))
+    })
 }
 
 /// The file the Job wrote, read on the node that holds the volume (the master: it was alone).
@@ -490,8 +495,24 @@ fn scenario(room: &mut Room) -> Result<()> {
     let s = room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready", SETTLE, stack_ready)?;
     let st = s.stack.as_ref().expect("stack");
     let names: Vec<&str> = st.components.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["storage", "monitoring"], "{st:?}");
+    assert_eq!(names, ["storage", "monitoring", "broken", "after-broken"], "{st:?}");
     assert!(st.components[0].applied_digest.as_deref().is_some_and(|d| d.len() == 64), "{st:?}");
+    // A site component that fails is reported with its cause and retried with a pause; what
+    // depends on it waits; the others came up regardless.
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "the broken component reported", SETTLE, |s| {
+        s.stack.as_ref().is_some_and(|st| st.components.iter().any(|c| c.name == "broken" && c.state == State::Failed))
+    })?;
+    let st = s.stack.as_ref().expect("stack");
+    let broken = &st.components[2];
+    assert!(broken.message.contains("Job labforge-broken/fails: job failed"), "{broken:?}");
+    assert!(broken.message.contains("tried again in"), "{broken:?}");
+    assert!(broken.failures >= 1, "{broken:?}");
+    let after = &st.components[3];
+    assert_eq!(after.state, State::Blocked, "{after:?}");
+    assert_eq!(after.message, "waits for broken to be ready");
+    assert_eq!(st.state, "degraded", "{st:?}");
+    let never = room.kubectl(0, "-n labforge-broken get configmap never-applied --ignore-not-found -o name", "")?;
+    assert!(never.trim().is_empty(), "a blocked component applies nothing: {never}");
     let classes = room.kubectl(
         0,
         r#"get storageclass -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.annotations.storageclass\.kubernetes\.io/is-default-class} {end}'"#,
