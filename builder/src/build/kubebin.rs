@@ -90,6 +90,25 @@ pub fn resolve(k: &KubernetesSpec, lock: &LockFile) -> Result<Vec<Pinned>> {
         .collect()
 }
 
+/// [`resolve`] without the network (`labforge plan`): a file the lock does not pin gets the
+/// digest `unresolved`.
+pub fn resolve_offline(k: &KubernetesSpec, lock: &LockFile) -> Vec<Pinned> {
+    wanted(k)
+        .into_iter()
+        .map(|(name, url)| {
+            let sha256 = lock.file(&url).map(str::to_string).unwrap_or_else(|| super::UNRESOLVED.to_string());
+            Pinned { name, url, sha256 }
+        })
+        .collect()
+}
+
+/// Whether kubeadm is pinned and already in the cache (so it can be asked without the network).
+pub fn kubeadm_cached(pins: &[Pinned], cache: &Path) -> bool {
+    pins.iter()
+        .find(|p| p.name == "kubeadm")
+        .is_some_and(|p| p.sha256 != super::UNRESOLVED && cache.join("binaries/sha256").join(&p.sha256).is_file())
+}
+
 /// The digest in `<url>.sha256`: its first word, 64 hex digits.
 fn published_sum(http: &reqwest::blocking::Client, url: &str) -> Result<String> {
     let sum_url = format!("{url}.sha256");

@@ -122,8 +122,21 @@ impl Plan {
         let rootfs_key = rootfs.cache_key()?;
         let lock_path = opts.lock_file.clone().unwrap_or_else(|| registry::lock::path_for(&opts.spec, &spec.name));
         let lock = if opts.update_lock { Default::default() } else { registry::lock::LockFile::load(&lock_path)? };
-        let binaries = kubebin::resolve(&spec.kubernetes, &lock)?;
-        if spec.kubernetes.enabled {
+        let binaries = if opts.offline {
+            kubebin::resolve_offline(&spec.kubernetes, &lock)
+        } else {
+            kubebin::resolve(&spec.kubernetes, &lock)?
+        };
+        let ask_kubeadm = !opts.offline
+            || spec.kubernetes.source == spec::KubernetesSource::Packages
+            || kubebin::kubeadm_cached(&binaries, &opts.cache_dir);
+        if spec.kubernetes.enabled && !ask_kubeadm {
+            tracing::warn!(
+                "kubeadm {} is not in the cache: the control plane's images are not listed here (the build asks kubeadm)",
+                spec.kubernetes.version
+            );
+        }
+        if spec.kubernetes.enabled && ask_kubeadm {
             // The control plane's images, as the image's own kubeadm names them, join the
             // preload set (after the spec's own, without repeats).
             for r in kubebin::control_plane_images(&spec.kubernetes, &binaries, &opts.cache_dir)? {
