@@ -46,9 +46,7 @@ impl Kube {
             None => ("", api_version),
         };
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        discovery::pinned_kind(&self.client, &gvk)
-            .await
-            .map_err(|e| anyhow!("the API server does not serve {kind} in {api_version}: {e}"))
+        discovery::pinned_kind(&self.client, &gvk).await.with_context(|| format!("finding {kind} in {api_version}"))
     }
 
     fn api(&self, ar: &ApiResource, caps: &ApiCapabilities, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -192,6 +190,26 @@ fn random_text() -> Result<String> {
     Ok(out)
 }
 
+/// Whether `e` says the API server could not be reached or did not answer (as opposed to an
+/// answer refusing something): a connection refused or reset, a TLS or HTTP failure, a timeout.
+pub fn unreachable(e: &anyhow::Error) -> bool {
+    let mut api_answered = false;
+    let mut transport = false;
+    for cause in e.chain() {
+        if let Some(k) = cause.downcast_ref::<kube::Error>() {
+            match k {
+                kube::Error::Api(_) => api_answered = true,
+                kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => transport = true,
+                _ => {}
+            }
+        }
+        if cause.to_string().contains("did not answer within") {
+            transport = true;
+        }
+    }
+    transport && !api_answered
+}
+
 /// `apiVersion/kind`, as the state file records kinds.
 pub fn kind_key(r: &ObjectRef) -> String {
     format!("{}/{}", r.api_version, r.kind)
@@ -327,4 +345,41 @@ pub async fn check_gates(kube: &Kube, c: &ResolvedComponent, rendered: &Rendered
         }
     }
     Ok(Readiness::Ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_count_as_failures_and_silence_does_not() {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": 422, "message": "spec.replicas: Invalid value"}))
+                .unwrap();
+        let refused = anyhow::Error::new(kube::Error::Api(Box::new(status))).context("applying Deployment x/y");
+        assert!(!unreachable(&refused), "the API server answered: the component's fault");
+        let silent =
+            anyhow::Error::new(kube::Error::Service("connection refused".into())).context("applying Deployment x/y");
+        assert!(unreachable(&silent));
+        assert!(unreachable(&anyhow!("the API server did not answer within 60s")));
+        assert!(!unreachable(&anyhow!("component x template a.yaml: undefined value")));
+    }
+
+    #[test]
+    fn namespaces_and_crds_go_first_and_default_gates_cover_workloads() {
+        let objs: Vec<Value> = ["ConfigMap", "CustomResourceDefinition", "Deployment", "Namespace"]
+            .iter()
+            .map(|k| serde_json::json!({"apiVersion": "v1", "kind": k, "metadata": {"name": k.to_lowercase()}}))
+            .collect();
+        let order: Vec<&str> = apply_order(&objs).iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        assert_eq!(order, ["Namespace", "CustomResourceDefinition", "ConfigMap", "Deployment"]);
+        let c: ResolvedComponent = serde_json::from_value(serde_json::json!({
+            "name": "x", "namespace": "x", "depends-on": [], "images": {}, "image-carrying": {},
+            "settings": {}, "ready": [], "web": [], "templates": {}, "origin": "built-in", "build-digest": ""
+        }))
+        .unwrap();
+        let r = Rendered { objects: objs, digest: String::new() };
+        let kinds: Vec<String> = gates(&c, &r).into_iter().map(|g| g.kind).collect();
+        assert_eq!(kinds, ["CustomResourceDefinition", "Deployment"]);
+    }
 }

@@ -22,6 +22,8 @@ use crate::report::Report;
 /// the gates (and puts back what someone deleted) this often.
 const BUSY: Duration = Duration::from_secs(5);
 const SETTLED: Duration = Duration::from_secs(60);
+/// How a failed component's message ends: ` (tried again in 20s)`.
+const RETRY_NOTE: &str = " (tried again in ";
 
 /// What the task needs from the node config.
 #[derive(Debug, Clone)]
@@ -135,9 +137,8 @@ async fn round(
             }
             Step::Pause { left } => {
                 statuses[i].state = State::Failed;
-                if !statuses[i].message.contains("tried again in") {
-                    statuses[i].message = format!("{} (tried again in {}s)", statuses[i].message, left.as_secs());
-                }
+                let cause = statuses[i].message.split(RETRY_NOTE).next().unwrap_or_default().to_string();
+                statuses[i].message = format!("{cause}{RETRY_NOTE}{}s)", left.as_secs());
                 ready.insert(c.name.clone(), false);
                 publish_round(report, statuses);
                 continue;
@@ -186,10 +187,22 @@ async fn round(
                 }
             }
             Ok(Readiness::Waiting(m)) => {
+                // Applied and on its way: earlier failures are over.
+                failures.remove(&c.name);
+                statuses[i].failures = 0;
                 statuses[i].state = State::Waiting;
                 statuses[i].message = m;
             }
             Ok(Readiness::Failed(m)) => fail(&mut statuses[i], failures, &c.name, m),
+            // The API server not answering is not the component's fault (a slow PC's API
+            // server restarts now and then): no failure counted, the round ends, the next one
+            // comes after the usual short pause.
+            Err(e) if apply::unreachable(&e) => {
+                statuses[i].message = format!("the API server did not answer: {e:#}");
+                ready.insert(c.name.clone(), false);
+                publish_round(report, statuses);
+                return false;
+            }
             Err(e) => fail(&mut statuses[i], failures, &c.name, format!("{e:#}")),
         }
         ready.insert(c.name.clone(), is_ready);
@@ -214,7 +227,7 @@ fn fail(st: &mut ComponentStatus, failures: &mut BTreeMap<String, (u32, Instant)
     warn!(component = %name, failures = n, "{message}");
     st.state = State::Failed;
     st.failures = n;
-    st.message = format!("{message} (tried again in {}s)", plan::backoff(n).as_secs());
+    st.message = format!("{message}{RETRY_NOTE}{}s)", plan::backoff(n).as_secs());
 }
 
 fn publish_round(report: &Report, statuses: &[ComponentStatus]) {
