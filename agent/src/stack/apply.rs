@@ -18,6 +18,9 @@ use serde_json::Value;
 #[derive(Clone)]
 pub struct Kube {
     client: kube::Client,
+    /// What discovery said of each `apiVersion/kind` (one API call per kind per connection,
+    /// not per object: a slow PC's API server has little to spare).
+    kinds: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (ApiResource, ApiCapabilities)>>>,
 }
 
 /// Every API call gives up after this long (a slow PC's API server answers within it).
@@ -37,10 +40,20 @@ impl Kube {
         cfg.read_timeout = Some(CALL_TIMEOUT);
         cfg.write_timeout = Some(CALL_TIMEOUT);
         let client = kube::Client::try_from(cfg).context("making the Kubernetes API client")?;
-        Ok(Kube { client })
+        Ok(Kube { client, kinds: Default::default() })
     }
 
     async fn resource(&self, api_version: &str, kind: &str) -> Result<(ApiResource, ApiCapabilities)> {
+        let key = format!("{api_version}/{kind}");
+        if let Some(found) = self.kinds.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(found.clone());
+        }
+        let found = self.discover(api_version, kind).await?;
+        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).insert(key, found.clone());
+        Ok(found)
+    }
+
+    async fn discover(&self, api_version: &str, kind: &str) -> Result<(ApiResource, ApiCapabilities)> {
         let (group, version) = match api_version.split_once('/') {
             Some((g, v)) => (g, v),
             None => ("", api_version),

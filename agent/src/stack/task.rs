@@ -20,7 +20,7 @@ use crate::report::Report;
 
 /// Between rounds while anything is on its way; once everything is ready, a round re-checks
 /// the gates (and puts back what someone deleted) this often.
-const BUSY: Duration = Duration::from_secs(5);
+const BUSY: Duration = Duration::from_secs(10);
 const SETTLED: Duration = Duration::from_secs(60);
 /// How a failed component's message ends: ` (tried again in 20s)`.
 const RETRY_NOTE: &str = " (tried again in ";
