@@ -41,7 +41,7 @@ pub fn router(shared: Arc<Endpoints>) -> Router {
     Router::new()
         .route("/status", get(|State(s): State<Arc<Endpoints>>| async move { Json(s.report.snapshot()) }))
         .route("/metrics", get(|State(s): State<Arc<Endpoints>>| async move { s.report.snapshot().metrics() }))
-        .route("/sd/nodes", get(|State(s): State<Arc<Endpoints>>| async move { Json(sd_nodes(&s.report.snapshot())) }))
+        .route("/sd/nodes", get(sd_nodes_route))
         .route("/join-info", post(join_info))
         .route("/pxe/:file", get(pxe_file))
         .route("/pxe/enrol", post(enrol))
@@ -350,6 +350,18 @@ impl Throttle {
 /// escaped.
 fn loggable(s: &str) -> String {
     s.chars().take(64).collect::<String>().escape_debug().to_string()
+}
+
+/// While the API server does not answer, 503: Prometheus then keeps the targets it had (an
+/// empty list would drop every node just when one may be down).
+async fn sd_nodes_route(State(s): State<Arc<Endpoints>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = s.report.snapshot();
+    let answering = status.kube_api.as_ref().is_some_and(|k| k.state == crate::cluster::api::ApiState::Answering);
+    if !answering {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the API server is not answering; no node list\n").into_response();
+    }
+    Json(sd_nodes(&status)).into_response()
 }
 
 /// `GET /sd/nodes`: the cluster's nodes as the master's API server lists them, in Prometheus's

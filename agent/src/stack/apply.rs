@@ -70,8 +70,9 @@ impl Kube {
     }
 
     /// Server-side applies `obj` (forcing conflicts: the component owns its fields). A
-    /// namespaced object without a namespace goes to `default_ns`.
-    pub async fn apply(&self, obj: &Value, default_ns: &str) -> Result<()> {
+    /// namespaced object without a namespace goes to `default_ns`. Returns the object's identity
+    /// as the API server keeps it (namespace set or dropped by the kind's scope).
+    pub async fn apply(&self, obj: &Value, default_ns: &str) -> Result<ObjectRef> {
         let r = ObjectRef::of(obj)?;
         let (ar, caps) = self.resource(&r.api_version, &r.kind).await?;
         let mut obj = obj.clone();
@@ -93,7 +94,7 @@ impl Kube {
         tokio::time::timeout(CALL_TIMEOUT, api.patch(&r.name, &params, &Patch::Apply(&obj)))
             .await
             .map_err(|_| anyhow!("the API server did not answer within {CALL_TIMEOUT:?}"))??;
-        Ok(())
+        Ok(ObjectRef { namespace: ns, ..r })
     }
 
     /// The object, or None when it does not exist.
@@ -211,6 +212,9 @@ pub fn unreachable(e: &anyhow::Error) -> bool {
     for cause in e.chain() {
         if let Some(k) = cause.downcast_ref::<kube::Error>() {
             match k {
+                // Too many requests, or an API server that cannot serve yet (etcd timeouts,
+                // starting up): as good as no answer.
+                kube::Error::Api(s) if s.code == 429 || s.code >= 500 => transport = true,
                 kube::Error::Api(_) => api_answered = true,
                 kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => transport = true,
                 _ => {}
@@ -222,6 +226,17 @@ pub fn unreachable(e: &anyhow::Error) -> bool {
     }
     transport && !api_answered
 }
+
+/// Whether `e` is the API server saying "not found" (a kind it does not serve, an object gone).
+fn not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 404)
+            || matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Discovery(_)))
+    })
+}
+
+/// How a gate whose object is gone ends its message.
+pub const MISSING: &str = "does not exist";
 
 /// `apiVersion/kind`, as the state file records kinds.
 pub fn kind_key(r: &ObjectRef) -> String {
@@ -250,6 +265,7 @@ pub async fn apply_component(
     previous_kinds: &[String],
 ) -> Result<Vec<String>> {
     let mut secrets_made = c.secrets.is_empty();
+    let mut current = Vec::with_capacity(rendered.objects.len());
     for obj in apply_order(&rendered.objects) {
         let r = ObjectRef::of(obj)?;
         if !secrets_made && r.kind != "Namespace" {
@@ -261,12 +277,11 @@ pub async fn apply_component(
             }
             secrets_made = true;
         }
-        kube.apply(obj, &c.namespace).await.with_context(|| format!("applying {r}"))?;
+        current.push(kube.apply(obj, &c.namespace).await.with_context(|| format!("applying {r}"))?);
         if r.kind == "CustomResourceDefinition" {
             wait_established(kube, &r).await?;
         }
     }
-    let current = rendered.refs();
     let mut kinds: Vec<String> = previous_kinds.to_vec();
     for r in &current {
         let k = kind_key(r);
@@ -278,11 +293,13 @@ pub async fn apply_component(
         let Some((api_version, kind)) = k.rsplit_once('/') else { continue };
         let listed = match kube.labelled(api_version, kind, &c.name).await {
             Ok(l) => l,
-            // A kind no longer served (its CRD gone) has nothing left to prune.
-            Err(e) => {
+            // A kind no longer served (its CRD gone) has nothing left to prune; any other
+            // error fails the apply, which is then done again (and prunes then).
+            Err(e) if not_found(&e) => {
                 tracing::debug!("not pruning {k}: {e:#}");
                 continue;
             }
+            Err(e) => return Err(e.context(format!("listing the component's {k} objects to prune"))),
         };
         for stale in prune::stale(&c.name, &listed, &current) {
             tracing::info!(component = %c.name, "pruning {stale}: the component no longer has it");
@@ -349,7 +366,7 @@ pub async fn check_gates(kube: &Kube, c: &ResolvedComponent, rendered: &Rendered
             None => format!("{} {}", g.kind, g.name),
         };
         let Some(obj) = kube.get(&api_version, &g.kind, ns.as_deref(), &g.name).await? else {
-            return Ok(Readiness::Waiting(format!("{what} does not exist yet")));
+            return Ok(Readiness::Waiting(format!("{what} {MISSING}")));
         };
         match readiness(&g.kind, &obj, g.condition.as_deref()) {
             Readiness::Ready => {}
@@ -375,6 +392,9 @@ mod tests {
             anyhow::Error::new(kube::Error::Service("connection refused".into())).context("applying Deployment x/y");
         assert!(unreachable(&silent));
         assert!(unreachable(&anyhow!("the API server did not answer within 60s")));
+        let busy: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": 503, "message": "etcd"})).unwrap();
+        assert!(unreachable(&anyhow::Error::new(kube::Error::Api(Box::new(busy)))), "5xx: not the component's fault");
         assert!(!unreachable(&anyhow!("component x template a.yaml: undefined value")));
     }
 

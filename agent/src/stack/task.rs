@@ -51,7 +51,9 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
         }
     };
     let state_path = settings.state_dir.join(STATE_FILE);
-    let mut memory = load_memory(&state_path);
+    // Read once this node leads a cluster (the file is keyed by its uid).
+    let mut memory = Memory::new();
+    let mut uid = String::new();
     let mut statuses: Vec<ComponentStatus> = plan
         .components
         .iter()
@@ -60,7 +62,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             namespace: c.namespace.clone(),
             state: State::Blocked,
             message: "waiting for this node to lead a Ready cluster".into(),
-            applied_digest: memory.get(&c.name).map(|a| a.digest.clone()),
+            applied_digest: None,
             failures: 0,
             version: version(&c.images),
             web: c.web.clone(),
@@ -95,9 +97,22 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
                 }
             },
         };
-        let facts = facts(&report, &view.borrow(), &settings);
+        let view_uid = view.borrow().uid.clone().unwrap_or_default();
+        if view_uid != uid {
+            uid = view_uid;
+            memory = load_memory(&state_path, &uid);
+            for st in statuses.iter_mut() {
+                st.applied_digest = memory.get(&st.name).map(|a| a.digest.clone());
+            }
+        }
+        let Some(facts) = facts(&report, &view.borrow(), &settings) else {
+            // Templates name the master's address: never render them without it.
+            tokio::time::sleep(BUSY).await;
+            continue;
+        };
         let all_ready =
-            round(&client, &plan, &facts, &mut memory, &mut failures, &mut statuses, &report, &state_path).await;
+            round(&client, &plan, &facts, &mut memory, &mut failures, &mut statuses, &report, (&state_path, &uid))
+                .await;
         tokio::time::sleep(if all_ready { SETTLED } else { BUSY }).await;
     }
 }
@@ -112,7 +127,7 @@ async fn round(
     failures: &mut BTreeMap<String, (u32, Instant)>,
     statuses: &mut [ComponentStatus],
     report: &Report,
-    state_path: &Path,
+    (state_path, uid): (&Path, &str),
 ) -> bool {
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();
     for (i, c) in plan.components.iter().enumerate() {
@@ -126,6 +141,7 @@ async fn round(
             since_failure: since,
         };
         let step = plan::step(&input, memory, &ready);
+        let checked_only = step == Step::Check;
         statuses[i].failures = count;
         let outcome: Result<Readiness> = match step {
             Step::Wait { on } => {
@@ -157,7 +173,7 @@ async fn round(
                             // Recorded once every object was accepted: a power cut before
                             // this applies again, which server-side apply makes harmless.
                             memory.insert(c.name.clone(), Applied { digest: r.digest.clone(), kinds, ready: false });
-                            save_memory(state_path, memory);
+                            save_memory(state_path, uid, memory);
                             statuses[i].applied_digest = Some(r.digest.clone());
                             apply::check_gates(kube, c, &r).await
                         }
@@ -182,9 +198,17 @@ async fn round(
                 if let Some(a) = memory.get_mut(&c.name) {
                     if !a.ready {
                         a.ready = true;
-                        save_memory(state_path, memory);
+                        save_memory(state_path, uid, memory);
                     }
                 }
+            }
+            Ok(Readiness::Waiting(m)) if checked_only && m.ends_with(apply::MISSING) => {
+                // Someone deleted what the component had: it is applied again next round.
+                warn!(component = %c.name, "{m}: applying it again");
+                memory.remove(&c.name);
+                save_memory(state_path, uid, memory);
+                statuses[i].state = State::Waiting;
+                statuses[i].message = format!("{m}: applying it again");
             }
             Ok(Readiness::Waiting(m)) => {
                 // Applied and on its way: earlier failures are over.
@@ -255,32 +279,55 @@ fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentSta
 }
 
 /// What templates know at run time: the nodes the API server lists and the master's address.
-fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> ClusterFacts {
+fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> Option<ClusterFacts> {
+    let master_address = view.lan.as_ref()?.address.to_string();
     let api = report.snapshot().kube_api;
     let mut names: Vec<String> = api.map(|k| k.nodes.into_iter().map(|n| n.name).collect()).unwrap_or_default();
     names.sort();
-    ClusterFacts {
+    Some(ClusterFacts {
         nodes: names.len().max(1) as u32,
         node_names: names,
-        master_address: view.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default(),
+        master_address,
         pod_cidr: settings.pod_cidr.clone(),
         service_cidr: settings.service_cidr.clone(),
         kubernetes_version: settings.kubernetes_version.clone(),
-    }
+    })
 }
 
-fn load_memory(path: &Path) -> Memory {
+/// The state file: what was applied, to which cluster.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Saved {
+    cluster_uid: String,
+    applied: Memory,
+}
+
+/// What was applied to cluster `uid` (nothing, if the file speaks of another cluster: one
+/// formed anew keeps nothing of the old one's stack).
+fn load_memory(path: &Path, uid: &str) -> Memory {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            warn!("{} is unreadable ({e}); every component is applied again", path.display());
-            Memory::new()
-        }),
+        Ok(b) => match serde_json::from_slice::<Saved>(&b) {
+            Ok(s) if s.cluster_uid == uid => s.applied,
+            Ok(s) => {
+                warn!(
+                    "{} records cluster {}, not {uid}: every component is applied again",
+                    path.display(),
+                    s.cluster_uid
+                );
+                Memory::new()
+            }
+            Err(e) => {
+                warn!("{} is unreadable ({e}); every component is applied again", path.display());
+                Memory::new()
+            }
+        },
         Err(_) => Memory::new(),
     }
 }
 
-fn save_memory(path: &Path, memory: &Memory) {
-    let r = serde_json::to_vec_pretty(memory)
+fn save_memory(path: &Path, uid: &str, memory: &Memory) {
+    let saved = Saved { cluster_uid: uid.to_string(), applied: memory.clone() };
+    let r = serde_json::to_vec_pretty(&saved)
         .context("encoding")
         .and_then(|b| crate::sys::fs::write_durable_mode(path, &b, 0o600));
     if let Err(e) = r {

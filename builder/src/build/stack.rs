@@ -173,10 +173,30 @@ fn check_with(
     preloaded: &[(String, String)],
     names_only: bool,
 ) -> Result<()> {
+    let mut owners: BTreeMap<(String, String, Option<String>, String), String> = BTreeMap::new();
     for c in components.iter_mut() {
         let r = stack::render(c, facts)?;
         for o in &r.objects {
+            let id = stack::ObjectRef::of(o)?;
+            let key = (id.group_version().0.to_string(), id.kind.clone(), id.namespace.clone(), id.name.clone());
+            if let Some(other) = owners.insert(key, c.name.clone()) {
+                bail!("{id} is in component {other} and in component {}: each object belongs to one component", c.name);
+            }
             for f in images_in(o, &c.image_carrying) {
+                if f.pull_policy.as_deref() == Some("Always") {
+                    bail!(
+                        "component {}: {} field {} pulls image {} always (imagePullPolicy: Always); a lab node has no registry: use IfNotPresent",
+                        c.name, f.object, f.field, f.reference
+                    );
+                }
+                let untagged =
+                    !f.reference.contains('@') && !f.reference.rsplit('/').next().unwrap_or("").contains(':');
+                if untagged && f.pull_policy.is_none() {
+                    bail!(
+                        "component {}: {} field {} names image {} without a tag, which Kubernetes pulls always; give it a tag or a digest",
+                        c.name, f.object, f.field, f.reference
+                    );
+                }
                 if names_only && f.reference.contains('@') {
                     continue;
                 }
@@ -381,5 +401,44 @@ mod tests {
         assert!(cs[1].secrets.is_empty());
         let r = stack::render(&cs[1], &ClusterFacts::at_build("a", "b", "c")).unwrap();
         assert!(!r.objects.iter().any(|o| o["metadata"]["name"].as_str().unwrap_or_default().starts_with("grafana")));
+    }
+
+    fn site(dir: &Path, name: &str, yaml: &str) -> std::path::PathBuf {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("component.toml"), format!("name = \"{name}\"\nnamespace = \"{name}\"\n")).unwrap();
+        std::fs::write(d.join("a.yaml"), yaml).unwrap();
+        d
+    }
+
+    #[test]
+    fn pulls_at_run_time_and_objects_of_two_components_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |image: &str, policy: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: x\nspec:\n  containers:\n    - name: c\n      image: {image}\n{policy}")
+        };
+        let facts = ClusterFacts::at_build("a", "b", "c");
+        let preload = pinned(&["registry.lab/x:1".to_string(), "registry.lab/x".to_string()]);
+        let run = |yaml: &str| {
+            let s = StackSpec { site: vec![site(dir.path(), "a", yaml)], ..spec("components = [\"a\"]\n") };
+            let mut cs = resolve(&s).unwrap();
+            check(&mut cs, &facts, &preload).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(run(&pod("registry.lab/x:1", "      imagePullPolicy: IfNotPresent\n")).is_ok());
+        let e = run(&pod("registry.lab/x:1", "      imagePullPolicy: Always\n")).unwrap_err();
+        assert!(e.contains("imagePullPolicy: Always"), "{e}");
+        let e = run(&pod("registry.lab/x", "")).unwrap_err();
+        assert!(e.contains("without a tag"), "{e}");
+        // The same object in two components.
+        let s = StackSpec {
+            site: vec![
+                site(dir.path(), "one", &pod("registry.lab/x:1", "")),
+                site(dir.path(), "two", &pod("registry.lab/x:1", "")),
+            ],
+            ..spec("components = [\"one\", \"two\"]\n")
+        };
+        let mut cs = resolve(&s).unwrap();
+        let e = check(&mut cs, &facts, &preload).unwrap_err().to_string();
+        assert!(e.contains("Pod x/p is in component one and in component two"), "{e}");
     }
 }

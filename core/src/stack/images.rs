@@ -11,6 +11,8 @@ pub struct FoundImage {
     pub object: ObjectRef,
     pub field: String,
     pub reference: String,
+    /// The container's `imagePullPolicy`, for a container's own `image`.
+    pub pull_policy: Option<String>,
 }
 
 /// Every image reference in `obj`: each container's, init container's and ephemeral container's
@@ -38,17 +40,33 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
         for (i, c) in cs.iter().enumerate() {
             let at = format!("{base}.{list}[{i}]");
             if let Some(img) = c.get("image").and_then(Value::as_str) {
-                found.push(FoundImage { object: object.clone(), field: format!("{at}.image"), reference: img.into() });
+                found.push(FoundImage {
+                    object: object.clone(),
+                    field: format!("{at}.image"),
+                    reference: img.into(),
+                    pull_policy: c.get("imagePullPolicy").and_then(Value::as_str).map(str::to_string),
+                });
             }
-            for key in ["command", "args"] {
-                let Some(args) = c.get(key).and_then(Value::as_array) else { continue };
-                let args: Vec<&str> = args.iter().filter_map(Value::as_str).collect();
-                for (j, a) in args.iter().enumerate() {
+            // `command` and `args` as the one argv they make: a flag at the end of `command`
+            // may take its value from the start of `args`.
+            let words = |key: &str| -> Vec<(String, usize, &str)> {
+                c.get(key)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter().enumerate().filter_map(|(j, v)| Some((key.to_string(), j, v.as_str()?))).collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let argv: Vec<(String, usize, &str)> = words("command").into_iter().chain(words("args")).collect();
+            {
+                let args: Vec<&str> = argv.iter().map(|(_, _, a)| *a).collect();
+                for (n, a) in args.iter().enumerate() {
+                    let (key, j) = (&argv[n].0, argv[n].1);
                     for flag in &carrying.args {
                         let value = if let Some(v) = a.strip_prefix(flag.as_str()).and_then(|r| r.strip_prefix('=')) {
                             Some(v)
                         } else if *a == flag.as_str() {
-                            args.get(j + 1).copied()
+                            args.get(n + 1).copied()
                         } else {
                             None
                         };
@@ -57,6 +75,7 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
                                 object: object.clone(),
                                 field: format!("{at}.{key}[{j}] ({flag})"),
                                 reference: v.into(),
+                                pull_policy: None,
                             });
                         }
                     }
@@ -74,6 +93,7 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
                             object: object.clone(),
                             field: format!("{at}.env[{n}]"),
                             reference: v.into(),
+                            pull_policy: None,
                         });
                     }
                 }
@@ -100,14 +120,11 @@ fn configmap_pods(obj: &Value, object: &ObjectRef, carrying: &ImageCarrying) -> 
                 object: object.clone(),
                 field: format!("data[{key}]"),
                 reference: "<not a Pod template with containers>".into(),
+                pull_policy: None,
             });
         }
         for f in inner {
-            found.push(FoundImage {
-                object: object.clone(),
-                field: format!("data[{key}].{}", f.field),
-                reference: f.reference,
-            });
+            found.push(FoundImage { object: object.clone(), field: format!("data[{key}].{}", f.field), ..f });
         }
     }
     found

@@ -19,6 +19,9 @@ pub fn stale(component: &str, listed: &[Value], current: &[ObjectRef]) -> Vec<Ob
             l(LABEL_MANAGED_BY) == Some("labforge") && l(LABEL_COMPONENT) == Some(component)
         })
         .filter_map(|o| ObjectRef::of(o).ok())
+        // Never a namespace (it takes everything in it, other components' objects too) nor a
+        // claim (its volume is deleted with it): those are left for an admin.
+        .filter(|r| !matches!(r.kind.as_str(), "Namespace" | "PersistentVolumeClaim"))
         .filter(|r| !keep.contains(&key(r)))
         .collect();
     out.sort();

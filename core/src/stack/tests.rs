@@ -146,6 +146,14 @@ fn images_are_found_in_containers_args_and_declared_env() {
         "spec": {"containers": [{"name": "x", "image": "a", "args": ["--helper-image", "h:1"]}]}});
     let f = images_in(&separate, &c.image_carrying);
     assert_eq!(f[1].reference, "h:1");
+    // A flag ending `command` takes its value from the start of `args`.
+    let split = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "x", "image": "a:1", "command": ["op", "--helper-image"], "args": ["h:2"]}]}});
+    let f = images_in(&split, &c.image_carrying);
+    assert_eq!(
+        (f[1].field.as_str(), f[1].reference.as_str()),
+        ("spec.containers[0].command[1] (--helper-image)", "h:2")
+    );
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"image": "x"}});
     assert!(images_in(&cm, &c.image_carrying).is_empty());
     let carrying = ImageCarrying { configmap_pods: vec!["helperPod.yaml".into()], ..Default::default() };
@@ -190,6 +198,8 @@ fn prune_selects_only_this_components_objects_that_are_gone() {
         obj("ConfigMap", "old", "storage", "labforge"),
         obj("ConfigMap", "theirs", "monitoring", "labforge"),
         obj("ConfigMap", "hand-made", "storage", "someone"),
+        obj("Namespace", "gone", "storage", "labforge"),
+        obj("PersistentVolumeClaim", "data", "storage", "labforge"),
     ];
     let current = vec![ObjectRef {
         api_version: "v1".into(),
