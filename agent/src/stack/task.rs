@@ -72,9 +72,13 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
     let mut failures: BTreeMap<String, (u32, Instant)> = BTreeMap::new();
     let mut kube: Option<Kube> = None;
     loop {
-        // Only the leading master applies, and only once its API server says it is Ready.
+        // Only the leading master applies, and only once its API server says it is Ready and
+        // every kube-system pod (control plane, kube-proxy, CoreDNS) is too: on a slow PC new
+        // workloads would take the CPU a settling control plane needs.
         let leading = view.borrow().leading;
-        let ready = report.snapshot().kube_api.is_some_and(|k| k.node_ready == Some(true));
+        let ready = report.snapshot().kube_api.is_some_and(|k| {
+            k.node_ready == Some(true) && !k.control_plane.is_empty() && k.control_plane.iter().all(|p| p.ready)
+        });
         if !(leading && ready) {
             kube = None;
             tokio::select! {
