@@ -237,8 +237,23 @@ fn stack_ready(s: &Status) -> bool {
     })
 }
 
-/// The file the Job wrote, read on the node that holds the volume (the master: it was alone).
-const PROOF: &str = "sudo sh -c 'cat /var/lib/labforge/volumes/pvc-*_default_proof/proof'";
+/// The file the Job wrote, read on the node that holds the volume: the one its PersistentVolume
+/// is bound to (the worker may have joined by the time the Job was scheduled).
+fn proof(room: &Room) -> Result<String> {
+    let pv = room.kubectl(0, "get pvc proof -o jsonpath='{.spec.volumeName}'", "")?;
+    let node = room.kubectl(
+        0,
+        &format!("get pv {} -o jsonpath='{{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}}'", pv.trim()),
+        "",
+    )?;
+    let addr = room.kubectl(
+        0,
+        &format!("get node {} -o jsonpath='{{.status.addresses[?(@.type==\"InternalIP\")].address}}'", node.trim()),
+        "",
+    )?;
+    let cmd = format!("sudo cat /var/lib/labforge/volumes/{}_default_proof/proof", pv.trim());
+    Ok(room.remote.run_at(addr.trim(), &cmd, "")?.trim().to_string())
+}
 
 fn pods_ready(s: &Status, prefixes: &[&str]) -> bool {
     let Some(api) = &s.kube_api else { return false };
@@ -530,11 +545,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     room.kubectl(0, "wait --for=condition=complete job/volume-writer --timeout=900s", "")?;
     let phase = room.kubectl(0, "get pvc proof -o jsonpath='{.status.phase}'", "")?;
     assert_eq!(phase.trim(), "Bound", "the claim on the default class is bound");
-    assert_eq!(
-        room.run(0, PROOF, "")?.trim(),
-        "labforge-volume-ok",
-        "the Job's file is on the master's state partition"
-    );
+    assert_eq!(proof(room)?, "labforge-volume-ok", "the Job's file is on the master's state partition");
     assert_eq!(room.journal_count(0, "applying component=storage")?, 1, "storage applied once");
     monitoring(room)?;
 
@@ -605,7 +616,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready after the power cut", SETTLE, stack_ready)?;
     eprintln!("real room: whole-room power-on to the stack ready in {:.0?}", back_on.elapsed());
     assert_eq!(room.journal_count(0, "applying component=")?, 0, "an unchanged stack is not applied again");
-    assert_eq!(room.run(0, PROOF, "")?.trim(), "labforge-volume-ok", "the volume's file survived the power cut");
+    assert_eq!(proof(room)?, "labforge-volume-ok", "the volume's file survived the power cut");
 
     // Nothing was ever pulled: every image came from the USB stick. The bootstrap token (in
     // the agents' 0600 state) is in no log and not in the status anyone on the LAN may read.
