@@ -36,8 +36,8 @@ test: host-deps build lint
 
 # The real-Kubernetes room (qemu-tests/tests/real_cluster.rs): upstream Kubernetes built from
 # its Go modules (once per machine, cached by its inputs), then two PCs: an interrupted init, a
-# single-node cluster, a worker joining, pod-to-pod traffic across nodes, a whole-room power
-# cut. Not part of `make test`: with it the suite does not fit CI's time limit on two emulated
+# single-node cluster, the stack (storage, monitoring, a failing site component, the portal),
+# a worker joining, pod-to-pod traffic across nodes, a whole-room power cut. Not part of `make test`: with it the suite does not fit CI's time limit on two emulated
 # cores (see README, "CI time").
 test-kubernetes: host-deps build
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
