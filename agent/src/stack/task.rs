@@ -68,7 +68,6 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             web: c.web.clone(),
         })
         .collect();
-    publish(&report, "waiting", "waiting for this node to lead a Ready cluster", &statuses);
     let mut failures: BTreeMap<String, (u32, Instant)> = BTreeMap::new();
     let mut kube: Option<Kube> = None;
     loop {
@@ -81,6 +80,18 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
         });
         if !(leading && ready) {
             kube = None;
+            if leading {
+                publish(
+                    &report,
+                    "waiting",
+                    "waiting for the API server to report this node and its kube-system pods Ready",
+                    &statuses,
+                );
+            } else {
+                // Only the master applies a stack: on any other node there is none to report
+                // (a worker's metrics would otherwise say every component is not ready).
+                report.update(|s| s.stack = None);
+            }
             tokio::select! {
                 _ = view.changed() => {}
                 _ = tokio::time::sleep(BUSY) => {}
