@@ -84,8 +84,20 @@ pub fn fixture(log: &str) -> Result<PathBuf> {
 
 /// One entry of an image layer.
 pub enum Entry {
-    File { path: String, data: Vec<u8>, mode: u32 },
-    Link { path: String, target: String },
+    File {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+    /// An empty directory (`mode`, owned by root): where a volume is mounted, say.
+    Dir {
+        path: String,
+        mode: u32,
+    },
 }
 
 /// An uncompressed tar layer with fixed times and owners (the same entries, the same digest).
@@ -109,6 +121,12 @@ pub fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
                 h.set_mode(0o777);
                 h.set_entry_type(tar::EntryType::Symlink);
                 b.append_link(&mut h, path, target)?;
+            }
+            Entry::Dir { path, mode } => {
+                h.set_size(0);
+                h.set_mode(*mode);
+                h.set_entry_type(tar::EntryType::Directory);
+                b.append_data(&mut h, path, std::io::empty())?;
             }
         }
     }
@@ -701,22 +719,15 @@ impl Remote {
         within: Duration,
         pred: impl Fn(&labforge_agent::status::Status) -> bool,
     ) -> Result<labforge_agent::status::Status> {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let last = match self.status_at(addr) {
-                Ok(s) if pred(&s) => return Ok(s),
-                Ok(s) => format!(
-                    "{} stack {}",
-                    serde_json::to_string(&s.kube_api).unwrap_or_default(),
-                    serde_json::to_string(&s.stack).unwrap_or_default()
-                ),
-                Err(e) => format!("{e:#}"),
-            };
-            if std::time::Instant::now() > deadline {
-                bail!("{what}: not within {within:?}; last kube_api: {last}");
-            }
-            std::thread::sleep(Duration::from_secs(10));
-        }
+        crate::poll(what, within, Duration::from_secs(10), || match self.status_at(addr) {
+            Ok(s) if pred(&s) => Ok(s),
+            Ok(s) => Err(format!(
+                "kube_api {} stack {}",
+                serde_json::to_string(&s.kube_api).unwrap_or_default(),
+                serde_json::to_string(&s.stack).unwrap_or_default()
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        })
     }
 
     /// GETs `http://<node>:<port>/` from the LAN until it answers; the body.
@@ -731,22 +742,21 @@ impl Remote {
 
     /// [`Remote::http_get_at`] of `path` (a 2xx answer with a body).
     pub fn http_get_path_at(&self, addr: &str, port: u16, path: &str, within: Duration) -> Result<String> {
-        let deadline = std::time::Instant::now() + within;
-        loop {
+        let url = format!("http://{addr}:{port}{path}");
+        crate::poll(&format!("an answer from {url}"), within, Duration::from_secs(5), || {
             let out = self
                 .lan
                 .command("curl")
-                .args(["-s", "-f", "--max-time", "10", &format!("http://{addr}:{port}{path}")])
-                .output()?;
+                .args(["-s", "-f", "--max-time", "10", &url])
+                .output()
+                .map_err(|e| format!("running curl: {e}"))?;
             let body = String::from_utf8_lossy(&out.stdout).into_owned();
             if out.status.success() && !body.is_empty() {
-                return Ok(body);
+                Ok(body)
+            } else {
+                Err(format!("curl {}", out.status))
             }
-            if std::time::Instant::now() > deadline {
-                bail!("nothing answered on {addr}:{port}{path} within {within:?}");
-            }
-            std::thread::sleep(Duration::from_secs(5));
-        }
+        })
     }
 }
 
@@ -784,12 +794,12 @@ pub fn monitoring_images(work: &Path) -> Result<Vec<OciImage>> {
     let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
     let ca_data =
         fs::read(ca).with_context(|| format!("reading {} (apt-get install ca-certificates)", ca.display()))?;
-    let mut entries = binary_entries("bin/prometheus", &prometheus.join("usr/bin/prometheus"))?;
+    let mut entries = vec![Entry::Dir { path: "prometheus/".into(), mode: 0o777 }];
+    entries.extend(binary_entries("bin/prometheus", &prometheus.join("usr/bin/prometheus"))?);
     entries.push(Entry::File { path: "etc/ssl/certs/ca-certificates.crt".into(), data: ca_data, mode: 0o644 });
     entries.push(Entry::File { path: "etc/passwd".into(), data: MONITORING_PASSWD.into(), mode: 0o644 });
     entries.push(Entry::File { path: "etc/group".into(), data: MONITORING_GROUP.into(), mode: 0o644 });
-    let prometheus_image =
-        with_dirs(OciImage::new("prometheus", PROMETHEUS_TAG, &entries, &["/bin/prometheus"])?, &["prometheus/"])?;
+    let prometheus_image = OciImage::new("prometheus", PROMETHEUS_TAG, &entries, &["/bin/prometheus"])?;
 
     let entries = binary_entries("bin/node_exporter", &node_exporter.join("usr/bin/prometheus-node-exporter"))?;
     let node_exporter_image = OciImage::new("node-exporter", NODE_EXPORTER_TAG, &entries, &["/bin/node_exporter"])?;
@@ -876,34 +886,4 @@ fn binary_entries(path: &str, binary: &Path) -> Result<Vec<Entry>> {
         entries.extend(files.files.into_values());
     }
     Ok(entries)
-}
-
-/// `image` with empty directories (`dirs`, each `name/`, mode 0777, owned by root) ahead of
-/// its layer's entries; the config's `diff_ids` follow the new layer.
-fn with_dirs(mut image: OciImage, dirs: &[&str]) -> Result<OciImage> {
-    let mut b = tar::Builder::new(Vec::new());
-    for d in dirs {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_entry_type(tar::EntryType::Directory);
-        b.append_data(&mut h, d, std::io::empty())?;
-    }
-    let mut layer = b.into_inner()?;
-    // The end-of-archive marker (two zeroed 512-byte blocks) goes; the image's layer follows.
-    let end = layer
-        .len()
-        .checked_sub(1024)
-        .filter(|&e| layer[e..].iter().all(|&b| b == 0))
-        .context("no end-of-archive marker in the directories' tar")?;
-    layer.truncate(end);
-    layer.extend_from_slice(&image.layer);
-    let mut config: serde_json::Value = serde_json::from_slice(&image.config)?;
-    config["rootfs"]["diff_ids"] = serde_json::json!([digest(&layer)]);
-    image.config = serde_json::to_vec(&config)?;
-    image.layer = layer;
-    Ok(image)
 }

@@ -24,3 +24,24 @@ pub fn exclusive() -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", dir.display()))
 }
+
+/// Asks `check` every `every` until it answers `Ok`, for at most `within`. An `Err` means "not
+/// yet" and says what was seen; the last one is in the error when time runs out. For a state
+/// that can only be asked for (an API, a file on a VM); console lines have `Vm::wait_for_match`.
+pub fn poll<T>(
+    what: &str,
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(last) if std::time::Instant::now() > deadline => {
+                anyhow::bail!("{what}: not within {within:?}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}

@@ -33,11 +33,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use labforge_agent::stack::plan::State;
 use labforge_agent::status::{Phase, Role, Status};
 use qemu_tests::kubernetes::{self, KubeImage, Remote, BUSYBOX_REF, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
+use qemu_tests::poll;
 use qemu_tests::vm::{Net, Vm, VmConfig};
 
 /// Power-on to a Ready node under TCG: boot, importing ~450 MB of preloaded images,
@@ -122,21 +123,7 @@ fn prometheus(room: &Room, path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&body).with_context(|| format!("Prometheus {path}: {body}"))
 }
 
-/// Polls `f` every 10 s until it gives Some, for at most `within`.
-fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(": {e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not within {within:?}{last}");
-        }
-        std::thread::sleep(Duration::from_secs(10));
-    }
-}
+const EVERY: Duration = Duration::from_secs(10);
 
 const PROMETHEUS_PORT: u16 = 30090;
 
@@ -145,11 +132,11 @@ fn monitoring(room: &Room) -> Result<()> {
     // Every job's target is up: the node's kubelet and cAdvisor (HTTPS, the service account's
     // token), node-exporter and the agent, found through the master's /sd/nodes.
     let jobs = ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent"];
-    let up = poll("every Prometheus job up", SETTLE, || {
-        let v = prometheus(room, "/api/v1/query?query=up")?;
+    let up = poll("every Prometheus job up", SETTLE, EVERY, || {
+        let v = prometheus(room, "/api/v1/query?query=up").map_err(|e| format!("{e:#}"))?;
         let up: Vec<(String, String)> = v["data"]["result"]
             .as_array()
-            .context("a vector")?
+            .ok_or_else(|| format!("not a vector: {v}"))?
             .iter()
             .map(|r| {
                 (
@@ -158,7 +145,11 @@ fn monitoring(room: &Room) -> Result<()> {
                 )
             })
             .collect();
-        Ok(jobs.iter().all(|j| up.iter().any(|(job, val)| job == j && val == "1")).then_some(up))
+        if jobs.iter().all(|j| up.iter().any(|(job, val)| job == j && val == "1")) {
+            Ok(up)
+        } else {
+            Err(format!("{up:?}"))
+        }
     })?;
     eprintln!("real room: Prometheus targets up: {up:?}");
     let node = prometheus(room, "/api/v1/query?query=up%7Bjob%3D%22node-exporter%22%7D")?;
@@ -175,10 +166,14 @@ fn monitoring(room: &Room) -> Result<()> {
         "",
     )?;
     let stopped = Instant::now();
-    poll("NodeDown firing once node-exporter stopped", SETTLE, || {
-        let v = prometheus(room, "/api/v1/alerts")?;
-        let alerts = v["data"]["alerts"].as_array().context("alerts")?;
-        Ok(alerts.iter().any(|a| a["labels"]["alertname"] == "NodeDown" && a["state"] == "firing").then_some(()))
+    poll("NodeDown firing once node-exporter stopped", SETTLE, EVERY, || {
+        let v = prometheus(room, "/api/v1/alerts").map_err(|e| format!("{e:#}"))?;
+        let alerts = v["data"]["alerts"].as_array().ok_or_else(|| format!("no alerts: {v}"))?;
+        if alerts.iter().any(|a| a["labels"]["alertname"] == "NodeDown" && a["state"] == "firing") {
+            Ok(())
+        } else {
+            Err(format!("{alerts:?}"))
+        }
     })?;
     eprintln!("real room: NodeDown fired {:.0?} after node-exporter stopped", stopped.elapsed());
     room.kubectl(
@@ -445,18 +440,18 @@ fn scenario(room: &mut Room) -> Result<()> {
     eprintln!("real room: power-on to kubeadm init in {:.0?} ({})", started.elapsed(), s.message);
     // Cut once init has written the control plane's static pods: certificates, kubeconfigs
     // and manifests are on disk, the control plane is not up yet.
-    let deadline = Instant::now() + UP;
-    let written = |room: &Room| {
-        room.remote
+    poll("kubeadm init writing its manifests", UP, Duration::from_secs(5), || {
+        let o = room
+            .remote
             .ssh_at(&room.pcs[0].addr, "sudo test -s /etc/kubernetes/manifests/kube-apiserver.yaml && echo written", "")
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "written")
-    };
-    while !written(room) {
-        if Instant::now() > deadline {
-            bail!("kubeadm init never wrote its manifests");
+            .map_err(|e| format!("{e:#}"))?;
+        let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if said == "written" {
+            Ok(())
+        } else {
+            Err(format!("not yet ({said:?})"))
         }
-        std::thread::sleep(Duration::from_secs(5));
-    }
+    })?;
     eprintln!(
         "real room: kubeadm init wrote the static pods {:.0?} after power-on; cutting the power",
         started.elapsed()

@@ -30,10 +30,7 @@ pub fn endpoint(cluster: &ClusterConfig) -> String {
 
 /// A fresh bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}`.
 pub fn new_token() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut b = [0u8; 22];
-    getrandom::getrandom(&mut b).expect("random bytes");
-    let s: String = b.iter().map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char).collect();
+    let s = crate::sys::random_text(b"abcdefghijklmnopqrstuvwxyz0123456789", 22).expect("random bytes");
     format!("{}.{}", &s[..6], &s[6..])
 }
 

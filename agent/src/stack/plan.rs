@@ -13,8 +13,6 @@ pub struct Applied {
     pub digest: String,
     /// `apiVersion/kind` of every kind it ever applied (where prune looks).
     pub kinds: Vec<String>,
-    /// Its gates held after that apply.
-    pub ready: bool,
 }
 
 /// The state file: component name → what was applied.
@@ -64,13 +62,8 @@ pub struct Input<'a> {
     pub since_failure: Duration,
 }
 
-/// Decides each component's step, in order. `ready` says which components are ready (as the
-/// last check found them, or this round's earlier checks); `memory` what was applied.
-pub fn steps(inputs: &[Input], memory: &Memory, ready: &BTreeMap<String, bool>) -> Vec<Step> {
-    inputs.iter().map(|c| step(c, memory, ready)).collect()
-}
-
-/// One component's step.
+/// One component's step. `ready` says which components are ready (as the last check found
+/// them, or this round's earlier checks); `memory` what was applied.
 pub fn step(c: &Input, memory: &Memory, ready: &BTreeMap<String, bool>) -> Step {
     if let Some(dep) = c.depends_on.iter().find(|d| !ready.get(d.as_str()).copied().unwrap_or(false)) {
         return Step::Wait { on: dep.clone() };
@@ -98,7 +91,7 @@ mod tests {
     #[test]
     fn unchanged_components_are_only_checked_and_changed_ones_applied() {
         let mut memory = Memory::new();
-        memory.insert("storage".into(), Applied { digest: "a".into(), kinds: vec![], ready: true });
+        memory.insert("storage".into(), Applied { digest: "a".into(), kinds: vec![] });
         let none: Vec<String> = vec![];
         let ready = BTreeMap::new();
         assert_eq!(step(&input("storage", &none, "a"), &memory, &ready), Step::Check);

@@ -187,7 +187,7 @@ async fn round(
                         Ok(kinds) => {
                             // Recorded once every object was accepted: a power cut before
                             // this applies again, which server-side apply makes harmless.
-                            memory.insert(c.name.clone(), Applied { digest: r.digest.clone(), kinds, ready: false });
+                            memory.insert(c.name.clone(), Applied { digest: r.digest.clone(), kinds });
                             save_memory(state_path, uid, memory);
                             statuses[i].applied_digest = Some(r.digest.clone());
                             apply::check_gates(kube, c, &r).await
@@ -210,12 +210,6 @@ async fn round(
                 statuses[i].message = String::new();
                 failures.remove(&c.name);
                 statuses[i].failures = 0;
-                if let Some(a) = memory.get_mut(&c.name) {
-                    if !a.ready {
-                        a.ready = true;
-                        save_memory(state_path, uid, memory);
-                    }
-                }
             }
             Ok(Readiness::Waiting(m)) if checked_only && m.ends_with(apply::MISSING) => {
                 // Someone deleted what the component had: it is applied again next round.
