@@ -246,10 +246,10 @@ async fn round(
 
 /// `key tag` of each image, for people (the portal, `labforge-agent stack`).
 fn version(images: &BTreeMap<String, String>) -> String {
-    let tag = |r: &str| -> String {
-        let name = r.split('@').next().unwrap_or(r);
-        let slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
-        name[slash..].rsplit_once(':').map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into())
+    let tag = |r: &str| match labforge_core::stack::images::split(r) {
+        (_, Some(t), _) => t.to_string(),
+        (_, None, Some(d)) => d.chars().take(19).collect(),
+        (_, None, None) => "latest".into(),
     };
     images.iter().map(|(k, r)| format!("{k} {}", tag(r))).collect::<Vec<_>>().join(", ")
 }

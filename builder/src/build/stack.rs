@@ -189,8 +189,7 @@ fn check_with(
                         c.name, f.object, f.field, f.reference
                     );
                 }
-                let untagged =
-                    !f.reference.contains('@') && !f.reference.rsplit('/').next().unwrap_or("").contains(':');
+                let untagged = matches!(stack::images::split(&f.reference), (_, None, None));
                 if untagged && f.pull_policy.is_none() {
                     bail!(
                         "component {}: {} field {} names image {} without a tag, which Kubernetes pulls always; give it a tag or a digest",

@@ -130,19 +130,28 @@ fn configmap_pods(obj: &Value, object: &ObjectRef, carrying: &ImageCarrying) -> 
     found
 }
 
+/// A reference's repository, tag and digest: `registry:5000/a/b:1@sha256:…` →
+/// (`registry:5000/a/b`, `1`, `sha256:…`). A tag is after the last `:` that follows the last `/`.
+pub fn split(reference: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (named, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (reference, None),
+    };
+    let slash = named.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match named[slash..].rfind(':') {
+        Some(i) => (&named[..slash + i], Some(&named[slash + i + 1..]), digest),
+        None => (named, None, digest),
+    }
+}
+
 /// A reference in the form containerd records it: registry host, repository path with Docker
 /// Hub's `library/` for single names, and `:latest` when neither tag nor digest is given.
 pub fn normalize(reference: &str) -> String {
-    let (name, suffix) = match reference.split_once('@') {
-        Some((n, d)) => (n, format!("@{d}")),
-        None => {
-            // A tag is after the last ':' that follows the last '/'.
-            let slash = reference.rfind('/').map(|i| i + 1).unwrap_or(0);
-            match reference[slash..].rfind(':') {
-                Some(i) => (&reference[..slash + i], reference[slash + i..].to_string()),
-                None => (reference, ":latest".to_string()),
-            }
-        }
+    let (name, tag, digest) = split(reference);
+    let suffix = match (digest, tag) {
+        (Some(d), _) => format!("@{d}"),
+        (None, Some(t)) => format!(":{t}"),
+        (None, None) => ":latest".to_string(),
     };
     let first = name.split('/').next().unwrap_or("");
     let has_registry = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
@@ -165,18 +174,7 @@ pub fn covered(reference: &str, preloaded: &[(String, String)]) -> bool {
         if have == want {
             return true;
         }
-        let repo = |s: &str| -> String {
-            match s.split_once('@') {
-                Some((n, _)) => n.to_string(),
-                None => {
-                    let slash = s.rfind('/').map(|i| i + 1).unwrap_or(0);
-                    match s[slash..].rfind(':') {
-                        Some(i) => s[..slash + i].to_string(),
-                        None => s.to_string(),
-                    }
-                }
-            }
-        };
-        want.split_once('@').is_some_and(|(_, d)| d == digest && repo(&want) == repo(&have))
+        let (want_repo, _, want_digest) = split(&want);
+        want_digest.is_some_and(|d| d == digest && want_repo == split(&have).0)
     })
 }

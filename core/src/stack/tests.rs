@@ -171,6 +171,8 @@ fn images_are_found_in_containers_args_and_declared_env() {
 #[test]
 fn references_normalize_as_containerd_names_them() {
     assert_eq!(normalize("busybox"), "docker.io/library/busybox:latest");
+    assert_eq!(super::images::split("r:5000/a/b:1@sha256:ab"), ("r:5000/a/b", Some("1"), Some("sha256:ab")));
+    assert_eq!(super::images::split("r:5000/a"), ("r:5000/a", None, None));
     assert_eq!(normalize("rancher/lpp:v0.0.30"), "docker.io/rancher/lpp:v0.0.30");
     assert_eq!(normalize("registry.lab:5000/k8s/pause:3.10"), "registry.lab:5000/k8s/pause:3.10");
     assert_eq!(normalize("localhost/x"), "localhost/x:latest");
