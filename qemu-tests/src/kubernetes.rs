@@ -349,6 +349,20 @@ pub fn storage_images(fixture: &Path) -> Result<Vec<OciImage>> {
     Ok(vec![provisioner, busybox_image()?])
 }
 
+/// `kube-state-metrics:<tag>`: the fixture's kube-state-metrics (its
+/// `addons/kube-state-metrics/go.mod` pin), a static binary run as nobody.
+pub const KUBE_STATE_METRICS_IMAGE: &str = "kube-state-metrics";
+pub const KUBE_STATE_METRICS_TAG: &str = "v2.16.0";
+
+pub fn kube_state_metrics_image(fixture: &Path) -> Result<OciImage> {
+    OciImage::new(
+        KUBE_STATE_METRICS_IMAGE,
+        KUBE_STATE_METRICS_TAG,
+        &[file("kube-state-metrics", &fixture.join("bin/kube-state-metrics"))?],
+        &["/kube-state-metrics"],
+    )
+}
+
 /// Debian's `busybox-static` (one of the test packages) as `busybox:BUSYBOX_TAG`, entrypoint
 /// `/bin/sh`. Refuses a host busybox of another version rather than mislabel it.
 fn busybox_image() -> Result<OciImage> {
@@ -620,7 +634,8 @@ pub fn test_image() -> Result<KubeImage> {
         img.push(&base, "k8s")?;
     }
     web_image(work.path())?.push(&base, "")?;
-    for img in storage_images(&fixture)?.into_iter().chain(monitoring_images(work.path())?) {
+    let monitoring = monitoring_images(work.path())?.into_iter().chain([kube_state_metrics_image(&fixture)?]);
+    for img in storage_images(&fixture)?.into_iter().chain(monitoring) {
         img.push(&base, "labforge-test")?;
     }
     let image = crate::images::image_relocked(&spec.display().to_string(), Default::default())?;
@@ -886,4 +901,29 @@ fn binary_entries(path: &str, binary: &Path) -> Result<Vec<Entry>> {
         entries.extend(files.files.into_values());
     }
     Ok(entries)
+}
+
+/// Rook's version whose release files the `rook-ceph` component pins.
+pub const ROOK_VERSION: &str = "v1.18.8";
+
+/// Rook's `deploy/examples` folder as its Go module ships it (`go mod download`, verified by
+/// the Go checksum database; the same bytes its release URLs serve): the test's mirror of the
+/// `rook-ceph` component's upstream files.
+pub fn rook_examples() -> Result<PathBuf> {
+    let go = if Path::new("/usr/local/go/bin/go").is_file() { "/usr/local/go/bin/go" } else { "go" };
+    let out = Command::new(go)
+        .args(["mod", "download", "-json", &format!("github.com/rook/rook@{ROOK_VERSION}")])
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .context("running go mod download (is Go installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "go mod download github.com/rook/rook@{ROOK_VERSION} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("go mod download -json")?;
+    let dir = info["Dir"].as_str().context("go mod download named no Dir")?;
+    Ok(Path::new(dir).join("deploy/examples"))
 }

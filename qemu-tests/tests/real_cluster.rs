@@ -17,11 +17,14 @@
 //! The stack (`stack_comes_up`, `stack_survives_power_cut`): once the single node is Ready its
 //! agent applies the image's stack — `storage` (the local-path provisioner built from its Go
 //! module, a default StorageClass), then `monitoring` (Prometheus and node-exporter from
-//! Debian's packages; Grafana, which cannot be had here, off). A claim on the default class
-//! binds and a Job writes a file into it; Prometheus, asked over the LAN, has every node's
-//! kubelet, cAdvisor, node-exporter and agent up, and raises NodeDown when node-exporter stops;
-//! Grafana's objects pass a server-side dry run. After the whole-room power cut the stack is
-//! ready again without anything applied again, and the file is intact. A site component whose
+//! Debian's packages, kube-state-metrics from its Go module; Grafana, which cannot be had
+//! here, off). The power is cut while monitoring is being applied: the next boot finishes it
+//! without applying storage again. A claim on the default class binds and a Job writes a file
+//! into it; Prometheus, asked over the LAN, has every node's kubelet, cAdvisor, node-exporter
+//! and agent and kube-state-metrics up, and raises NodeDown when node-exporter stops;
+//! Grafana's objects pass a server-side dry run, and so do Rook-Ceph's once Rook's own CRDs
+//! (fetched and checked as a build does) are applied. After the whole-room power cut the stack
+//! is ready again without anything applied again, and the file is intact. A site component whose
 //! Job fails on purpose is reported with its cause while the others come up, and the one that
 //! depends on it waits.
 //!
@@ -131,7 +134,7 @@ const PROMETHEUS_PORT: u16 = 30090;
 fn monitoring(room: &Room) -> Result<()> {
     // Every job's target is up: the node's kubelet and cAdvisor (HTTPS, the service account's
     // token), node-exporter and the agent, found through the master's /sd/nodes.
-    let jobs = ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent"];
+    let jobs = ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent", "kube-state-metrics"];
     let up = poll("every Prometheus job up", SETTLE, EVERY, || {
         let v = prometheus(room, "/api/v1/query?query=up").map_err(|e| format!("{e:#}"))?;
         let up: Vec<(String, String)> = v["data"]["result"]
@@ -154,6 +157,12 @@ fn monitoring(room: &Room) -> Result<()> {
     eprintln!("real room: Prometheus targets up: {up:?}");
     let node = prometheus(room, "/api/v1/query?query=up%7Bjob%3D%22node-exporter%22%7D")?;
     assert!(node["data"]["result"][0]["metric"]["node"].as_str().is_some_and(|n| !n.is_empty()), "{node}");
+    // kube-state-metrics reports the API's objects: the provisioner's Deployment is available.
+    let available = prometheus(
+        room,
+        "/api/v1/query?query=kube_deployment_status_replicas_available%7Bdeployment%3D%22local-path-provisioner%22%7D",
+    )?;
+    assert_eq!(available["data"]["result"][0]["value"][1], "1", "{available}");
     let rules = prometheus(room, "/api/v1/rules")?;
     let names = rules.to_string();
     for a in ["NodeDown", "DiskFilling", "StackComponentNotReady", "AgentStuck"] {
@@ -187,12 +196,8 @@ fn monitoring(room: &Room) -> Result<()> {
     let components = labforge::build::stack::resolve(&spec)?;
     let m = components.iter().find(|c| c.name == "monitoring").context("monitoring")?;
     let facts = labforge_core::stack::ClusterFacts {
-        nodes: 1,
-        node_names: vec![],
         master_address: room.pcs[0].addr.clone(),
-        pod_cidr: "10.244.0.0/16".into(),
-        service_cidr: "10.96.0.0/12".into(),
-        kubernetes_version: kubernetes::VERSION.into(),
+        ..labforge_core::stack::ClusterFacts::at_build("10.244.0.0/16", "10.96.0.0/12", kubernetes::VERSION)
     };
     let rendered = labforge_core::stack::render(m, &facts)?;
     let grafana: Vec<&serde_json::Value> = rendered
@@ -222,6 +227,57 @@ fn monitoring(room: &Room) -> Result<()> {
     ] {
         assert!(out.contains(&format!("{o} created (server dry run)")), "{o} accepted: {out}");
     }
+    Ok(())
+}
+
+/// The `rook-ceph` component against the real API server: its upstream files fetched the way a
+/// build fetches them (from a mirror of Rook's release files, here its Go module's copy, each
+/// checked against the component's sha256), the namespace and every CRD applied for real, and
+/// every other object (RBAC, the Ceph-CSI operator, our operator, CephCluster, pools, classes)
+/// accepted by a server-side dry run. Rook's images cannot be had here, so nothing runs.
+fn rook_ceph_dry_run(room: &Room, node: &str) -> Result<()> {
+    let examples = kubernetes::rook_examples()?;
+    let mirror = kubernetes::FileServer::start(&examples, 0)?;
+    let mut spec: labforge::spec::StackSpec = toml::from_str("components = [\"rook-ceph\"]")?;
+    for f in ["crds", "common", "csi-operator"] {
+        spec.upstream.insert(format!("rook-ceph.{f}"), format!("http://{}/{f}.yaml", mirror.addr));
+    }
+    let mut components = labforge::build::stack::resolve(&spec)?;
+    let cache = tempfile::tempdir()?;
+    labforge::build::stack::fetch_upstream(&mut components, cache.path(), false)?;
+    let mut facts = labforge_core::stack::ClusterFacts {
+        master_address: room.pcs[0].addr.clone(),
+        ..labforge_core::stack::ClusterFacts::at_build("10.244.0.0/16", "10.96.0.0/12", kubernetes::VERSION)
+    };
+    facts.ceph_devices.insert(node.to_string(), vec!["/dev/disk/by-id/virtio-lab-data".into()]);
+    let rendered = labforge_core::stack::render(&components[0], &facts)?;
+    let (real, dry): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) =
+        rendered.objects.iter().partition(|o| o["kind"] == "Namespace" || o["kind"] == "CustomResourceDefinition");
+    assert!(real.len() > 20, "Rook's and the Ceph-CSI operator's CRDs: {}", real.len());
+    let list = |items: &[&serde_json::Value]| {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+    };
+    room.kubectl(0, "apply --server-side --field-manager=labforge-test -f -", &list(&real))?;
+    room.kubectl(0, "wait --for=condition=Established --timeout=120s crd -l labforge.io/component=rook-ceph", "")?;
+    let out =
+        room.kubectl(0, "apply --server-side --field-manager=labforge-test --dry-run=server -f -", &list(&dry))?;
+    for o in [
+        "clusterrole.rbac.authorization.k8s.io/rook-ceph-system",
+        "deployment.apps/ceph-csi-controller-manager",
+        "configmap/rook-ceph-operator-config",
+        "deployment.apps/rook-ceph-operator",
+        "cephcluster.ceph.rook.io/rook-ceph",
+        "cephblockpool.ceph.rook.io/replicapool",
+        "cephfilesystem.ceph.rook.io/labfs",
+        "storageclass.storage.k8s.io/rook-ceph-block",
+        "storageclass.storage.k8s.io/rook-cephfs",
+    ] {
+        assert!(out.contains(&format!("{o} serverside-applied (server dry run)")), "{o} accepted: {out}");
+    }
+    assert_eq!(out.lines().filter(|l| l.ends_with("(server dry run)")).count(), dry.len(), "{out}");
+    // Leave the cluster as the stack made it.
+    room.kubectl(0, "delete namespace rook-ceph --wait=false", "")?;
+    room.kubectl(0, "delete crd -l labforge.io/component=rook-ceph", "")?;
     Ok(())
 }
 
@@ -471,6 +527,31 @@ fn scenario(room: &mut Room) -> Result<()> {
     let liveness = manifest.split("livenessProbe:").nth(1).context("the API server has a liveness probe")?;
     assert!(liveness.contains("failureThreshold: 24") && liveness.contains("timeoutSeconds: 30"), "{manifest}");
 
+    // --- stack_survives_power_cut, part 1: the power goes while the stack is being applied
+    // (storage ready and recorded, monitoring applied or being applied, not ready yet).
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "the stack half applied", SETTLE, |s| {
+        s.stack.as_ref().is_some_and(|st| {
+            let state = |n: &str| st.components.iter().find(|c| c.name == n).map(|c| c.state);
+            state("storage") == Some(State::Ready)
+                && matches!(state("monitoring"), Some(State::Applying | State::Waiting))
+        })
+    })?;
+    let monitoring = s.stack.as_ref().and_then(|st| st.components.iter().find(|c| c.name == "monitoring").cloned());
+    eprintln!("real room: cutting the power while the stack is applied ({monitoring:?})");
+    room.power_cut(0)?;
+    room.power_on(0)?;
+    room.wait_ready(0, "phase ready after a power cut mid-stack")?;
+    let s = room.remote.wait_api_at(&room.pcs[0].addr, "the stack ready after the cut", SETTLE, stack_ready)?;
+    assert_eq!(room.journal_count(0, "applying component=storage")?, 0, "storage was recorded: not applied again");
+    assert!(
+        room.journal_count(0, "applying component=monitoring")? <= 1,
+        "monitoring applied again at most once (when the cut came before its digest was recorded)"
+    );
+    assert!(
+        s.stack.as_ref().is_some_and(|st| st.components.iter().all(|c| c.failures == 0 || c.name == "broken")),
+        "{s:?}"
+    );
+
     // --- worker_joins_real_cluster, part 1: a second PC is powered on now, and boots while
     // the checks below run.
     let worker_on = Instant::now();
@@ -541,8 +622,13 @@ fn scenario(room: &mut Room) -> Result<()> {
     let phase = room.kubectl(0, "get pvc proof -o jsonpath='{.status.phase}'", "")?;
     assert_eq!(phase.trim(), "Bound", "the claim on the default class is bound");
     assert_eq!(proof(room)?, "labforge-volume-ok", "the Job's file is on the master's state partition");
-    assert_eq!(room.journal_count(0, "applying component=storage")?, 1, "storage applied once");
+    assert_eq!(
+        room.journal_count(0, "applying component=storage")?,
+        0,
+        "storage, applied before the cut, is not applied again on this boot"
+    );
     monitoring(room)?;
+    rook_ceph_dry_run(room, &ready.node.hostname)?;
 
     // --- worker_joins_real_cluster, part 2.
     let w = room.wait_ready(1, "the worker Ready")?;

@@ -290,7 +290,22 @@ fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentSta
 /// What templates know at run time: the nodes the API server lists and the master's address.
 fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> Option<ClusterFacts> {
     let master_address = view.lan.as_ref()?.address.to_string();
-    let api = report.snapshot().kube_api;
+    let snapshot = report.snapshot();
+    let ceph_devices = snapshot
+        .ceph
+        .map(|c| {
+            c.nodes
+                .into_iter()
+                .filter(|(_, d)| !d.is_empty())
+                .map(|(n, mut d)| {
+                    d.sort();
+                    d.dedup();
+                    (n, d)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let api = snapshot.kube_api;
     let mut names: Vec<String> = api.map(|k| k.nodes.into_iter().map(|n| n.name).collect()).unwrap_or_default();
     names.sort();
     Some(ClusterFacts {
@@ -300,6 +315,7 @@ fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> Option<Clu
         pod_cidr: settings.pod_cidr.clone(),
         service_cidr: settings.service_cidr.clone(),
         kubernetes_version: settings.kubernetes_version.clone(),
+        ceph_devices,
     })
 }
 

@@ -104,9 +104,13 @@ pub fn resolve_offline(k: &KubernetesSpec, lock: &LockFile) -> Vec<Pinned> {
 
 /// Whether kubeadm is pinned and already in the cache (so it can be asked without the network).
 pub fn kubeadm_cached(pins: &[Pinned], cache: &Path) -> bool {
-    pins.iter()
-        .find(|p| p.name == "kubeadm")
-        .is_some_and(|p| p.sha256 != super::UNRESOLVED && cache.join("binaries/sha256").join(&p.sha256).is_file())
+    pins.iter().find(|p| p.name == "kubeadm").is_some_and(|p| cached(p, cache).is_some())
+}
+
+/// Where the cache holds the file `p` pins, if it does.
+pub fn cached(p: &Pinned, cache: &Path) -> Option<PathBuf> {
+    let path = cache.join("binaries/sha256").join(&p.sha256);
+    (p.sha256 != super::UNRESOLVED && path.is_file()).then_some(path)
 }
 
 /// The digest in `<url>.sha256`: its first word, 64 hex digits.
@@ -293,4 +297,4 @@ pub fn locked(pins: &[Pinned]) -> Vec<LockedFile> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -56,6 +56,9 @@ pub struct StackRecord {
     pub images: BTreeMap<String, String>,
     /// sha256 of the objects rendered at build time.
     pub digest: String,
+    /// Its upstream files: name → the URL fetched and the sha256 verified.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, crate::registry::lock::LockedFile>,
 }
 
 impl From<&labforge_core::stack::ResolvedComponent> for StackRecord {
@@ -67,6 +70,13 @@ impl From<&labforge_core::stack::ResolvedComponent> for StackRecord {
             depends_on: c.depends_on.clone(),
             images: c.images.clone(),
             digest: c.build_digest.clone(),
+            upstream: c
+                .upstream
+                .iter()
+                .map(|u| {
+                    (u.name.clone(), crate::registry::lock::LockedFile { url: u.url.clone(), sha256: u.sha256.clone() })
+                })
+                .collect(),
         }
     }
 }

@@ -152,6 +152,7 @@ impl Plan {
                 "[stack] components need Kubernetes: set [kubernetes] enabled = true, or remove the components"
             );
         }
+        stack::fetch_upstream(&mut stack_components, &opts.cache_dir, opts.offline)?;
         for r in stack::declared_images(&stack_components) {
             if !spec.preload.iter().any(|p| p.reference == r) {
                 spec.preload.push(spec::Preload { reference: r });
@@ -229,7 +230,9 @@ impl Plan {
                 .iter()
                 .map(|(r, d)| registry::lock::Locked { reference: r.clone(), digest: d.clone() })
                 .collect(),
-            file: kubebin::locked(&self.binaries),
+            file: kubebin::locked(
+                &self.binaries.iter().cloned().chain(stack::upstream_pins(&self.stack)).collect::<Vec<_>>(),
+            ),
         }
     }
 

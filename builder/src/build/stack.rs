@@ -9,8 +9,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use include_dir::{include_dir, Dir};
-use labforge_core::stack::{self, images::images_in, ClusterFacts, ComponentSource, ResolvedComponent, StackPlan};
+use labforge_core::stack::{
+    self, images::images_in, ClusterFacts, ComponentSource, FetchedUpstream, ResolvedComponent, StackPlan,
+};
 
+use super::kubebin::{self, Pinned};
 use crate::spec::{Spec, StackSpec};
 
 /// The built-in components, as the repository's `stack/` folder held them at compile time.
@@ -95,6 +98,24 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
         }
         overrides.insert((comp, key), v.as_str());
     }
+    for (k, url) in &spec.upstream {
+        let Some((comp, file)) = k.split_once('.') else {
+            bail!("[stack.upstream] {k:?}: write \"<component>.<upstream file>\"");
+        };
+        let Some(c) = chosen.iter().find(|c| c.file.name == comp) else {
+            bail!("[stack.upstream] {k:?}: the stack runs no component {comp:?}");
+        };
+        if !c.file.upstream.iter().any(|u| u.name == file) {
+            let names: Vec<&str> = c.file.upstream.iter().map(|u| u.name.as_str()).collect();
+            bail!(
+                "[stack.upstream] {k:?}: component {comp} has no upstream file {file:?} (its files: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            );
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("[stack.upstream] {k:?}: {url:?} is not an http(s) URL");
+        }
+    }
     let order = stack::dependency_order(
         &chosen.iter().map(|c| (c.file.name.clone(), c.file.depends_on.clone())).collect::<Vec<_>>(),
     )?;
@@ -116,6 +137,26 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
             let web = c.file.web.iter().filter(|w| stack::enabled(&settings, w.when.as_deref())).cloned().collect();
             let secrets =
                 c.file.secrets.iter().filter(|s| stack::enabled(&settings, s.when.as_deref())).cloned().collect();
+            let upstream = c
+                .file
+                .upstream
+                .iter()
+                .map(|u| FetchedUpstream {
+                    name: u.name.clone(),
+                    url: spec.upstream.get(&format!("{name}.{}", u.name)).unwrap_or(&u.url).clone(),
+                    sha256: u.sha256.clone(),
+                    text: String::new(),
+                })
+                .collect();
+            let upstream_images = c
+                .file
+                .images
+                .iter()
+                .filter_map(|(k, default)| {
+                    let o = overrides.get(&(name.as_str(), k.as_str()))?;
+                    (*o != default).then(|| (default.clone(), o.to_string()))
+                })
+                .collect();
             Ok(ResolvedComponent {
                 name: name.clone(),
                 namespace: c.file.namespace.clone(),
@@ -127,11 +168,59 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
                 web,
                 secrets,
                 templates: c.templates.clone(),
+                upstream,
+                upstream_images,
                 origin: if c.origin.starts_with("stack/") { "built-in".into() } else { c.origin.clone() },
                 build_digest: String::new(),
             })
         })
         .collect()
+}
+
+/// The components' upstream files as pinned downloads (`<component>.<file>`).
+pub fn upstream_pins(components: &[ResolvedComponent]) -> Vec<Pinned> {
+    components
+        .iter()
+        .flat_map(|c| {
+            c.upstream.iter().map(|u| Pinned {
+                name: format!("upstream file {}.{}", c.name, u.name),
+                url: u.url.clone(),
+                sha256: u.sha256.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Fetches every upstream file into the cache (by sha256; verified while it streams, a file that
+/// hashes otherwise fails the build naming it and is not kept) and puts its text in the
+/// component. `offline`: only what the cache holds; the rest is left out with a warning (a plan
+/// then shows the components without those objects).
+pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offline: bool) -> Result<()> {
+    for c in components.iter_mut() {
+        let name = c.name.clone();
+        for u in c.upstream.iter_mut() {
+            let pin = Pinned {
+                name: format!("upstream file {name}.{}", u.name),
+                url: u.url.clone(),
+                sha256: u.sha256.clone(),
+            };
+            let path = if offline {
+                match kubebin::cached(&pin, cache) {
+                    Some(p) => p,
+                    None => {
+                        tracing::warn!("{} is not in the cache: its objects are not shown", pin.name);
+                        continue;
+                    }
+                }
+            } else {
+                kubebin::fetch_all(std::slice::from_ref(&pin), cache)?.remove(0)
+            };
+            u.text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{} ({}) is not UTF-8 text", pin.name, pin.url))?;
+        }
+        c.upstream.retain(|u| !u.text.is_empty());
+    }
+    Ok(())
 }
 
 /// Every image the components declare, in order, without repeats.
@@ -272,7 +361,7 @@ mod tests {
         let e = resolve(&spec("components = [\"storage\"]\n[images]\n\"storage.nope\" = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("has no image \"nope\" (its images: helper, provisioner)"), "{e}");
         let e = resolve(&spec("components = [\"storag\"]\n")).unwrap_err();
-        assert!(e.to_string().contains("no component \"storag\" (known: monitoring, storage"), "{e}");
+        assert!(e.to_string().contains("no component \"storag\" (known: monitoring, rook-ceph, storage"), "{e}");
         let e = resolve(&spec("components = [\"storage\"]\n[monitoring]\nretention = \"1d\"\n")).unwrap_err();
         assert!(e.to_string().contains("[stack.monitoring] sets a component"), "{e}");
         let e = format!("{:#}", resolve(&spec("components = [\"storage\"]\n[storage]\npaht = \"/x\"\n")).unwrap_err());
@@ -339,7 +428,20 @@ mod tests {
         let prom: serde_json::Value = serde_yaml_ng::from_str(cm["data"]["prometheus.yml"].as_str().unwrap()).unwrap();
         let jobs: Vec<&str> =
             prom["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
-        assert_eq!(jobs, ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent"]);
+        assert_eq!(
+            jobs,
+            ["prometheus", "kubelet", "cadvisor", "node-exporter", "labforge-agent", "kube-state-metrics"]
+        );
+        assert_eq!(
+            prom["scrape_configs"][5]["static_configs"][0]["targets"][0],
+            "kube-state-metrics.labforge-monitoring.svc:8080"
+        );
+        let ksm = r
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "kube-state-metrics")
+            .unwrap();
+        assert_eq!(ksm["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
         let agent = &prom["scrape_configs"][4];
         assert_eq!(agent["relabel_configs"][0]["replacement"], "${1}:9743", "the agents' /metrics port");
         assert_eq!(agent["http_sd_configs"][0]["url"], "http://192.0.2.1:9743/sd/nodes", "the master lists the nodes");
@@ -400,6 +502,20 @@ mod tests {
         assert!(cs[1].secrets.is_empty());
         let r = stack::render(&cs[1], &ClusterFacts::at_build("a", "b", "c")).unwrap();
         assert!(!r.objects.iter().any(|o| o["metadata"]["name"].as_str().unwrap_or_default().starts_with("grafana")));
+        // Nor kube-state-metrics when it is off: no image, no objects, no scrape job.
+        let cs =
+            resolve(&spec("components = [\"storage\", \"monitoring\"]\n[monitoring]\nkube_state_metrics = false\n"))
+                .unwrap();
+        assert!(!declared_images(&cs).iter().any(|i| i.contains("kube-state-metrics")));
+        let r = stack::render(&cs[1], &ClusterFacts::at_build("a", "b", "c")).unwrap();
+        assert!(!r
+            .objects
+            .iter()
+            .any(|o| o["metadata"]["name"].as_str().unwrap_or_default().contains("kube-state-metrics")));
+        assert!(!configmap(&r, "prometheus-config")["data"]["prometheus.yml"]
+            .as_str()
+            .unwrap()
+            .contains("kube-state-metrics"));
     }
 
     fn site(dir: &Path, name: &str, yaml: &str) -> std::path::PathBuf {
@@ -439,5 +555,134 @@ mod tests {
         let mut cs = resolve(&s).unwrap();
         let e = check(&mut cs, &facts, &preload).unwrap_err().to_string();
         assert!(e.contains("Pod x/p is in component one and in component two"), "{e}");
+    }
+
+    fn find<'a>(r: &'a stack::Rendered, kind: &str, name: &str) -> &'a serde_json::Value {
+        r.objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name}"))
+    }
+
+    #[test]
+    fn rook_ceph_lists_only_offered_disks_sizes_pools_by_them_and_is_air_gapped() {
+        let mut cs = resolve(&spec("components = [\"rook-ceph\"]\n")).unwrap();
+        let c = &cs[0];
+        assert_eq!(
+            c.upstream.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+            ["crds", "common", "csi-operator"],
+            "Rook's own files, fetched at build time"
+        );
+        assert!(c.upstream.iter().all(|u| u.url.contains("/rook/rook/v1.18.8/") && u.sha256.len() == 64));
+        let images = declared_images(&cs);
+        check(&mut cs, &ClusterFacts::at_build("a", "b", "c"), &pinned(&images)).unwrap();
+        // At build time no node offers a disk: the cluster names none, pools keep one copy.
+        let r = stack::render(&cs[0], &ClusterFacts::at_build("a", "b", "c")).unwrap();
+        let cluster = find(&r, "CephCluster", "rook-ceph");
+        assert_eq!(cluster["spec"]["storage"]["nodes"], serde_json::json!([]));
+        assert_eq!(cluster["spec"]["storage"]["useAllDevices"], false);
+        assert_eq!(find(&r, "CephBlockPool", "replicapool")["spec"]["replicated"]["size"], 1);
+        // On the master: two nodes offer disks (a third offers none), three nodes in all.
+        let mut facts = ClusterFacts::at_build("a", "b", "c");
+        facts.nodes = 3;
+        facts.ceph_devices.insert("lab-a".into(), vec!["/dev/disk/by-id/wwn-1".into(), "/dev/disk/by-id/wwn-2".into()]);
+        facts.ceph_devices.insert("lab-b".into(), vec!["/dev/disk/by-id/ata-X".into()]);
+        let r = stack::render(&cs[0], &facts).unwrap();
+        let cluster = find(&r, "CephCluster", "rook-ceph");
+        assert_eq!(
+            cluster["spec"]["storage"]["nodes"],
+            serde_json::json!([
+                {"name": "lab-a", "devices": [{"name": "/dev/disk/by-id/wwn-1"}, {"name": "/dev/disk/by-id/wwn-2"}]},
+                {"name": "lab-b", "devices": [{"name": "/dev/disk/by-id/ata-X"}]},
+            ])
+        );
+        assert_eq!(cluster["spec"]["mon"]["count"], 3);
+        assert_eq!(cluster["spec"]["cephVersion"]["image"], "quay.io/ceph/ceph:v19.2.3");
+        let pool = find(&r, "CephBlockPool", "replicapool");
+        assert_eq!(pool["spec"]["replicated"]["size"], 2, "two hosts offer disks: two copies");
+        assert_eq!(pool["spec"]["replicated"]["requireSafeReplicaSize"], true);
+        let fs = find(&r, "CephFilesystem", "labfs");
+        assert_eq!(fs["spec"]["dataPools"][0]["replicated"]["size"], 2);
+        let block = find(&r, "StorageClass", "rook-ceph-block");
+        assert_eq!(block["provisioner"], "rook-ceph.rbd.csi.ceph.com");
+        assert_eq!(block["parameters"]["pool"], "replicapool");
+        assert!(block["metadata"].get("annotations").is_none(), "local-path stays the default class");
+        let cephfs = find(&r, "StorageClass", "rook-cephfs");
+        assert_eq!(cephfs["parameters"]["fsName"], "labfs");
+        assert_eq!(cephfs["parameters"]["pool"], "labfs-replicated");
+        // The Ceph image the CephCluster names must be preloaded like any container's.
+        let mut without_ceph = images.clone();
+        without_ceph.retain(|i| !i.starts_with("quay.io/ceph/ceph:"));
+        let e = check(&mut cs, &ClusterFacts::at_build("a", "b", "c"), &pinned(&without_ceph)).unwrap_err();
+        assert!(e.to_string().contains("CephCluster rook-ceph/rook-ceph field spec.cephVersion.image"), "{e}");
+        // So must the CSI images the operator hands on.
+        let mut without_csi = images.clone();
+        without_csi.retain(|i| !i.contains("csi-provisioner"));
+        let e = check(&mut cs, &ClusterFacts::at_build("a", "b", "c"), &pinned(&without_csi)).unwrap_err();
+        assert!(e.to_string().contains("env[ROOK_CSI_PROVISIONER_IMAGE]"), "{e}");
+    }
+
+    fn upstream_site(dir: &Path, url: &str, sha256: &str) -> std::path::PathBuf {
+        let d = dir.join("op");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("component.toml"),
+            format!(
+                "name = \"op\"\nnamespace = \"op\"\n[images]\nop = \"upstream.example/op:1\"\n\
+                 [[upstream]]\nname = \"operator\"\nurl = \"{url}\"\nsha256 = \"{sha256}\"\n"
+            ),
+        )
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn upstream_files_are_fetched_verified_labelled_and_their_images_overridden() {
+        // Upstream text that minijinja would choke on: it is never rendered as a template.
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: op\n  namespace: op\n  annotations:\n    doc: \"{{ not a template }}\"\nspec:\n  template:\n    spec:\n      containers:\n        - name: op\n          image: upstream.example/op:1\n";
+        let (base, files) = crate::build::kubebin::tests::serve(
+            [("/op.yaml".to_string(), text.as_bytes().to_vec())].into_iter().collect(),
+        );
+        let sha = crate::build::kubebin::tests::hex_sha(text.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let site = upstream_site(dir.path(), "https://upstream.example/op.yaml", &sha);
+        // The site's mirror stands in for the upstream URL; the file must still hash as pinned.
+        let mut s = spec(&format!(
+            "components = [\"op\"]\n[images]\n\"op.op\" = \"127.0.0.1:5000/op:1\"\n[upstream]\n\"op.operator\" = \"{base}/op.yaml\"\n"
+        ));
+        s.site = vec![site.clone()];
+        let mut cs = resolve(&s).unwrap();
+        assert_eq!(cs[0].upstream[0].url, format!("{base}/op.yaml"));
+        fetch_upstream(&mut cs, &cache, false).unwrap();
+        assert_eq!(cs[0].upstream[0].text, text);
+        let images = declared_images(&cs);
+        assert_eq!(images, ["127.0.0.1:5000/op:1"]);
+        check(&mut cs, &ClusterFacts::at_build("a", "b", "c"), &pinned(&images)).unwrap();
+        let r = stack::render(&cs[0], &ClusterFacts::at_build("a", "b", "c")).unwrap();
+        let dep = find(&r, "Deployment", "op");
+        assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["image"], "127.0.0.1:5000/op:1");
+        assert_eq!(dep["metadata"]["annotations"]["doc"], "{{ not a template }}");
+        assert_eq!(dep["metadata"]["labels"][stack::LABEL_COMPONENT], "op");
+        // Offline, the cache answers.
+        files.lock().unwrap().clear();
+        let mut again = resolve(&s).unwrap();
+        fetch_upstream(&mut again, &cache, true).unwrap();
+        assert_eq!(again[0].upstream[0].text, text);
+        // A mirror serving another file fails the build naming it, and nothing of it is kept.
+        files.lock().unwrap().insert("/op.yaml".into(), b"kind: Something\n".to_vec());
+        let other = tempfile::tempdir().unwrap();
+        let mut cs = resolve(&s).unwrap();
+        let e = fetch_upstream(&mut cs, other.path(), false).unwrap_err().to_string();
+        assert!(e.contains("upstream file op.operator") && e.contains(&format!("but {sha} is pinned")), "{e}");
+        assert_eq!(std::fs::read_dir(other.path().join("binaries/sha256")).unwrap().count(), 0);
+        // Offline with an empty cache: left out, not retried.
+        let mut cs = resolve(&s).unwrap();
+        fetch_upstream(&mut cs, other.path(), true).unwrap();
+        assert!(cs[0].upstream.is_empty());
+        // A mirror for a file the component does not have is refused.
+        s.upstream.insert("op.nope".into(), format!("{base}/x"));
+        let e = resolve(&s).unwrap_err().to_string();
+        assert!(e.contains("component op has no upstream file \"nope\" (its files: operator)"), "{e}");
     }
 }

@@ -197,6 +197,10 @@ pub struct StackSpec {
     /// Image overrides: `"<component>.<image key>" = "<reference>"` (e.g. a site's registry).
     #[serde(default)]
     pub images: BTreeMap<String, String>,
+    /// Mirrors for components' upstream files: `"<component>.<file>" = "<url>"` (an air-gapped
+    /// site's copy). The file must still hash to the sha256 the component pins.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, String>,
     /// Per-component settings, keyed by component name.
     #[serde(flatten)]
     #[schemars(with = "BTreeMap<String, BTreeMap<String, serde_json::Value>>")]

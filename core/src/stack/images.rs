@@ -23,6 +23,22 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
     if object.kind == "ConfigMap" {
         return configmap_pods(obj, &object, carrying);
     }
+    let fields: Vec<FoundImage> = carrying
+        .fields
+        .iter()
+        .filter_map(|f| f.split_once(':').filter(|(kind, _)| *kind == object.kind))
+        .filter_map(|(_, pointer)| {
+            Some(FoundImage {
+                object: object.clone(),
+                field: pointer.trim_start_matches('/').replace('/', "."),
+                reference: obj.pointer(pointer)?.as_str()?.to_string(),
+                pull_policy: None,
+            })
+        })
+        .collect();
+    if !fields.is_empty() {
+        return fields;
+    }
     let pod_spec = match object.kind.as_str() {
         "Pod" => "/spec",
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {

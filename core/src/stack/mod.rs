@@ -73,6 +73,36 @@ pub struct ComponentFile {
     /// admin password: never a default one). Kept as they are afterwards.
     #[serde(default)]
     pub secrets: Vec<GeneratedSecret>,
+    /// Objects maintained upstream (CRDs, an operator's RBAC), fetched by the builder and pinned
+    /// by sha256: upstream YAML is never copied into a component folder.
+    #[serde(default)]
+    pub upstream: Vec<Upstream>,
+}
+
+/// `[[upstream]]`: a release file of Kubernetes objects. Its objects are applied before the
+/// component's templates, as they are (never rendered as templates), with the component's
+/// labels; an image reference in them that equals a default in `[images]` is replaced by what
+/// the spec points that image at.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Upstream {
+    /// Letters, digits, `-` and `_`; a spec names it `"<component>.<name>"` to fetch it from a
+    /// mirror (`[stack.upstream]`).
+    pub name: String,
+    pub url: String,
+    /// 64 hex digits: the file is refused unless it hashes to this.
+    pub sha256: String,
+}
+
+/// An upstream file as the builder fetched and verified it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FetchedUpstream {
+    pub name: String,
+    /// Where it was fetched from (the component's URL or the spec's mirror).
+    pub url: String,
+    pub sha256: String,
+    pub text: String,
 }
 
 /// A Secret in the component's namespace whose keys get 32 random characters each.
@@ -98,6 +128,10 @@ pub struct ImageCarrying {
     pub env: Vec<String>,
     #[serde(default)]
     pub configmap_pods: Vec<String>,
+    /// Fields of custom resources that name an image an operator runs, as `Kind:/json/pointer`
+    /// (`CephCluster:/spec/cephVersion/image`).
+    #[serde(default)]
+    pub fields: Vec<String>,
 }
 
 /// A readiness gate: one object and the state it must reach. Workload kinds (Deployment,
@@ -201,9 +235,34 @@ impl ComponentSource {
                 );
             }
         }
+        for f in &file.image_carrying.fields {
+            let ok = f.split_once(":/").is_some_and(|(kind, _)| {
+                !kind.is_empty()
+                    && kind.bytes().all(|b| b.is_ascii_alphanumeric())
+                    && kind.as_bytes()[0].is_ascii_uppercase()
+            });
+            if !ok {
+                bail!("{origin}/component.toml: image-carrying field {f:?}: write \"Kind:/json/pointer\" (CephCluster:/spec/cephVersion/image)");
+            }
+        }
+        let mut names = Vec::new();
+        for u in &file.upstream {
+            let name_ok =
+                !u.name.is_empty() && u.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok || names.contains(&&u.name) {
+                bail!("{origin}/component.toml: upstream {:?}: a name of letters, digits, - and _, once", u.name);
+            }
+            names.push(&u.name);
+            if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
+                bail!("{origin}/component.toml: upstream {}: url {:?} is not an http(s) URL", u.name, u.url);
+            }
+            if u.sha256.len() != 64 || !u.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                bail!("{origin}/component.toml: upstream {}: sha256 must be 64 lowercase hex digits", u.name);
+            }
+        }
         let templates: BTreeMap<String, String> =
             files.into_iter().filter(|(n, _)| n.ends_with(".yaml") || n.ends_with(".yml")).collect();
-        if templates.is_empty() {
+        if templates.is_empty() && file.upstream.is_empty() {
             bail!("{origin}: no templates (*.yaml) beside component.toml");
         }
         Ok(ComponentSource { file, templates, origin: origin.to_string() })
@@ -246,6 +305,14 @@ pub struct ResolvedComponent {
     #[serde(default)]
     pub secrets: Vec<GeneratedSecret>,
     pub templates: BTreeMap<String, String>,
+    /// Its upstream files, fetched and verified (empty in an offline plan that found them in no
+    /// cache); their objects come before the templates'.
+    #[serde(default)]
+    pub upstream: Vec<FetchedUpstream>,
+    /// Image references as upstream files write them → the reference the spec put in their
+    /// place (only images the spec overrides).
+    #[serde(default)]
+    pub upstream_images: BTreeMap<String, String>,
     /// Where it came from: `built-in` or the site folder.
     pub origin: String,
     /// sha256 of the objects rendered at build time (the manifest lists it).

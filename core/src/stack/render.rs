@@ -29,6 +29,10 @@ pub struct ClusterFacts {
     pub pod_cidr: String,
     pub service_cidr: String,
     pub kubernetes_version: String,
+    /// The disks each node offers to Ceph: node name → `/dev/disk/by-id` paths (empty at build
+    /// time, and on a cluster whose nodes offer none).
+    #[serde(default)]
+    pub ceph_devices: BTreeMap<String, Vec<String>>,
 }
 
 impl ClusterFacts {
@@ -40,6 +44,7 @@ impl ClusterFacts {
             pod_cidr: pod_cidr.into(),
             service_cidr: service_cidr.into(),
             kubernetes_version: kubernetes_version.into(),
+            ceph_devices: BTreeMap::new(),
         }
     }
 }
@@ -112,19 +117,30 @@ pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered>
         cluster => minijinja::Value::from_serialize(cluster),
     };
     let mut objects = Vec::new();
+    // Upstream files first (CRDs, RBAC): as fetched, never rendered as templates (their text may
+    // hold `{{` of its own), with the spec's image overrides put in.
+    let upstream =
+        c.upstream.iter().map(|u| (format!("component {} upstream file {}", c.name, u.name), u.text.clone()));
+    let mut rendered = Vec::new();
     for (file, text) in &c.templates {
         let where_ = format!("component {} template {file}", c.name);
         let out = env.render_str(text, &ctx).map_err(|e| anyhow!("{where_}: {}", describe(&e)))?;
+        rendered.push((where_, out));
+    }
+    let from_upstream = c.upstream.len();
+    for (n, (where_, out)) in upstream.chain(rendered).enumerate() {
         for (i, doc) in split_documents(&out).into_iter().enumerate() {
-            let v: Value = serde_yaml_ng::from_str(doc)
+            let mut v: Value = serde_yaml_ng::from_str(doc)
                 .map_err(|e| anyhow!("{where_}, document {}: not valid YAML after rendering: {e}", i + 1))?;
+            if n < from_upstream && !c.upstream_images.is_empty() {
+                replace_strings(&mut v, &c.upstream_images);
+            }
             if v.is_null() {
                 continue;
             }
             let Value::Object(_) = v else {
                 bail!("{where_}, document {}: a Kubernetes object must be a mapping", i + 1);
             };
-            let mut v = v;
             let r = ObjectRef::of(&v).with_context(|| format!("{where_}, document {}", i + 1))?;
             check_name(&r).with_context(|| format!("{where_}: {r}"))?;
             label(&mut v, &c.name);
@@ -140,6 +156,20 @@ pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered>
     }
     let digest = hex::encode(Sha256::digest(serde_json::to_vec(&objects)?));
     Ok(Rendered { objects, digest })
+}
+
+/// Replaces every string in `v` that equals a key of `with` by its value.
+fn replace_strings(v: &mut Value, with: &BTreeMap<String, String>) {
+    match v {
+        Value::String(s) => {
+            if let Some(r) = with.get(s.as_str()) {
+                *s = r.clone();
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| replace_strings(x, with)),
+        Value::Object(o) => o.values_mut().for_each(|x| replace_strings(x, with)),
+        _ => {}
+    }
 }
 
 /// Splits a YAML stream at its `---` document markers.

@@ -10,7 +10,7 @@ use super::*;
 type Files = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
 
 /// A loopback HTTP server holding `files` by path (404 for anything else); returns its base URL.
-fn serve(files: BTreeMap<String, Vec<u8>>) -> (String, Files) {
+pub(crate) fn serve(files: BTreeMap<String, Vec<u8>>) -> (String, Files) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let files = Arc::new(Mutex::new(files));
@@ -45,7 +45,7 @@ fn serve(files: BTreeMap<String, Vec<u8>>) -> (String, Files) {
     (base, files)
 }
 
-fn hex_sha(b: &[u8]) -> String {
+pub(crate) fn hex_sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
