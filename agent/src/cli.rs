@@ -150,6 +150,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     let digest = c.applied_digest.as_deref().map(|d| &d[..12.min(d.len())]).unwrap_or("-");
                     println!("  {:<14} {:<9} {:<12} {}", c.name, state, digest, c.message);
                 }
+                if let Some(r) = st.last_round {
+                    println!("last round: {} applied in {} ms", r.applied, r.took_ms);
+                }
             }
             use crate::stack::plan::State;
             if st.components.iter().any(|c| c.state == State::Failed) {

@@ -146,6 +146,7 @@ mod tests {
                     web: vec![],
                 },
             ],
+            last_round: None,
         });
         s
     }

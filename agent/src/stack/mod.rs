@@ -24,6 +24,16 @@ pub struct StackStatus {
     pub state: String,
     pub message: String,
     pub components: Vec<ComponentStatus>,
+    /// The last round over the components: how long it took and how many it applied (a round
+    /// after a reboot with nothing changed applies none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_round: Option<RoundStats>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundStats {
+    pub took_ms: u64,
+    pub applied: u32,
 }
 
 /// One component as `/status` shows it.

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::apply::{self, Kube};
 use super::plan::{self, Applied, Memory, State, Step};
-use super::{ComponentStatus, StackStatus, STATE_FILE};
+use super::{ComponentStatus, RoundStats, StackStatus, STATE_FILE};
 use crate::cluster::kubeconfig::ADMIN_CONF;
 use crate::cluster::ClusterView;
 use crate::report::Report;
@@ -45,6 +45,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
                     state: "error".into(),
                     message: format!("the image's stack cannot be read: {e:#}"),
                     components: Vec::new(),
+                    last_round: None,
                 })
             });
             return Ok(());
@@ -125,14 +126,22 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             tokio::time::sleep(BUSY).await;
             continue;
         };
-        let all_ready =
+        let started = Instant::now();
+        let (all_ready, applied) =
             round(&client, &plan, &facts, &mut memory, &mut failures, &mut statuses, &report, (&state_path, &uid))
                 .await;
+        let stats = RoundStats { took_ms: started.elapsed().as_millis() as u64, applied };
+        report.update(|s| {
+            if let Some(st) = s.stack.as_mut() {
+                st.last_round = Some(stats);
+            }
+        });
         tokio::time::sleep(if all_ready { SETTLED } else { BUSY }).await;
     }
 }
 
-/// One pass over the components in order. Returns whether every one is ready.
+/// One pass over the components in order. Returns whether every one is ready, and how many
+/// were applied.
 #[allow(clippy::too_many_arguments)]
 async fn round(
     kube: &Kube,
@@ -143,8 +152,9 @@ async fn round(
     statuses: &mut [ComponentStatus],
     report: &Report,
     (state_path, uid): (&Path, &str),
-) -> bool {
+) -> (bool, u32) {
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    let mut applied = 0;
     for (i, c) in plan.components.iter().enumerate() {
         let rendered = render(c, facts);
         let (count, since) = failures.get(&c.name).map(|(n, at)| (*n, at.elapsed())).unwrap_or((0, Duration::ZERO));
@@ -181,6 +191,7 @@ async fn round(
                     statuses[i].message = format!("applying {} objects", r.objects.len());
                     publish_round(report, statuses);
                     info!(component = %c.name, digest = %&r.digest[..12], "applying");
+                    applied += 1;
                     let previous = memory.get(&c.name).map(|a| a.kinds.clone()).unwrap_or_default();
                     match apply::apply_component(kube, c, &r, &previous).await {
                         Err(e) => Err(e),
@@ -234,14 +245,14 @@ async fn round(
                 statuses[i].message = format!("the API server did not answer: {e:#}");
                 ready.insert(c.name.clone(), false);
                 publish_round(report, statuses);
-                return false;
+                return (false, applied);
             }
             Err(e) => fail(&mut statuses[i], failures, &c.name, format!("{e:#}")),
         }
         ready.insert(c.name.clone(), is_ready);
         publish_round(report, statuses);
     }
-    statuses.iter().all(|s| s.state == State::Ready)
+    (statuses.iter().all(|s| s.state == State::Ready), applied)
 }
 
 /// `key tag` of each image, for people (the portal, `labforge-agent stack`).
@@ -283,7 +294,13 @@ pub fn summary(statuses: &[ComponentStatus]) -> (&'static str, String) {
 
 fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentStatus]) {
     report.update(|s| {
-        s.stack = Some(StackStatus { state: state.into(), message: message.into(), components: statuses.to_vec() })
+        let last_round = s.stack.as_ref().and_then(|st| st.last_round);
+        s.stack = Some(StackStatus {
+            state: state.into(),
+            message: message.into(),
+            components: statuses.to_vec(),
+            last_round,
+        })
     });
 }
 
