@@ -536,8 +536,8 @@ fn scenario(room: &mut Room) -> Result<()> {
                 && matches!(state("monitoring"), Some(State::Applying | State::Waiting))
         })
     })?;
-    let monitoring = s.stack.as_ref().and_then(|st| st.components.iter().find(|c| c.name == "monitoring").cloned());
-    eprintln!("real room: cutting the power while the stack is applied ({monitoring:?})");
+    let half = s.stack.as_ref().and_then(|st| st.components.iter().find(|c| c.name == "monitoring").cloned());
+    eprintln!("real room: cutting the power while the stack is applied ({half:?})");
     room.power_cut(0)?;
     room.power_on(0)?;
     room.wait_ready(0, "phase ready after a power cut mid-stack")?;
