@@ -692,7 +692,12 @@ impl Remote {
     pub fn run_at(&self, addr: &str, cmd: &str, stdin: &str) -> Result<String> {
         let out = self.ssh_at(addr, cmd, stdin)?;
         if !out.status.success() {
-            bail!("`{cmd}` on {addr} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "`{cmd}` on {addr} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
