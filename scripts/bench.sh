@@ -22,6 +22,11 @@
 #                           source): power-on to node Ready with the agent, and by hand on the
 #                           same image (kubeadm init, CNI config, wait Ready); their ratio; power
 #                           cut to Ready again (target/release/labforge-bench-kubernetes)
+#   stack_*                 the same run, the image's stack (storage, monitoring): node Ready to
+#                           the stack ready with the agent, against kubectl apply --server-side
+#                           and rollout status by hand on the other PC; after the power cut, the
+#                           stack ready again and the agent's no-op round (nothing applied)
+#                           against kubectl re-applying every object
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
