@@ -224,6 +224,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 "stack": plan.stack.iter().map(|c| serde_json::json!({
                     "name": c.name, "namespace": c.namespace, "origin": c.origin, "depends-on": c.depends_on,
                     "images": c.images, "settings": c.settings, "digest": c.build_digest,
+                    "upstream": c.upstream.iter().map(|u| serde_json::json!({
+                        "name": u.name, "url": u.url, "sha256": u.sha256, "cached": !u.text.is_empty(),
+                    })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "disks": plan.spec.disks,
             });
@@ -276,6 +279,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("stack {:>2}   {} (namespace {}, {}){after}", i + 1, c.name, c.namespace, c.origin);
                     for (k, r) in &c.images {
                         println!("             image {k} {r}");
+                    }
+                    for u in &c.upstream {
+                        let cached = if u.text.is_empty() { "not cached: the build downloads it" } else { "cached" };
+                        println!("             upstream {} {} sha256:{} ({cached})", u.name, u.url, &u.sha256[..12]);
                     }
                 }
             }

@@ -193,8 +193,8 @@ pub fn upstream_pins(components: &[ResolvedComponent]) -> Vec<Pinned> {
 
 /// Fetches every upstream file into the cache (by sha256; verified while it streams, a file that
 /// hashes otherwise fails the build naming it and is not kept) and puts its text in the
-/// component. `offline`: only what the cache holds; the rest is left out with a warning (a plan
-/// then shows the components without those objects).
+/// component. `offline`: only what the cache holds; the rest keeps no text (a plan then shows
+/// it as not cached, and renders the component without its objects).
 pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offline: bool) -> Result<()> {
     for c in components.iter_mut() {
         let name = c.name.clone();
@@ -207,10 +207,7 @@ pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offlin
             let path = if offline {
                 match kubebin::cached(&pin, cache) {
                     Some(p) => p,
-                    None => {
-                        tracing::warn!("{} is not in the cache: its objects are not shown", pin.name);
-                        continue;
-                    }
+                    None => continue,
                 }
             } else {
                 kubebin::fetch_all(std::slice::from_ref(&pin), cache)?.remove(0)
@@ -218,7 +215,6 @@ pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offlin
             u.text = std::fs::read_to_string(&path)
                 .with_context(|| format!("{} ({}) is not UTF-8 text", pin.name, pin.url))?;
         }
-        c.upstream.retain(|u| !u.text.is_empty());
     }
     Ok(())
 }
@@ -676,10 +672,11 @@ mod tests {
         let e = fetch_upstream(&mut cs, other.path(), false).unwrap_err().to_string();
         assert!(e.contains("upstream file op.operator") && e.contains(&format!("but {sha} is pinned")), "{e}");
         assert_eq!(std::fs::read_dir(other.path().join("binaries/sha256")).unwrap().count(), 0);
-        // Offline with an empty cache: left out, not retried.
+        // Offline with an empty cache: not fetched, not retried; the component renders without it.
         let mut cs = resolve(&s).unwrap();
         fetch_upstream(&mut cs, other.path(), true).unwrap();
-        assert!(cs[0].upstream.is_empty());
+        assert!(cs[0].upstream[0].text.is_empty());
+        assert!(stack::render(&cs[0], &ClusterFacts::at_build("a", "b", "c")).unwrap().objects.is_empty());
         // A mirror for a file the component does not have is refused.
         s.upstream.insert("op.nope".into(), format!("{base}/x"));
         let e = resolve(&s).unwrap_err().to_string();
