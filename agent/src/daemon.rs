@@ -12,8 +12,8 @@
 //! | data disks for Ceph | `disks::task` | `disks` section, `watch` of the offered disks |
 //! | discovery, election, kubeadm | `cluster` | phase, role, peers, `watch<ClusterView>`, join info |
 //! | netboot served by the master | `pxe::task` | `pxe` section, what `/pxe/` serves |
-//! | the `CephCluster` on the master | `disks::ceph` | `ceph` section |
-//! | the data stack (slot) | `stack` | |
+//! | the register of disks offered to Ceph (master) | `disks::ceph` | `ceph` section |
+//! | the data stack (master) | `stack` | `stack` section, `/sd/nodes`, the portal |
 //! | healing after power cuts (slot) | `heal` | |
 //!
 //! A task that fails or panics stops the agent with an error, and systemd starts it again.

@@ -161,8 +161,9 @@ pub struct PeerStatus {
 /// The master's view of the cluster's Ceph devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CephView {
-    /// Where the `CephCluster` was written.
-    pub manifest: String,
+    /// Where the master keeps the register of offered disks (the `rook-ceph` component's
+    /// `CephCluster` lists them).
+    pub register: String,
     /// Kubernetes node name → by-id paths.
     pub nodes: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -420,8 +421,8 @@ impl std::fmt::Display for Status {
         if let Some(c) = &self.ceph {
             writeln!(
                 f,
-                "ceph     {} ({} nodes with devices)",
-                c.manifest,
+                "ceph     {} ({} nodes offer disks)",
+                c.register,
                 c.nodes.values().filter(|d| !d.is_empty()).count()
             )?;
         }

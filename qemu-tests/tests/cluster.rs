@@ -80,7 +80,7 @@ impl Room {
         (cfg.memory_mib, cfg.cpus) = if real_kubeadm() { (2560, 2) } else { (1024, 1) };
         cfg.net = Net::Tap { ns: self.lan.ns.clone(), tap, mac: format!("52:54:00:77:00:{:02x}", i + 1) };
         // One blank data disk each: the agents zap it and offer it to Ceph; the master lists
-        // every node's in the CephCluster.
+        // every node's in its register (what the CephCluster lists).
         let data = qemu_tests::disks::blank(&self.dir.join(format!("node{i}-data.raw")), 12 * qemu_tests::disks::GIB)?;
         cfg.extra_disks.push(ExtraDisk {
             path: data,
@@ -260,13 +260,13 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
         assert_eq!(ready[w].master_address.as_deref(), Some(master_ip.as_str()));
         assert_joined_with(&room, w, &token, &ca_hash, &ready[w].node.hostname);
     }
-    // Every node's data disk, by its by-id path, in the master's CephCluster.
+    // Every node's data disk, by its by-id path, in the master's register (the CephCluster's list).
     let want: std::collections::BTreeMap<String, Vec<String>> =
         (0..3).map(|i| (ready[i].node.hostname.clone(), vec![format!("/dev/disk/by-id/virtio-lf-data{i}")])).collect();
     let s = room.wait_status(master, "the CephCluster lists every node's disk", |s| {
         s.ceph.as_ref().is_some_and(|c| c.nodes == want)
     })?;
-    assert_eq!(s.ceph.unwrap().manifest, "/var/lib/labforge/manifests/ceph-cluster.yaml");
+    assert_eq!(s.ceph.unwrap().register, "/var/lib/labforge/ceph-devices.json");
     room.check_health()?;
 
     // A node powered on later joins the running cluster as a worker.

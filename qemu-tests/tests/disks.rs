@@ -3,7 +3,7 @@
 //! stick, all raw files the test reads back after the VM is gone.
 //!
 //! `disks_are_classified_and_zapped`: under the default policy only blank disks are zapped and
-//! offered to Ceph; every other disk's bytes are unchanged; the master renders the CephCluster.
+//! offered to Ceph; every other disk's bytes are unchanged; the master registers the offered disks.
 //! `power_cut_during_zap`: under `force`, the power is cut while the ext4 disk's zap is held
 //! at the test hook; the next boot finishes that zap and touches nothing else; an OSD label
 //! that appears later is never wiped.
@@ -138,12 +138,13 @@ fn disks_are_classified_and_zapped() -> Result<()> {
     assert!(ro.facts.read_only && ro.reason.contains("read-only"), "{ro:?}");
     assert_eq!(s.disks.ceph_devices, [by_id("lf-blank"), by_id("lf-small")]);
 
-    // The node is its own master here: it writes the CephCluster with its devices.
-    let s = node.wait_status("the master rendered the CephCluster", BOOT, |s| {
+    // The node is its own master here: its register of offered disks (which the rook-ceph
+    // component's CephCluster lists) has its devices.
+    let s = node.wait_status("the master registered the offered disks", BOOT, |s| {
         s.ceph.as_ref().is_some_and(|c| c.nodes.values().any(|d| !d.is_empty()))
     })?;
     let view = s.ceph.unwrap();
-    assert_eq!(view.manifest, "/var/lib/labforge/manifests/ceph-cluster.yaml");
+    assert_eq!(view.register, "/var/lib/labforge/ceph-devices.json");
     assert_eq!(view.nodes.get(&s.node.hostname), Some(&vec![by_id("lf-blank"), by_id("lf-small")]), "{view:?}");
     node.wait_booted(BOOT)?;
     node.check_console_health()?;

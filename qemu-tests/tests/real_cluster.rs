@@ -275,6 +275,15 @@ fn rook_ceph_dry_run(room: &Room, node: &str) -> Result<()> {
     let mut components = labforge::build::stack::resolve(&spec)?;
     let cache = tempfile::tempdir()?;
     labforge::build::stack::fetch_upstream(&mut components, cache.path(), false)?;
+    // Air-gapped as a build proves it: every image the fetched files run is one the component
+    // declares (and so preloads).
+    let declared: Vec<(String, String)> =
+        labforge::build::stack::declared_images(&components).into_iter().map(|r| (r, String::new())).collect();
+    labforge::build::stack::check(
+        &mut components,
+        &labforge_core::stack::ClusterFacts::at_build("a", "b", "c"),
+        &declared,
+    )?;
     let mut facts = labforge_core::stack::ClusterFacts {
         master_address: room.pcs[0].addr.clone(),
         ..labforge_core::stack::ClusterFacts::at_build("10.244.0.0/16", "10.96.0.0/12", kubernetes::VERSION)
@@ -658,7 +667,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     assert_eq!(
         room.journal_count(0, "applying component=storage")?,
         0,
-        "storage, applied before the cut, is not applied again on this boot"
+        "storage is not applied again while the worker joins and the claim is served (its objects do not change)"
     );
     monitoring(room)?;
     rook_ceph_dry_run(room, &ready.node.hostname)?;

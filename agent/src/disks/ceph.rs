@@ -1,14 +1,19 @@
-//! The Rook `CephCluster` the master writes for the stack to apply: every node's eligible disks
-//! by their `/dev/disk/by-id` paths in `storage.nodes[].devices` — never `useAllDevices`, so
-//! Rook can only ever touch a disk an agent classified and prepared.
+//! The master's register of the disks every node offers to Ceph: node name → `/dev/disk/by-id`
+//! paths, which the `rook-ceph` stack component's `CephCluster` lists (`cluster.ceph_devices`)
+//! — never `useAllDevices`, so Rook can only ever touch a disk an agent classified and prepared.
+//!
+//! The register only grows. A node that falls silent keeps its entry, and so does a disk a node
+//! no longer mentions (right after a power cut every agent offers nothing until its disk scan
+//! is done): a `CephCluster` that lost a node or a disk would drop that host's OSDs from Rook's
+//! care and the pools' replica count with them. It is kept on the state partition, so a master
+//! that reboots starts from what it knew.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
-use serde_json::json;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cluster::{ClusterView, Member};
 use crate::config::NodeConfig;
@@ -16,58 +21,48 @@ use crate::report::Report;
 use crate::status::CephView;
 use crate::sys::fs::write_durable;
 
-/// Where the master writes it, under the state directory.
-pub const MANIFEST: &str = "manifests/ceph-cluster.yaml";
+/// Where the master keeps the register, under the state directory.
+pub const REGISTER: &str = "ceph-devices.json";
 
-/// Renders the `CephCluster` (JSON, which is YAML) for `nodes`: Kubernetes node name → devices.
-/// Nodes without devices are left out; names and devices are sorted, so the same cluster view
-/// always renders the same bytes.
-pub fn render(nodes: &BTreeMap<String, Vec<String>>, ceph_image: &str, data_dir: &str) -> String {
-    let listed: Vec<serde_json::Value> = nodes
-        .iter()
-        .filter(|(_, d)| !d.is_empty())
-        .map(|(name, devices)| {
-            let mut devices = devices.clone();
-            devices.sort();
-            devices.dedup();
-            json!({ "name": name, "devices": devices.iter().map(|d| json!({ "name": d })).collect::<Vec<_>>() })
-        })
-        .collect();
-    // Monitors want an odd count, one per node: three once there are three nodes.
-    let mons = if nodes.len() >= 3 { 3 } else { 1 };
-    let doc = json!({
-        "apiVersion": "ceph.rook.io/v1",
-        "kind": "CephCluster",
-        "metadata": { "name": "rook-ceph", "namespace": "rook-ceph" },
-        "spec": {
-            "cephVersion": { "image": ceph_image },
-            "dataDirHostPath": data_dir,
-            "mon": { "count": mons, "allowMultiplePerNode": false },
-            "mgr": { "count": 1 },
-            "dashboard": { "enabled": true },
-            "storage": {
-                "useAllNodes": false,
-                "useAllDevices": false,
-                "nodes": listed,
-            },
-        },
-    });
-    let mut s = serde_json::to_string_pretty(&doc).expect("json");
-    s.push('\n');
-    s
+/// Node name → devices, each list sorted and without repeats.
+pub type Register = BTreeMap<String, Vec<String>>;
+
+/// Adds this node's and every member's offered devices to `nodes`; nothing is ever removed.
+/// Returns whether anything was added.
+pub fn merge(nodes: &mut Register, own: (&str, &[String]), members: &[Member]) -> bool {
+    let mut added = false;
+    let offers = std::iter::once((own.0, own.1)).chain(members.iter().map(|m| (m.hostname.as_str(), &m.ceph[..])));
+    for (host, devices) in offers {
+        if !nodes.contains_key(host) {
+            nodes.insert(host.to_string(), Vec::new());
+            added = true;
+        }
+        let known = nodes.get_mut(host).expect("just inserted");
+        for d in devices {
+            if !known.contains(d) {
+                known.push(d.clone());
+                added = true;
+            }
+        }
+        known.sort();
+    }
+    added
 }
 
-/// Adds this node's and every member's devices to `nodes`. A node falling silent keeps its
-/// entry: the `CephCluster` must not shrink because a beacon was missed.
-pub fn merge(nodes: &mut BTreeMap<String, Vec<String>>, own: (&str, &[String]), members: &[Member]) {
-    nodes.insert(own.0.to_string(), own.1.to_vec());
-    for m in members {
-        nodes.insert(m.hostname.clone(), m.ceph.clone());
+/// The register saved on the state partition (empty when there is none, or it is unreadable:
+/// beacons fill it again).
+pub fn load(path: &Path) -> Register {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            warn!("{} is unreadable ({e}); the nodes' offers fill it again", path.display());
+            Register::new()
+        }),
+        Err(_) => Register::new(),
     }
 }
 
-/// The master's Ceph task: while this node leads, keeps the `CephCluster` in the state
-/// directory equal to what the cluster offers, rewriting it only when it would change.
+/// The master's Ceph task: while this node leads, keeps the register equal to everything the
+/// nodes ever offered, saved whenever it grows, and reports it (the stack task reads it there).
 pub async fn run(
     report: Report,
     cfg: NodeConfig,
@@ -75,11 +70,9 @@ pub async fn run(
     mut view: watch::Receiver<ClusterView>,
     offer: watch::Receiver<Vec<String>>,
 ) -> Result<()> {
-    let state_dir = Path::new(&cfg.state_dir).to_path_buf();
-    let path = state_dir.join(MANIFEST);
-    let data_dir = state_dir.join("rook").to_string_lossy().into_owned();
-    let mut nodes = BTreeMap::new();
-    let mut written: Option<String> = None;
+    let path = Path::new(&cfg.state_dir).join(REGISTER);
+    let mut nodes = load(&path);
+    let mut reported = false;
     let mut tick = tokio::time::interval(crate::cluster::TICK);
     loop {
         tokio::select! {
@@ -94,17 +87,21 @@ pub async fn run(
             v.members.clone()
         };
         let own = offer.borrow().clone();
-        merge(&mut nodes, (&hostname, &own), &members);
-        let text = render(&nodes, &cfg.disks.ceph_image, &data_dir);
-        if written.as_deref() == Some(text.as_str()) {
-            continue;
+        let added = merge(&mut nodes, (&hostname, &own), &members);
+        if added {
+            let bytes = serde_json::to_vec_pretty(&nodes)?;
+            write_durable(&path, &bytes)?;
+            info!(
+                path = %path.display(),
+                nodes = nodes.values().filter(|d| !d.is_empty()).count(),
+                "the disks offered to Ceph grew"
+            );
         }
-        std::fs::create_dir_all(path.parent().expect("a directory"))?;
-        write_durable(&path, text.as_bytes())?;
-        info!(path = %path.display(), nodes = nodes.values().filter(|d| !d.is_empty()).count(), "wrote the CephCluster");
-        written = Some(text);
-        let manifest = path.to_string_lossy().into_owned();
-        report.update(|s| s.ceph = Some(CephView { manifest, nodes: nodes.clone() }));
+        if added || !reported {
+            let register = path.to_string_lossy().into_owned();
+            report.update(|s| s.ceph = Some(CephView { register, nodes: nodes.clone() }));
+            reported = true;
+        }
     }
 }
 
@@ -112,57 +109,46 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    #[test]
-    fn lists_only_named_devices_on_named_nodes() {
-        let mut nodes = BTreeMap::new();
-        nodes.insert(
-            "lab-b".to_string(),
-            vec!["/dev/disk/by-id/wwn-2".to_string(), "/dev/disk/by-id/wwn-1".to_string()],
-        );
-        nodes.insert("lab-a".to_string(), vec!["/dev/disk/by-id/ata-X".to_string()]);
-        nodes.insert("lab-c".to_string(), vec![]);
-        let text = render(&nodes, "quay.io/ceph/ceph:v18.2.4", "/var/lib/labforge/rook");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let s = &v["spec"]["storage"];
-        assert_eq!(s["useAllDevices"], false);
-        assert_eq!(s["useAllNodes"], false);
-        assert_eq!(v["spec"]["mon"]["count"], 3);
-        assert_eq!(v["spec"]["dataDirHostPath"], "/var/lib/labforge/rook");
-        let got: Vec<(String, Vec<String>)> = s["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().unwrap().into(),
-                    n["devices"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().into()).collect(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("lab-a".to_string(), vec!["/dev/disk/by-id/ata-X".to_string()]),
-                ("lab-b".to_string(), vec!["/dev/disk/by-id/wwn-1".to_string(), "/dev/disk/by-id/wwn-2".to_string()])
-            ]
-        );
-        assert_eq!(text, render(&nodes, "quay.io/ceph/ceph:v18.2.4", "/var/lib/labforge/rook"), "stable bytes");
-        assert!(!text.contains("useAllDevices\": true"));
+    fn dev(s: &str) -> Vec<String> {
+        vec![s.to_string()]
+    }
+
+    fn member(h: &str, d: &[&str]) -> Member {
+        Member { hostname: h.into(), ceph: d.iter().map(|s| s.to_string()).collect() }
     }
 
     #[test]
-    fn silent_nodes_keep_their_devices_and_an_unchanged_view_renders_the_same_bytes() {
-        let dev = |s: &str| vec![s.to_string()];
-        let member = |h: &str, d: &str| Member { hostname: h.into(), ceph: dev(d) };
-        let mut nodes = BTreeMap::new();
-        merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[member("w1", "/dev/disk/by-id/w1")]);
-        let first = render(&nodes, "ceph", "/r");
-        // w1 falls silent: its entry stays, and nothing needs rewriting.
+    fn the_register_only_grows_sorted_and_without_repeats() {
+        let mut nodes = Register::new();
+        assert!(merge(
+            &mut nodes,
+            ("m", &dev("/dev/disk/by-id/m1")),
+            &[member("w1", &["/dev/disk/by-id/wwn-2", "/dev/disk/by-id/wwn-1"])]
+        ));
+        assert_eq!(nodes["w1"], ["/dev/disk/by-id/wwn-1", "/dev/disk/by-id/wwn-2"]);
+        // The same offers again: nothing to save.
+        assert!(!merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[member("w1", &["/dev/disk/by-id/wwn-1"])]));
+        // w1 falls silent, and the master's own scan has not finished after a reboot: nothing
+        // is lost (a CephCluster that forgot them would shrink the pools).
+        assert!(!merge(&mut nodes, ("m", &[]), &[]));
+        assert_eq!(nodes["m"], dev("/dev/disk/by-id/m1"));
+        assert_eq!(nodes["w1"].len(), 2);
+        // A node with nothing to offer is known, with no devices; a new disk is added.
+        assert!(merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m0")), &[member("w2", &[])]));
+        assert_eq!(nodes["m"], ["/dev/disk/by-id/m0", "/dev/disk/by-id/m1"]);
+        assert_eq!(nodes["w2"], Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_register_survives_a_reboot_and_an_unreadable_one_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REGISTER);
+        assert!(load(&path).is_empty());
+        let mut nodes = Register::new();
         merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[]);
-        assert_eq!(nodes.get("w1"), Some(&dev("/dev/disk/by-id/w1")));
-        assert_eq!(render(&nodes, "ceph", "/r"), first);
-        // A new member changes the manifest.
-        merge(&mut nodes, ("m", &dev("/dev/disk/by-id/m1")), &[member("w2", "/dev/disk/by-id/w2")]);
-        assert_ne!(render(&nodes, "ceph", "/r"), first);
+        write_durable(&path, &serde_json::to_vec(&nodes).unwrap()).unwrap();
+        assert_eq!(load(&path), nodes);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(load(&path).is_empty());
     }
 }

@@ -24,8 +24,8 @@ pub struct StackStatus {
     pub state: String,
     pub message: String,
     pub components: Vec<ComponentStatus>,
-    /// The last round over the components: how long it took and how many it applied (a round
-    /// after a reboot with nothing changed applies none).
+    /// The last round over the components: how long it took and how many it applied with every
+    /// object accepted (a round after a reboot with nothing changed applies none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_round: Option<RoundStats>,
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use labforge_core::stack::{render, ClusterFacts, Readiness, StackPlan, STACK_PLAN};
+use labforge_core::stack::{render_with, upstream_objects, ClusterFacts, Readiness, StackPlan, STACK_PLAN};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -51,6 +51,10 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             return Ok(());
         }
     };
+    // Upstream files (Rook's CRDs are megabytes of YAML) do not depend on the cluster: parsed
+    // once, not every round. One that does not parse fails its component every round.
+    let upstream: Vec<Result<Vec<serde_json::Value>, String>> =
+        plan.components.iter().map(|c| upstream_objects(c).map_err(|e| format!("{e:#}"))).collect();
     let state_path = settings.state_dir.join(STATE_FILE);
     // Read once this node leads a cluster (the file is keyed by its uid).
     let mut memory = Memory::new();
@@ -127,9 +131,17 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
             continue;
         };
         let started = Instant::now();
-        let (all_ready, applied) =
-            round(&client, &plan, &facts, &mut memory, &mut failures, &mut statuses, &report, (&state_path, &uid))
-                .await;
+        let (all_ready, applied) = round(
+            &client,
+            (&plan, &upstream),
+            &facts,
+            &mut memory,
+            &mut failures,
+            &mut statuses,
+            &report,
+            (&state_path, &uid),
+        )
+        .await;
         let stats = RoundStats { took_ms: started.elapsed().as_millis() as u64, applied };
         report.update(|s| {
             if let Some(st) = s.stack.as_mut() {
@@ -145,7 +157,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
 #[allow(clippy::too_many_arguments)]
 async fn round(
     kube: &Kube,
-    plan: &StackPlan,
+    (plan, upstream): (&StackPlan, &[Result<Vec<serde_json::Value>, String>]),
     facts: &ClusterFacts,
     memory: &mut Memory,
     failures: &mut BTreeMap<String, (u32, Instant)>,
@@ -156,7 +168,10 @@ async fn round(
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();
     let mut applied = 0;
     for (i, c) in plan.components.iter().enumerate() {
-        let rendered = render(c, facts);
+        let rendered = match &upstream[i] {
+            Ok(objects) => render_with(c, facts, objects),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
         let (count, since) = failures.get(&c.name).map(|(n, at)| (*n, at.elapsed())).unwrap_or((0, Duration::ZERO));
         let input = plan::Input {
             name: &c.name,
@@ -191,7 +206,6 @@ async fn round(
                     statuses[i].message = format!("applying {} objects", r.objects.len());
                     publish_round(report, statuses);
                     info!(component = %c.name, digest = %&r.digest[..12], "applying");
-                    applied += 1;
                     let previous = memory.get(&c.name).map(|a| a.kinds.clone()).unwrap_or_default();
                     match apply::apply_component(kube, c, &r, &previous).await {
                         Err(e) => Err(e),
@@ -199,6 +213,7 @@ async fn round(
                             // Recorded once every object was accepted: a power cut before
                             // this applies again, which server-side apply makes harmless.
                             memory.insert(c.name.clone(), Applied { digest: r.digest.clone(), kinds });
+                            applied += 1;
                             save_memory(state_path, uid, memory);
                             statuses[i].applied_digest = Some(r.digest.clone());
                             apply::check_gates(kube, c, &r).await

@@ -107,6 +107,10 @@ pub fn kubeadm_cached(pins: &[Pinned], cache: &Path) -> bool {
     pins.iter().find(|p| p.name == "kubeadm").is_some_and(|p| cached(p, cache).is_some())
 }
 
+/// How a stack component's upstream file is named among the pinned downloads (its pin lives in
+/// the component, not in the lock file).
+pub const UPSTREAM_FILE: &str = "upstream file ";
+
 /// Where the cache holds the file `p` pins, if it does.
 pub fn cached(p: &Pinned, cache: &Path) -> Option<PathBuf> {
     let path = cache.join("binaries/sha256").join(&p.sha256);
@@ -183,9 +187,13 @@ fn fetch(http: &reqwest::blocking::Client, p: &Pinned, to: &Path) -> Result<()> 
     }
     let got = hex::encode(h.finalize());
     if got != p.sha256 {
+        let fix = if p.name.starts_with(UPSTREAM_FILE) {
+            "if the new file is trusted, put its sha256 in the component's [[upstream]] entry"
+        } else {
+            "if the new file is trusted, build with --update-lock"
+        };
         bail!(
-            "{} from {} has sha256 {got}, but {} is pinned: the file changed or the mirror serves another one; \
-             if the new file is trusted, build with --update-lock",
+            "{} from {} has sha256 {got}, but {} is pinned: the file changed or the mirror serves another one; {fix}",
             p.name,
             p.url,
             p.sha256

@@ -183,7 +183,7 @@ pub fn upstream_pins(components: &[ResolvedComponent]) -> Vec<Pinned> {
         .iter()
         .flat_map(|c| {
             c.upstream.iter().map(|u| Pinned {
-                name: format!("upstream file {}.{}", c.name, u.name),
+                name: format!("{}{}.{}", kubebin::UPSTREAM_FILE, c.name, u.name),
                 url: u.url.clone(),
                 sha256: u.sha256.clone(),
             })
@@ -200,7 +200,7 @@ pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offlin
         let name = c.name.clone();
         for u in c.upstream.iter_mut() {
             let pin = Pinned {
-                name: format!("upstream file {name}.{}", u.name),
+                name: format!("{}{name}.{}", kubebin::UPSTREAM_FILE, u.name),
                 url: u.url.clone(),
                 sha256: u.sha256.clone(),
             };
@@ -660,6 +660,9 @@ mod tests {
         assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["image"], "127.0.0.1:5000/op:1");
         assert_eq!(dep["metadata"]["annotations"]["doc"], "{{ not a template }}");
         assert_eq!(dep["metadata"]["labels"][stack::LABEL_COMPONENT], "op");
+        // An image an upstream file runs must be preloaded like any other.
+        let e = check(&mut cs.clone(), &ClusterFacts::at_build("a", "b", "c"), &[]).unwrap_err().to_string();
+        assert!(e.contains("component op: Deployment op/op field spec.template.spec.containers[0].image uses image 127.0.0.1:5000/op:1"), "{e}");
         // Offline, the cache answers.
         files.lock().unwrap().clear();
         let mut again = resolve(&s).unwrap();
@@ -671,6 +674,7 @@ mod tests {
         let mut cs = resolve(&s).unwrap();
         let e = fetch_upstream(&mut cs, other.path(), false).unwrap_err().to_string();
         assert!(e.contains("upstream file op.operator") && e.contains(&format!("but {sha} is pinned")), "{e}");
+        assert!(e.contains("put its sha256 in the component's [[upstream]] entry"), "{e}");
         assert_eq!(std::fs::read_dir(other.path().join("binaries/sha256")).unwrap().count(), 0);
         // Offline with an empty cache: not fetched, not retried; the component renders without it.
         let mut cs = resolve(&s).unwrap();

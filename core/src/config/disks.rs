@@ -29,9 +29,6 @@ pub struct DisksConfig {
     /// Treat removable and USB disks like internal ones (they are never touched otherwise).
     #[serde(default)]
     pub removable: bool,
-    /// Ceph image the rendered `CephCluster` runs.
-    #[serde(default = "default_ceph_image")]
-    pub ceph_image: String,
 }
 
 /// Selects disks by `/dev/disk/by-id` glob and/or size; a disk must satisfy every part given.
@@ -58,9 +55,6 @@ pub enum Wipe {
 
 fn default_min_size() -> Bytes {
     Bytes(10 << 30)
-}
-fn default_ceph_image() -> String {
-    "quay.io/ceph/ceph:v18.2.4".into()
 }
 
 impl Default for DisksConfig {

@@ -36,9 +36,6 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
             })
         })
         .collect();
-    if !fields.is_empty() {
-        return fields;
-    }
     let pod_spec = match object.kind.as_str() {
         "Pod" => "/spec",
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
@@ -46,11 +43,11 @@ pub fn images_in(obj: &Value, carrying: &ImageCarrying) -> Vec<FoundImage> {
         }
         "CronJob" => "/spec/jobTemplate/spec/template/spec",
         "PodTemplate" => "/template/spec",
-        _ => return Vec::new(),
+        _ => return fields,
     };
-    let Some(spec) = obj.pointer(pod_spec) else { return Vec::new() };
+    let Some(spec) = obj.pointer(pod_spec) else { return fields };
     let base = pod_spec.trim_start_matches('/').replace('/', ".");
-    let mut found = Vec::new();
+    let mut found = fields;
     for list in ["containers", "initContainers", "ephemeralContainers"] {
         let Some(cs) = spec.get(list).and_then(Value::as_array) else { continue };
         for (i, c) in cs.iter().enumerate() {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use order::dependency_order;
 pub use ready::{readiness, Readiness};
-pub use render::{render, ClusterFacts, ObjectRef, Rendered};
+pub use render::{render, render_with, upstream_objects, ClusterFacts, ObjectRef, Rendered};
 
 /// Where the builder puts the resolved stack in an image.
 pub const STACK_PLAN: &str = "/usr/lib/labforge/stack.json";

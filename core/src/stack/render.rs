@@ -102,8 +102,27 @@ impl Rendered {
     }
 }
 
-/// Renders every template of `c` with `cluster`.
+/// Renders every template of `c` with `cluster`, after the objects of its upstream files.
 pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered> {
+    render_with(c, cluster, &upstream_objects(c)?)
+}
+
+/// The objects of `c`'s upstream files (CRDs, RBAC): as fetched, never rendered as templates
+/// (their text may hold `{{` of its own), with the spec's image overrides put in and the
+/// component's labels. They do not depend on the cluster: a caller that renders often (the
+/// master, every round) parses them once. An upstream file an offline plan did not fetch has
+/// no text, and no objects.
+pub fn upstream_objects(c: &ResolvedComponent) -> Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    for u in &c.upstream {
+        let where_ = format!("component {} upstream file {}", c.name, u.name);
+        objects.extend(parse(c, &where_, &u.text, &c.upstream_images)?);
+    }
+    Ok(objects)
+}
+
+/// [`render`] with the upstream objects already parsed ([`upstream_objects`]).
+pub fn render_with(c: &ResolvedComponent, cluster: &ClusterFacts, upstream: &[Value]) -> Result<Rendered> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
@@ -116,36 +135,11 @@ pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered>
         images => minijinja::Value::from_serialize(&c.images),
         cluster => minijinja::Value::from_serialize(cluster),
     };
-    let mut objects = Vec::new();
-    // Upstream files first (CRDs, RBAC): as fetched, never rendered as templates (their text may
-    // hold `{{` of its own), with the spec's image overrides put in.
-    let upstream =
-        c.upstream.iter().map(|u| (format!("component {} upstream file {}", c.name, u.name), u.text.clone()));
-    let mut rendered = Vec::new();
+    let mut objects = upstream.to_vec();
     for (file, text) in &c.templates {
         let where_ = format!("component {} template {file}", c.name);
         let out = env.render_str(text, &ctx).map_err(|e| anyhow!("{where_}: {}", describe(&e)))?;
-        rendered.push((where_, out));
-    }
-    let from_upstream = c.upstream.len();
-    for (n, (where_, out)) in upstream.chain(rendered).enumerate() {
-        for (i, doc) in split_documents(&out).into_iter().enumerate() {
-            let mut v: Value = serde_yaml_ng::from_str(doc)
-                .map_err(|e| anyhow!("{where_}, document {}: not valid YAML after rendering: {e}", i + 1))?;
-            if n < from_upstream && !c.upstream_images.is_empty() {
-                replace_strings(&mut v, &c.upstream_images);
-            }
-            if v.is_null() {
-                continue;
-            }
-            let Value::Object(_) = v else {
-                bail!("{where_}, document {}: a Kubernetes object must be a mapping", i + 1);
-            };
-            let r = ObjectRef::of(&v).with_context(|| format!("{where_}, document {}", i + 1))?;
-            check_name(&r).with_context(|| format!("{where_}: {r}"))?;
-            label(&mut v, &c.name);
-            objects.push(v);
-        }
+        objects.extend(parse(c, &where_, &out, &BTreeMap::new())?);
     }
     let mut seen = BTreeMap::new();
     for o in &objects {
@@ -156,6 +150,30 @@ pub fn render(c: &ResolvedComponent, cluster: &ClusterFacts) -> Result<Rendered>
     }
     let digest = hex::encode(Sha256::digest(serde_json::to_vec(&objects)?));
     Ok(Rendered { objects, digest })
+}
+
+/// The objects of a YAML stream, each checked and labelled as `c`'s, with the strings in
+/// `replace` replaced.
+fn parse(c: &ResolvedComponent, where_: &str, text: &str, replace: &BTreeMap<String, String>) -> Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    for (i, doc) in split_documents(text).into_iter().enumerate() {
+        let mut v: Value = serde_yaml_ng::from_str(doc)
+            .map_err(|e| anyhow!("{where_}, document {}: not valid YAML after rendering: {e}", i + 1))?;
+        if v.is_null() {
+            continue;
+        }
+        let Value::Object(_) = v else {
+            bail!("{where_}, document {}: a Kubernetes object must be a mapping", i + 1);
+        };
+        if !replace.is_empty() {
+            replace_strings(&mut v, replace);
+        }
+        let r = ObjectRef::of(&v).with_context(|| format!("{where_}, document {}", i + 1))?;
+        check_name(&r).with_context(|| format!("{where_}: {r}"))?;
+        label(&mut v, &c.name);
+        objects.push(v);
+    }
+    Ok(objects)
 }
 
 /// Replaces every string in `v` that equals a key of `with` by its value.
