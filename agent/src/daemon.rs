@@ -14,7 +14,7 @@
 //! | netboot served by the master | `pxe::task` | `pxe` section, what `/pxe/` serves |
 //! | the register of disks offered to Ceph (master) | `disks::ceph` | `ceph` section |
 //! | the data stack (master) | `stack` | `stack` section, `/sd/nodes`, the portal |
-//! | healing after power cuts (slot) | `heal` | |
+//! | healing after power cuts: the CNI result cache (more is a slot) | `heal` | a notice |
 //!
 //! A task that fails or panics stops the agent with an error, and systemd starts it again.
 
@@ -316,6 +316,18 @@ async fn node(
 ) -> Result<()> {
     let boot = enrolled(boot, &report, &endpoints).await;
     let Boot { cfg, secret, cmdline, store, state, inventory, .. } = boot;
+    if cfg.kubernetes.enabled {
+        // What a power cut left of the pod network's state, before this node's kubelet needs it.
+        let removed = crate::heal::cni::repair(Path::new("/"));
+        if !removed.is_empty() {
+            report.update(|s| {
+                s.notices.push(format!(
+                    "removed {} CNI result cache file(s) a power cut left unreadable, so their pods' sandboxes can be stopped",
+                    removed.len()
+                ))
+            });
+        }
+    }
     let state_dir = PathBuf::from(&cfg.state_dir);
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::preload::task::run(report.clone(), state_dir.clone(), cmdline));
