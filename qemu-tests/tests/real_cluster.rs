@@ -239,17 +239,14 @@ const DRY_RUN: &str = "apply --server-side --validate=strict --field-manager=lab
 /// than kubectl's fixed 32 s to build it the first time (the real room's run 4), and serves it
 /// from its cache after that.
 fn kubectl_patient(room: &Room, args: &str, stdin: &str) -> Result<String> {
-    let mut tries = 0;
-    loop {
+    // Only the timeout is waited out (`poll` tries again); any other answer, success or error,
+    // ends the wait at once.
+    poll("kubectl getting the OpenAPI document in time", Duration::from_secs(180), Duration::from_secs(20), || {
         match room.kubectl(0, args, stdin) {
-            Err(e) if tries < 6 && format!("{e:#}").contains("Client.Timeout exceeded") => {
-                tries += 1;
-                eprintln!("real room: kubectl timed out fetching the OpenAPI document; again in 20 s");
-                std::thread::sleep(Duration::from_secs(20));
-            }
-            r => return r,
+            Err(e) if format!("{e:#}").contains("Client.Timeout exceeded") => Err(format!("{e:#}")),
+            r => Ok(r),
         }
-    }
+    })?
 }
 
 /// `out`, unless kubectl printed a warning in it.

@@ -179,16 +179,15 @@ pub fn resolve(spec: &StackSpec) -> Result<Vec<ResolvedComponent>> {
 
 /// The components' upstream files as pinned downloads (`<component>.<file>`).
 pub fn upstream_pins(components: &[ResolvedComponent]) -> Vec<Pinned> {
-    components
-        .iter()
-        .flat_map(|c| {
-            c.upstream.iter().map(|u| Pinned {
-                name: format!("{}{}.{}", kubebin::UPSTREAM_FILE, c.name, u.name),
-                url: u.url.clone(),
-                sha256: u.sha256.clone(),
-            })
-        })
-        .collect()
+    components.iter().flat_map(|c| c.upstream.iter().map(|u| pin(&c.name, u))).collect()
+}
+
+fn pin(component: &str, u: &FetchedUpstream) -> Pinned {
+    Pinned {
+        name: format!("{}{component}.{}", kubebin::UPSTREAM_FILE, u.name),
+        url: u.url.clone(),
+        sha256: u.sha256.clone(),
+    }
 }
 
 /// Fetches every upstream file into the cache (by sha256; verified while it streams, a file that
@@ -199,11 +198,7 @@ pub fn fetch_upstream(components: &mut [ResolvedComponent], cache: &Path, offlin
     for c in components.iter_mut() {
         let name = c.name.clone();
         for u in c.upstream.iter_mut() {
-            let pin = Pinned {
-                name: format!("{}{name}.{}", kubebin::UPSTREAM_FILE, u.name),
-                url: u.url.clone(),
-                sha256: u.sha256.clone(),
-            };
+            let pin = pin(&name, u);
             let path = if offline {
                 match kubebin::cached(&pin, cache) {
                     Some(p) => p,
