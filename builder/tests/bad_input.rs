@@ -324,3 +324,25 @@ fn plan_never_touches_the_network_and_shows_the_stack() {
     let line = stdout.lines().find(|l| l.contains(crds)).unwrap_or_else(|| panic!("{stdout}"));
     assert!(line.ends_with("(cached)") || line.ends_with("(not cached: the build downloads it)"), "{line}");
 }
+
+#[test]
+fn a_roster_that_would_run_a_kernel_as_root_or_share_a_uid_is_refused_before_any_work() {
+    let c = Case::new();
+    let project = "[[lab.projects]]\nname = \"p1\"\ncpu-min = \"0.5\"\ncpu-max = \"1\"\nmemory-min = \"256Mi\"\nmemory-max = \"512Mi\"\n";
+    let user = |name: &str, uid: u32| format!("[[lab.users]]\nname = \"{name}\"\nuid = {uid}\nprojects = [\"p1\"]\n");
+    let spec = c.write("root.toml", &format!("{K8S_SPEC}{project}{}", user("alice", 0)));
+    let out = c.build(&spec, &[]);
+    assert_error(&out, &["lab", "\"alice\"", "uid 0 is root's", "1000 or more"]);
+    c.assert_nothing_left();
+    let spec = c.write("shared.toml", &format!("{K8S_SPEC}{project}{}{}", user("alice", 2001), user("bob", 2001)));
+    let out = c.build(&spec, &[]);
+    assert_error(&out, &["\"bob\"", "uid 2001 is alice's too"]);
+    c.assert_nothing_left();
+    let spec = c.write(
+        "limits.toml",
+        &format!("{K8S_SPEC}{}{}", project.replace("cpu-min = \"0.5\"", "cpu-min = \"4\""), user("alice", 2001)),
+    );
+    let out = c.build(&spec, &[]);
+    assert_error(&out, &["\"p1\"", "cpu-min 4 is above cpu-max 1"]);
+    c.assert_nothing_left();
+}

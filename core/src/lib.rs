@@ -8,6 +8,7 @@ pub mod blockcopy;
 pub mod cmd;
 pub mod config;
 pub mod disk;
+pub mod lab;
 pub mod layout;
 pub mod manifest;
 pub mod roots;

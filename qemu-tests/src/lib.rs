@@ -1,5 +1,6 @@
 //! Harness for booting labforge images in QEMU and checking what a user would see.
 
+pub mod apiserver;
 pub mod disks;
 pub mod images;
 pub mod kubernetes;

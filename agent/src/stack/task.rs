@@ -55,6 +55,15 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
     // once, not every round. One that does not parse fails its component every round.
     let upstream: Vec<Result<Vec<serde_json::Value>, String>> =
         plan.components.iter().map(|c| upstream_objects(c).map_err(|e| format!("{e:#}"))).collect();
+    // The roster was checked at build time; one that fails here (an image built by another
+    // labforge) renders no projects, and says so.
+    let stack_facts = StackFacts {
+        components: plan.components.iter().map(|c| c.name.clone()).collect(),
+        lab: plan.lab.view().unwrap_or_else(|e| {
+            warn!("the image's [lab] roster is not valid, so no project is rendered: {e:#}");
+            Default::default()
+        }),
+    };
     let state_path = settings.state_dir.join(STATE_FILE);
     // Read once this node leads a cluster (the file is keyed by its uid).
     let mut memory = Memory::new();
@@ -125,7 +134,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
                 st.applied_digest = memory.get(&st.name).map(|a| a.digest.clone());
             }
         }
-        let Some(facts) = facts(&report, &view.borrow(), &settings) else {
+        let Some(facts) = facts(&report, &view.borrow(), &settings, &stack_facts) else {
             // Templates name the master's address: never render them without it.
             tokio::time::sleep(BUSY).await;
             continue;
@@ -319,8 +328,14 @@ fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentSta
     });
 }
 
+/// What templates know of the stack itself, the same every round.
+struct StackFacts {
+    components: Vec<String>,
+    lab: labforge_core::lab::LabView,
+}
+
 /// What templates know at run time: the nodes the API server lists and the master's address.
-fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> Option<ClusterFacts> {
+fn facts(report: &Report, view: &ClusterView, settings: &Settings, stack: &StackFacts) -> Option<ClusterFacts> {
     let master_address = view.lan.as_ref()?.address.to_string();
     let snapshot = report.snapshot();
     let ceph_devices = snapshot
@@ -348,6 +363,8 @@ fn facts(report: &Report, view: &ClusterView, settings: &Settings) -> Option<Clu
         service_cidr: settings.service_cidr.clone(),
         kubernetes_version: settings.kubernetes_version.clone(),
         ceph_devices,
+        components: stack.components.clone(),
+        lab: stack.lab.clone(),
     })
 }
 

@@ -159,7 +159,7 @@ impl Plan {
             }
         }
         let refs: Vec<String> = spec.preload.iter().map(|p| p.reference.clone()).collect();
-        stack::check_names(&mut stack_components, &stack::build_facts(&spec), &refs)?;
+        stack::check_names(&mut stack_components, &stack::build_facts(&spec)?, &refs)?;
         let (preload, registry) = if spec.preload.is_empty() {
             (Vec::new(), None)
         } else if opts.offline {
@@ -188,7 +188,7 @@ impl Plan {
             let digests = reg.resolve_all(&refs)?;
             (refs.into_iter().map(|(r, _)| r).zip(digests).collect(), Some(reg))
         };
-        stack::check(&mut stack_components, &stack::build_facts(&spec), &preload)?;
+        stack::check(&mut stack_components, &stack::build_facts(&spec)?, &preload)?;
         let mut h = Sha256::new();
         h.update(format!("{PIPELINE_VERSION}\0{}\0{rootfs_key}\0", env!("CARGO_PKG_VERSION")));
         h.update(serde_json::to_vec(&spec)?);
@@ -394,7 +394,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     stages.run("overlays", "applying overlays", || overlays::apply(spec, &root))?;
     stages.run("agent", "installing labforge-agent", || agent::install(spec, &root, &plan.agent, &plan.secret))?;
     if !plan.stack.is_empty() {
-        stages.run("stack", "writing the stack's components", || stack::install(&root, &plan.stack))?;
+        stages.run("stack", "writing the stack's components", || stack::install(&root, &plan.stack, &spec.lab))?;
     }
     let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
     if let Some(reg) = &plan.registry {

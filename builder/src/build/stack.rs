@@ -228,8 +228,12 @@ pub fn declared_images(components: &[ResolvedComponent]) -> Vec<String> {
 }
 
 /// The facts templates see at build time.
-pub fn build_facts(spec: &Spec) -> ClusterFacts {
-    ClusterFacts::at_build(&spec.cluster.pod_cidr, &spec.cluster.service_cidr, &spec.kubernetes.version)
+pub fn build_facts(spec: &Spec) -> Result<ClusterFacts> {
+    let mut facts =
+        ClusterFacts::at_build(&spec.cluster.pod_cidr, &spec.cluster.service_cidr, &spec.kubernetes.version);
+    facts.components = spec.stack.components.clone();
+    facts.lab = spec.lab.view().context("[lab]")?;
+    Ok(facts)
 }
 
 /// Renders every component and checks every image reference against the preload set (each a
@@ -293,10 +297,10 @@ fn check_with(
 }
 
 /// Writes `stack.json` into the image (world-readable: it holds no secret).
-pub fn install(root: &Path, components: &[ResolvedComponent]) -> Result<()> {
+pub fn install(root: &Path, components: &[ResolvedComponent], lab: &labforge_core::lab::Lab) -> Result<()> {
     let path = root.join(stack::STACK_PLAN.trim_start_matches('/'));
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let plan = StackPlan { components: components.to_vec() };
+    let plan = StackPlan { components: components.to_vec(), lab: lab.clone() };
     std::fs::write(&path, serde_json::to_vec_pretty(&plan)?).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -311,6 +315,62 @@ mod tests {
 
     fn pinned(refs: &[String]) -> Vec<(String, String)> {
         refs.iter().map(|r| (r.clone(), "sha256:00".into())).collect()
+    }
+
+    #[test]
+    fn projects_render_a_namespace_limits_and_a_total_per_project_of_the_roster() {
+        let lab: labforge_core::lab::Lab = toml::from_str(
+            r#"
+            [[projects]]
+            name = "p1"
+            cpu-min = "500m"
+            cpu-max = "1"
+            memory-min = "256Mi"
+            memory-max = "512Mi"
+            quota-memory = "2Gi"
+            [[projects]]
+            name = "p2"
+            cpu-min = "1"
+            cpu-max = "2"
+            memory-min = "1Gi"
+            memory-max = "2Gi"
+            [[users]]
+            name = "alice"
+            uid = 2001
+            projects = ["p1", "p2"]
+            "#,
+        )
+        .unwrap();
+        let mut cs =
+            resolve(&spec("components = [\"projects\"]\n[projects]\npod_security = \"restricted\"\n")).unwrap();
+        assert!(declared_images(&cs).is_empty(), "it runs nothing");
+        let mut facts = ClusterFacts::at_build("a", "b", "c");
+        check(&mut cs, &facts, &[]).unwrap();
+        let none = stack::render(&cs[0], &facts).unwrap();
+        assert!(none.objects.is_empty(), "no roster, no projects: {:?}", none.objects);
+        facts.lab = lab.view().unwrap();
+        let r = stack::render(&cs[0], &facts).unwrap();
+        let kinds: Vec<String> = r.refs().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Namespace lab-p1",
+                "LimitRange lab-p1/project-limits",
+                "ResourceQuota lab-p1/project-total",
+                "Namespace lab-p2",
+                "LimitRange lab-p2/project-limits",
+            ]
+        );
+        let ns = &r.objects[0]["metadata"]["labels"];
+        assert_eq!(ns["labforge.io/project"], "p1");
+        assert_eq!(ns["pod-security.kubernetes.io/enforce"], "restricted");
+        let limits = &r.objects[1]["spec"]["limits"][0];
+        assert_eq!(limits["type"], "Container");
+        assert_eq!(limits["max"], serde_json::json!({"cpu": "1000m", "memory": "536870912"}));
+        assert_eq!(limits["min"], serde_json::json!({"cpu": "500m", "memory": "268435456"}));
+        assert_eq!(limits["default"], limits["max"], "a kernel asking for nothing gets the maximum");
+        assert_eq!(limits["defaultRequest"], limits["min"]);
+        assert_eq!(r.objects[2]["spec"]["hard"], serde_json::json!({"limits.memory": "2147483648"}));
     }
 
     #[test]

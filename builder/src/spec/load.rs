@@ -194,14 +194,15 @@ fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Merges `child` over `base`: tables key by key, the lists `packages`, `overlays` and `users`
-/// appended, everything else replaced.
+/// Merges `child` over `base`: tables key by key, the lists `packages`, `pins`, `overlays`,
+/// `users` (also `[[lab.users]]`), `preload` and `[[lab.projects]]` appended, everything else
+/// replaced.
 fn merge(base: &mut toml::Table, child: toml::Table) {
     for (k, v) in child {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(c)) => merge(b, c),
             (Some(toml::Value::Array(b)), toml::Value::Array(c))
-                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users" | "preload") =>
+                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users" | "preload" | "projects") =>
             {
                 b.extend(c)
             }
@@ -359,6 +360,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     }
     if let Err(e) = spec.pxe.validate() {
         return Err(invalid(&["pxe"], format!("{e:#}")));
+    }
+    if let Err(e) = spec.lab.validate() {
+        return Err(invalid(&["lab"], format!("{e:#}")));
     }
     if spec.pxe.serve && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
         return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));

@@ -29,7 +29,8 @@ pub struct Spec {
     #[serde(default = "default_schema_version")]
     pub schema_version: u32,
     /// Another spec (path relative to this file) whose settings this one starts from.
-    /// Tables merge key by key; `packages`, `pins`, `overlays`, `users` and `preload` are appended.
+    /// Tables merge key by key; `packages`, `pins`, `overlays`, `users`, `preload` and the roster's
+    /// `lab.projects` and `lab.users` are appended.
     #[serde(default, skip_serializing)]
     pub extends: Option<String>,
     /// Image name: lowercase letters, digits and `-`; names the output files.
@@ -92,6 +93,10 @@ pub struct Spec {
     /// settings, image overrides and the site's own component folders.
     #[serde(default)]
     pub stack: StackSpec,
+    /// The lab roster: notebook users with fixed uids, their projects, and each project's
+    /// limits (see `labforge_core::lab`). Carried to the master in the stack; no passwords.
+    #[serde(default)]
+    pub lab: labforge_core::lab::Lab,
     /// Cluster secret file (64 hex digits, from `labforge secret new`). Without it, the build
     /// reuses `<out>/<name>.cluster.secret` or generates one there.
     #[serde(default)]

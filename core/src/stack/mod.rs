@@ -324,6 +324,9 @@ pub struct ResolvedComponent {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StackPlan {
     pub components: Vec<ResolvedComponent>,
+    /// The spec's `[lab]` roster (checked), which templates see as `lab`.
+    #[serde(default)]
+    pub lab: crate::lab::Lab,
 }
 
 impl StackPlan {

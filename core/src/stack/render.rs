@@ -3,7 +3,7 @@
 //! Templates are minijinja with strict undefined values: a misspelt setting fails the build
 //! instead of rendering an empty string; filter `sha256` digests a text (a config's checksum
 //! in a pod template's annotations). Context: `component` (`name`, `namespace`), `settings`,
-//! `images` and `cluster` ([`ClusterFacts`]). Each file may hold several YAML documents; empty
+//! `images`, `cluster` ([`ClusterFacts`]) and `lab` (the roster, [`crate::lab::LabView`]). Each file may hold several YAML documents; empty
 //! documents are skipped. Every object gets the labels that mark it as the component's.
 
 use std::collections::BTreeMap;
@@ -33,6 +33,12 @@ pub struct ClusterFacts {
     /// time, and on a cluster whose nodes offer none).
     #[serde(default)]
     pub ceph_devices: BTreeMap<String, Vec<String>>,
+    /// The components the stack runs (a template may use a class another one provides).
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// The lab roster, checked (templates see it as `lab`).
+    #[serde(default)]
+    pub lab: crate::lab::LabView,
 }
 
 impl ClusterFacts {
@@ -45,6 +51,8 @@ impl ClusterFacts {
             service_cidr: service_cidr.into(),
             kubernetes_version: kubernetes_version.into(),
             ceph_devices: BTreeMap::new(),
+            components: Vec::new(),
+            lab: crate::lab::LabView::default(),
         }
     }
 }
@@ -134,6 +142,7 @@ pub fn render_with(c: &ResolvedComponent, cluster: &ClusterFacts, upstream: &[Va
         settings => minijinja::Value::from_serialize(&c.settings),
         images => minijinja::Value::from_serialize(&c.images),
         cluster => minijinja::Value::from_serialize(cluster),
+        lab => minijinja::Value::from_serialize(&cluster.lab),
     };
     let mut objects = upstream.to_vec();
     for (file, text) in &c.templates {
