@@ -7,7 +7,13 @@
 //! - The `projects` component's limits hold against the API server's own admission: a kernel
 //!   asking for more than its project allows is refused, one asking for nothing gets the
 //!   project's limits, the project's total is enforced, and a privileged pod is refused.
+//! - The `notebooks` component's hub (JupyterHub and KubeSpawner from PyPI, the proxy from npm,
+//!   run with the configuration the component renders) logs in roster users only, each with
+//!   their own password, and starts a user's server in their project's namespace, as their uid,
+//!   within its limits; a project the user is not a member of is refused.
 
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -45,7 +51,7 @@ projects = ["p2"]
 admin = true
 "#;
 
-const BUILT_IN: [&str; 4] = ["storage", "monitoring", "rook-ceph", "projects"];
+const BUILT_IN: [&str; 5] = ["storage", "monitoring", "rook-ceph", "projects", "notebooks"];
 
 /// A List of `items` as kubectl reads it.
 fn list(items: &[&Value]) -> String {
@@ -118,7 +124,9 @@ fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Resul
         };
         if !real.is_empty() {
             no_warnings(cp.kubectl_ok(APPLY, &list(&real))?)?;
-            cp.kubectl_ok("wait --for=condition=Established --timeout=120s crd --all", "")?;
+            if real.iter().any(|o| o["kind"] == "CustomResourceDefinition") {
+                cp.kubectl_ok("wait --for=condition=Established --timeout=120s crd --all", "")?;
+            }
         }
         if !dry.is_empty() {
             let out = no_warnings(cp.kubectl_ok(DRY_RUN, &list(&dry))?)?;
@@ -184,5 +192,151 @@ fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Resul
         "create -f -",
         &pod("kernel-big", "lab-p2", json!({"limits": {"cpu": "2", "memory": "2Gi"}}), false),
     )?;
+    // Unscheduled pods go at once: p1 is empty again for the hub.
+    cp.kubectl_ok("-n lab-p1 delete pod --all", "")?;
+
+    let notebooks = components.iter().find(|c| c.name == "notebooks").expect("in the stack");
+    hub_serves_the_roster_in_its_projects(&cp, notebooks, &facts)
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The hub as the component configures it, on loopback: its configuration files from the
+/// rendered ConfigMap, each user's password as the master's Secret holds it (a file per user),
+/// the proxy in front, KubeSpawner talking to the loopback API server.
+fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponent, facts: &ClusterFacts) -> Result<()> {
+    let programs = qemu_tests::notebooks::hub_programs()?;
+    let rendered = labforge_core::stack::render(c, facts)?;
+    let config = rendered
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "hub-config")
+        .expect("the hub's ConfigMap");
+    let work = tempfile::tempdir()?;
+    let conf_dir = work.path().join("config");
+    let pw_dir = work.path().join("passwords");
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::create_dir_all(&pw_dir)?;
+    for (k, v) in config["data"].as_object().expect("data") {
+        std::fs::write(conf_dir.join(k), v.as_str().expect("text"))?;
+    }
+    let alice_pw = "a-Passw0rd-for-alice-only";
+    let bob_pw = "another-one-for-bob";
+    std::fs::write(pw_dir.join("alice"), alice_pw)?;
+    std::fs::write(pw_dir.join("bob"), bob_pw)?;
+    let (public, api, hub) = (free_port()?, free_port()?, free_port()?);
+    let token = "proxy-token-for-this-test-only";
+    let log = |n: &str| -> Result<Stdio> { Ok(std::fs::File::create(work.path().join(n))?.into()) };
+    let _proxy = Proc(
+        Command::new(&programs.proxy)
+            .args(["--ip", "127.0.0.1", "--port", &public.to_string(), "--api-ip", "127.0.0.1"])
+            .args(["--api-port", &api.to_string()])
+            .arg(format!("--default-target=http://127.0.0.1:{hub}"))
+            .arg(format!("--error-target=http://127.0.0.1:{hub}/hub/error"))
+            .env("CONFIGPROXY_AUTH_TOKEN", token)
+            .stdout(log("proxy.log")?)
+            .stderr(log("proxy-err.log")?)
+            .spawn()?,
+    );
+    let mut hub_proc = Proc(
+        Command::new(&programs.jupyterhub)
+            .arg("--config")
+            .arg(conf_dir.join("jupyterhub_config.py"))
+            .current_dir(work.path())
+            .env("LAB_CONFIG_DIR", &conf_dir)
+            .env("LAB_PASSWORDS_DIR", &pw_dir)
+            .env("LAB_HUB_BIND_URL", format!("http://127.0.0.1:{hub}"))
+            .env("LAB_HUB_CONNECT_URL", format!("http://127.0.0.1:{hub}"))
+            .env("LAB_PUBLIC_URL", format!("http://127.0.0.1:{public}"))
+            .env("LAB_PROXY_API_URL", format!("http://127.0.0.1:{api}"))
+            .env("LAB_DB_URL", format!("sqlite:///{}/hub.sqlite", work.path().display()))
+            .env("LAB_COOKIE_SECRET_FILE", work.path().join("cookie_secret"))
+            .env("LAB_START_TIMEOUT", "30")
+            .env("CONFIGPROXY_AUTH_TOKEN", token)
+            .env("KUBECONFIG", cp.kubeconfig())
+            .stdout(log("hub-out.log")?)
+            .stderr(log("hub.log")?)
+            .spawn()?,
+    );
+    let hub_log = || std::fs::read_to_string(work.path().join("hub.log")).unwrap_or_default();
+    qemu_tests::poll("the hub to answer through the proxy", Duration::from_secs(120), Duration::from_secs(1), || {
+        if let Ok(Some(s)) = hub_proc.0.try_wait() {
+            return Err(format!("the hub exited ({s}):\n{}", hub_log()));
+        }
+        match ureq::get(&format!("http://127.0.0.1:{public}/hub/health")).call() {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(format!("status {}", r.status())),
+            Err(e) => Err(e.to_string()),
+        }
+    })?;
+    let out = Command::new(&programs.python)
+        .arg(qemu_tests::workspace_root().join("qemu-tests/notebooks/hub_client.py"))
+        .args([&format!("http://127.0.0.1:{public}"), alice_pw, bob_pw])
+        .output()?;
+    assert!(out.status.success(), "hub client: {}\nhub log:\n{}", String::from_utf8_lossy(&out.stderr), hub_log());
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    eprintln!("hub client: {r}");
+    // Only roster users, with their own password.
+    for case in ["wrong_password", "not_on_roster", "empty_password"] {
+        assert_ne!(r[case]["status"], 302, "{case}: no login: {r}");
+        assert_eq!(r[case]["whoami"], 403, "{case}: no session: {r}");
+    }
+    assert_eq!(r["alice_login"]["status"], 302, "{r}");
+    assert_eq!((r["alice"]["name"].as_str(), r["alice"]["admin"].as_bool()), (Some("alice"), Some(false)), "{r}");
+    assert_eq!(
+        (r["bob"]["name"].as_str(), r["bob"]["admin"].as_bool()),
+        (Some("bob"), Some(true)),
+        "roster admins are hub admins: {r}"
+    );
+    assert_eq!(r["token"]["status"], 201, "{r}");
+    // Not her project, not her server.
+    assert_eq!(r["spawn_p2"]["status"], 403, "{r}\nhub log:\n{}", hub_log());
+    let msg = r["spawn_p2"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("alice is not a member of project p2") && msg.contains("p1"), "{r}");
+    // Refused, without even saying whether bob exists (the hub answers 404 to a user who may not
+    // see him).
+    assert!(
+        r["spawn_for_bob"]["status"] == 403 || r["spawn_for_bob"]["status"] == 404,
+        "alice's token cannot start bob's server: {r}"
+    );
+    assert!(r["spawn_p1"]["status"] == 201 || r["spawn_p1"]["status"] == 202, "{r}\nhub log:\n{}", hub_log());
+    // Her server's pod: in p1's namespace, as her uid, within p1's limits, her home mounted.
+    let pod: Value =
+        qemu_tests::poll("alice's server pod in lab-p1", Duration::from_secs(30), Duration::from_millis(500), || {
+            let o = cp.kubectl("-n lab-p1 get pod notebook-alice -o json", "").map_err(|e| format!("{e:#}"))?;
+            if !o.status.success() {
+                return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+            }
+            serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+        })?;
+    let spec = &pod["spec"];
+    let ctr = &spec["containers"][0];
+    assert_eq!(ctr["securityContext"]["runAsUser"], 2001, "{ctr}");
+    assert_eq!(ctr["securityContext"]["runAsGroup"], 2001, "{ctr}");
+    // No fsGroup: the kubelet would change the home's group at every start.
+    assert!(spec["securityContext"].get("fsGroup").is_none(), "{spec}");
+    assert_eq!(ctr["securityContext"]["runAsNonRoot"], true, "{ctr}");
+    assert_eq!(ctr["securityContext"]["allowPrivilegeEscalation"], false, "{ctr}");
+    let cpu = |v: &Value| labforge_core::lab::cpu(v.as_str().unwrap_or("")).unwrap_or(0);
+    let mem = |v: &Value| labforge_core::lab::memory(v.as_str().unwrap_or("")).unwrap_or(0);
+    let res = &ctr["resources"];
+    assert_eq!((cpu(&res["limits"]["cpu"]), mem(&res["limits"]["memory"])), (1000, 512 << 20), "{res}");
+    assert_eq!((cpu(&res["requests"]["cpu"]), mem(&res["requests"]["memory"])), (500, 256 << 20), "{res}");
+    assert_eq!(ctr["image"].as_str(), Some(c.images["singleuser"].as_str()), "{ctr}");
+    let home = spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "home").expect("a home volume");
+    assert_eq!(home["persistentVolumeClaim"]["claimName"], "home-alice", "{spec}");
+    cp.kubectl_ok("-n lab-p1 get persistentvolumeclaim home-alice", "")?;
     Ok(())
 }

@@ -231,7 +231,7 @@ fn apply_order(objects: &[Value]) -> Vec<&Value> {
 pub async fn apply_component(
     kube: &Kube,
     c: &ResolvedComponent,
-    rendered: &Rendered,
+    (rendered, lab): (&Rendered, &labforge_core::lab::LabView),
     previous_kinds: &[String],
 ) -> Result<Vec<String>> {
     let mut secrets_made = c.secrets.is_empty();
@@ -241,7 +241,7 @@ pub async fn apply_component(
         if !secrets_made && r.kind != "Namespace" {
             // Once the namespaces exist, before anything that mounts a generated secret.
             for s in &c.secrets {
-                kube.ensure_secret(&c.namespace, &s.name, &s.keys, &c.name)
+                kube.ensure_secret(&c.namespace, &s.name, &s.keys_for(lab), &c.name)
                     .await
                     .with_context(|| format!("making secret {}/{}", c.namespace, s.name))?;
             }

@@ -216,7 +216,7 @@ async fn round(
                     publish_round(report, statuses);
                     info!(component = %c.name, digest = %&r.digest[..12], "applying");
                     let previous = memory.get(&c.name).map(|a| a.kinds.clone()).unwrap_or_default();
-                    match apply::apply_component(kube, c, &r, &previous).await {
+                    match apply::apply_component(kube, c, (&r, &facts.lab), &previous).await {
                         Err(e) => Err(e),
                         Ok(kinds) => {
                             // Recorded once every object was accepted: a power cut before

@@ -412,7 +412,11 @@ mod tests {
         let e = resolve(&spec("components = [\"storage\"]\n[images]\n\"storage.nope\" = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("has no image \"nope\" (its images: helper, provisioner)"), "{e}");
         let e = resolve(&spec("components = [\"storag\"]\n")).unwrap_err();
-        assert!(e.to_string().contains("no component \"storag\" (known: monitoring, rook-ceph, storage"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no component \"storag\" (known: monitoring, notebooks, projects, rook-ceph, storage"),
+            "{e}"
+        );
         let e = resolve(&spec("components = [\"storage\"]\n[monitoring]\nretention = \"1d\"\n")).unwrap_err();
         assert!(e.to_string().contains("[stack.monitoring] sets a component"), "{e}");
         let e = format!("{:#}", resolve(&spec("components = [\"storage\"]\n[storage]\npaht = \"/x\"\n")).unwrap_err());

@@ -110,7 +110,12 @@ pub struct FetchedUpstream {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GeneratedSecret {
     pub name: String,
+    #[serde(default)]
     pub keys: Vec<String>,
+    /// `"lab.users"`: one key more per user of the roster, named after them (each user's own
+    /// password). A user added later gets theirs on the next apply; nobody's changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_from: Option<String>,
     /// Only while this boolean setting is true.
     #[serde(default)]
     pub when: Option<String>,
@@ -228,7 +233,10 @@ impl ComponentSource {
         for s in &file.secrets {
             let key_ok =
                 |k: &String| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !valid_dns_label(&s.name) || s.keys.is_empty() || !s.keys.iter().all(key_ok) {
+            if let Some(from) = s.keys_from.as_deref().filter(|f| *f != "lab.users") {
+                bail!("{origin}/component.toml: secret {:?}: keys-from {from:?}: only \"lab.users\" is known", s.name);
+            }
+            if !valid_dns_label(&s.name) || (s.keys.is_empty() && s.keys_from.is_none()) || !s.keys.iter().all(key_ok) {
                 bail!(
                     "{origin}/component.toml: secret {:?}: a DNS-label name and keys of letters, digits, - and _",
                     s.name
@@ -336,6 +344,17 @@ impl StackPlan {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
         }
+    }
+}
+
+impl GeneratedSecret {
+    /// Its keys: those it names, and with `keys-from = "lab.users"` one per user of `lab`.
+    pub fn keys_for(&self, lab: &crate::lab::LabView) -> Vec<String> {
+        let mut keys = self.keys.clone();
+        if self.keys_from.as_deref() == Some("lab.users") {
+            keys.extend(lab.users.iter().map(|u| u.name.clone()));
+        }
+        keys
     }
 }
 

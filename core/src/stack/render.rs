@@ -2,7 +2,7 @@
 //!
 //! Templates are minijinja with strict undefined values: a misspelt setting fails the build
 //! instead of rendering an empty string; filter `sha256` digests a text (a config's checksum
-//! in a pod template's annotations). Context: `component` (`name`, `namespace`), `settings`,
+//! in a pod template's annotations), `tojson` writes a value as JSON. Context: `component` (`name`, `namespace`), `settings`,
 //! `images`, `cluster` ([`ClusterFacts`]) and `lab` (the roster, [`crate::lab::LabView`]). Each file may hold several YAML documents; empty
 //! documents are skipped. Every object gets the labels that mark it as the component's.
 
@@ -137,6 +137,11 @@ pub fn render_with(c: &ResolvedComponent, cluster: &ClusterFacts, upstream: &[Va
     // `{{ text | sha256 }}`: a pod template annotation that changes with a config it mounts, so
     // a changed config rolls the pods.
     env.add_filter("sha256", |s: String| hex::encode(Sha256::digest(s.as_bytes())));
+    // `{{ lab | tojson }}`: data a program in a container reads (a hub's roster), as JSON.
+    env.add_filter("tojson", |v: minijinja::Value| {
+        serde_json::to_string(&v)
+            .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))
+    });
     let ctx = minijinja::context! {
         component => minijinja::context! { name => &c.name, namespace => &c.namespace },
         settings => minijinja::Value::from_serialize(&c.settings),

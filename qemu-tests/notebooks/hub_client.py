@@ -1,0 +1,74 @@
+"""A student's browser against the hub, for qemu-tests/tests/apiserver.rs: logs in through the
+proxy's login form, gets an API token, and asks for servers. Prints what each step answered as
+one JSON object; the Rust test asserts on it (and on what the API server then holds).
+
+    hub_client.py PUBLIC_URL ALICE_PASSWORD BOB_PASSWORD
+"""
+import json
+import sys
+
+import requests
+
+url, alice_pw, bob_pw = sys.argv[1:4]
+report = {}
+
+
+def login(name, password):
+    s = requests.Session()
+    s.get(url + "/hub/login", timeout=30).raise_for_status()
+    r = s.post(
+        url + "/hub/login",
+        data={"username": name, "password": password, "_xsrf": xsrf(s)},
+        allow_redirects=False,
+        timeout=30,
+    )
+    return s, r
+
+
+def xsrf(s):
+    """The newest _xsrf cookie (the hub binds it to the session: the one from before login no
+    longer counts after it)."""
+    values = [c.value for c in s.cookies if c.name == "_xsrf"]
+    return values[-1] if values else ""
+
+
+def whoami(s):
+    r = s.get(url + "/hub/api/user", timeout=30)
+    return r.status_code, (r.json() if r.status_code == 200 else None)
+
+
+for case, (name, pw) in {
+    "wrong_password": ("alice", "not-" + alice_pw),
+    "not_on_roster": ("mallory", alice_pw),
+    "empty_password": ("alice", ""),
+}.items():
+    s, r = login(name, pw)
+    report[case] = {"status": r.status_code, "whoami": whoami(s)[0]}
+
+s, r = login("alice", alice_pw)
+report["alice_login"] = {"status": r.status_code, "location": r.headers.get("Location", "")}
+status, me = whoami(s)
+report["alice"] = {"status": status, "name": me and me["name"], "admin": me and me["admin"]}
+# A page after login gives the session's own _xsrf cookie, which a cookie-authenticated POST needs.
+s.get(url + "/hub/token", timeout=30)
+r = s.post(
+    url + "/hub/api/users/alice/tokens",
+    json={"note": "test", "expires_in": 600},
+    headers={"X-XSRFToken": xsrf(s)},
+    timeout=30,
+)
+report["token"] = {"status": r.status_code, "message": r.text[:300] if r.status_code != 201 else ""}
+token = r.json()["token"] if r.status_code == 201 else ""
+api = {"Authorization": "token " + token}
+
+r = requests.post(url + "/hub/api/users/alice/server", json={"profile": "p2"}, headers=api, timeout=60)
+report["spawn_p2"] = {"status": r.status_code, "message": r.json().get("message", "") if r.content else ""}
+r = requests.post(url + "/hub/api/users/bob/server", json={}, headers=api, timeout=60)
+report["spawn_for_bob"] = {"status": r.status_code}
+r = requests.post(url + "/hub/api/users/alice/server", json={"profile": "p1"}, headers=api, timeout=60)
+report["spawn_p1"] = {"status": r.status_code}
+
+s, r = login("bob", bob_pw)
+status, me = whoami(s)
+report["bob"] = {"status": status, "name": me and me["name"], "admin": me and me["admin"]}
+print(json.dumps(report))
