@@ -57,7 +57,20 @@ pub fn fixture_dir() -> PathBuf {
 /// `bin/` (kubeadm, kubelet, kubectl, the control plane, etcd, coredns, pause) and `cni/`.
 /// The build's output goes to `target/qemu-tests/<log>.log`.
 pub fn fixture(log: &str) -> Result<PathBuf> {
-    let dir = fixture_dir();
+    build_fixture(log, &fixture_dir(), None)
+}
+
+/// Only what a control plane on loopback needs (etcd, kube-apiserver, kube-controller-manager,
+/// kubectl), in a directory of its own beside the full fixture: less to compile on a cold
+/// machine, and what it compiles a later full build takes from Go's build cache.
+pub fn control_plane_fixture(log: &str) -> Result<PathBuf> {
+    let mut dir = fixture_dir().into_os_string();
+    dir.push("-control-plane");
+    build_fixture(log, Path::new(&dir), Some("control-plane"))
+}
+
+fn build_fixture(log: &str, dir: &Path, parts: Option<&str>) -> Result<PathBuf> {
+    let dir = dir.to_path_buf();
     let script = crate::workspace_root().join("qemu-tests/fixtures/kubernetes/build.sh");
     let log_path = crate::workspace_root().join(format!("target/qemu-tests/{log}.log"));
     fs::create_dir_all(log_path.parent().expect("parent"))?;
@@ -65,6 +78,7 @@ pub fn fixture(log: &str) -> Result<PathBuf> {
     let started = std::time::Instant::now();
     let status = Command::new(&script)
         .arg(&dir)
+        .args(parts)
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()

@@ -109,7 +109,7 @@ fn pod(name: &str, namespace: &str, resources: Value, privileged: bool) -> Strin
 fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Result<()> {
     let lab: labforge_core::lab::Lab = toml::from_str(ROSTER)?;
     let (components, facts) = built_in_stack(&lab)?;
-    let fixture = kubernetes::fixture("kubernetes-fixture")?;
+    let fixture = kubernetes::control_plane_fixture("kubernetes-control-plane")?;
     let cp = ControlPlane::start(&fixture)?;
 
     // Every component: namespaces and CRDs for real (what the rest needs to exist), then the
