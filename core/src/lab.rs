@@ -87,7 +87,7 @@ pub struct LabUser {
     pub gid: Option<u32>,
     /// Projects this user may start servers and kernels in (at least one).
     pub projects: Vec<String>,
-    /// Hub administrator; an admin's kernels are offered to everyone (the shared kernels).
+    /// Hub administrator: sees every user and may open their servers (JupyterHub's admin).
     #[serde(default)]
     pub admin: bool,
 }
@@ -148,6 +148,7 @@ impl Lab {
 
     /// The checked roster as templates see it.
     pub fn view(&self) -> Result<LabView> {
+        // (A user names their projects, so users without any project are refused there.)
         let home = memory(&self.home_size).context("[lab] home-size")?;
         let mut projects = Vec::with_capacity(self.projects.len());
         let mut names = BTreeSet::new();
@@ -248,9 +249,6 @@ impl Lab {
                 admin: u.admin,
             });
         }
-        if !self.users.is_empty() && self.projects.is_empty() {
-            bail!("[lab] has users but no [[lab.projects]]: every user works in a project");
-        }
         Ok(LabView {
             enabled: !self.users.is_empty(),
             home_size: home.to_string(),
@@ -311,13 +309,15 @@ fn decimal(num: &str, scale: u64) -> Result<u64> {
         bail!("not a number");
     }
     let w: u64 = if whole.is_empty() { 0 } else { whole.parse()? };
-    let f: u64 = if frac.is_empty() { 0 } else { frac.parse()? };
-    let denom = 10u64.pow(frac.len() as u32);
-    let frac_scaled = f.checked_mul(scale).context("too large")?;
-    if frac_scaled % denom != 0 {
+    let f: u128 = if frac.is_empty() { 0 } else { frac.parse()? };
+    let denom = 10u128.pow(frac.len() as u32);
+    // u128: nine fraction digits times a petabyte's scale still fits.
+    let frac_scaled = f * scale as u128;
+    if !frac_scaled.is_multiple_of(denom) {
         bail!("finer than the unit allows");
     }
-    w.checked_mul(scale).and_then(|x| x.checked_add(frac_scaled / denom)).context("too large")
+    let frac_part = u64::try_from(frac_scaled / denom).context("too large")?;
+    w.checked_mul(scale).and_then(|x| x.checked_add(frac_part)).context("too large")
 }
 
 #[cfg(test)]
@@ -371,6 +371,7 @@ mod tests {
         assert_eq!(memory("1G").unwrap(), 1_000_000_000);
         assert_eq!(memory("4096").unwrap(), 4096);
         assert!(memory("12XB").is_err());
+        assert_eq!(memory("1.5Pi").unwrap(), 3 << 49, "a fine fraction of a large unit does not overflow");
         assert!(memory("99999999999999999999Pi").is_err(), "overflow is an error, not a wrap");
     }
 
@@ -437,6 +438,6 @@ mod tests {
         let e = refused(|l| l.projects[0].name = "a_b".into());
         assert!(e.contains("lab-<name>"), "{e}");
         let e = refused(|l| l.projects.clear());
-        assert!(e.contains("no project") || e.contains("no [[lab.projects]]"), "{e}");
+        assert!(e.contains("no project \"p1\"") && e.contains("known: none"), "{e}");
     }
 }

@@ -2,15 +2,23 @@
 proxy's login form, gets an API token, and asks for servers. Prints what each step answered as
 one JSON object; the Rust test asserts on it (and on what the API server then holds).
 
-    hub_client.py PUBLIC_URL ALICE_PASSWORD BOB_PASSWORD
+    hub_client.py report PUBLIC_URL ALICE_PASSWORD BOB_PASSWORD
+    hub_client.py spawn PUBLIC_URL USER PASSWORD PROJECT
 """
 import json
 import sys
+import time
 
 import requests
 
-url, alice_pw, bob_pw = sys.argv[1:4]
-report = {}
+command, url = sys.argv[1:3]
+
+
+def xsrf(s):
+    """The newest _xsrf cookie (the hub binds it to the session: the one from before login no
+    longer counts after it)."""
+    values = [c.value for c in s.cookies if c.name == "_xsrf"]
+    return values[-1] if values else ""
 
 
 def login(name, password):
@@ -25,18 +33,45 @@ def login(name, password):
     return s, r
 
 
-def xsrf(s):
-    """The newest _xsrf cookie (the hub binds it to the session: the one from before login no
-    longer counts after it)."""
-    values = [c.value for c in s.cookies if c.name == "_xsrf"]
-    return values[-1] if values else ""
-
-
 def whoami(s):
     r = s.get(url + "/hub/api/user", timeout=30)
     return r.status_code, (r.json() if r.status_code == 200 else None)
 
 
+def token(s, name):
+    # A page after login gives the session's own _xsrf cookie, which a cookie-authenticated
+    # POST needs.
+    s.get(url + "/hub/token", timeout=30)
+    r = s.post(
+        url + "/hub/api/users/%s/tokens" % name,
+        json={"note": "test", "expires_in": 600},
+        headers={"X-XSRFToken": xsrf(s)},
+        timeout=30,
+    )
+    return r.status_code, (r.json()["token"] if r.status_code == 201 else "")
+
+
+if command == "spawn":
+    name, password, project = sys.argv[3:6]
+    s, r = login(name, password)
+    _, tok = token(s, name)
+    deadline = time.monotonic() + 90
+    while True:
+        r = requests.post(
+            url + "/hub/api/users/%s/server" % name,
+            json={"profile": project},
+            headers={"Authorization": "token " + tok},
+            timeout=60,
+        )
+        # A failed spawn takes the hub a moment to clean up: 400 ("pending") until then.
+        if r.status_code != 400 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    print(json.dumps({"status": r.status_code, "text": r.text[:300]}))
+    sys.exit(0)
+
+alice_pw, bob_pw = sys.argv[3:5]
+report = {}
 for case, (name, pw) in {
     "wrong_password": ("alice", "not-" + alice_pw),
     "not_on_roster": ("mallory", alice_pw),
@@ -49,24 +84,13 @@ s, r = login("alice", alice_pw)
 report["alice_login"] = {"status": r.status_code, "location": r.headers.get("Location", "")}
 status, me = whoami(s)
 report["alice"] = {"status": status, "name": me and me["name"], "admin": me and me["admin"]}
-# A page after login gives the session's own _xsrf cookie, which a cookie-authenticated POST needs.
-s.get(url + "/hub/token", timeout=30)
-r = s.post(
-    url + "/hub/api/users/alice/tokens",
-    json={"note": "test", "expires_in": 600},
-    headers={"X-XSRFToken": xsrf(s)},
-    timeout=30,
-)
-report["token"] = {"status": r.status_code, "message": r.text[:300] if r.status_code != 201 else ""}
-token = r.json()["token"] if r.status_code == 201 else ""
-api = {"Authorization": "token " + token}
-
+status, tok = token(s, "alice")
+report["token"] = {"status": status}
+api = {"Authorization": "token " + tok}
 r = requests.post(url + "/hub/api/users/alice/server", json={"profile": "p2"}, headers=api, timeout=60)
 report["spawn_p2"] = {"status": r.status_code, "message": r.json().get("message", "") if r.content else ""}
 r = requests.post(url + "/hub/api/users/bob/server", json={}, headers=api, timeout=60)
 report["spawn_for_bob"] = {"status": r.status_code}
-r = requests.post(url + "/hub/api/users/alice/server", json={"profile": "p1"}, headers=api, timeout=60)
-report["spawn_p1"] = {"status": r.status_code}
 
 s, r = login("bob", bob_pw)
 status, me = whoami(s)

@@ -52,7 +52,7 @@ impl ControlPlane {
         let dir = tempfile::Builder::new().prefix("labforge-apiserver-").tempdir()?;
         let d = dir.path().to_path_buf();
         let bin = |n: &str| fixture.join("bin").join(n);
-        let log = |n: &str| -> Result<Stdio> { Ok(fs::File::create(d.join(format!("{n}.log")))?.into()) };
+        let log = |cmd: &mut Command, n: &str| -> Result<()> { logged(cmd, &d.join(format!("{n}.log"))) };
         // The service-account signing key and an admin token (static token file: loopback only,
         // and only for this test's lifetime).
         let sa_key = d.join("sa.key");
@@ -78,8 +78,7 @@ impl ControlPlane {
             .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
             .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
             .arg("--unsafe-no-fsync")
-            .stdout(log("etcd")?)
-            .stderr(log("etcd")?)
+            .tap(|c| log(c, "etcd"))?
             .spawn()
             .context("starting etcd")?;
         cp.children.push(("etcd".into(), etcd));
@@ -99,19 +98,11 @@ impl ControlPlane {
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg("--service-cluster-ip-range=10.96.0.0/12")
             .arg("--allow-privileged=true")
-            .stdout(log("kube-apiserver")?)
-            .stderr(log("kube-apiserver")?)
+            .tap(|c| log(c, "kube-apiserver"))?
             .spawn()
             .context("starting kube-apiserver")?;
         cp.children.push(("kube-apiserver".into(), apiserver));
-        fs::write(
-            &cp.kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
-                 users:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: admin}}\ncurrent-context: local\n",
-                cp.url
-            ),
-        )?;
+        cp.write_kubeconfig(&cp.kubeconfig, &token)?;
         crate::poll("the API server to be ready", Duration::from_secs(180), Duration::from_millis(500), || {
             cp.check_alive().map_err(|e| format!("{e:#}"))?;
             match cp.kubectl("get --raw /readyz", "") {
@@ -128,8 +119,7 @@ impl ControlPlane {
             .arg("--leader-elect=false")
             .arg(format!("--service-account-private-key-file={}", sa_key.display()))
             .arg("--controllers=*")
-            .stdout(log("kube-controller-manager")?)
-            .stderr(log("kube-controller-manager")?)
+            .tap(|c| log(c, "kube-controller-manager"))?
             .spawn()
             .context("starting kube-controller-manager")?;
         cp.children.push(("kube-controller-manager".into(), kcm));
@@ -160,6 +150,20 @@ impl ControlPlane {
                 bail!("{name} exited ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
         }
+        Ok(())
+    }
+
+    /// Writes a kubeconfig (mode 0600) for this API server that authenticates with `token`.
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        write!(
+            f,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: user}}\ncurrent-context: local\n",
+            self.url
+        )?;
         Ok(())
     }
 
@@ -199,6 +203,27 @@ impl ControlPlane {
             bail!("kubectl {args} was accepted: {}", String::from_utf8_lossy(&o.stdout));
         }
         Ok(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+/// Sends `cmd`'s output to `path`, one file for both streams. (A process is stopped when its
+/// owner is dropped; the workspace allows no `unsafe`, so no parent-death signal for a test
+/// killed outright.)
+pub fn logged(cmd: &mut Command, path: &Path) -> Result<()> {
+    let f = fs::File::create(path)?;
+    cmd.stdout(f.try_clone()?).stderr(f);
+    Ok(())
+}
+
+/// `Command` builder steps that can fail, in a chain.
+trait Tap {
+    fn tap(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<&mut Self>;
+}
+
+impl Tap for Command {
+    fn tap(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<&mut Self> {
+        f(self)?;
+        Ok(self)
     }
 }
 

@@ -13,7 +13,7 @@
 //!   within its limits; a project the user is not a member of is refused.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -116,7 +116,14 @@ fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Resul
     // rest in a strict dry run; `projects` for real, as its limits are checked next.
     for c in &components {
         let rendered = labforge_core::stack::render(c, &facts)?;
-        let real_kinds = |o: &&Value| o["kind"] == "Namespace" || o["kind"] == "CustomResourceDefinition";
+        // The hub's account and its Roles for real too: the hub below runs with that account's
+        // token, so a verb its Roles lack fails the test.
+        let hub_rbac = ["ServiceAccount", "Role", "RoleBinding"];
+        let real_kinds = |o: &&Value| {
+            o["kind"] == "Namespace"
+                || o["kind"] == "CustomResourceDefinition"
+                || (c.name == "notebooks" && hub_rbac.iter().any(|k| o["kind"] == *k))
+        };
         let (real, dry): (Vec<&Value>, Vec<&Value>) = if c.name == "projects" {
             (rendered.objects.iter().collect(), Vec::new())
         } else {
@@ -236,22 +243,28 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     let bob_pw = "another-one-for-bob";
     std::fs::write(pw_dir.join("alice"), alice_pw)?;
     std::fs::write(pw_dir.join("bob"), bob_pw)?;
+    // The hub's own service account, as in the cluster (its Roles in each project namespace),
+    // not the test's admin.
+    let hub_token = cp.kubectl_ok("-n labforge-notebooks create token hub --duration=1h", "")?;
+    let hub_kubeconfig = work.path().join("hub.conf");
+    cp.write_kubeconfig(&hub_kubeconfig, hub_token.trim())?;
     let (public, api, hub) = (free_port()?, free_port()?, free_port()?);
     let token = "proxy-token-for-this-test-only";
-    let log = |n: &str| -> Result<Stdio> { Ok(std::fs::File::create(work.path().join(n))?.into()) };
+    let mut proxy_cmd = Command::new(&programs.proxy);
+    qemu_tests::apiserver::logged(&mut proxy_cmd, &work.path().join("proxy.log"))?;
+    let mut hub_cmd = Command::new(&programs.jupyterhub);
+    qemu_tests::apiserver::logged(&mut hub_cmd, &work.path().join("hub.log"))?;
     let _proxy = Proc(
-        Command::new(&programs.proxy)
+        proxy_cmd
             .args(["--ip", "127.0.0.1", "--port", &public.to_string(), "--api-ip", "127.0.0.1"])
             .args(["--api-port", &api.to_string()])
             .arg(format!("--default-target=http://127.0.0.1:{hub}"))
             .arg(format!("--error-target=http://127.0.0.1:{hub}/hub/error"))
             .env("CONFIGPROXY_AUTH_TOKEN", token)
-            .stdout(log("proxy.log")?)
-            .stderr(log("proxy-err.log")?)
             .spawn()?,
     );
     let mut hub_proc = Proc(
-        Command::new(&programs.jupyterhub)
+        hub_cmd
             .arg("--config")
             .arg(conf_dir.join("jupyterhub_config.py"))
             .current_dir(work.path())
@@ -263,11 +276,9 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
             .env("LAB_PROXY_API_URL", format!("http://127.0.0.1:{api}"))
             .env("LAB_DB_URL", format!("sqlite:///{}/hub.sqlite", work.path().display()))
             .env("LAB_COOKIE_SECRET_FILE", work.path().join("cookie_secret"))
-            .env("LAB_START_TIMEOUT", "30")
+            .env("LAB_START_TIMEOUT", "20")
             .env("CONFIGPROXY_AUTH_TOKEN", token)
-            .env("KUBECONFIG", cp.kubeconfig())
-            .stdout(log("hub-out.log")?)
-            .stderr(log("hub.log")?)
+            .env("KUBECONFIG", &hub_kubeconfig)
             .spawn()?,
     );
     let hub_log = || std::fs::read_to_string(work.path().join("hub.log")).unwrap_or_default();
@@ -281,12 +292,17 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
             Err(e) => Err(e.to_string()),
         }
     })?;
-    let out = Command::new(&programs.python)
-        .arg(qemu_tests::workspace_root().join("qemu-tests/notebooks/hub_client.py"))
-        .args([&format!("http://127.0.0.1:{public}"), alice_pw, bob_pw])
-        .output()?;
-    assert!(out.status.success(), "hub client: {}\nhub log:\n{}", String::from_utf8_lossy(&out.stderr), hub_log());
-    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let client = |args: &[&str]| -> Result<Value> {
+        let out = Command::new(&programs.python)
+            .arg(qemu_tests::workspace_root().join("qemu-tests/notebooks/hub_client.py"))
+            .arg(args[0])
+            .arg(format!("http://127.0.0.1:{public}"))
+            .args(&args[1..])
+            .output()?;
+        assert!(out.status.success(), "hub client: {}\nhub log:\n{}", String::from_utf8_lossy(&out.stderr), hub_log());
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let r = client(&["report", alice_pw, bob_pw])?;
     eprintln!("hub client: {r}");
     // Only roster users, with their own password.
     for case in ["wrong_password", "not_on_roster", "empty_password"] {
@@ -311,16 +327,33 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
         r["spawn_for_bob"]["status"] == 403 || r["spawn_for_bob"]["status"] == 404,
         "alice's token cannot start bob's server: {r}"
     );
-    assert!(r["spawn_p1"]["status"] == 201 || r["spawn_p1"]["status"] == 202, "{r}\nhub log:\n{}", hub_log());
-    // Her server's pod: in p1's namespace, as her uid, within p1's limits, her home mounted.
-    let pod: Value =
-        qemu_tests::poll("alice's server pod in lab-p1", Duration::from_secs(30), Duration::from_millis(500), || {
-            let o = cp.kubectl("-n lab-p1 get pod notebook-alice -o json", "").map_err(|e| format!("{e:#}"))?;
+
+    // Her first server: the home gets its owner first, once. The test plays the kubelet for that
+    // pod (there is none on loopback): it checks what the pod would do, then reports it done.
+    let spawn = client(&["spawn", "alice", alice_pw, "p1"])?;
+    assert!(spawn["status"] == 201 || spawn["status"] == 202, "{spawn}\nhub log:\n{}", hub_log());
+    let get_json = |what: &str, args: &str| -> Result<Value> {
+        qemu_tests::poll(what, Duration::from_secs(30), Duration::from_millis(500), || {
+            let o = cp.kubectl(args, "").map_err(|e| format!("{e:#}"))?;
             if !o.status.success() {
                 return Err(String::from_utf8_lossy(&o.stderr).into_owned());
             }
             serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
-        })?;
+        })
+    };
+    let owner = get_json("the pod that sets alice's home's owner", "-n lab-p1 get pod home-owner-alice -o json")?;
+    let octr = &owner["spec"]["containers"][0];
+    assert_eq!(octr["securityContext"]["runAsUser"], 0, "{octr}");
+    assert_eq!(octr["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}), "{octr}");
+    assert_eq!(octr["env"][0], json!({"name": "OWNER", "value": "2001:2001"}), "{octr}");
+    assert!(octr["command"][2].as_str().unwrap_or("").contains("chmod 0700 /mnt/home"), "{octr}");
+    assert_eq!(owner["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], "home-alice", "{owner}");
+    cp.kubectl_ok(
+        "-n lab-p1 patch pod home-owner-alice --subresource=status --type=merge -p {\"status\":{\"phase\":\"Succeeded\"}}",
+        "",
+    )?;
+    // Her server's pod: in p1's namespace, as her uid, within p1's limits, her home mounted.
+    let pod = get_json("alice's server pod in lab-p1", "-n lab-p1 get pod notebook-alice -o json")?;
     let spec = &pod["spec"];
     let ctr = &spec["containers"][0];
     assert_eq!(ctr["securityContext"]["runAsUser"], 2001, "{ctr}");
@@ -337,6 +370,23 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     assert_eq!(ctr["image"].as_str(), Some(c.images["singleuser"].as_str()), "{ctr}");
     let home = spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "home").expect("a home volume");
     assert_eq!(home["persistentVolumeClaim"]["claimName"], "home-alice", "{spec}");
-    cp.kubectl_ok("-n lab-p1 get persistentvolumeclaim home-alice", "")?;
+    let claim = cp.kubectl_ok("-n lab-p1 get persistentvolumeclaim home-alice -o json", "")?;
+    let claim: Value = serde_json::from_str(&claim)?;
+    assert_eq!(claim["metadata"]["annotations"]["labforge.io/home-owner"], "2001:2001", "{claim}");
+    assert!(cp.kubectl_refused("-n lab-p1 get pod home-owner-alice", "")?.contains("NotFound"), "removed once done");
+
+    // Her server never runs here (no kubelet): the hub gives up after its start timeout and
+    // removes the pod. The next start finds the home's owner set and goes straight to the server.
+    qemu_tests::poll("the hub to give up on the first start", Duration::from_secs(90), Duration::from_secs(1), || {
+        match cp.kubectl("-n lab-p1 get pod notebook-alice -o name", "") {
+            Ok(o) if !o.status.success() => Ok(()),
+            _ => Err("notebook-alice still there".to_string()),
+        }
+    })?;
+    let spawn = client(&["spawn", "alice", alice_pw, "p1"])?;
+    assert!(spawn["status"] == 201 || spawn["status"] == 202, "{spawn}\nhub log:\n{}", hub_log());
+    get_json("alice's second server pod", "-n lab-p1 get pod notebook-alice -o json")?;
+    let log = hub_log();
+    assert_eq!(log.matches("now belongs to alice").count(), 1, "the owner is set once:\n{log}");
     Ok(())
 }

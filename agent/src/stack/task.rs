@@ -55,15 +55,24 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
     // once, not every round. One that does not parse fails its component every round.
     let upstream: Vec<Result<Vec<serde_json::Value>, String>> =
         plan.components.iter().map(|c| upstream_objects(c).map_err(|e| format!("{e:#}"))).collect();
-    // The roster was checked at build time; one that fails here (an image built by another
-    // labforge) renders no projects, and says so.
-    let stack_facts = StackFacts {
-        components: plan.components.iter().map(|c| c.name.clone()).collect(),
-        lab: plan.lab.view().unwrap_or_else(|e| {
-            warn!("the image's [lab] roster is not valid, so no project is rendered: {e:#}");
-            Default::default()
-        }),
+    // The roster was checked at build time. One that fails here (an image built by another
+    // labforge) stops the stack: rendering it as empty would prune every project's limits.
+    let lab = match plan.lab.view() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("the image's [lab] roster is not valid, so the stack is not applied: {e:#}");
+            report.update(|s| {
+                s.stack = Some(StackStatus {
+                    state: "error".into(),
+                    message: format!("the image's [lab] roster is not valid (nothing is applied): {e:#}"),
+                    components: Vec::new(),
+                    last_round: None,
+                })
+            });
+            return Ok(());
+        }
     };
+    let stack_facts = StackFacts { components: plan.components.iter().map(|c| c.name.clone()).collect(), lab };
     let state_path = settings.state_dir.join(STATE_FILE);
     // Read once this node leads a cluster (the file is keyed by its uid).
     let mut memory = Memory::new();

@@ -198,11 +198,19 @@ fn resolve_paths(layer: &mut Layer) -> Result<(), SpecError> {
 /// `users` (also `[[lab.users]]`), `preload` and `[[lab.projects]]` appended, everything else
 /// replaced.
 fn merge(base: &mut toml::Table, child: toml::Table) {
+    merge_at(base, child, "")
+}
+
+fn merge_at(base: &mut toml::Table, child: toml::Table, at: &str) {
     for (k, v) in child {
+        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
         match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(c)) => merge(b, c),
+            (Some(toml::Value::Table(b)), toml::Value::Table(c)) => merge_at(b, c, &path),
             (Some(toml::Value::Array(b)), toml::Value::Array(c))
-                if matches!(k.as_str(), "packages" | "pins" | "overlays" | "users" | "preload" | "projects") =>
+                if matches!(
+                    path.as_str(),
+                    "packages" | "pins" | "overlays" | "users" | "preload" | "lab.projects" | "lab.users"
+                ) =>
             {
                 b.extend(c)
             }
@@ -227,6 +235,10 @@ fn validate_merged(spec: &Spec, top: &Layer) -> Result<(), SpecError> {
     }
     if spec.base.suite.is_empty() {
         return Err(missing("base.suite", "the distribution suite (e.g. \"bookworm\")"));
+    }
+    // The roster as a whole (a site's spec may add users to the projects of the one it extends).
+    if let Err(e) = spec.lab.validate() {
+        return Err(top.error_at_key(&["lab"], format!("{e:#}")));
     }
     let k = &spec.kubernetes;
     if k.source == super::KubernetesSource::Binaries {
@@ -360,9 +372,6 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     }
     if let Err(e) = spec.pxe.validate() {
         return Err(invalid(&["pxe"], format!("{e:#}")));
-    }
-    if let Err(e) = spec.lab.validate() {
-        return Err(invalid(&["lab"], format!("{e:#}")));
     }
     if spec.pxe.serve && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
         return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));

@@ -135,18 +135,25 @@ fn extends_merges_tables_and_appends_lists() {
     write(
         &d.path().join("base"),
         "parent.toml",
-        "name = \"parent\"\npackages = [\"vim\"]\noverlays = [\"ov\"]\n[base]\nsuite = \"bookworm\"\n[disk]\nroot-size = \"1GiB\"\n",
+        "name = \"parent\"\npackages = [\"vim\"]\noverlays = [\"ov\"]\n[base]\nsuite = \"bookworm\"\n[disk]\nroot-size = \"1GiB\"\n\
+         [[lab.projects]]\nname = \"p1\"\ncpu-min = \"1\"\ncpu-max = \"1\"\nmemory-min = \"1Gi\"\nmemory-max = \"1Gi\"\n\
+         [[lab.users]]\nname = \"alice\"\nuid = 2001\nprojects = [\"p1\"]\n",
     );
     let child = write(
         &d.path().join("child"),
         "child.toml",
-        "extends = \"../base/parent.toml\"\nname = \"child\"\npackages = [\"git\"]\noverlays = [\"ov\"]\n[disk]\nstate-size = \"128MiB\"\n",
+        "extends = \"../base/parent.toml\"\nname = \"child\"\npackages = [\"git\"]\noverlays = [\"ov\"]\n[disk]\nstate-size = \"128MiB\"\n\
+         [[lab.users]]\nname = \"bob\"\nuid = 2002\nprojects = [\"p1\"]\n",
     );
     let spec = load(&child).unwrap();
     assert_eq!(spec.name, "child");
     assert_eq!(spec.packages, vec!["vim", "git"]);
     assert_eq!(spec.disk.root_size.as_mib(), 1024);
     assert_eq!(spec.disk.state_size.as_mib(), 128);
+    // The roster's lists are appended too: a site's spec adds its people to a shared one.
+    let names: Vec<&str> = spec.lab.users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_eq!(spec.lab.projects.len(), 1);
     // Each overlay is resolved relative to the file that named it.
     assert!(spec.overlays[0].ends_with("base/ov"), "{:?}", spec.overlays);
     assert!(spec.overlays[1].ends_with("child/ov"), "{:?}", spec.overlays);
