@@ -4,6 +4,8 @@ one JSON object; the Rust test asserts on it (and on what the API server then ho
 
     hub_client.py report PUBLIC_URL ALICE_PASSWORD BOB_PASSWORD
     hub_client.py spawn PUBLIC_URL USER PASSWORD PROJECT
+    hub_client.py whoami PUBLIC_URL TOKEN
+    hub_client.py login PUBLIC_URL USER PASSWORD
 """
 import json
 import sys
@@ -70,6 +72,17 @@ if command == "spawn":
     print(json.dumps({"status": r.status_code, "text": r.text[:300]}))
     sys.exit(0)
 
+if command == "whoami":
+    r = requests.get(url + "/hub/api/user", headers={"Authorization": "token " + sys.argv[3]}, timeout=30)
+    print(json.dumps({"status": r.status_code}))
+    sys.exit(0)
+
+if command == "login":
+    s, r = login(sys.argv[3], sys.argv[4])
+    status, me = whoami(s)
+    print(json.dumps({"status": status, "name": me and me["name"], "admin": me and me["admin"]}))
+    sys.exit(0)
+
 alice_pw, bob_pw = sys.argv[3:5]
 report = {}
 for case, (name, pw) in {
@@ -85,7 +98,7 @@ report["alice_login"] = {"status": r.status_code, "location": r.headers.get("Loc
 status, me = whoami(s)
 report["alice"] = {"status": status, "name": me and me["name"], "admin": me and me["admin"]}
 status, tok = token(s, "alice")
-report["token"] = {"status": status}
+report["token"] = {"status": status, "token": tok}
 api = {"Authorization": "token " + tok}
 r = requests.post(url + "/hub/api/users/alice/server", json={"profile": "p2"}, headers=api, timeout=60)
 report["spawn_p2"] = {"status": r.status_code, "message": r.json().get("message", "") if r.content else ""}

@@ -252,8 +252,6 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     let token = "proxy-token-for-this-test-only";
     let mut proxy_cmd = Command::new(&programs.proxy);
     qemu_tests::apiserver::logged(&mut proxy_cmd, &work.path().join("proxy.log"))?;
-    let mut hub_cmd = Command::new(&programs.jupyterhub);
-    qemu_tests::apiserver::logged(&mut hub_cmd, &work.path().join("hub.log"))?;
     let _proxy = Proc(
         proxy_cmd
             .args(["--ip", "127.0.0.1", "--port", &public.to_string(), "--api-ip", "127.0.0.1"])
@@ -263,9 +261,10 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
             .env("CONFIGPROXY_AUTH_TOKEN", token)
             .spawn()?,
     );
-    let mut hub_proc = Proc(
-        hub_cmd
-            .arg("--config")
+    let hub_command = || -> Result<Command> {
+        let mut c = Command::new(&programs.jupyterhub);
+        qemu_tests::apiserver::logged(&mut c, &work.path().join("hub.log"))?;
+        c.arg("--config")
             .arg(conf_dir.join("jupyterhub_config.py"))
             .current_dir(work.path())
             .env("LAB_CONFIG_DIR", &conf_dir)
@@ -278,20 +277,29 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
             .env("LAB_COOKIE_SECRET_FILE", work.path().join("cookie_secret"))
             .env("LAB_START_TIMEOUT", "20")
             .env("CONFIGPROXY_AUTH_TOKEN", token)
-            .env("KUBECONFIG", &hub_kubeconfig)
-            .spawn()?,
-    );
+            .env("KUBECONFIG", &hub_kubeconfig);
+        Ok(c)
+    };
     let hub_log = || std::fs::read_to_string(work.path().join("hub.log")).unwrap_or_default();
-    qemu_tests::poll("the hub to answer through the proxy", Duration::from_secs(120), Duration::from_secs(1), || {
-        if let Ok(Some(s)) = hub_proc.0.try_wait() {
-            return Err(format!("the hub exited ({s}):\n{}", hub_log()));
-        }
-        match ureq::get(&format!("http://127.0.0.1:{public}/hub/health")).call() {
-            Ok(r) if r.status() == 200 => Ok(()),
-            Ok(r) => Err(format!("status {}", r.status())),
-            Err(e) => Err(e.to_string()),
-        }
-    })?;
+    let wait_hub = |hub_proc: &mut Proc| {
+        qemu_tests::poll(
+            "the hub to answer through the proxy",
+            Duration::from_secs(120),
+            Duration::from_secs(1),
+            || {
+                if let Ok(Some(s)) = hub_proc.0.try_wait() {
+                    return Err(format!("the hub exited ({s}):\n{}", hub_log()));
+                }
+                match ureq::get(&format!("http://127.0.0.1:{public}/hub/health")).call() {
+                    Ok(r) if r.status() == 200 => Ok(()),
+                    Ok(r) => Err(format!("status {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        )
+    };
+    let mut hub_proc = Proc(hub_command()?.spawn()?);
+    wait_hub(&mut hub_proc)?;
     let client = |args: &[&str]| -> Result<Value> {
         let out = Command::new(&programs.python)
             .arg(qemu_tests::workspace_root().join("qemu-tests/notebooks/hub_client.py"))
@@ -388,5 +396,20 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     get_json("alice's second server pod", "-n lab-p1 get pod notebook-alice -o json")?;
     let log = hub_log();
     assert_eq!(log.matches("now belongs to alice").count(), 1, "the owner is set once:\n{log}");
+
+    // A new image takes alice off the roster and bob off the admins: the hub, restarted with it
+    // (same database, same cookie secret), refuses the token alice had and gives bob no admin.
+    let alice_token = r["token"]["token"].as_str().expect("alice's token").to_string();
+    assert_eq!(client(&["whoami", &alice_token])?["status"], 200, "her token works before");
+    drop(hub_proc);
+    let mut roster: Value = serde_json::from_str(&std::fs::read_to_string(conf_dir.join("roster.json"))?)?;
+    roster["users"].as_array_mut().expect("users").retain(|u| u["name"] != "alice");
+    roster["users"][0]["admin"] = json!(false);
+    std::fs::write(conf_dir.join("roster.json"), roster.to_string())?;
+    let mut hub_proc = Proc(hub_command()?.spawn()?);
+    wait_hub(&mut hub_proc)?;
+    assert_eq!(client(&["whoami", &alice_token])?["status"], 403, "off the roster, her token is refused");
+    let bob = client(&["login", "bob", bob_pw])?;
+    assert_eq!((bob["name"].as_str(), bob["admin"].as_bool()), (Some("bob"), Some(false)), "{bob}");
     Ok(())
 }
