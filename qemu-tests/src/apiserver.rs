@@ -32,7 +32,8 @@ impl Drop for ControlPlane {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// A port on 127.0.0.1 nothing listens on right now.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -922,6 +922,14 @@ fn binary_entries(path: &str, binary: &Path) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
+/// `out` (kubectl's output), unless the API server warned in it.
+pub fn no_warnings(out: String) -> Result<String> {
+    if let Some(w) = out.lines().find(|l| l.starts_with("Warning:")) {
+        bail!("the API server warned: {w}\n{out}");
+    }
+    Ok(out)
+}
+
 /// Rook's version whose release files the `rook-ceph` component pins.
 pub const ROOK_VERSION: &str = "v1.18.8";
 

@@ -12,14 +12,13 @@
 //!   their own password, and starts a user's server in their project's namespace, as their uid,
 //!   within its limits; a project the user is not a member of is refused.
 
-use std::net::TcpListener;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::Result;
 use labforge_core::stack::{ClusterFacts, ResolvedComponent};
-use qemu_tests::apiserver::ControlPlane;
-use qemu_tests::kubernetes;
+use qemu_tests::apiserver::{free_port, ControlPlane};
+use qemu_tests::kubernetes::{self, no_warnings};
 use serde_json::{json, Value};
 
 const ROSTER: &str = r#"
@@ -56,14 +55,6 @@ const BUILT_IN: [&str; 5] = ["storage", "monitoring", "rook-ceph", "projects", "
 /// A List of `items` as kubectl reads it.
 fn list(items: &[&Value]) -> String {
     json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
-}
-
-/// `out`, unless the API server warned in it.
-fn no_warnings(out: String) -> Result<String> {
-    if let Some(w) = out.lines().find(|l| l.starts_with("Warning:")) {
-        anyhow::bail!("the API server warned: {w}\n{out}");
-    }
-    Ok(out)
 }
 
 const APPLY: &str = "apply --server-side --validate=strict --field-manager=labforge-test -f -";
@@ -214,10 +205,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The hub as the component configures it, on loopback: its configuration files from the

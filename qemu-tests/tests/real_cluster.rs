@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use labforge_agent::stack::plan::State;
 use labforge_agent::status::{Phase, Role, Status};
-use qemu_tests::kubernetes::{self, KubeImage, Remote, BUSYBOX_REF, WEB_IMAGE};
+use qemu_tests::kubernetes::{self, no_warnings, KubeImage, Remote, BUSYBOX_REF, WEB_IMAGE};
 use qemu_tests::lan::{self, Lan};
 use qemu_tests::poll;
 use qemu_tests::vm::{Net, Vm, VmConfig};
@@ -247,14 +247,6 @@ fn kubectl_patient(room: &Room, args: &str, stdin: &str) -> Result<String> {
             r => Ok(r),
         }
     })?
-}
-
-/// `out`, unless kubectl printed a warning in it.
-fn no_warnings(out: String) -> Result<String> {
-    if let Some(w) = out.lines().find(|l| l.starts_with("Warning:")) {
-        anyhow::bail!("the API server warned: {w}\n{out}");
-    }
-    Ok(out)
 }
 
 /// The `rook-ceph` component against the real API server: its upstream files fetched the way a

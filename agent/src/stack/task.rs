@@ -38,18 +38,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
     let plan = match StackPlan::load(Path::new(STACK_PLAN)) {
         Ok(Some(p)) if !p.components.is_empty() => p,
         Ok(_) => return Ok(()),
-        Err(e) => {
-            warn!("the image's stack cannot be read: {e:#}");
-            report.update(|s| {
-                s.stack = Some(StackStatus {
-                    state: "error".into(),
-                    message: format!("the image's stack cannot be read: {e:#}"),
-                    components: Vec::new(),
-                    last_round: None,
-                })
-            });
-            return Ok(());
-        }
+        Err(e) => return stop(&report, &format!("the image's stack cannot be read: {e:#}")),
     };
     // Upstream files (Rook's CRDs are megabytes of YAML) do not depend on the cluster: parsed
     // once, not every round. One that does not parse fails its component every round.
@@ -59,18 +48,7 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
     // labforge) stops the stack: rendering it as empty would prune every project's limits.
     let lab = match plan.lab.view() {
         Ok(l) => l,
-        Err(e) => {
-            warn!("the image's [lab] roster is not valid, so the stack is not applied: {e:#}");
-            report.update(|s| {
-                s.stack = Some(StackStatus {
-                    state: "error".into(),
-                    message: format!("the image's [lab] roster is not valid (nothing is applied): {e:#}"),
-                    components: Vec::new(),
-                    last_round: None,
-                })
-            });
-            return Ok(());
-        }
+        Err(e) => return stop(&report, &format!("the image's [lab] roster is not valid (nothing is applied): {e:#}")),
     };
     let stack_facts = StackFacts { components: plan.components.iter().map(|c| c.name.clone()).collect(), lab };
     let state_path = settings.state_dir.join(STATE_FILE);
@@ -335,6 +313,21 @@ fn publish(report: &Report, state: &str, message: &str, statuses: &[ComponentSta
             last_round,
         })
     });
+}
+
+/// The stack cannot run at all: said once, in the log and as the stack's `error` state; the
+/// task then ends.
+fn stop(report: &Report, message: &str) -> Result<()> {
+    warn!("{message}");
+    report.update(|s| {
+        s.stack = Some(StackStatus {
+            state: "error".into(),
+            message: message.to_string(),
+            components: Vec::new(),
+            last_round: None,
+        })
+    });
+    Ok(())
 }
 
 /// What templates know of the stack itself, the same every round.
