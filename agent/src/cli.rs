@@ -41,6 +41,20 @@ pub enum Command {
         #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
         addr: String,
     },
+    /// Show how this node got its LAN address and, on the master of a room with no DHCP
+    /// server, what it serves: the LAN, every pinned lease, other DHCP servers heard.
+    Network {
+        /// Print the network section as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Agent to ask.
+        #[arg(long, default_value_t = format!("127.0.0.1:{}", config::STATUS_PORT))]
+        addr: String,
+        /// Instead: broadcast one DHCPDISCOVER on this interface and print every offer that
+        /// answers within 3 s as JSON (needs root). Sends nothing else; leases nothing.
+        #[arg(long, value_name = "INTERFACE")]
+        probe: Option<String>,
+    },
     /// Take the node inventory once and print it as JSON.
     Inventory,
     /// Show every disk, its class and what the agent does (or did) with it, and why. Changes
@@ -129,6 +143,30 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{s}");
+            }
+            Ok(())
+        }
+        Command::Network { json, addr, probe: Some(interface) } => {
+            let _ = (json, addr);
+            let path = format!("/sys/class/net/{interface}/address");
+            let mac =
+                std::fs::read_to_string(&path).with_context(|| format!("{interface}: no such interface ({path})"))?;
+            let mac = crate::network::dhcp::parse_mac(mac.trim())
+                .with_context(|| format!("{interface} has no Ethernet address"))?;
+            let offers = crate::network::dhcp::probe(&interface, &mac, crate::network::serve::PROBE_WAIT)?;
+            let out: Vec<serde_json::Value> = offers
+                .iter()
+                .map(|o| serde_json::json!({"server": o.server.to_string(), "address": o.address.to_string()}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Network { json, addr, probe: None } => {
+            let s = status::fetch(&addr)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.network)?);
+            } else {
+                print!("{}", s.network.render());
             }
             Ok(())
         }

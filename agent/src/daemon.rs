@@ -160,6 +160,7 @@ impl Boot {
             stack: None,
             clock_skew: None,
             time: None,
+            network: Default::default(),
             notices: self.notices.clone(),
             state: state_volume(&self.cfg.state_dir),
             counters: Default::default(),
@@ -345,6 +346,7 @@ async fn node(
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
             tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
             tasks.spawn(crate::network::time::run(report.clone(), view_rx.clone()));
+            tasks.spawn(crate::network::serve::run(report.clone(), cfg.state_dir.clone(), view_rx.clone()));
             let (pod_cidr_tx, pod_cidr_rx) = watch::channel(None);
             tasks.spawn(cluster::api::run(
                 report.clone(),

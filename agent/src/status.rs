@@ -115,6 +115,9 @@ pub struct Status {
     /// config partitions that were ignored, and why.
     #[serde(default)]
     pub notices: Vec<String>,
+    /// How this node got its LAN address, and on the master of a bare switch what it serves.
+    #[serde(default)]
+    pub network: crate::network::NetworkStatus,
     /// Where this node takes its time from (chrony).
     #[serde(default)]
     pub time: Option<crate::network::time::TimeStatus>,

@@ -17,6 +17,10 @@ use crate::sys::clock::now_secs;
 impl Cluster {
     /// Master: run kubeadm init once, mint join info, keep the token fresh, serve it.
     pub(super) async fn lead(&mut self) -> Result<()> {
+        // kubeadm pins the master's address: on a bare switch it first takes its own.
+        if !self.own_lan().await? {
+            return Ok(());
+        }
         let lan = self.lan.clone().context("discovery runs before anyone leads")?;
         let uid = self.state.allegiance.uid().context("a committed master has a cluster uid")?.to_string();
         self.hosts_entry(&lan.address.to_string())?;
@@ -221,6 +225,10 @@ impl Cluster {
             return Ok(());
         }
         if self.kubeadm_waits() || (kubernetes && self.images_pending(Phase::Joining)) {
+            return Ok(());
+        }
+        // kubeadm pins the worker's address too: a lease, never a link-local one.
+        if !self.await_lease(master_addr) {
             return Ok(());
         }
         self.set_phase(Phase::Joining, &format!("fetching join info from {master_addr}"));

@@ -15,12 +15,14 @@ pub struct Lan {
 }
 
 /// Finds the LAN interface (`auto`: the first physical NIC with an IPv4 address) and its
-/// address and broadcast address, if it has one yet.
+/// address and broadcast address, if it has one yet. A leased or static address is preferred
+/// to a link-local one (a node that just got its lease may hold both for a moment).
 pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
     let names: Vec<&str> =
         if selector == "auto" { inventory.nics.iter().map(|n| n.name.as_str()).collect() } else { vec![selector] };
     let addrs = nix::ifaddrs::getifaddrs().ok()?.collect::<Vec<_>>();
     for name in names {
+        let mut found: Vec<Lan> = Vec::new();
         for a in addrs.iter().filter(|a| a.interface_name == name) {
             let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
             let broadcast =
@@ -31,10 +33,47 @@ pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
                 .and_then(|s| s.as_sockaddr_in())
                 .map(|s| s.ip())
                 .unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
-            return Some(Lan { interface: name.to_string(), address: ip, broadcast, netmask });
+            found.push(Lan { interface: name.to_string(), address: ip, broadcast, netmask });
+        }
+        if let Some(best) = preferred(found) {
+            return Some(best);
         }
     }
     None
+}
+
+/// The first address that is not link-local, else the first.
+fn preferred(mut found: Vec<Lan>) -> Option<Lan> {
+    let i = found.iter().position(|l| !l.address.is_link_local()).unwrap_or(0);
+    (!found.is_empty()).then(|| found.swap_remove(i))
+}
+
+impl Lan {
+    pub fn link_local(&self) -> bool {
+        self.address.is_link_local()
+    }
+
+    /// The network this address is on.
+    pub fn net(&self) -> labforge_core::config::network::Ipv4Net {
+        let mask = u32::from(self.netmask);
+        labforge_core::config::network::Ipv4Net {
+            network: Ipv4Addr::from(u32::from(self.address) & mask),
+            prefix: mask.count_ones() as u8,
+        }
+    }
+}
+
+/// The IPv4 networks of every interface but `except` (for clashes with the LAN to serve).
+pub fn other_networks(except: &str) -> Vec<labforge_core::config::network::Ipv4Net> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter(|a| a.interface_name != except && a.interface_name != "lo")
+        .filter_map(|a| {
+            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            let mask = a.netmask.as_ref()?.as_sockaddr_in()?.ip();
+            Some(Lan { interface: a.interface_name.clone(), address: ip, broadcast: ip, netmask: mask }.net())
+        })
+        .collect()
 }
 
 /// Addresses of one interface as the kernel reports them, in CIDR notation.
@@ -60,4 +99,24 @@ pub fn kernel_addresses(name: &str) -> Vec<String> {
             Some(format!("{ip}/{prefix}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_preferred_to_a_link_local_address() {
+        let l = |ip: &str| Lan {
+            interface: "eth0".into(),
+            address: ip.parse().unwrap(),
+            broadcast: Ipv4Addr::BROADCAST,
+            netmask: "255.255.0.0".parse().unwrap(),
+        };
+        assert_eq!(preferred(vec![l("169.254.3.4"), l("10.83.0.7")]).unwrap().address.to_string(), "10.83.0.7");
+        assert_eq!(preferred(vec![l("169.254.3.4")]).unwrap().address.to_string(), "169.254.3.4");
+        assert!(preferred(vec![]).is_none());
+        assert!(l("169.254.3.4").link_local() && !l("10.83.0.7").link_local());
+        assert_eq!(l("10.83.0.7").net().to_string(), "10.83.0.0/16");
+    }
 }

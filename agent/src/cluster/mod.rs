@@ -13,6 +13,7 @@ pub mod kube;
 pub mod kubeadm;
 pub mod kubeconfig;
 pub mod lan;
+mod own_lan;
 pub mod plan;
 pub mod podnet;
 pub mod state;
@@ -61,6 +62,8 @@ pub struct ClusterView {
     pub pod_routes: Vec<podnet::PodRoute>,
     /// This node's kubeadm init or join finished (its success marker is saved).
     pub kubeadm_done: bool,
+    /// The LAN this master serves (a room with no DHCP server), once its address is up.
+    pub served: Option<crate::network::serve::ServedLan>,
 }
 
 /// A node following the cluster, as its beacons describe it.
@@ -112,6 +115,11 @@ pub struct Cluster {
     backoff: plan::Backoff,
     /// The admins' kubeconfigs were written since the agent started.
     kubeconfigs: bool,
+    /// This node's addresses on the LAN, best first, for the beacons.
+    addresses: watch::Sender<Vec<String>>,
+    /// Taking the served LAN's first address: since when, and whether a probe found another
+    /// DHCP server. See `own_lan`.
+    own_lan: own_lan::Progress,
 }
 
 impl Cluster {
@@ -138,12 +146,19 @@ impl Cluster {
             backoff: Default::default(),
             kubeconfigs: false,
             phase: Phase::Starting,
+            addresses: watch::Sender::new(Vec::new()),
+            own_lan: Default::default(),
         }
     }
 
     /// Runs until the agent stops: one round a second.
     pub async fn run(mut self) -> Result<()> {
         self.set_phase(Phase::Discovering, "waiting for the LAN");
+        // A master serving its LAN takes its address again at once, not after waiting out
+        // DHCP and link-local addressing.
+        if let Err(e) = self.retake_served_lan() {
+            error!("{e:#}");
+        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tick.tick().await;
@@ -156,14 +171,8 @@ impl Cluster {
 
     /// One round: make sure discovery runs, then decide and act.
     async fn round(&mut self) -> Result<()> {
-        if self.lan.is_none() {
-            let Some(lan) = lan::lan(&self.cfg.cluster.lan_interface, &self.inventory) else {
-                return Ok(()); // no address yet (DHCP still running)
-            };
-            self.start_discovery(&lan)?;
-            info!(interface = %lan.interface, address = %lan.address, "cluster LAN is up");
-            self.started = Instant::now();
-            self.lan = Some(lan);
+        if !self.refresh_lan()? {
+            return Ok(()); // no address yet (DHCP, then link-local, still running)
         }
         let peers = net::fresh(&self.peers, PEER_TIMEOUT);
         self.publish(&peers);
@@ -246,7 +255,10 @@ impl Cluster {
         let verifier = discovery::Verifier::new(self.secret.clone(), &self.inventory.machine_id);
         let counters = self.links.report.tally().beacons.clone();
         tokio::spawn(net::receive(sock.clone(), verifier, self.peers.clone(), counters.clone()));
-        let dest = SocketAddr::from((lan.broadcast, BEACON_PORT));
+        // The limited broadcast reaches every node on the segment whatever its address: a
+        // node on link-local hears the master on the LAN it serves, and the other way round.
+        let dest = SocketAddr::from((std::net::Ipv4Addr::BROADCAST, BEACON_PORT));
+        let addresses = self.addresses.subscribe();
         let announced = self.announced.subscribe();
         let ceph_offer = self.links.ceph_offer.clone();
         let pod_cidr = self.links.pod_cidr.clone();
@@ -268,6 +280,10 @@ impl Cluster {
         tokio::spawn(net::send(sock, dest, self.secret.clone(), TICK, counters, move || {
             let mut b = base.clone();
             b.node.allegiance = announced.borrow().clone();
+            let now = addresses.borrow().clone();
+            if !now.is_empty() {
+                b.addresses = now;
+            }
             b.disks.ceph = ceph_offer.borrow().clone();
             b.pod_cidr = pod_cidr.borrow().clone();
             b.ts_ms = crate::sys::clock::now_ms();
@@ -320,10 +336,11 @@ impl Cluster {
                     role: self::role(&p.beacon.node.allegiance),
                 })
                 .collect();
-            if let (Some(lan), None, true) = (&lan, &s.master_address, committed) {
+            if let (Some(lan), true) = (&lan, committed) {
                 s.master_address = Some(lan.address.to_string());
             }
         });
+        self.publish_network();
         let members = peers
             .iter()
             .filter(
@@ -343,7 +360,8 @@ impl Cluster {
         pod_routes.sort();
         let leading = committed && self.phase == Phase::Ready;
         let kubeadm_done = self.state.initialised || self.state.joined;
-        let view = ClusterView { role, uid, lan, leading, members, pod_routes, kubeadm_done };
+        let served = self.served();
+        let view = ClusterView { role, uid, lan, leading, members, pod_routes, kubeadm_done, served };
         self.links.view.send_if_modified(|v| {
             let changed = *v != view;
             *v = view;

@@ -27,6 +27,18 @@ pub struct State {
     pub joined: bool,
     /// Join info: minted by the master, received by a worker.
     pub join_info: Option<JoinInfo>,
+    /// The LAN this master serves (a room with no DHCP server): it takes the network's first
+    /// address on this interface at every boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_lan: Option<ServedLanState>,
+}
+
+/// What a master serving its LAN remembers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedLanState {
+    /// `lan-cidr` when it first served.
+    pub cidr: String,
+    pub interface: String,
 }
 
 pub struct Store {

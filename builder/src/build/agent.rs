@@ -50,6 +50,7 @@ pub fn install(spec: &Spec, root: &Path, binary: &Path, secret: &Secret) -> Resu
     cfg.disks = spec.disks.clone();
     cfg.install = spec.install.clone();
     cfg.pxe = spec.pxe.clone();
+    cfg.network = spec.network.clone();
     put("etc/labforge/cluster.toml", cfg.to_toml().as_bytes(), 0o644)?;
     put(labforge_core::config::SECRET_PATH, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)?;
     Cmd::new("systemctl")

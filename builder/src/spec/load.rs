@@ -373,6 +373,9 @@ fn validate_layer(spec: &Spec, layer: &Layer) -> Result<(), SpecError> {
     if let Err(e) = spec.pxe.validate() {
         return Err(invalid(&["pxe"], format!("{e:#}")));
     }
+    if let Err(e) = spec.network.validate(&spec.cluster.pod_cidr, &spec.cluster.service_cidr) {
+        return Err(invalid(&["network"], format!("{e:#}")));
+    }
     if spec.pxe.serve && !spec.outputs.contains(&crate::spec::OutputFormat::Pxe) {
         return Err(invalid(&["pxe", "serve"], "serving netboot needs the pxe output: add \"pxe\" to outputs".into()));
     }

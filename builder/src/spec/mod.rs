@@ -85,6 +85,10 @@ pub struct Spec {
     /// Whether the master serves netboot to its LAN (baked into the node config).
     #[serde(default)]
     pub pxe: labforge_core::config::pxe::PxeConfig,
+    /// The LAN a master serves on a bare switch (no DHCP server): addresses, DNS and time
+    /// (baked into the node config).
+    #[serde(default)]
+    pub network: labforge_core::config::network::NetworkConfig,
     /// Container images carried inside the image and imported into containerd (namespace
     /// `k8s.io`) on first boot. Tags are pinned to digests in `<name>.lock.toml` beside the spec.
     #[serde(default)]
@@ -427,6 +431,8 @@ impl Spec {
         if self.users.iter().any(|u| u.sudo) {
             all.push("sudo".into());
         }
+        // dnsmasq: on a bare switch the master serves the LAN its addresses and names.
+        all.push("dnsmasq-base".into());
         if self.outputs.contains(&OutputFormat::Pxe) {
             // live-boot: the initrd fetches the squashfs over HTTP and boots it; dnsmasq and
             // iPXE's EFI binary: a master serves netboot to the room.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod disks;
 pub mod install;
+pub mod network;
 pub mod pxe;
 
 use disks::{DisksConfig, Wipe};
@@ -65,6 +66,8 @@ pub struct NodeConfig {
     pub install: InstallConfig,
     #[serde(default)]
     pub pxe: pxe::PxeConfig,
+    #[serde(default)]
+    pub network: network::NetworkConfig,
 }
 
 /// How nodes find each other and choose a master. The spec's `[cluster]` table.
@@ -215,6 +218,7 @@ impl NodeConfig {
             disks: DisksConfig::default(),
             install: InstallConfig::default(),
             pxe: Default::default(),
+            network: Default::default(),
         }
     }
 
@@ -236,6 +240,9 @@ impl NodeConfig {
         cfg.disks.validate().with_context(|| format!("checking [disks] in {}", path.display()))?;
         cfg.install.validate().with_context(|| format!("checking [install] in {}", path.display()))?;
         cfg.pxe.validate().with_context(|| format!("checking [pxe] in {}", path.display()))?;
+        cfg.network
+            .validate(&cfg.cluster.pod_cidr, &cfg.cluster.service_cidr)
+            .with_context(|| format!("checking [network] in {}", path.display()))?;
         Ok(cfg)
     }
 

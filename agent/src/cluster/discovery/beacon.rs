@@ -172,7 +172,9 @@ pub fn validate(b: &Beacon, from: IpAddr) -> Result<(), String> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
-    if parsed[0] != from {
+    // A node lists its addresses on the LAN, the one to reach it at first; while it moves
+    // from link-local to its lease it may send from either.
+    if !parsed.contains(&from) {
         return Err(format!("claims address {} but was sent from {from}", parsed[0]));
     }
     if b.port == 0 {

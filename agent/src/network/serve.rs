@@ -1,0 +1,251 @@
+//! The master serving a bare switch (see `addressing`): keeps dnsmasq running while this node
+//! holds the LAN's first address, pins every new lease for good, and steps aside when another
+//! DHCP server answers on the LAN (never two on one LAN).
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::addressing::{self, Files, Pins, Plan};
+use super::{dhcp, ServeState, Serving};
+use crate::cluster::ClusterView;
+use crate::report::Report;
+use crate::sys::Cmd;
+
+/// How often new leases are pinned.
+const PIN_EVERY: Duration = Duration::from_secs(3);
+/// How often the master listens for another DHCP server while it serves.
+const PROBE_EVERY: Duration = Duration::from_secs(60);
+/// How long a probe listens for offers.
+pub const PROBE_WAIT: Duration = Duration::from_secs(3);
+/// After dnsmasq stopped or another server was heard.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// The LAN this node serves, as the cluster task publishes it once the address is on the
+/// interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedLan {
+    pub interface: String,
+    pub mac: [u8; 6],
+    pub plan: Plan,
+    /// The API endpoint's name (`<cluster>-api`), answered by the LAN's DNS.
+    pub api_name: String,
+}
+
+/// The servers among `offers` other than this node.
+pub fn foreign(offers: &[dhcp::Offer], ours: std::net::Ipv4Addr) -> Vec<String> {
+    let mut v: Vec<String> = offers.iter().filter(|o| o.server != ours).map(|o| o.server.to_string()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+struct Task {
+    report: Report,
+    state_dir: PathBuf,
+    child: Option<Child>,
+    pins: Option<Pins>,
+    retry_at: Option<Instant>,
+    pinned_at: Instant,
+    probed_at: Option<Instant>,
+    status: Serving,
+}
+
+pub async fn run(report: Report, state_dir: String, mut view: watch::Receiver<ClusterView>) -> Result<()> {
+    let mut task = Task {
+        report,
+        state_dir: PathBuf::from(state_dir),
+        child: None,
+        pins: None,
+        retry_at: None,
+        pinned_at: Instant::now() - PIN_EVERY,
+        probed_at: None,
+        status: Serving::default(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = view.changed() => if changed.is_err() { return Ok(()) },
+        }
+        let served = view.borrow().served.clone();
+        match served {
+            Some(lan) => task.round(&lan).await,
+            None => task.stop(),
+        }
+    }
+}
+
+impl Task {
+    async fn round(&mut self, lan: &ServedLan) {
+        self.status.lan = lan.plan.net.to_string();
+        self.status.gateway = lan.plan.gateway.to_string();
+        self.status.capacity = lan.plan.capacity();
+        if self.pins.is_none() {
+            match Pins::load(&self.state_dir) {
+                Ok(p) => self.pins = Some(p),
+                Err(e) => {
+                    // Never serve without the pins: nodes would get other addresses than the
+                    // ones kubeadm pinned.
+                    return self.fail(format!("{e:#}"), ServeState::Failed);
+                }
+            }
+        }
+        if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+            self.child = None;
+            self.retry_at = Some(Instant::now() + RETRY);
+            return self.fail(
+                format!("dnsmasq stopped ({exit}); starting it again in {} s", RETRY.as_secs()),
+                ServeState::Failed,
+            );
+        }
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let probe_due = self.probed_at.is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+        if self.child.is_none() || probe_due {
+            self.probed_at = Some(Instant::now());
+            let (iface, mac) = (lan.interface.clone(), lan.mac);
+            match crate::sys::blocking(move || dhcp::probe(&iface, &mac, PROBE_WAIT)).await {
+                Ok(offers) => {
+                    let others = foreign(&offers, lan.plan.gateway);
+                    if !others.is_empty() {
+                        self.stop();
+                        self.retry_at = Some(Instant::now() + RETRY);
+                        self.status.other_dhcp_servers = others.clone();
+                        return self.fail(
+                            format!(
+                                "another DHCP server answers on {} ({}): this master hands out no addresses while it does",
+                                lan.interface,
+                                others.join(", ")
+                            ),
+                            ServeState::Stopped,
+                        );
+                    }
+                    self.status.other_dhcp_servers.clear();
+                }
+                Err(e) => warn!("probing for DHCP servers on {}: {e:#}", lan.interface),
+            }
+        }
+        if self.child.is_none() {
+            match self.start(lan) {
+                Ok(child) => {
+                    info!(lan = %lan.plan.net, gateway = %lan.plan.gateway, "serving the LAN: DHCP, DNS and time");
+                    self.child = Some(child);
+                    self.status.state = ServeState::Serving;
+                    self.status.message = format!(
+                        "DHCP ({}-{}, pinned per MAC), DNS and time on {}",
+                        lan.plan.first, lan.plan.last, lan.interface
+                    );
+                }
+                Err(e) => {
+                    self.retry_at = Some(Instant::now() + RETRY);
+                    return self.fail(format!("{e:#}"), ServeState::Failed);
+                }
+            }
+        }
+        if self.pinned_at.elapsed() >= PIN_EVERY {
+            self.pinned_at = Instant::now();
+            if let Err(e) = self.pin(lan) {
+                error!("pinning leases: {e:#}");
+            }
+        }
+        self.publish();
+    }
+
+    fn start(&mut self, lan: &ServedLan) -> Result<Child> {
+        let files = Files::new(&self.state_dir);
+        self.write_hosts(&lan.plan, &files.hosts)?;
+        let upstream = Path::new("/run/systemd/resolve/resolv.conf");
+        let args = addressing::dnsmasq_args(
+            &lan.interface,
+            &lan.plan,
+            &lan.api_name,
+            &files,
+            upstream.is_file().then_some(upstream),
+        );
+        Cmd::new("dnsmasq").args(args).spawn().context("starting dnsmasq to serve the LAN")
+    }
+
+    fn write_hosts(&self, plan: &Plan, path: &Path) -> Result<()> {
+        let pins = self.pins.as_ref().context("pins loaded")?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // dnsmasq reads it as nobody.
+        crate::sys::fs::write_durable_mode(path, pins.hosts_file(plan).as_bytes(), 0o644)
+    }
+
+    /// Pins leases dnsmasq handed out since the last look, and has it read the pins again.
+    fn pin(&mut self, lan: &ServedLan) -> Result<()> {
+        let files = Files::new(&self.state_dir);
+        let text = match std::fs::read(&files.leases) {
+            Ok(b) => String::from_utf8_lossy(&b[..b.len().min(1 << 20)]).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", files.leases.display())),
+        };
+        let leases = addressing::parse_leases(&text);
+        let pins = self.pins.as_mut().context("pins loaded")?;
+        if pins.absorb(&lan.plan, &leases) {
+            pins.save(&self.state_dir)?;
+            self.write_hosts(&lan.plan, &files.hosts)?;
+            if let Some(c) = &self.child {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+            }
+            info!(pinned = self.pins.as_ref().map_or(0, |p| p.leases.len()), "pinned new leases");
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let pins = self.pins.as_ref();
+        self.status.leases = pins
+            .map(|p| {
+                p.leases
+                    .iter()
+                    .map(|(mac, pin)| addressing::Lease {
+                        mac: mac.clone(),
+                        address: pin.address,
+                        hostname: pin.hostname.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let s = self.status.clone();
+        self.report.update(|st| st.network.serving = Some(s));
+    }
+
+    fn fail(&mut self, message: String, state: ServeState) {
+        if self.status.message != message {
+            error!("{message}");
+        }
+        self.status.state = state;
+        self.status.message = message;
+        self.publish();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_offers_are_not_another_server() {
+        let o = |s: &str| dhcp::Offer { server: s.parse().unwrap(), address: "10.83.0.9".parse().unwrap() };
+        let ours = "10.83.0.1".parse().unwrap();
+        assert!(foreign(&[o("10.83.0.1")], ours).is_empty());
+        assert_eq!(foreign(&[o("10.83.0.1"), o("192.168.1.1"), o("192.168.1.1")], ours), vec!["192.168.1.1"]);
+    }
+}
