@@ -1,5 +1,6 @@
 //! A private LAN for VMs: a network namespace made by the test, a bridge in it, one tap per
-//! VM and dnsmasq handing out DHCP leases on the bridge. Nothing leaves the namespace.
+//! VM and dnsmasq handing out DHCP leases on the bridge — or no DHCP server at all (a bare
+//! switch, [`Lan::bare`]). Nothing leaves the namespace.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 pub const SUBNET: &str = "10.77.0";
+/// The test host's own address on a bare switch (the master takes `.1`).
+pub const BARE_HOST: &str = "10.77.0.254";
 
 pub struct Lan {
     pub ns: String,
@@ -25,15 +28,30 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Lan {
+    /// A LAN with the test's dnsmasq serving DHCP from `SUBNET.10` (the bridge is `SUBNET.1`).
     pub fn new(name: &str, dir: &Path) -> Result<Lan> {
+        Lan::make(name, dir, true)
+    }
+
+    /// A bare switch: no DHCP server; the bridge (the test's host on the LAN) is
+    /// [`BARE_HOST`], so the test reaches nodes on `SUBNET.0/24` once a master serves it.
+    pub fn bare(name: &str, dir: &Path) -> Result<Lan> {
+        Lan::make(name, dir, false)
+    }
+
+    fn make(name: &str, dir: &Path, dhcp: bool) -> Result<Lan> {
         sweep_stale_namespaces();
         let ns = format!("lf-{}-{}", std::process::id(), name.chars().take(12).collect::<String>());
         ip(&["netns", "add", &ns])?;
         let mut lan = Lan { ns: ns.clone(), dnsmasq: None, taps: 0, dir: dir.to_path_buf() };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"])?;
+        let host = if dhcp { format!("{SUBNET}.1") } else { BARE_HOST.to_string() };
+        ip(&["-n", &ns, "addr", "add", &format!("{host}/24"), "dev", "br0"])?;
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        if !dhcp {
+            return Ok(lan);
+        }
         let log = dir.join("dnsmasq.log");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0"])
@@ -61,6 +79,31 @@ impl Lan {
         Ok(name)
     }
 
+    /// Broadcasts one DHCPDISCOVER on the bridge (the agent's own probe) and returns the
+    /// servers that offered an address.
+    pub fn dhcp_servers(&self) -> Result<Vec<String>> {
+        let bin = crate::workspace_root().join("target/release/labforge-agent");
+        let out = self.command(bin.to_str().expect("utf-8 path")).args(["network", "--probe", "br0"]).output()?;
+        if !out.status.success() {
+            bail!("DHCP probe failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let offers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        let mut servers: Vec<String> = offers.iter().filter_map(|o| o["server"].as_str().map(str::to_string)).collect();
+        servers.sort();
+        servers.dedup();
+        Ok(servers)
+    }
+
+    /// Resolves `name` through the DNS server at `server`, from inside the namespace (the
+    /// system resolver, pointed there by `ip netns exec`'s per-namespace resolv.conf).
+    pub fn resolve(&self, server: &str, name: &str) -> Result<Option<String>> {
+        let etc = PathBuf::from("/etc/netns").join(&self.ns);
+        fs::create_dir_all(&etc)?;
+        fs::write(etc.join("resolv.conf"), format!("nameserver {server}\noptions timeout:2 attempts:2\n"))?;
+        let out = self.command("getent").args(["ahostsv4", name]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().map(str::to_string))
+    }
+
     /// `cmd` run inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -76,6 +119,7 @@ impl Drop for Lan {
             let _ = c.wait();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.ns));
     }
 }
 
@@ -97,6 +141,7 @@ fn sweep_stale_namespaces() {
                 }
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Scenarios about several nodes on one LAN (the costly group: 3-4 VMs each). Every VM boots the
 //! same test image (the demo image plus the recording kubeadm double) on a LAN inside a network
-//! namespace made by the test, with DHCP from dnsmasq.
+//! namespace made by the test: a bare switch, with no DHCP server but the master's.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use labforge_agent::network::time::TimeSource;
+use labforge_agent::network::{Addressing, ServeState};
 use labforge_agent::status::Kubernetes;
 use labforge_agent::status::Phase;
 use labforge_agent::status::Role;
@@ -56,7 +57,7 @@ impl Room {
         let lock = qemu_tests::exclusive()?;
         let built = images::image(cluster_spec())?;
         let dir = qemu_tests::vm::scenario_dir(scenario)?;
-        let lan = Lan::new(scenario, &dir)?;
+        let lan = Lan::bare(scenario, &dir)?;
         Ok(Room { nodes: Vec::new(), lan, dir, image: built.image, secret: built.secret, _one_at_a_time: lock })
     }
 
@@ -121,6 +122,22 @@ impl Room {
             bail!("status query failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Asks node `addr` until its status satisfies `pred` (the agent's view moves every few
+    /// seconds); the last status in the error otherwise.
+    fn query_until(&self, addr: &str, what: &str, pred: impl Fn(&Status) -> bool) -> Result<Status> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.query(addr)?;
+            if pred(&s) {
+                return Ok(s);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{addr}: {what} not seen within 60 s; last status: {}", serde_json::to_string(&s)?);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// Runs the agent's CLI on the host, inside the LAN's namespace.
@@ -234,8 +251,9 @@ fn roles(statuses: &[Status]) -> (usize, Vec<usize>) {
 }
 
 /// One room, one cluster, every check in turn (each boot costs minutes under TCG, so one
-/// cluster serves them all): three PCs powered on together elect one master and form one
-/// cluster; a PC powered on later joins it; a PC with another cluster's secret is ignored; a PC
+/// cluster serves them all): three PCs powered on together on a bare switch (no DHCP server)
+/// find each other link-local, elect one master, which takes the LAN's first address and
+/// leases the others theirs, and form one cluster; a PC powered on later joins it; a PC with another cluster's secret is ignored; a PC
 /// whose clock is ten minutes ahead takes its time from the master and joins; the master's
 /// power is cut and comes back, and the cluster is the same.
 #[test]
@@ -260,6 +278,36 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
         assert_eq!(ready[w].master_address.as_deref(), Some(master_ip.as_str()));
         assert_joined_with(&room, w, &token, &ca_hash, &ready[w].node.hostname);
     }
+    // The room had no DHCP server: the nodes found each other link-local, and the master took
+    // the LAN's first address and serves the LAN; every other node has the address the master
+    // pinned to its MAC, and kubeadm was given exactly that one.
+    assert_eq!(master_ip, format!("{}.1", lan::SUBNET), "the master takes the first address of lan-cidr");
+    let mac = |s: &Status| s.node.nics.first().expect("a NIC").mac.to_ascii_lowercase();
+    let m = room.query_until(&master_ip, "every worker's lease pinned", |m| {
+        let leases = m.network.serving.as_ref().map(|s| s.leases.clone()).unwrap_or_default();
+        workers
+            .iter()
+            .all(|&w| leases.iter().any(|l| l.mac == mac(&ready[w]) && l.address.to_string() == lan_ip(&ready[w])))
+    })?;
+    assert_eq!(m.network.addressing, Addressing::Served, "{:?}", m.network);
+    let serving = m.network.serving.clone().expect("the master serves the LAN");
+    assert_eq!(serving.state, ServeState::Serving, "{serving:?}");
+    assert_eq!((serving.lan.as_str(), serving.gateway.as_str()), ("10.77.0.0/24", master_ip.as_str()));
+    for &w in &workers {
+        assert_eq!(ready[w].network.addressing, Addressing::Leased, "{:?}", ready[w].network);
+    }
+    // One DHCP server on this LAN, the master; its DNS names every node and the API endpoint.
+    assert_eq!(room.lan.dhcp_servers()?, vec![master_ip.clone()], "only the master answers DHCP");
+    for &w in &workers {
+        let name = &ready[w].node.hostname;
+        assert_eq!(room.lan.resolve(&master_ip, name)?, Some(lan_ip(&ready[w])), "{name} through the master's DNS");
+    }
+    assert_eq!(room.lan.resolve(&master_ip, "lab-api")?, Some(master_ip.clone()), "lab-api through the master's DNS");
+    let shown = room.agent_cli(&["network", "--addr", &format!("{master_ip}:9743")])?;
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("serving    10.77.0.0/24 as 10.77.0.1 (serving)"), "{shown}");
+    assert!(shown.contains(&format!("leases     {} of 253", serving.leases.len())), "{shown}");
+
     // Every node's data disk, by its by-id path, in the master's register (the CephCluster's list).
     let want: std::collections::BTreeMap<String, Vec<String>> =
         (0..3).map(|i| (ready[i].node.hostname.clone(), vec![format!("/dev/disk/by-id/virtio-lf-data{i}")])).collect();
@@ -358,16 +406,26 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
     members.push((skewed, joined));
     room.check_health()?;
 
-    // Power cut on the master, then power back: the same cluster, no second init, and every
-    // worker stayed joined (each ran kubeadm join exactly once).
-    room.nodes[master].vm.take().unwrap().power_cut()?;
-    let cfg = room.nodes[master].cfg.clone();
-    room.nodes[master].vm = Some(Vm::restart(&cfg, &room.dir)?);
+    // Power cut on the master and on the late worker together, then power back: the same
+    // cluster, no second init, every worker stayed joined (each ran kubeadm join exactly
+    // once), and each node has the address it had — the master takes its own again, and
+    // leases the worker the one pinned to its MAC.
+    for i in [master, late] {
+        room.nodes[i].vm.take().unwrap().power_cut()?;
+    }
+    for i in [master, late] {
+        let cfg = room.nodes[i].cfg.clone();
+        room.nodes[i].vm = Some(Vm::restart(&cfg, &room.dir)?);
+    }
     let back = room.wait_ready(master)?;
     assert_eq!(back.role, Role::Master);
     assert_eq!(back.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
+    assert_eq!(back.lan_address.as_deref(), Some(master_ip.as_str()), "the master took its address again");
     let calls = kubeadm_calls(room.nodes[master].vm.as_ref().unwrap());
     assert!(calls.argv.is_empty() || real_kubeadm(), "no second kubeadm init: {:?}", calls.argv);
+    let late_back = room.wait_ready(late)?;
+    let late_before = &members.iter().find(|(i, _)| *i == late).expect("the late node").1;
+    assert_eq!(late_back.lan_address, late_before.lan_address, "the late worker got its pinned address again");
     for (node, s) in members.iter().filter(|(i, _)| *i != master) {
         let now = room.query(&lan_ip(s))?;
         assert_eq!(now.role, Role::Worker);
@@ -375,8 +433,10 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
         assert_eq!(now.phase, Phase::Ready, "{} stayed joined", s.node.hostname);
         if !real_kubeadm() {
             let argv = kubeadm_calls(room.nodes[*node].vm.as_ref().unwrap()).argv;
-            assert_eq!(argv.len(), 1, "{} joined once: {argv:?}", s.node.hostname);
+            let want = if *node == late { 0 } else { 1 };
+            assert_eq!(argv.len(), want, "{} joined once: {argv:?}", s.node.hostname);
         }
     }
+    assert_eq!(room.lan.dhcp_servers()?, vec![master_ip.clone()], "still one DHCP server after the power cut");
     room.check_health()
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use labforge_agent::install::write::InstallState;
+use labforge_agent::network::Addressing;
 use labforge_agent::preload::PreloadState;
 use labforge_agent::pxe::enrol::EnrolState;
 use labforge_agent::pxe::PxeMode;
@@ -73,6 +74,12 @@ fn worker_netboots_from_master() -> Result<()> {
     let pxe = serving.pxe.clone().expect("pxe status");
     assert_eq!((pxe.state, pxe.mode), (PxeState::Serving, PxeMode::ProxyDhcp), "{pxe:?}");
     let master_ip = ready.lan_address.clone().expect("the master's LAN address");
+    // The LAN has its own DHCP server (the test's dnsmasq on 10.77.0.1): the master took a
+    // lease, serves no addresses, and a DHCP client hears one server only — the proxy-DHCP
+    // for PXE answers PXE clients, never a plain DISCOVER.
+    assert_eq!(ready.network.addressing, Addressing::Leased, "{:?}", ready.network);
+    assert!(ready.network.serving.is_none(), "{:?}", ready.network);
+    assert_eq!(lan.dhcp_servers()?, vec![format!("{}.1", qemu_tests::lan::SUBNET)], "never a second DHCP server");
     assert_eq!(pxe.url, format!("http://{master_ip}:9743/pxe/boot.ipxe"));
 
     // A PC whose only disk holds data (a lab PC's own files), booting from its NIC with the

@@ -217,6 +217,10 @@ impl Cluster {
     pub(super) async fn follow(&mut self, uid: &str, master_addr: &str) -> Result<()> {
         let kubernetes = self.cfg.kubernetes.enabled;
         if self.state.joined {
+            // Joined on the address the master pinned: not ready again until it holds it.
+            if !self.await_lease(master_addr) {
+                return Ok(());
+            }
             if let Some(info) = self.state.join_info.clone() {
                 self.hosts_entry(&info.master_address)?;
                 self.set_join_info(&info);

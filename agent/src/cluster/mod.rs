@@ -221,6 +221,10 @@ impl Cluster {
                 let uid = allegiance.uid().unwrap_or_default().to_string();
                 match then {
                     Follow::Join { address } => self.follow(&uid, &address).await?,
+                    Follow::StayJoined if self.lan.as_ref().is_some_and(Lan::link_local) => self.set_phase(
+                        Phase::WaitingForMaster,
+                        "joined; waiting for the master to lease this node its address again (link-local only)",
+                    ),
                     Follow::StayJoined => self.set_phase(Phase::Ready, "joined; master not in sight"),
                     Follow::Wait { message } => self.set_phase(Phase::WaitingForMaster, &message),
                 }

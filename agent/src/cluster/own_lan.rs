@@ -206,6 +206,8 @@ impl Cluster {
             mac: self.lan_mac(&served.interface).ok()?,
             plan,
             api_name: super::kubeadm::endpoint_host(&self.cfg.cluster),
+            netboot: (self.cfg.pxe.serve && crate::pxe::task::missing(&self.cfg.image).is_none())
+                .then(|| format!("http://{}:{}/pxe/boot.ipxe", plan.gateway, self.cfg.status_port)),
         })
     }
 

@@ -236,6 +236,8 @@ pub fn dnsmasq_args(
         "--group=nogroup",
         // Names without a dot and private reverse lookups never leave the LAN.
         "--domain-needed",
+        // Names come from the leases and the API endpoint, not from this node's /etc/hosts.
+        "--no-hosts",
         "--bogus-priv",
         // The only DHCP server on this LAN (the master checked): answers at once after a
         // reboot instead of waiting out clients' old leases.

@@ -34,6 +34,9 @@ pub struct ServedLan {
     pub plan: Plan,
     /// The API endpoint's name (`<cluster>-api`), answered by the LAN's DNS.
     pub api_name: String,
+    /// Netboot's iPXE script URL when the master serves netboot (`[pxe] serve` and an image
+    /// with the files): this dnsmasq answers PXE clients too.
+    pub netboot: Option<String>,
 }
 
 /// The servers among `offers` other than this node.

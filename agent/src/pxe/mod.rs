@@ -153,6 +153,15 @@ pub fn dnsmasq_args(
         }
         None => a.push(format!("--dhcp-range={network},proxy,{mask}")),
     }
+    a.extend(boot_options(url, tftp_root));
+    Ok(a)
+}
+
+/// dnsmasq's options that answer PXE clients: firmware ROMs get iPXE over TFTP, iPXE gets the
+/// script at `url`. Also added to the dnsmasq of a master that serves a bare switch, which
+/// then is the only DHCP server on the interface.
+pub fn boot_options(url: &str, tftp_root: &Path) -> Vec<String> {
+    let mut a = Vec::new();
     // iPXE says who it is in the user class: it gets the script; firmware ROMs get iPXE first.
     a.push("--dhcp-userclass=set:ipxe,iPXE".into());
     a.push(format!("--dhcp-boot=tag:ipxe,{url}"));
@@ -163,7 +172,7 @@ pub fn dnsmasq_args(
     }
     a.push("--enable-tftp".into());
     a.push(format!("--tftp-root={}", tftp_root.display()));
-    Ok(a)
+    a
 }
 
 #[cfg(test)]

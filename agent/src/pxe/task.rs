@@ -89,6 +89,8 @@ struct Task {
     retry_at: Option<Instant>,
     /// Its enrolment desk opens the window when this node starts serving.
     endpoints: std::sync::Arc<crate::server::Endpoints>,
+    /// Netboot is answered by the dnsmasq serving the bare switch (announced once).
+    through_lan: bool,
 }
 
 pub async fn run(
@@ -101,21 +103,25 @@ pub async fn run(
     if !cfg.pxe.serve {
         return Ok(());
     }
-    let mut task = Task { report, cfg, serving, child: None, retry_at: None, endpoints };
+    let mut task = Task { report, cfg, serving, child: None, retry_at: None, endpoints, through_lan: false };
     let mut tick = tokio::time::interval(crate::cluster::TICK);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             changed = view.changed() => if changed.is_err() { return Ok(()) },
         }
-        let (lan, uid) = {
+        let (lan, uid, served) = {
             let v = view.borrow();
             match (&v.lan, v.leading) {
-                (Some(lan), true) => (lan.clone(), v.uid.clone().unwrap_or_default()),
+                (Some(lan), true) => (lan.clone(), v.uid.clone().unwrap_or_default(), v.served.is_some()),
                 _ => continue,
             }
         };
-        task.round(&lan, &uid);
+        if served {
+            task.through_lan(&lan, &uid);
+        } else {
+            task.round(&lan, &uid);
+        }
     }
 }
 
@@ -152,16 +158,7 @@ impl Task {
             Step::Start => match self.start(lan, &url) {
                 Ok(child) => {
                     self.child = Some(child);
-                    let network = Ipv4Addr::from(u32::from(lan.address) & u32::from(lan.netmask));
-                    self.serving.send_replace(Some(Serving {
-                        dir: Path::new(ARTIFACT_DIR).to_path_buf(),
-                        image: self.cfg.image.clone(),
-                        network,
-                        netmask: lan.netmask,
-                    }));
-                    if let Some(desk) = &self.endpoints.enrol {
-                        desk.leading(uid, crate::sys::clock::now_secs());
-                    }
+                    self.announce(lan, uid);
                     info!(%url, %mode, "serving netboot");
                     let message = format!("answering PXE clients on {} ({mode}); iPXE boots {url}", lan.interface);
                     self.publish(PxeStatus { state: PxeState::Serving, mode, url, message, ..Default::default() });
@@ -173,6 +170,51 @@ impl Task {
                     self.publish(PxeStatus { state: PxeState::Failed, mode, url, message, ..Default::default() });
                 }
             },
+        }
+    }
+
+    /// The files under `/pxe/` are served, and the enrolment window opens.
+    fn announce(&self, lan: &Lan, uid: &str) {
+        let network = Ipv4Addr::from(u32::from(lan.address) & u32::from(lan.netmask));
+        self.serving.send_replace(Some(Serving {
+            dir: Path::new(ARTIFACT_DIR).to_path_buf(),
+            image: self.cfg.image.clone(),
+            network,
+            netmask: lan.netmask,
+        }));
+        if let Some(desk) = &self.endpoints.enrol {
+            desk.leading(uid, crate::sys::clock::now_secs());
+        }
+    }
+
+    /// This master serves a bare switch: the dnsmasq that leases the LAN its addresses
+    /// answers PXE clients too (`network::serve`), since a second DHCP server on the same
+    /// interface would not do. This task only serves the files.
+    fn through_lan(&mut self, lan: &Lan, uid: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.through_lan {
+            return;
+        }
+        self.through_lan = true;
+        let url = format!("http://{}:{}/pxe/boot.ipxe", lan.address, self.cfg.status_port);
+        let mode = PxeMode::Dhcp;
+        match missing(&self.cfg.image) {
+            Some(message) => {
+                error!("not serving netboot: {message}");
+                self.publish(PxeStatus { state: PxeState::Unavailable, mode, url, message, ..Default::default() });
+            }
+            None => {
+                self.announce(lan, uid);
+                info!(%url, "serving netboot through the LAN's DHCP");
+                let message = format!(
+                    "answering PXE clients on {} with the addresses this master serves; iPXE boots {url}",
+                    lan.interface
+                );
+                self.publish(PxeStatus { state: PxeState::Serving, mode, url, message, ..Default::default() });
+            }
         }
     }
 
