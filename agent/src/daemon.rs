@@ -346,7 +346,12 @@ async fn node(
             let (view_tx, view_rx) = watch::channel(ClusterView::default());
             tasks.spawn(crate::pxe::task::run(report.clone(), cfg.clone(), view_rx.clone(), pxe, endpoints.clone()));
             tasks.spawn(crate::network::time::run(report.clone(), view_rx.clone()));
-            tasks.spawn(crate::network::serve::run(report.clone(), cfg.state_dir.clone(), view_rx.clone()));
+            tasks.spawn(crate::network::serve::run(
+                report.clone(),
+                cfg.state_dir.clone(),
+                cfg.network.clone(),
+                view_rx.clone(),
+            ));
             let (pod_cidr_tx, pod_cidr_rx) = watch::channel(None);
             tasks.spawn(cluster::api::run(
                 report.clone(),

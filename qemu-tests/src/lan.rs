@@ -11,10 +11,25 @@ use anyhow::{bail, Context, Result};
 pub const SUBNET: &str = "10.77.0";
 /// The test host's own address on a bare switch (the master takes `.1`).
 pub const BARE_HOST: &str = "10.77.0.254";
+/// The test host on "the building network" ([`Lan::outside`]).
+pub const OUTSIDE_HOST: &str = "192.168.200.1";
+/// What `http://www.outside.test:8080/hello` says.
+pub const OUTSIDE_HELLO: &str = "hello-from-outside";
+
+/// A TCP connection attempt's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tcp {
+    Open,
+    Refused,
+    Silent,
+}
 
 pub struct Lan {
     pub ns: String,
     dnsmasq: Option<Child>,
+    /// The outside's DHCP/DNS server and web server ([`Lan::outside`]).
+    outside: Vec<Child>,
+    outside_taps: usize,
     taps: usize,
     pub dir: PathBuf,
 }
@@ -43,7 +58,14 @@ impl Lan {
         sweep_stale_namespaces();
         let ns = format!("lf-{}-{}", std::process::id(), name.chars().take(12).collect::<String>());
         ip(&["netns", "add", &ns])?;
-        let mut lan = Lan { ns: ns.clone(), dnsmasq: None, taps: 0, dir: dir.to_path_buf() };
+        let mut lan = Lan {
+            ns: ns.clone(),
+            dnsmasq: None,
+            outside: Vec::new(),
+            outside_taps: 0,
+            taps: 0,
+            dir: dir.to_path_buf(),
+        };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         let host = if dhcp { format!("{SUBNET}.1") } else { BARE_HOST.to_string() };
@@ -79,9 +101,87 @@ impl Lan {
         Ok(name)
     }
 
+    /// "The building network", a second segment (bridge `br1`) in the same namespace, for a
+    /// master's uplink: the test's host on it is [`OUTSIDE_HOST`], with dnsmasq handing out
+    /// leases and answering `www.outside.test`, and a web server on port 8080 serving
+    /// `/hello` ([`OUTSIDE_HELLO`]). The namespace does not forward between the segments:
+    /// the LAN reaches it only through the master.
+    pub fn outside(&mut self) -> Result<()> {
+        let ns = self.ns.clone();
+        ip(&["-n", &ns, "link", "add", "br1", "type", "bridge"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{OUTSIDE_HOST}/24"), "dev", "br1"])?;
+        ip(&["-n", &ns, "link", "set", "br1", "up"])?;
+        let www = self.dir.join("outside-www");
+        fs::create_dir_all(&www)?;
+        fs::write(www.join("hello"), format!("{OUTSIDE_HELLO}\n"))?;
+        let dnsmasq = Command::new("ip")
+            .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"])
+            .args(["--interface=br1", "--bind-interfaces", "--except-interface=lo", "--no-hosts", "--no-resolv"])
+            .arg("--dhcp-range=192.168.200.50,192.168.200.99,255.255.255.0,12h")
+            .arg(format!("--host-record=www.outside.test,{OUTSIDE_HOST}"))
+            .arg(format!("--dhcp-leasefile={}", self.dir.join("outside.leases").display()))
+            .arg(format!("--log-facility={}", self.dir.join("outside-dnsmasq.log").display()))
+            .arg("--pid-file")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq for the outside (apt-get install dnsmasq-base)")?;
+        self.outside.push(dnsmasq);
+        let httpd = Command::new("ip")
+            .args(["netns", "exec", &ns, "busybox", "httpd", "-f", "-p", &format!("{OUTSIDE_HOST}:8080"), "-h"])
+            .arg(&www)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting busybox httpd for the outside (apt-get install busybox-static)")?;
+        self.outside.push(httpd);
+        Ok(())
+    }
+
+    /// A new tap on the outside's bridge, for a master's uplink NIC.
+    pub fn outside_tap(&mut self) -> Result<String> {
+        let name = format!("up{}", self.outside_taps);
+        self.outside_taps += 1;
+        ip(&["-n", &self.ns, "tuntap", "add", "dev", &name, "mode", "tap"])?;
+        ip(&["-n", &self.ns, "link", "set", &name, "master", "br1"])?;
+        ip(&["-n", &self.ns, "link", "set", &name, "up"])?;
+        Ok(name)
+    }
+
+    /// Whether TCP `port` at `address` answers from inside the namespace: connected, refused
+    /// (a host that is there and says no), or silent within 5 s (dropped on the way).
+    pub fn tcp(&self, address: &str, port: u16) -> Result<Tcp> {
+        let out = self
+            .command("timeout")
+            .args(["5", "bash", "-c", &format!("exec 3<>/dev/tcp/{address}/{port}")])
+            .output()
+            .context("running bash in the namespace")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        Ok(match out.status.code() {
+            Some(0) => Tcp::Open,
+            Some(124) => Tcp::Silent,
+            _ if err.contains("refused") => Tcp::Refused,
+            _ => bail!("tcp {address}:{port}: {err}"),
+        })
+    }
+
     /// Broadcasts one DHCPDISCOVER on the bridge (the agent's own probe) and returns the
     /// servers that offered an address.
+    /// Under TCG a busy guest may answer later than the probe listens (3 s): a probe that no
+    /// server answered is tried again, twice.
     pub fn dhcp_servers(&self) -> Result<Vec<String>> {
+        for _ in 0..2 {
+            let servers = self.dhcp_probe()?;
+            if !servers.is_empty() {
+                return Ok(servers);
+            }
+        }
+        self.dhcp_probe()
+    }
+
+    fn dhcp_probe(&self) -> Result<Vec<String>> {
         let bin = crate::workspace_root().join("target/release/labforge-agent");
         let out = self.command(bin.to_str().expect("utf-8 path")).args(["network", "--probe", "br0"]).output()?;
         if !out.status.success() {
@@ -114,7 +214,7 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        if let Some(mut c) = self.dnsmasq.take() {
+        for mut c in self.dnsmasq.take().into_iter().chain(self.outside.drain(..)) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -112,6 +112,9 @@ pub struct VmConfig {
     pub firmware_pxe: bool,
     /// The VM's clock is this far from the host's (a PC whose BIOS clock is off).
     pub clock_offset_secs: i64,
+    /// A second NIC (tap, MAC) in the same namespace as `net`'s: a master's uplink to the
+    /// building network.
+    pub uplink: Option<(String, String)>,
 }
 
 /// A raw disk file attached to a VM directly.
@@ -159,6 +162,7 @@ impl VmConfig {
             net_boot: None,
             firmware_pxe: false,
             clock_offset_secs: 0,
+            uplink: None,
         }
     }
 }
@@ -273,6 +277,12 @@ impl Vm {
                     ),
                 );
             }
+        }
+        if let (Net::Tap { .. }, Some((tap, mac))) = (&cfg.net, &cfg.uplink) {
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=n1,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n1,mac={mac},romfile="));
         }
         // A fresh boot's log, then `-restart`, `-restart2`, … : every boot's console is kept.
         let mut log = dir.join(format!("{}-console.log", cfg.name));

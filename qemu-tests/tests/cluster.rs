@@ -57,7 +57,8 @@ impl Room {
         let lock = qemu_tests::exclusive()?;
         let built = images::image(cluster_spec())?;
         let dir = qemu_tests::vm::scenario_dir(scenario)?;
-        let lan = Lan::bare(scenario, &dir)?;
+        let mut lan = Lan::bare(scenario, &dir)?;
+        lan.outside()?;
         Ok(Room { nodes: Vec::new(), lan, dir, image: built.image, secret: built.secret, _one_at_a_time: lock })
     }
 
@@ -73,6 +74,18 @@ impl Room {
         labforge_toml: Option<&str>,
         secret: Option<&str>,
         clock_offset_secs: i64,
+    ) -> Result<usize> {
+        self.boot_full(labforge_toml, secret, clock_offset_secs, false)
+    }
+
+    /// [`Room::boot_with`], and with `uplink` a second NIC on the outside (the building
+    /// network, [`Lan::outside`]).
+    fn boot_full(
+        &mut self,
+        labforge_toml: Option<&str>,
+        secret: Option<&str>,
+        clock_offset_secs: i64,
+        uplink: bool,
     ) -> Result<usize> {
         let i = self.nodes.len();
         let tap = self.lan.tap()?;
@@ -97,6 +110,9 @@ impl Room {
             cfg.disks[0] = lan::boot_disk_with_config(&self.image, &disk, labforge_toml, secret)?;
         }
         cfg.clock_offset_secs = clock_offset_secs;
+        if uplink {
+            cfg.uplink = Some((self.lan.outside_tap()?, format!("52:54:00:88:00:{:02x}", i + 1)));
+        }
         let vm = Vm::start(&cfg, &self.dir)?;
         self.nodes.push(Node { cfg, vm: Some(vm) });
         Ok(i)
@@ -198,9 +214,12 @@ fn docs(config: &str) -> Vec<Value> {
     config.split("\n---\n").map(|d| serde_json::from_str(d).expect("JSON documents")).collect()
 }
 
-/// Boots `n` nodes and waits until all are ready; returns their ready statuses.
+/// Boots `n` nodes and waits until all are ready; returns their ready statuses. The first is
+/// the PC cabled to the building network too (an uplink), preferred as master by its LAN MAC
+/// (`master-priority` on its stick), as a lab's admin sets up the one PC with the uplink.
 fn form(room: &mut Room, n: usize) -> Result<Vec<Status>> {
-    for _ in 0..n {
+    room.boot_full(Some("[cluster]\nmaster-priority = [\"52:54:00:77:00:01\"]\n"), None, 0, true)?;
+    for _ in 1..n {
         room.boot(None, None)?;
     }
     (0..n).map(|i| room.wait_ready(i)).collect()
@@ -307,6 +326,27 @@ fn one_room_forms_and_keeps_one_cluster() -> Result<()> {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("serving    10.77.0.0/24 as 10.77.0.1 (serving)"), "{shown}");
     assert!(shown.contains(&format!("leases     {} of 253", serving.leases.len())), "{shown}");
+
+    // The master is the room's gateway: its uplink (the NIC with the default route, never the
+    // LAN's) masquerades the LAN; a worker resolves www.outside.test through the master's DNS
+    // (forwarded to the uplink's resolver) and fetches a file from it through the NAT. From
+    // the outside only the admitted ports get an answer: SSH (admitted, nothing listens:
+    // refused), the agent's port (not admitted: silence), though the LAN reaches it.
+    assert_eq!(master, 0, "the PC preferred by master-priority leads");
+    let up = serving.uplink.clone().expect("the master's uplink");
+    assert!(up.nat, "{up:?}");
+    assert_eq!(up.admitted, vec![22, 80], "SSH and the portal (the demo image has no stack)");
+    assert_ne!(Some(up.interface.as_str()), m.network.interface.as_deref(), "the LAN is never the uplink");
+    let up_ip = up.address.clone().expect("the uplink's leased address");
+    assert!(up_ip.starts_with("192.168.200."), "{up_ip}");
+    let fetched = room.vm(workers[0]).wait_for("uplink-check:", FORM)?;
+    assert!(
+        fetched.contains(&format!("fetched {} from {}", lan::OUTSIDE_HELLO, lan::OUTSIDE_HOST)),
+        "a worker reached the outside through the master: {fetched}"
+    );
+    assert_eq!(room.lan.tcp(&up_ip, 22)?, lan::Tcp::Refused, "SSH is admitted on the uplink");
+    assert_eq!(room.lan.tcp(&up_ip, 9743)?, lan::Tcp::Silent, "the agent's port is not, from the outside");
+    assert_eq!(room.lan.tcp(&master_ip, 9743)?, lan::Tcp::Open, "the LAN reaches it");
 
     // Every node's data disk, by its by-id path, in the master's register (the CephCluster's list).
     let want: std::collections::BTreeMap<String, Vec<String>> =

@@ -17,14 +17,36 @@ pub struct Lan {
 /// Finds the LAN interface (`auto`: the first physical NIC with an IPv4 address) and its
 /// address and broadcast address, if it has one yet. A leased or static address is preferred
 /// to a link-local one (a node that just got its lease may hold both for a moment).
-pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
-    let names: Vec<&str> =
-        if selector == "auto" { inventory.nics.iter().map(|n| n.name.as_str()).collect() } else { vec![selector] };
-    let addrs = nix::ifaddrs::getifaddrs().ok()?.collect::<Vec<_>>();
-    for name in names {
-        let mut found: Vec<Lan> = Vec::new();
-        for a in addrs.iter().filter(|a| a.interface_name == name) {
-            let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
+///
+/// `auto` never picks an uplink: the NIC `uplink` names, or — when more than one NIC has a
+/// carrier — one holding the default route (a master cabled to the building network gets its
+/// lease there long before its LAN NIC falls back to link-local).
+pub fn lan(selector: &str, uplink: &str, inventory: &Inventory) -> Option<Lan> {
+    if selector != "auto" {
+        return lan_on(selector);
+    }
+    let names: Vec<&str> = inventory.nics.iter().map(|n| n.name.as_str()).filter(|n| *n != uplink).collect();
+    let carrier = names
+        .iter()
+        .filter(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/carrier")).is_ok_and(|c| c.trim() == "1"))
+        .count();
+    let avoid = if uplink == "auto" && carrier > 1 {
+        crate::network::uplink::default_route_interfaces(
+            &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+        )
+    } else {
+        Vec::new()
+    };
+    names.into_iter().filter(|n| !avoid.iter().any(|a| a == n)).find_map(lan_on)
+}
+
+/// The LAN address of interface `name`, if it has one.
+pub fn lan_on(name: &str) -> Option<Lan> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let found: Vec<Lan> = addrs
+        .filter(|a| a.interface_name == name)
+        .filter_map(|a| {
+            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
             let broadcast =
                 a.broadcast.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()).unwrap_or(Ipv4Addr::BROADCAST);
             let netmask = a
@@ -33,13 +55,10 @@ pub fn lan(selector: &str, inventory: &Inventory) -> Option<Lan> {
                 .and_then(|s| s.as_sockaddr_in())
                 .map(|s| s.ip())
                 .unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
-            found.push(Lan { interface: name.to_string(), address: ip, broadcast, netmask });
-        }
-        if let Some(best) = preferred(found) {
-            return Some(best);
-        }
-    }
-    None
+            Some(Lan { interface: name.to_string(), address: ip, broadcast, netmask })
+        })
+        .collect();
+    preferred(found)
 }
 
 /// The first address that is not link-local, else the first.

@@ -39,7 +39,7 @@ impl Cluster {
     /// master's own); starts discovery the first time. Returns whether there is one.
     pub(super) fn refresh_lan(&mut self) -> Result<bool> {
         let selector = self.lan.as_ref().map(|l| l.interface.clone()).unwrap_or(self.cfg.cluster.lan_interface.clone());
-        let Some(now) = lan::lan(&selector, &self.inventory) else {
+        let Some(now) = lan::lan(&selector, &self.cfg.network.uplink, &self.inventory) else {
             // Between a link-local address and the served one, the interface has none for a
             // moment: keep what we had.
             return Ok(self.lan.is_some());

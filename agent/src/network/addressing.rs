@@ -213,7 +213,8 @@ impl Files {
 
 /// dnsmasq's argv for serving the LAN on `interface`: DHCP from the pool with the pins, DNS
 /// for the leased names and `api_name`, the master as router, DNS and NTP server.
-/// `upstream`: a resolv.conf naming the uplink's resolvers, if there is one.
+/// `upstream`: a resolv.conf naming the uplink's resolvers; `None`: names outside the LAN are
+/// not answered.
 pub fn dnsmasq_args(
     interface: &str,
     plan: &Plan,
@@ -393,8 +394,8 @@ mod tests {
         ] {
             assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
         }
-        let a = dnsmasq_args("enp1s0", &p, "lab-api", &files, Some(Path::new("/run/labforge/uplink-resolv.conf")));
-        assert!(a.contains(&"--resolv-file=/run/labforge/uplink-resolv.conf".to_string()));
+        let a = dnsmasq_args("enp1s0", &p, "lab-api", &files, Some(Path::new("/run/systemd/resolve/resolv.conf")));
+        assert!(a.contains(&"--resolv-file=/run/systemd/resolve/resolv.conf".to_string()));
         let unit = networkd_unit("enp1s0", &p);
         assert!(
             unit.contains("Name=enp1s0\n") && unit.contains("Address=10.83.0.1/24\nDuplicateAddressDetection=ipv4\n"),

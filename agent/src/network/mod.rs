@@ -5,6 +5,7 @@ pub mod addressing;
 pub mod dhcp;
 pub mod serve;
 pub mod time;
+pub mod uplink;
 
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,21 @@ pub struct Serving {
     /// Other DHCP servers heard answering on the LAN (server identifiers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_dhcp_servers: Vec<String>,
+    /// The way out: the uplink, NAT and what it admits.
+    #[serde(default)]
+    pub uplink: Option<UplinkStatus>,
+}
+
+/// The master's uplink as the room's gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkStatus {
+    pub interface: String,
+    pub address: Option<String>,
+    /// The LAN's traffic is masqueraded out through it.
+    pub nat: bool,
+    /// TCP ports admitted from the outside; everything else from there is dropped.
+    pub admitted: Vec<u16>,
+    pub message: String,
 }
 
 impl NetworkStatus {
@@ -92,6 +108,15 @@ impl NetworkStatus {
             for l in &s.leases {
                 let host = if l.hostname.is_empty() { "-" } else { &l.hostname };
                 out.push_str(&format!("  {}  {:<15}  {host}\n", l.mac, l.address));
+            }
+            match &s.uplink {
+                Some(u) => out.push_str(&format!(
+                    "uplink     {} ({}): {}\n",
+                    u.interface,
+                    u.address.as_deref().unwrap_or("no address"),
+                    u.message
+                )),
+                None => out.push_str("uplink     none: the LAN has no way out\n"),
             }
             if !s.other_dhcp_servers.is_empty() {
                 out.push_str(&format!("other DHCP servers: {}\n", s.other_dhcp_servers.join(", ")));

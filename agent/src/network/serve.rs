@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::addressing::{self, Files, Pins, Plan};
-use super::{dhcp, ServeState, Serving};
+use super::{dhcp, uplink, ServeState, Serving, UplinkStatus};
 use crate::cluster::ClusterView;
+use crate::config::network::NetworkConfig;
 use crate::report::Report;
 use crate::sys::Cmd;
 
@@ -24,6 +25,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(60);
 pub const PROBE_WAIT: Duration = Duration::from_secs(3);
 /// After dnsmasq stopped or another server was heard.
 const RETRY: Duration = Duration::from_secs(10);
+/// How often the uplink, its resolvers and the firewall are looked at again.
+const UPLINK_EVERY: Duration = Duration::from_secs(5);
 
 /// The LAN this node serves, as the cluster task publishes it once the address is on the
 /// interface.
@@ -50,6 +53,10 @@ pub fn foreign(offers: &[dhcp::Offer], ours: std::net::Ipv4Addr) -> Vec<String> 
 struct Task {
     report: Report,
     state_dir: PathBuf,
+    network: NetworkConfig,
+    /// The uplink and ports the firewall was last set up for.
+    applied: Option<(Option<String>, Vec<u16>)>,
+    uplink_at: Option<Instant>,
     child: Option<Child>,
     pins: Option<Pins>,
     retry_at: Option<Instant>,
@@ -58,10 +65,18 @@ struct Task {
     status: Serving,
 }
 
-pub async fn run(report: Report, state_dir: String, mut view: watch::Receiver<ClusterView>) -> Result<()> {
+pub async fn run(
+    report: Report,
+    state_dir: String,
+    network: NetworkConfig,
+    mut view: watch::Receiver<ClusterView>,
+) -> Result<()> {
     let mut task = Task {
         report,
         state_dir: PathBuf::from(state_dir),
+        network,
+        applied: None,
+        uplink_at: None,
         child: None,
         pins: None,
         retry_at: None,
@@ -151,6 +166,10 @@ impl Task {
                 }
             }
         }
+        if self.uplink_at.is_none_or(|t| t.elapsed() >= UPLINK_EVERY) {
+            self.uplink_at = Some(Instant::now());
+            self.uplink(lan);
+        }
         if self.pinned_at.elapsed() >= PIN_EVERY {
             self.pinned_at = Instant::now();
             if let Err(e) = self.pin(lan) {
@@ -163,15 +182,81 @@ impl Task {
     fn start(&mut self, lan: &ServedLan) -> Result<Child> {
         let files = Files::new(&self.state_dir);
         self.write_hosts(&lan.plan, &files.hosts)?;
-        let upstream = Path::new("/run/systemd/resolve/resolv.conf");
-        let args = addressing::dnsmasq_args(
-            &lan.interface,
-            &lan.plan,
-            &lan.api_name,
-            &files,
-            upstream.is_file().then_some(upstream),
-        );
+        // The uplink's resolvers, when there is one; dnsmasq reads the file again whenever it
+        // changes, and waits for it while it is missing.
+        let upstream = Path::new(uplink::UPSTREAM_RESOLV);
+        let mut args = addressing::dnsmasq_args(&lan.interface, &lan.plan, &lan.api_name, &files, Some(upstream));
+        if let Some(url) = &lan.netboot {
+            args.extend(crate::pxe::boot_options(url, Path::new(crate::pxe::IPXE_DIR)));
+        }
         Cmd::new("dnsmasq").args(args).spawn().context("starting dnsmasq to serve the LAN")
+    }
+
+    /// The ports the uplink admits: the spec's list, else SSH, the portal and the stack's
+    /// web UIs.
+    fn admitted(&self) -> Vec<u16> {
+        if let Some(p) = &self.network.uplink_admit {
+            return p.clone();
+        }
+        let mut ports = vec![22, crate::portal::PORT];
+        if let Ok(Some(plan)) = labforge_core::stack::StackPlan::load(Path::new(labforge_core::stack::STACK_PLAN)) {
+            ports.extend(plan.components.iter().flat_map(|c| c.web.iter().map(|w| w.port)));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Sets this master up as the LAN's gateway through its uplink, or takes that down when
+    /// the uplink is gone.
+    fn uplink(&mut self, lan: &ServedLan) {
+        let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let chosen = uplink::choose(&self.network.uplink, &lan.interface, &uplink::default_route_interfaces(&routes));
+        let admit = self.admitted();
+        let address = chosen.as_ref().and_then(|i| crate::cluster::lan::lan_on(i)).map(|l| l.address.to_string());
+        let key = (chosen.clone(), admit.clone());
+        if self.applied.as_ref() == Some(&key) {
+            if let Some(u) = &mut self.status.uplink {
+                u.address = address;
+            }
+            return;
+        }
+        let Some(up) = chosen else {
+            if self.applied.as_ref().is_some_and(|(u, _)| u.is_some()) {
+                let _ = Cmd::new("nft").args(["delete", "table", "inet", uplink::TABLE]).run();
+            }
+            self.applied = Some(key);
+            self.status.uplink = None;
+            return;
+        };
+        let rules = uplink::ruleset(&lan.interface, &lan.plan.net, &up, &admit);
+        let applied = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
+            .context("enabling IPv4 forwarding")
+            .and_then(|_| Cmd::new("nft").args(["-f", "-"]).stdin(rules.into_bytes()).run().context("nft -f"));
+        let ports = admit.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        self.status.uplink = Some(match applied {
+            Ok(_) => {
+                info!(uplink = %up, admitted = %ports, "the LAN goes out through the uplink (NAT)");
+                self.applied = Some(key);
+                UplinkStatus {
+                    interface: up.clone(),
+                    address,
+                    nat: true,
+                    admitted: admit,
+                    message: format!("NAT for {}; admits TCP {ports} from outside, drops the rest", lan.plan.net),
+                }
+            }
+            Err(e) => {
+                error!("setting up the uplink {up}: {e:#}");
+                UplinkStatus {
+                    interface: up.clone(),
+                    address,
+                    nat: false,
+                    admitted: Vec::new(),
+                    message: format!("{e:#}"),
+                }
+            }
+        });
     }
 
     fn write_hosts(&self, plan: &Plan, path: &Path) -> Result<()> {

@@ -431,8 +431,11 @@ impl Spec {
         if self.users.iter().any(|u| u.sudo) {
             all.push("sudo".into());
         }
-        // dnsmasq: on a bare switch the master serves the LAN its addresses and names.
-        all.push("dnsmasq-base".into());
+        // dnsmasq: on a bare switch the master serves the LAN its addresses and names;
+        // nftables: and is its gateway (NAT and the uplink's firewall). systemd-resolved:
+        // every node resolves with the DNS servers its DHCP lease names (the master's, on a
+        // bare switch), and the master forwards the LAN's outside names to its uplink's.
+        all.extend(["dnsmasq-base", "nftables", "systemd-resolved"].map(String::from));
         if self.outputs.contains(&OutputFormat::Pxe) {
             // live-boot: the initrd fetches the squashfs over HTTP and boots it; dnsmasq and
             // iPXE's EFI binary: a master serves netboot to the room.

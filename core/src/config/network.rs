@@ -33,6 +33,18 @@ pub struct NetworkConfig {
     /// `auto` (serve when no DHCP server answers) or `never`.
     #[serde(default)]
     pub serve: ServePolicy,
+    /// The master's NIC to the outside, masqueraded for the LAN: `auto` (the NIC other than
+    /// the LAN's that holds the default route), a name, or `none`.
+    #[serde(default = "default_auto")]
+    pub uplink: String,
+    /// TCP ports the uplink admits from the outside. Unset: SSH (22), the portal (80) and
+    /// every web UI of the image's stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_admit: Option<Vec<u16>>,
+}
+
+fn default_auto() -> String {
+    "auto".into()
 }
 
 /// 10.83.0.0/24: private, and outside the ranges home routers, Docker (172.17/16) and
@@ -43,7 +55,12 @@ fn default_lan_cidr() -> String {
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkConfig { lan_cidr: default_lan_cidr(), serve: ServePolicy::Auto }
+        NetworkConfig {
+            lan_cidr: default_lan_cidr(),
+            serve: ServePolicy::Auto,
+            uplink: default_auto(),
+            uplink_admit: None,
+        }
     }
 }
 
@@ -123,6 +140,15 @@ impl NetworkConfig {
     /// networks (a node could not tell its neighbours from its pods).
     pub fn validate(&self, pod_cidr: &str, service_cidr: &str) -> Result<()> {
         let lan = self.lan()?;
+        if self.uplink.is_empty()
+            || self.uplink.len() > 15
+            || !self.uplink.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            bail!("[network] uplink {:?} must be auto, none or an interface name", self.uplink);
+        }
+        if self.uplink_admit.as_ref().is_some_and(|p| p.contains(&0)) {
+            bail!("[network] uplink-admit: port 0 is not a port");
+        }
         for (what, cidr) in [("pod-cidr", pod_cidr), ("service-cidr", service_cidr)] {
             if let Ok(other) = Ipv4Net::parse(cidr) {
                 if lan.overlaps(&other) {
