@@ -346,3 +346,20 @@ fn a_roster_that_would_run_a_kernel_as_root_or_share_a_uid_is_refused_before_any
     assert_error(&out, &["\"p1\"", "cpu-min 4 is above cpu-max 1"]);
     c.assert_nothing_left();
 }
+
+#[test]
+fn a_lan_that_could_take_public_addresses_or_clash_with_the_pods_is_refused_before_any_work() {
+    let c = Case::new();
+    for (name, network, says) in [
+        ("public.toml", "lan-cidr = \"8.8.8.0/24\"", &["[network]", "not a private network"][..]),
+        ("pods.toml", "lan-cidr = \"10.244.7.0/24\"", &["lan-cidr 10.244.7.0/24 overlaps [cluster] pod-cidr"][..]),
+        ("tiny.toml", "lan-cidr = \"10.83.0.0/30\"", &["/16 to /28"][..]),
+        ("hostbits.toml", "lan-cidr = \"10.83.0.1/24\"", &["host bits set", "10.83.0.0/24"][..]),
+        ("uplink.toml", "uplink = \"eth0; rm -rf /\"", &["[network] uplink", "auto, none or an interface name"][..]),
+    ] {
+        let spec = c.write(name, &format!("{K8S_SPEC}[network]\n{network}\n"));
+        let out = c.build(&spec, &[]);
+        assert_error(&out, says);
+        c.assert_nothing_left();
+    }
+}

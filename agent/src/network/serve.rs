@@ -42,6 +42,16 @@ pub struct ServedLan {
     pub netboot: Option<String>,
 }
 
+/// Why a new PC gets no address, when every address of the pool is pinned.
+pub fn pool_full(plan: &Plan, pinned: usize) -> Option<String> {
+    (pinned >= plan.capacity()).then(|| {
+        format!(
+            "the pool is full: all {} addresses are pinned, so a new PC gets none; choose a larger [network] lan-cidr",
+            plan.capacity()
+        )
+    })
+}
+
 /// The servers among `offers` other than this node.
 pub fn foreign(offers: &[dhcp::Offer], ours: std::net::Ipv4Addr) -> Vec<String> {
     let mut v: Vec<String> = offers.iter().filter(|o| o.server != ours).map(|o| o.server.to_string()).collect();
@@ -175,6 +185,16 @@ impl Task {
             if let Err(e) = self.pin(lan) {
                 error!("pinning leases: {e:#}");
             }
+            let pinned = self.pins.as_ref().map_or(0, |p| p.leases.len());
+            let full = pool_full(&lan.plan, pinned);
+            let base = format!(
+                "DHCP ({}-{}, pinned per MAC), DNS and time on {}",
+                lan.plan.first, lan.plan.last, lan.interface
+            );
+            self.status.message = match full {
+                Some(why) => format!("{base}; {why}"),
+                None => base,
+            };
         }
         self.publish();
     }
@@ -328,6 +348,13 @@ impl Task {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_pool_says_so() {
+        let plan = Plan::new(crate::config::network::Ipv4Net::parse("10.83.0.0/28").unwrap());
+        assert!(pool_full(&plan, 12).is_none());
+        assert!(pool_full(&plan, 13).unwrap().contains("all 13 addresses are pinned"));
+    }
 
     #[test]
     fn our_own_offers_are_not_another_server() {
