@@ -24,6 +24,8 @@ const CONFLICT_AFTER: Duration = Duration::from_secs(25);
 /// A worker on link-local asks its DHCP client to try again at most this often once the
 /// master serves (its own retries back off to a minute).
 const NUDGE_EVERY: Duration = Duration::from_secs(30);
+/// How long a multi-NIC PC waits before it settles its LAN on a NIC holding the default route.
+const UPLINK_SETTLE: Duration = Duration::from_secs(30);
 
 /// Taking the served LAN's address.
 #[derive(Debug, Default)]
@@ -32,6 +34,8 @@ pub struct Progress {
     since: Option<Instant>,
     /// When a worker last restarted its DHCP client.
     nudged: Option<Instant>,
+    /// When the LAN was first looked for.
+    first_look: Option<Instant>,
 }
 
 impl Cluster {
@@ -44,6 +48,17 @@ impl Cluster {
             // moment: keep what we had.
             return Ok(self.lan.is_some());
         };
+        // A PC with several NICs whose first address came with a default route may be a
+        // master's uplink that got its building lease before the LAN NIC had a carrier: give
+        // the others a moment before the LAN is settled on it.
+        if self.lan.is_none() && self.cfg.cluster.lan_interface == "auto" && self.inventory.nics.len() > 1 {
+            let first = *self.own_lan.first_look.get_or_insert_with(Instant::now);
+            let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+            let default = crate::network::uplink::default_route_interfaces(&routes);
+            if default.contains(&now.interface) && first.elapsed() < UPLINK_SETTLE {
+                return Ok(false);
+            }
+        }
         let addresses: Vec<String> = all_ipv4(&now.interface, now.address).iter().map(Ipv4Addr::to_string).collect();
         self.addresses.send_if_modified(|a| {
             let changed = *a != addresses;
@@ -68,6 +83,9 @@ impl Cluster {
     /// At start: a master that served its LAN takes its address again right away.
     pub(super) fn retake_served_lan(&mut self) -> Result<()> {
         let Some(served) = self.state.served_lan.clone() else { return Ok(()) };
+        if self.cfg.network.serve == ServePolicy::Never {
+            return Ok(());
+        }
         if !matches!(self.state.allegiance, super::election::Allegiance::Master { committed: true, .. }) {
             return Ok(());
         }
@@ -80,6 +98,17 @@ impl Cluster {
     /// serves the rest. Returns whether the address is this node's, ready to be pinned.
     pub(super) async fn own_lan(&mut self) -> Result<bool> {
         let lan = self.lan.clone().context("discovery runs before anyone leads")?;
+        // Until kubeadm pinned the address, a new lan-cidr (a conflict reported, the spec
+        // changed) replaces the one remembered.
+        let pinned = self.state.initialised || self.state.join_info.is_some();
+        if let Some(s) = &self.state.served_lan {
+            if !pinned && s.cidr != self.cfg.network.lan_cidr {
+                info!(from = %s.cidr, to = %self.cfg.network.lan_cidr, "lan-cidr changed before the cluster formed");
+                self.state.served_lan = None;
+                self.store.save(&self.state)?;
+                self.own_lan.since = None;
+            }
+        }
         let served = self.state.served_lan.clone();
         let plan = match &served {
             Some(s) => Plan::new(Ipv4Net::parse(&s.cidr)?),
@@ -92,7 +121,7 @@ impl Cluster {
         if served.is_none() && !lan.link_local() {
             return Ok(true); // leased from the LAN's own DHCP server
         }
-        if served.is_none() && (self.state.initialised || self.state.join_info.is_some()) {
+        if served.is_none() && pinned {
             // kubeadm pinned the address a DHCP server leased: serving another LAN now would
             // not bring it back.
             self.set_phase(
@@ -206,6 +235,13 @@ impl Cluster {
             mac: self.lan_mac(&served.interface).ok()?,
             plan,
             api_name: super::kubeadm::endpoint_host(&self.cfg.cluster),
+            members: super::net::fresh(&self.peers, super::PEER_TIMEOUT)
+                .iter()
+                .filter_map(|p| match p.from {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+                })
+                .collect(),
             netboot: (self.cfg.pxe.serve && crate::pxe::task::missing(&self.cfg.image).is_none())
                 .then(|| format!("http://{}:{}/pxe/boot.ipxe", plan.gateway, self.cfg.status_port)),
         })
@@ -243,7 +279,8 @@ impl Cluster {
             return Ok(());
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // systemd-networkd reads it as its own user.
+            crate::sys::fs::dir_with_mode(dir, 0o755)?;
         }
         crate::sys::fs::write_durable_mode(path, unit.as_bytes(), 0o644)?;
         info!(address = %plan.gateway, %interface, "taking the LAN's first address");

@@ -21,8 +21,9 @@ pub const PINS_FILE: &str = "lan-pins.json";
 /// dnsmasq's lease database on the state partition.
 pub const LEASES_FILE: &str = "lan.leases";
 /// The pins as dnsmasq reads them (`--dhcp-hostsfile`, re-read on SIGHUP after it dropped
-/// to `nobody`, so outside the root-only state directory; written again from the pins).
-pub const HOSTS_FILE: &str = "/run/labforge/lan-hosts";
+/// to `nobody`, so outside the root-only state directory, in a directory of its own with
+/// mode 0755; written again from the pins).
+pub const HOSTS_FILE: &str = "/run/labforge-lan/hosts";
 /// The master's LAN address, for systemd-networkd (runtime only: the agent writes it again
 /// at every boot from its state).
 pub const NETWORKD_FILE: &str = "/run/systemd/network/10-labforge-lan.network";
@@ -116,12 +117,14 @@ impl Pins {
         crate::sys::fs::write_durable_mode(&dir.join(PINS_FILE), &json, 0o644)
     }
 
-    /// Pins what dnsmasq leased, for MACs not pinned yet (an address pinned to another MAC
-    /// is never given twice: dnsmasq does not lease a `dhcp-host` address to anyone else).
-    /// Returns whether anything changed.
-    pub fn absorb(&mut self, plan: &Plan, leases: &[Lease]) -> bool {
+    /// Pins what dnsmasq leased to the room's nodes — MACs whose leased address sends
+    /// authentic beacons (`members`) — for MACs not pinned yet. Anyone else on the LAN (a
+    /// visitor's laptop) keeps an ordinary lease that expires, and can never fill the pool
+    /// for good. An address pinned to another MAC is never given twice: dnsmasq does not
+    /// lease a `dhcp-host` address to anyone else. Returns whether anything changed.
+    pub fn absorb(&mut self, plan: &Plan, leases: &[Lease], members: &[Ipv4Addr]) -> bool {
         let mut changed = false;
-        for l in leases {
+        for l in leases.iter().filter(|l| members.contains(&l.address)) {
             // Names go into dnsmasq's hosts file: only RFC 1123 names, nothing that could
             // add a field or a line.
             let name = if crate::cluster::discovery::beacon::is_hostname(&l.hostname) {
@@ -152,7 +155,8 @@ impl Pins {
         changed
     }
 
-    /// dnsmasq's `--dhcp-hostsfile`: `mac,address[,hostname]` per pin inside the plan.
+    /// dnsmasq's `--dhcp-hostsfile`: `mac,address[,hostname],infinite` per pin inside the
+    /// plan.
     pub fn hosts_file(&self, plan: &Plan) -> String {
         let mut out = String::from("# labforge: addresses pinned per MAC (from lan-pins.json)\n");
         for (mac, p) in &self.leases {
@@ -160,9 +164,9 @@ impl Pins {
                 continue;
             }
             if p.hostname.is_empty() {
-                out.push_str(&format!("{mac},{}\n", p.address));
+                out.push_str(&format!("{mac},{},infinite\n", p.address));
             } else {
-                out.push_str(&format!("{mac},{},{}\n", p.address, p.hostname));
+                out.push_str(&format!("{mac},{},{},infinite\n", p.address, p.hostname));
             }
         }
         out
@@ -213,15 +217,9 @@ impl Files {
 
 /// dnsmasq's argv for serving the LAN on `interface`: DHCP from the pool with the pins, DNS
 /// for the leased names and `api_name`, the master as router, DNS and NTP server.
-/// `upstream`: a resolv.conf naming the uplink's resolvers; `None`: names outside the LAN are
-/// not answered.
-pub fn dnsmasq_args(
-    interface: &str,
-    plan: &Plan,
-    api_name: &str,
-    files: &Files,
-    upstream: Option<&Path>,
-) -> Vec<String> {
+/// `upstream`: a resolv.conf naming the uplink's resolvers (dnsmasq waits for it while it is
+/// missing, and reads it again whenever it changes).
+pub fn dnsmasq_args(interface: &str, plan: &Plan, api_name: &str, files: &Files, upstream: &Path) -> Vec<String> {
     let gw = plan.gateway;
     let mut a: Vec<String> = [
         "--keep-in-foreground",
@@ -248,18 +246,15 @@ pub fn dnsmasq_args(
     .to_vec();
     a.push(format!("--interface={interface}"));
     a.push(format!("--listen-address={gw}"));
-    // Pinned for good: a node's address never changes while the room exists.
-    a.push(format!("--dhcp-range={},{},{},infinite", plan.first, plan.last, plan.net.netmask()));
+    // An hour for whoever asks; the room's nodes are pinned, for good, in the hosts file.
+    a.push(format!("--dhcp-range={},{},{},1h", plan.first, plan.last, plan.net.netmask()));
     a.push(format!("--dhcp-leasefile={}", files.leases.display()));
     a.push(format!("--dhcp-hostsfile={}", files.hosts.display()));
     a.push(format!("--dhcp-option=option:router,{gw}"));
     a.push(format!("--dhcp-option=option:dns-server,{gw}"));
     a.push(format!("--dhcp-option=option:ntp-server,{gw}"));
     a.push(format!("--host-record={api_name},{gw}"));
-    match upstream {
-        Some(p) => a.push(format!("--resolv-file={}", p.display())),
-        None => a.push("--no-resolv".into()),
-    }
+    a.push(format!("--resolv-file={}", upstream.display()));
     a
 }
 
@@ -322,17 +317,26 @@ mod tests {
     }
 
     #[test]
-    fn a_mac_keeps_its_first_address_for_good() {
+    fn a_node_keeps_its_first_address_for_good_and_a_visitor_is_never_pinned() {
         let p = plan("10.83.0.0/24");
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let members = [ip("10.83.0.5"), ip("10.83.0.6"), ip("10.83.0.9"), ip("10.83.0.1")];
         let mut pins = Pins::default();
         assert!(pins.absorb(
             &p,
-            &[lease("52:54:00:00:00:01", "10.83.0.5", "node-a"), lease("52:54:00:00:00:02", "10.83.0.6", "*")]
+            &[
+                lease("52:54:00:00:00:01", "10.83.0.5", "node-a"),
+                lease("52:54:00:00:00:02", "10.83.0.6", "*"),
+                // A laptop on the LAN: leased, sends no authentic beacon, never pinned.
+                lease("52:54:00:00:00:07", "10.83.0.7", "laptop")
+            ],
+            &members
         ));
-        assert!(!pins.absorb(&p, &[lease("52:54:00:00:00:01", "10.83.0.5", "node-a")]), "nothing new");
+        assert!(!pins.leases.contains_key("52:54:00:00:00:07"), "a visitor is not pinned");
+        assert!(!pins.absorb(&p, &[lease("52:54:00:00:00:01", "10.83.0.5", "node-a")], &members), "nothing new");
         // A later lease of another address to the same MAC (dnsmasq lost its file) changes
         // nothing: the pin wins, and dnsmasq hands out the pinned one from the hosts file.
-        assert!(!pins.absorb(&p, &[lease("52:54:00:00:00:01", "10.83.0.9", "node-a")]));
+        assert!(!pins.absorb(&p, &[lease("52:54:00:00:00:01", "10.83.0.9", "node-a")], &members));
         assert_eq!(pins.leases["52:54:00:00:00:01"].address.to_string(), "10.83.0.5");
         // Another MAC on a pinned address is not pinned; outside the LAN or the master's own
         // address neither.
@@ -342,11 +346,12 @@ mod tests {
                 lease("52:54:00:00:00:03", "10.83.0.5", "x"),
                 lease("52:54:00:00:00:04", "10.9.0.5", "y"),
                 lease("52:54:00:00:00:05", "10.83.0.1", "z")
-            ]
+            ],
+            &[ip("10.83.0.5"), ip("10.9.0.5"), ip("10.83.0.1")]
         ));
         assert_eq!(
             pins.hosts_file(&p),
-            "# labforge: addresses pinned per MAC (from lan-pins.json)\n52:54:00:00:00:01,10.83.0.5,node-a\n52:54:00:00:00:02,10.83.0.6\n"
+            "# labforge: addresses pinned per MAC (from lan-pins.json)\n52:54:00:00:00:01,10.83.0.5,node-a,infinite\n52:54:00:00:00:02,10.83.0.6,infinite\n"
         );
         let d = tempfile::tempdir().unwrap();
         pins.save(d.path()).unwrap();
@@ -378,24 +383,22 @@ mod tests {
     fn dnsmasq_serves_dhcp_dns_and_time_on_the_lan_only() {
         let p = plan("10.83.0.0/24");
         let files = Files::new(Path::new("/var/lib/labforge"));
-        let a = dnsmasq_args("enp1s0", &p, "lab-api", &files, None);
+        let a = dnsmasq_args("enp1s0", &p, "lab-api", &files, Path::new("/run/systemd/resolve/resolv.conf"));
         for want in [
             "--interface=enp1s0",
             "--listen-address=10.83.0.1",
             "--except-interface=lo",
-            "--dhcp-range=10.83.0.2,10.83.0.254,255.255.255.0,infinite",
-            "--dhcp-hostsfile=/run/labforge/lan-hosts",
+            "--dhcp-range=10.83.0.2,10.83.0.254,255.255.255.0,1h",
+            "--dhcp-hostsfile=/run/labforge-lan/hosts",
             "--dhcp-leasefile=/var/lib/labforge/lan.leases",
             "--dhcp-option=option:router,10.83.0.1",
             "--dhcp-option=option:ntp-server,10.83.0.1",
             "--host-record=lab-api,10.83.0.1",
             "--user=nobody",
-            "--no-resolv",
+            "--resolv-file=/run/systemd/resolve/resolv.conf",
         ] {
             assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
         }
-        let a = dnsmasq_args("enp1s0", &p, "lab-api", &files, Some(Path::new("/run/systemd/resolve/resolv.conf")));
-        assert!(a.contains(&"--resolv-file=/run/systemd/resolve/resolv.conf".to_string()));
         let unit = networkd_unit("enp1s0", &p);
         assert!(
             unit.contains("Name=enp1s0\n") && unit.contains("Address=10.83.0.1/24\nDuplicateAddressDetection=ipv4\n"),

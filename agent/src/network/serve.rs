@@ -40,6 +40,9 @@ pub struct ServedLan {
     /// Netboot's iPXE script URL when the master serves netboot (`[pxe] serve` and an image
     /// with the files): this dnsmasq answers PXE clients too.
     pub netboot: Option<String>,
+    /// Where the room's nodes are: the sources of authentic beacons heard lately. Only their
+    /// leases are pinned.
+    pub members: Vec<std::net::Ipv4Addr>,
 }
 
 /// Why a new PC gets no address, when every address of the pool is pinned.
@@ -156,6 +159,14 @@ impl Task {
                     }
                     self.status.other_dhcp_servers.clear();
                 }
+                // Never start serving a LAN that could not be checked for another server.
+                Err(e) if self.child.is_none() => {
+                    self.retry_at = Some(Instant::now() + RETRY);
+                    return self.fail(
+                        format!("could not check {} for another DHCP server ({e:#}); trying again", lan.interface),
+                        ServeState::Failed,
+                    );
+                }
                 Err(e) => warn!("probing for DHCP servers on {}: {e:#}", lan.interface),
             }
         }
@@ -205,7 +216,7 @@ impl Task {
         // The uplink's resolvers, when there is one; dnsmasq reads the file again whenever it
         // changes, and waits for it while it is missing.
         let upstream = Path::new(uplink::UPSTREAM_RESOLV);
-        let mut args = addressing::dnsmasq_args(&lan.interface, &lan.plan, &lan.api_name, &files, Some(upstream));
+        let mut args = addressing::dnsmasq_args(&lan.interface, &lan.plan, &lan.api_name, &files, upstream);
         if let Some(url) = &lan.netboot {
             args.extend(crate::pxe::boot_options(url, Path::new(crate::pxe::IPXE_DIR)));
         }
@@ -282,7 +293,7 @@ impl Task {
     fn write_hosts(&self, plan: &Plan, path: &Path) -> Result<()> {
         let pins = self.pins.as_ref().context("pins loaded")?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            crate::sys::fs::dir_with_mode(dir, 0o755)?;
         }
         // dnsmasq reads it as nobody.
         crate::sys::fs::write_durable_mode(path, pins.hosts_file(plan).as_bytes(), 0o644)
@@ -298,7 +309,7 @@ impl Task {
         };
         let leases = addressing::parse_leases(&text);
         let pins = self.pins.as_mut().context("pins loaded")?;
-        if pins.absorb(&lan.plan, &leases) {
+        if pins.absorb(&lan.plan, &leases, &lan.members) {
             pins.save(&self.state_dir)?;
             self.write_hosts(&lan.plan, &files.hosts)?;
             if let Some(c) = &self.child {
@@ -341,6 +352,9 @@ impl Task {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.status.state = ServeState::Stopped;
+            self.status.message = "not serving: this node no longer holds the LAN's first address as its master".into();
+            self.publish();
         }
     }
 }

@@ -41,9 +41,10 @@ pub fn choose(selector: &str, lan: &str, default_routes: &[String]) -> Option<St
 
 /// The ruleset for `nft -f`: replaces our table whole (creating it first so the delete never
 /// fails). Protocols by number (ICMP 1, ICMPv6 58, TCP 6): names would need `/etc/protocols`,
-/// which a minimal image lacks. Input from the uplink: replies, ICMP, the DHCP client, and the admitted TCP ports;
-/// nothing else. Forwarding: the LAN out through the uplink, masqueraded, and only replies
-/// back in.
+/// which a minimal image lacks. Input from the uplink: replies, ICMP, the DHCP clients, and
+/// the admitted TCP ports; nothing else. Forwarding: the LAN out through the uplink,
+/// masqueraded, and only replies back in (to the LAN and to the master's own pods), besides
+/// the admitted ports kube-proxy DNATed to a pod (a web UI's NodePort).
 pub fn ruleset(lan_interface: &str, lan: &Ipv4Net, uplink: &str, admit: &[u16]) -> String {
     let mut ports: Vec<u16> = admit.to_vec();
     ports.sort_unstable();
@@ -59,7 +60,7 @@ pub fn ruleset(lan_interface: &str, lan: &Ipv4Net, uplink: &str, admit: &[u16]) 
     let forwarded = if ports.is_empty() {
         String::new()
     } else {
-        format!("\t\tiifname \"{uplink}\" meta l4proto 6 ct original proto-dst {{ {list} }} accept\n")
+        format!("\t\tiifname \"{uplink}\" meta l4proto 6 ct status dnat ct original proto-dst {{ {list} }} accept\n")
     };
     format!(
         "table inet {TABLE} {{}}\n\
@@ -70,13 +71,14 @@ pub fn ruleset(lan_interface: &str, lan: &Ipv4Net, uplink: &str, admit: &[u16]) 
          \t\tiifname \"{uplink}\" ct state established,related accept\n\
          \t\tiifname \"{uplink}\" meta l4proto {{ 1, 58 }} accept\n\
          \t\tiifname \"{uplink}\" udp sport 67 udp dport 68 accept\n\
+         \t\tiifname \"{uplink}\" udp sport 547 udp dport 546 accept\n\
          {admitted}\
          \t\tiifname \"{uplink}\" drop\n\
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname \"{lan_interface}\" oifname \"{uplink}\" ip saddr {lan} accept\n\
-         \t\tiifname \"{uplink}\" oifname \"{lan_interface}\" ct state established,related accept\n\
+         \t\tiifname \"{uplink}\" ct state established,related accept\n\
          {forwarded}\
          \t\tiifname \"{uplink}\" drop\n\
          \t}}\n\
@@ -115,8 +117,12 @@ mod tests {
         assert!(r.contains("iifname \"enp0s3\" tcp dport { 22, 80, 443 } accept\n"), "{r}");
         assert!(r.contains("iifname \"enp0s3\" drop\n\t}"), "everything else from the uplink is dropped: {r}");
         assert!(r.contains("oifname \"enp0s3\" ip saddr 10.83.0.0/24 masquerade"), "{r}");
-        assert!(r.contains("iifname \"enp0s3\" oifname \"enp0s2\" ct state established,related accept"), "{r}");
-        assert!(r.contains("meta l4proto 6 ct original proto-dst { 22, 80, 443 } accept"), "NodePorts: {r}");
+        assert!(r.contains("chain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"enp0s2\" oifname \"enp0s3\" ip saddr 10.83.0.0/24 accept\n\t\tiifname \"enp0s3\" ct state established,related accept\n"), "replies to the master's own pods too: {r}");
+        assert!(r.contains("udp sport 547 udp dport 546 accept"), "DHCPv6 on the uplink: {r}");
+        assert!(
+            r.contains("meta l4proto 6 ct status dnat ct original proto-dst { 22, 80, 443 } accept"),
+            "NodePorts: {r}"
+        );
         let none = ruleset("enp0s2", &lan, "enp0s3", &[]);
         assert!(!none.contains("tcp dport") && !none.contains("proto-dst"), "{none}");
     }

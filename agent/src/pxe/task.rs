@@ -120,6 +120,7 @@ pub async fn run(
         if served {
             task.through_lan(&lan, &uid);
         } else {
+            task.through_lan = false;
             task.round(&lan, &uid);
         }
     }

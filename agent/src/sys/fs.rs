@@ -15,6 +15,15 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
     write_durable_mode(path, bytes, 0o644)
 }
 
+/// Creates directory `dir` (and its parents) if needed, and gives it exactly `mode`: under the
+/// unit's UMask=0077 it would be 0700, and a program that reads it as another user
+/// (systemd-networkd, dnsmasq after it dropped to `nobody`) could not.
+pub fn dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
 /// Replaces `path` with `bytes` durably, the new file created with `mode`.
 pub fn write_durable_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().context("a file path has a directory")?;

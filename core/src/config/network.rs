@@ -109,11 +109,6 @@ impl Ipv4Net {
     pub fn overlaps(&self, other: &Ipv4Net) -> bool {
         self.contains(other.network) || other.contains(self.network)
     }
-
-    /// Usable host addresses (network and broadcast excluded).
-    pub fn hosts(&self) -> u32 {
-        (!self.mask_bits()).saturating_sub(1)
-    }
 }
 
 impl std::fmt::Display for Ipv4Net {
@@ -167,10 +162,7 @@ mod tests {
     #[test]
     fn cidrs_parse_and_refuse() {
         let n = Ipv4Net::parse("10.83.0.0/24").unwrap();
-        assert_eq!(
-            (n.netmask(), n.broadcast(), n.hosts()),
-            ("255.255.255.0".parse().unwrap(), "10.83.0.255".parse().unwrap(), 254)
-        );
+        assert_eq!((n.netmask(), n.broadcast()), ("255.255.255.0".parse().unwrap(), "10.83.0.255".parse().unwrap()));
         assert!(n.contains("10.83.0.7".parse().unwrap()) && !n.contains("10.83.1.7".parse().unwrap()));
         assert!(n.overlaps(&Ipv4Net::parse("10.0.0.0/8").unwrap()));
         assert!(!n.overlaps(&Ipv4Net::parse("10.84.0.0/16").unwrap()));

@@ -143,7 +143,8 @@ const MAX_FIELD: usize = 255;
 /// Checks what an authentic beacon says before anything acts on it: a secret holder's broken
 /// or hostile agent must not put a name into `/etc/hosts` or a device into the `CephCluster`
 /// that is not one. The first address must be where the datagram came from (peers are reached
-/// there), the hostname an RFC 1123 name, Ceph devices `/dev/disk/by-id/` paths, and every list
+/// there; only a link-local source may be a later address the node lists, while it moves
+/// from link-local to its lease), the hostname an RFC 1123 name, Ceph devices `/dev/disk/by-id/` paths, and every list
 /// bounded. Returns what is wrong, in words.
 pub fn validate(b: &Beacon, from: IpAddr) -> Result<(), String> {
     let short = |s: &str| s.chars().take(64).collect::<String>();
@@ -172,9 +173,11 @@ pub fn validate(b: &Beacon, from: IpAddr) -> Result<(), String> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
-    // A node lists its addresses on the LAN, the one to reach it at first; while it moves
-    // from link-local to its lease it may send from either.
-    if !parsed.contains(&from) {
+    // A node lists its addresses on the LAN, the one to reach it at first, and sends from
+    // it; only while it moves from link-local to its lease may it send from its link-local
+    // address instead.
+    let from_ll = matches!(from, IpAddr::V4(v4) if v4.is_link_local());
+    if parsed[0] != from && !(from_ll && parsed.contains(&from)) {
         return Err(format!("claims address {} but was sent from {from}", parsed[0]));
     }
     if b.port == 0 {
@@ -312,6 +315,17 @@ mod tests {
             None => assert_eq!(got, Ok(())),
             Some(words) => assert!(got.as_ref().is_err_and(|e| e.contains(words)), "{got:?} should say {words:?}"),
         }
+    }
+
+    #[test]
+    fn only_a_link_local_source_may_be_a_later_address() {
+        let mut b = beacon("peer", 1, "n");
+        b.addresses = vec!["10.83.0.7".into(), "169.254.3.4".into()];
+        assert_eq!(validate(&b, "169.254.3.4".parse().unwrap()), Ok(()), "moving from link-local to its lease");
+        assert_eq!(validate(&b, "10.83.0.7".parse().unwrap()), Ok(()));
+        b.addresses = vec!["10.83.0.7".into(), "10.0.0.2".into()];
+        let got = validate(&b, "10.0.0.2".parse().unwrap());
+        assert!(got.is_err_and(|e| e.contains("claims address 10.83.0.7")), "a listed address is not enough");
     }
 
     #[test]
