@@ -34,6 +34,15 @@ pub struct Lan {
     pub dir: PathBuf,
 }
 
+/// Starts a server in the background, its output discarded (each keeps its own log).
+fn spawn(mut cmd: Command, what: &str) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("running ip (apt-get install iproute2)")?;
     if !out.status.success() {
@@ -67,36 +76,41 @@ impl Lan {
             dir: dir.to_path_buf(),
         };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         let host = if dhcp { format!("{SUBNET}.1") } else { BARE_HOST.to_string() };
-        ip(&["-n", &ns, "addr", "add", &format!("{host}/24"), "dev", "br0"])?;
-        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        lan.bridge("br0", &host)?;
         if !dhcp {
             return Ok(lan);
         }
-        let log = dir.join("dnsmasq.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0"])
+        let mut dnsmasq = lan.command("dnsmasq");
+        dnsmasq
+            .args(["--keep-in-foreground", "--conf-file=/dev/null", "--port=0"])
             .args(["--interface=br0", "--bind-interfaces", "--log-dhcp"])
             .arg(format!("--dhcp-range={SUBNET}.10,{SUBNET}.200,255.255.255.0,12h"))
             .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
-            .arg(format!("--log-facility={}", log.display()))
-            .arg("--pid-file")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
-        lan.dnsmasq = Some(child);
+            .arg(format!("--log-facility={}", dir.join("dnsmasq.log").display()))
+            .arg("--pid-file");
+        lan.dnsmasq = Some(spawn(dnsmasq, "dnsmasq (apt-get install dnsmasq-base)")?);
         Ok(lan)
+    }
+
+    /// Bridge `name` in the namespace, up, with the test's host on it at `host`/24.
+    fn bridge(&self, name: &str, host: &str) -> Result<()> {
+        ip(&["-n", &self.ns, "link", "add", name, "type", "bridge"])?;
+        ip(&["-n", &self.ns, "addr", "add", &format!("{host}/24"), "dev", name])?;
+        ip(&["-n", &self.ns, "link", "set", name, "up"])
     }
 
     /// A new tap on the bridge, for one VM.
     pub fn tap(&mut self) -> Result<String> {
         let name = format!("tap{}", self.taps);
         self.taps += 1;
+        self.tap_on(name, "br0")
+    }
+
+    /// Tap `name`, made and enslaved to `bridge`.
+    fn tap_on(&self, name: String, bridge: &str) -> Result<String> {
         ip(&["-n", &self.ns, "tuntap", "add", "dev", &name, "mode", "tap"])?;
-        ip(&["-n", &self.ns, "link", "set", &name, "master", "br0"])?;
+        ip(&["-n", &self.ns, "link", "set", &name, "master", bridge])?;
         ip(&["-n", &self.ns, "link", "set", &name, "up"])?;
         Ok(name)
     }
@@ -107,36 +121,23 @@ impl Lan {
     /// `/hello` ([`OUTSIDE_HELLO`]). The namespace does not forward between the segments:
     /// the LAN reaches it only through the master.
     pub fn outside(&mut self) -> Result<()> {
-        let ns = self.ns.clone();
-        ip(&["-n", &ns, "link", "add", "br1", "type", "bridge"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{OUTSIDE_HOST}/24"), "dev", "br1"])?;
-        ip(&["-n", &ns, "link", "set", "br1", "up"])?;
+        self.bridge("br1", OUTSIDE_HOST)?;
         let www = self.dir.join("outside-www");
         fs::create_dir_all(&www)?;
         fs::write(www.join("hello"), format!("{OUTSIDE_HELLO}\n"))?;
-        let dnsmasq = Command::new("ip")
-            .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"])
+        let mut dnsmasq = self.command("dnsmasq");
+        dnsmasq
+            .args(["--keep-in-foreground", "--conf-file=/dev/null"])
             .args(["--interface=br1", "--bind-interfaces", "--except-interface=lo", "--no-hosts", "--no-resolv"])
             .arg("--dhcp-range=192.168.200.50,192.168.200.99,255.255.255.0,12h")
             .arg(format!("--host-record=www.outside.test,{OUTSIDE_HOST}"))
             .arg(format!("--dhcp-leasefile={}", self.dir.join("outside.leases").display()))
             .arg(format!("--log-facility={}", self.dir.join("outside-dnsmasq.log").display()))
-            .arg("--pid-file")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq for the outside (apt-get install dnsmasq-base)")?;
-        self.outside.push(dnsmasq);
-        let httpd = Command::new("ip")
-            .args(["netns", "exec", &ns, "busybox", "httpd", "-f", "-p", &format!("{OUTSIDE_HOST}:8080"), "-h"])
-            .arg(&www)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting busybox httpd for the outside (apt-get install busybox-static)")?;
-        self.outside.push(httpd);
+            .arg("--pid-file");
+        self.outside.push(spawn(dnsmasq, "dnsmasq for the outside (apt-get install dnsmasq-base)")?);
+        let mut httpd = self.command("busybox");
+        httpd.args(["httpd", "-f", "-p", &format!("{OUTSIDE_HOST}:8080"), "-h"]).arg(&www);
+        self.outside.push(spawn(httpd, "busybox httpd for the outside (apt-get install busybox-static)")?);
         Ok(())
     }
 
@@ -144,10 +145,7 @@ impl Lan {
     pub fn outside_tap(&mut self) -> Result<String> {
         let name = format!("up{}", self.outside_taps);
         self.outside_taps += 1;
-        ip(&["-n", &self.ns, "tuntap", "add", "dev", &name, "mode", "tap"])?;
-        ip(&["-n", &self.ns, "link", "set", &name, "master", "br1"])?;
-        ip(&["-n", &self.ns, "link", "set", &name, "up"])?;
-        Ok(name)
+        self.tap_on(name, "br1")
     }
 
     /// Whether TCP `port` at `address` answers from inside the namespace: connected, refused

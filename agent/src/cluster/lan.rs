@@ -30,13 +30,7 @@ pub fn lan(selector: &str, uplink: &str, inventory: &Inventory) -> Option<Lan> {
         .iter()
         .filter(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/carrier")).is_ok_and(|c| c.trim() == "1"))
         .count();
-    let avoid = if uplink == "auto" && carrier > 1 {
-        crate::network::uplink::default_route_interfaces(
-            &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
-        )
-    } else {
-        Vec::new()
-    };
+    let avoid = if uplink == "auto" && carrier > 1 { crate::network::uplink::default_routes() } else { Vec::new() };
     names.into_iter().filter(|n| !avoid.iter().any(|a| a == n)).find_map(lan_on)
 }
 

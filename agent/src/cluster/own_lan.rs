@@ -53,9 +53,7 @@ impl Cluster {
         // the others a moment before the LAN is settled on it.
         if self.lan.is_none() && self.cfg.cluster.lan_interface == "auto" && self.inventory.nics.len() > 1 {
             let first = *self.own_lan.first_look.get_or_insert_with(Instant::now);
-            let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-            let default = crate::network::uplink::default_route_interfaces(&routes);
-            if default.contains(&now.interface) && first.elapsed() < UPLINK_SETTLE {
+            if crate::network::uplink::default_routes().contains(&now.interface) && first.elapsed() < UPLINK_SETTLE {
                 return Ok(false);
             }
         }

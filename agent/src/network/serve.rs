@@ -55,6 +55,16 @@ pub fn pool_full(plan: &Plan, pinned: usize) -> Option<String> {
     })
 }
 
+/// What a serving master says it serves, and why a new PC would get nothing, if so.
+fn serving_message(lan: &ServedLan, full: Option<String>) -> String {
+    let base =
+        format!("DHCP ({}-{}, pinned per MAC), DNS and time on {}", lan.plan.first, lan.plan.last, lan.interface);
+    match full {
+        Some(why) => format!("{base}; {why}"),
+        None => base,
+    }
+}
+
 /// The servers among `offers` other than this node.
 pub fn foreign(offers: &[dhcp::Offer], ours: std::net::Ipv4Addr) -> Vec<String> {
     let mut v: Vec<String> = offers.iter().filter(|o| o.server != ours).map(|o| o.server.to_string()).collect();
@@ -176,10 +186,7 @@ impl Task {
                     info!(lan = %lan.plan.net, gateway = %lan.plan.gateway, "serving the LAN: DHCP, DNS and time");
                     self.child = Some(child);
                     self.status.state = ServeState::Serving;
-                    self.status.message = format!(
-                        "DHCP ({}-{}, pinned per MAC), DNS and time on {}",
-                        lan.plan.first, lan.plan.last, lan.interface
-                    );
+                    self.status.message = serving_message(lan, None);
                 }
                 Err(e) => {
                     self.retry_at = Some(Instant::now() + RETRY);
@@ -197,15 +204,7 @@ impl Task {
                 error!("pinning leases: {e:#}");
             }
             let pinned = self.pins.as_ref().map_or(0, |p| p.leases.len());
-            let full = pool_full(&lan.plan, pinned);
-            let base = format!(
-                "DHCP ({}-{}, pinned per MAC), DNS and time on {}",
-                lan.plan.first, lan.plan.last, lan.interface
-            );
-            self.status.message = match full {
-                Some(why) => format!("{base}; {why}"),
-                None => base,
-            };
+            self.status.message = serving_message(lan, pool_full(&lan.plan, pinned));
         }
         self.publish();
     }
@@ -241,8 +240,7 @@ impl Task {
     /// Sets this master up as the LAN's gateway through its uplink, or takes that down when
     /// the uplink is gone.
     fn uplink(&mut self, lan: &ServedLan) {
-        let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-        let chosen = uplink::choose(&self.network.uplink, &lan.interface, &uplink::default_route_interfaces(&routes));
+        let chosen = uplink::choose(&self.network.uplink, &lan.interface, &uplink::default_routes());
         let admit = self.admitted();
         let address = chosen.as_ref().and_then(|i| crate::cluster::lan::lan_on(i)).map(|l| l.address.to_string());
         let key = (chosen.clone(), admit.clone());

@@ -13,6 +13,11 @@ pub const TABLE: &str = "labforge";
 /// LAN: the uplink's), for dnsmasq's `--resolv-file` (re-read whenever it changes).
 pub const UPSTREAM_RESOLV: &str = "/run/systemd/resolve/resolv.conf";
 
+/// Interfaces holding an IPv4 default route now.
+pub fn default_routes() -> Vec<String> {
+    default_route_interfaces(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+}
+
 /// Interfaces holding an IPv4 default route, from `/proc/net/route`.
 pub fn default_route_interfaces(proc_net_route: &str) -> Vec<String> {
     let mut out: Vec<String> = proc_net_route
