@@ -6,6 +6,7 @@ one JSON object; the Rust test asserts on it (and on what the API server then ho
     hub_client.py spawn PUBLIC_URL USER PASSWORD PROJECT
     hub_client.py whoami PUBLIC_URL TOKEN
     hub_client.py login PUBLIC_URL USER PASSWORD
+    hub_client.py token PUBLIC_URL USER PASSWORD
 """
 import json
 import sys
@@ -70,6 +71,12 @@ if command == "spawn":
             break
         time.sleep(2)
     print(json.dumps({"status": r.status_code, "text": r.text[:300]}))
+    sys.exit(0)
+
+if command == "token":
+    s, r = login(sys.argv[3], sys.argv[4])
+    status, tok = token(s, sys.argv[3])
+    print(json.dumps({"status": status, "token": tok}))
     sys.exit(0)
 
 if command == "whoami":

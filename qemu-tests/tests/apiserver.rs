@@ -11,6 +11,12 @@
 //!   run with the configuration the component renders) logs in roster users only, each with
 //!   their own password, and starts a user's server in their project's namespace, as their uid,
 //!   within its limits; a project the user is not a member of is refused.
+//! - Its kernels: Enterprise Gateway (from PyPI) behind the component's front, both run with
+//!   the configuration it renders, take who asks from the user's hub token and everything else
+//!   from the roster: a user sees the shared kernel and their own environments only, cannot
+//!   start a kernel in another's project or environment, and the kernel pod the gateway makes
+//!   is in their project, as their uid, within its limits, with their home, whatever the
+//!   request said.
 
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -383,10 +389,28 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     get_json("alice's second server pod", "-n lab-p1 get pod notebook-alice -o json")?;
     let log = hub_log();
     assert_eq!(log.matches("now belongs to alice").count(), 1, "the owner is set once:\n{log}");
+    // Her server talks to the gateway as her: its URL, her project, and her server's own hub
+    // token (the kubelet expands $(JUPYTERHUB_API_TOKEN), which must come before it).
+    let pod: Value = serde_json::from_str(&cp.kubectl_ok("-n lab-p1 get pod notebook-alice -o json", "")?)?;
+    let env: Vec<(String, String)> = pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), e["value"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let at = |name: &str| env.iter().position(|(n, _)| n == name);
+    let value = |name: &str| at(name).map(|i| env[i].1.clone());
+    assert_eq!(value("KERNEL_PROJECT").as_deref(), Some("p1"), "{env:?}");
+    assert_eq!(value("JUPYTER_GATEWAY_URL").as_deref(), Some("http://gateway.labforge-notebooks.svc:8888"));
+    assert_eq!(value("JUPYTER_GATEWAY_AUTH_TOKEN").as_deref(), Some("$(JUPYTERHUB_API_TOKEN)"));
+    assert!(at("JUPYTERHUB_API_TOKEN") < at("JUPYTER_GATEWAY_AUTH_TOKEN"), "{env:?}");
+
+    let alice_token = r["token"]["token"].as_str().expect("alice's token").to_string();
+    let bob_token = client(&["token", "bob", bob_pw])?["token"].as_str().expect("bob's token").to_string();
+    gateway_serves_the_roster(cp, c, facts, public, &alice_token, &bob_token)?;
 
     // A new image takes alice off the roster and bob off the admins: the hub, restarted with it
     // (same database, same cookie secret), refuses the token alice had and gives bob no admin.
-    let alice_token = r["token"]["token"].as_str().expect("alice's token").to_string();
     assert_eq!(client(&["whoami", &alice_token])?["status"], 200, "her token works before");
     drop(hub_proc);
     let mut roster: Value = serde_json::from_str(&std::fs::read_to_string(conf_dir.join("roster.json"))?)?;
@@ -398,5 +422,230 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     assert_eq!(client(&["whoami", &alice_token])?["status"], 403, "off the roster, her token is refused");
     let bob = client(&["login", "bob", bob_pw])?;
     assert_eq!((bob["name"].as_str(), bob["admin"].as_bool()), (Some("bob"), Some(false)), "{bob}");
+    Ok(())
+}
+
+/// Enterprise Gateway and its front as the component configures them, on loopback: the
+/// gateway's own service account (its Roles), the hub above for who a token belongs to.
+fn gateway_serves_the_roster(
+    cp: &ControlPlane,
+    c: &ResolvedComponent,
+    facts: &ClusterFacts,
+    hub_public: u16,
+    alice: &str,
+    bob: &str,
+) -> Result<()> {
+    let programs = qemu_tests::notebooks::gateway_programs()?;
+    let rendered = labforge_core::stack::render(c, facts)?;
+    let config = rendered
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "gateway-config")
+        .expect("the gateway's ConfigMap");
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("config");
+    std::fs::create_dir_all(dir.join("jupyter/kernels/python3"))?;
+    for (k, v) in config["data"].as_object().expect("data") {
+        let to = if k == "kernel.json" { dir.join("jupyter/kernels/python3/kernel.json") } else { dir.join(k) };
+        std::fs::write(to, v.as_str().expect("text"))?;
+    }
+    // A kernel never starts here (no kubelet): the gateway gives up on it after 20 s, not 300.
+    let mut settings: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json"))?)?;
+    settings["kernel_launch_timeout"] = json!(20);
+    std::fs::write(dir.join("settings.json"), settings.to_string())?;
+    let token_file = work.path().join("eg-token");
+    std::fs::write(&token_file, "gateway-token-for-this-test-only")?;
+    let sa = cp.kubectl_ok("-n labforge-notebooks create token gateway --duration=1h", "")?;
+    let kubeconfig = work.path().join("gateway.conf");
+    cp.write_kubeconfig(&kubeconfig, sa.trim())?;
+    let (eg_port, front_port, response_port) = (free_port()?, free_port()?, free_port()?);
+    let path = format!("{}:{}", programs.bin.display(), std::env::var("PATH").unwrap_or_default());
+    let common = |cmd: &mut Command| {
+        cmd.current_dir(work.path())
+            .env("HOME", work.path())
+            .env("PATH", &path)
+            .env("LAB_CONFIG_DIR", &dir)
+            .env("LAB_EG_TOKEN_FILE", &token_file)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+    };
+    let mut eg = Command::new(programs.bin.join("jupyter"));
+    qemu_tests::apiserver::logged(&mut eg, &work.path().join("eg.log"))?;
+    common(&mut eg);
+    eg.arg("enterprisegateway")
+        .arg(format!("--config={}", dir.join("enterprise_gateway_config.py").display()))
+        .env("JUPYTER_PATH", dir.join("jupyter"))
+        .env("LAB_EG_PORT", eg_port.to_string())
+        // Kernels call back on loopback (in a cluster: the gateway pod's address).
+        .env("EG_RESPONSE_IP", "127.0.0.1")
+        .env("EG_RESPONSE_PORT", response_port.to_string());
+    let _eg = Proc(eg.spawn()?);
+    let mut front = Command::new(programs.bin.join("python"));
+    qemu_tests::apiserver::logged(&mut front, &work.path().join("front.log"))?;
+    common(&mut front);
+    front
+        .arg(dir.join("lab_gateway.py"))
+        .env("LAB_EG_URL", format!("http://127.0.0.1:{eg_port}"))
+        .env("LAB_HUB_API_URL", format!("http://127.0.0.1:{hub_public}/hub/api"))
+        .env("LAB_FRONT_IP", "127.0.0.1")
+        .env("LAB_FRONT_PORT", front_port.to_string());
+    let _front = Proc(front.spawn()?);
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(work.path().join(f)).unwrap_or_default();
+        format!("gateway log:\n{}\nfront log:\n{}", read("eg.log"), read("front.log"))
+    };
+    let url = format!("http://127.0.0.1:{front_port}");
+    qemu_tests::poll("the gateway behind its front", Duration::from_secs(120), Duration::from_secs(1), || {
+        match ureq::get(&format!("{url}/api")).set("Authorization", &format!("token {alice}")).call() {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(format!("status {}", r.status())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    let client = |args: &[&str]| -> Result<Command> {
+        let mut cmd = Command::new(programs.bin.join("python"));
+        cmd.arg(qemu_tests::workspace_root().join("qemu-tests/notebooks/gateway_client.py"))
+            .arg(args[0])
+            .arg(&url)
+            .args(&args[1..]);
+        Ok(cmd)
+    };
+    let out = client(&["report", alice, bob])?.output()?;
+    assert!(out.status.success(), "gateway client: {}\n{}", String::from_utf8_lossy(&out.stderr), logs());
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    eprintln!("gateway client: {r}");
+    // Nobody without a roster user's hub token.
+    assert_eq!((r["no_token"]["status"].as_u64(), r["bad_token"]["status"].as_u64()), (Some(401), Some(401)), "{r}");
+    // Environments: each user's own; a name that is not one is refused.
+    assert_eq!(r["alice_env"]["body"], json!(["stats"]), "{r}\n{}", logs());
+    assert_eq!(r["bad_env_name"]["status"], 400, "{r}");
+    assert_eq!(r["bob_env"]["body"], json!(["bobs"]), "{r}");
+    assert_eq!(r["alice_envs"]["body"], json!(["stats"]), "{r}");
+    // The kernel list: the shared kernel and one's own environments, never another's.
+    assert_eq!(r["alice_specs"]["names"], json!(["env-stats", "python3"]), "{r}");
+    assert_eq!(r["bob_specs"]["names"], json!(["env-bobs", "python3"]), "{r}");
+    assert_eq!(r["alice_bobs_spec"]["status"], 404, "{r}");
+    // Not her project, not her environment: refused before the gateway sees anything.
+    assert_eq!(r["alice_p2"]["status"], 403, "{r}");
+    let msg = r["alice_p2"]["body"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("alice is not a member of project p2") && msg.contains("p1"), "{r}");
+    assert_eq!(r["alice_bobs_env"]["status"], 404, "{r}");
+    assert_eq!(r["alice_kernels"]["body"], json!([]), "{r}");
+    let stored = cp.kubectl_ok("-n labforge-notebooks get configmap lab-environments -o json", "")?;
+    let stored: Value = serde_json::from_str(&stored)?;
+    assert_eq!(stored["data"], json!({"alice": "[\"stats\"]", "bob": "[\"bobs\"]"}), "{stored}");
+
+    // Her kernel in her environment, with a request that asks for everything it may not have
+    // (bob's name, uid 0, p2's namespace, 8 CPUs, 64 GiB, another image, an hour to start): the
+    // pod the gateway makes has none of it.
+    let start = client(&["start", alice, "env-stats", "p1"])?.stdout(std::process::Stdio::piped()).spawn()?;
+    let pods =
+        qemu_tests::poll("alice's kernel pod in lab-p1", Duration::from_secs(90), Duration::from_secs(1), || {
+            let o = cp.kubectl("-n lab-p1 get pods -l component=kernel -o json", "").map_err(|e| format!("{e:#}"))?;
+            let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+            match v["items"].as_array() {
+                Some(items) if !items.is_empty() => Ok(v),
+                _ => Err("no kernel pod yet".to_string()),
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    let pod = &pods["items"][0];
+    assert_eq!(pods["items"].as_array().map(Vec::len), Some(1), "{pods}");
+    assert_eq!(pod["metadata"]["labels"]["labforge.io/user"], "alice", "{pod}");
+    let spec = &pod["spec"];
+    assert_eq!(
+        (spec["securityContext"]["runAsUser"].as_u64(), spec["securityContext"]["runAsGroup"].as_u64()),
+        (Some(2001), Some(2001)),
+        "{spec}"
+    );
+    assert!(spec["securityContext"].get("fsGroup").is_none(), "{spec}");
+    assert_eq!(spec["automountServiceAccountToken"], false, "{spec}");
+    let ctr = &spec["containers"][0];
+    assert_eq!(ctr["image"].as_str(), Some(c.images["kernel"].as_str()), "{ctr}");
+    assert_eq!(ctr["command"][0], "/home/jovyan/.lab-envs/stats/bin/python", "her environment's Python: {ctr}");
+    assert_eq!(ctr["command"][1], "/usr/local/bin/kernel-launchers/python/scripts/launch_ipykernel.py", "{ctr}");
+    let cpu = |v: &Value| labforge_core::lab::cpu(v.as_str().unwrap_or("")).unwrap_or(0);
+    let mem = |v: &Value| labforge_core::lab::memory(v.as_str().unwrap_or("")).unwrap_or(0);
+    let res = &ctr["resources"];
+    assert_eq!((cpu(&res["limits"]["cpu"]), mem(&res["limits"]["memory"])), (1000, 512 << 20), "p1's maximum: {res}");
+    assert_eq!(
+        (cpu(&res["requests"]["cpu"]), mem(&res["requests"]["memory"])),
+        (500, 256 << 20),
+        "p1's minimum: {res}"
+    );
+    let home = spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "home").expect("a home volume");
+    assert_eq!(home["persistentVolumeClaim"]["claimName"], "home-alice", "{spec}");
+    // The test plays the kubelet (there is none on loopback): the pod runs at 127.0.0.1, its
+    // command as its security context says, uid and gid 2001 (a user namespace maps them to
+    // the test's own user, which can read the fixture), the kernel image's Python standing in
+    // for her environment's.
+    let name = pod["metadata"]["name"].as_str().expect("pod name").to_string();
+    cp.kubectl_ok(
+        &format!("-n lab-p1 patch pod {name} --subresource=status --type=merge -p {{\"status\":{{\"phase\":\"Running\",\"podIP\":\"127.0.0.1\",\"hostIP\":\"127.0.0.1\"}}}}"),
+        "",
+    )?;
+    let args: Vec<String> =
+        ctr["command"].as_array().expect("command")[2..].iter().map(|a| a.as_str().unwrap_or("").to_string()).collect();
+    let home = work.path().join("home-alice");
+    std::fs::create_dir_all(&home)?;
+    let mut kernel = Command::new("unshare");
+    qemu_tests::apiserver::logged(&mut kernel, &work.path().join("kernel.log"))?;
+    kernel
+        .args(["--user", "--map-user=2001", "--map-group=2001", "--"])
+        .arg(&programs.kernel_python)
+        .arg(&programs.kernel_launcher)
+        .args(&args)
+        .current_dir(&home)
+        .env("HOME", &home);
+    let _kernel = Proc(kernel.spawn()?);
+    let out = start.wait_with_output()?;
+    let started: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(started["status"], 201, "the kernel started: {started}\n{}", logs());
+    let kernel_id = started["body"]["id"].as_str().expect("the kernel's id").to_string();
+    assert_eq!(Some(kernel_id.as_str()), pod["metadata"]["labels"]["kernel_id"].as_str());
+    let run = |token: &str, code: &str| -> Result<Value> {
+        let out = client(&["run", token, &kernel_id, code])?.output()?;
+        assert!(out.status.success(), "gateway client: {}\n{}", String::from_utf8_lossy(&out.stderr), logs());
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // Her code runs, as her uid and gid, over the kernel protocol through the front.
+    let ran = run(alice, "import os; print(os.getuid(), os.getgid())")?;
+    assert_eq!((ran["reply"].as_str(), ran["stdout"].as_str()), (Some("ok"), Some("2001 2001\n")), "{ran}\n{}", logs());
+    eprintln!("kernel start to first result on loopback: {:.1} s", ran["seconds"].as_f64().unwrap_or(0.0));
+    // Bob, with his own token, neither sees it, nor talks to it, nor stops it.
+    let call = |token: &str, method: &str, path: &str| -> Result<Value> {
+        let out = client(&["call", token, method, path])?.output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let kernel_path = format!("/api/kernels/{kernel_id}");
+    assert_eq!(call(alice, "GET", "/api/kernels")?["body"][0]["id"].as_str(), Some(kernel_id.as_str()));
+    assert_eq!(call(bob, "GET", "/api/kernels")?["body"], json!([]));
+    assert_eq!(call(bob, "GET", &kernel_path)?["status"], 404);
+    assert_eq!(run(bob, "print('in')")?["status"], 404, "bob's websocket to her kernel");
+    assert_eq!(call(bob, "DELETE", &kernel_path)?["status"], 404);
+    assert_eq!(call(alice, "GET", &kernel_path)?["status"], 200, "still running");
+    // She stops it: the gateway removes its pod.
+    assert_eq!(call(alice, "DELETE", &kernel_path)?["status"], 204, "{}", logs());
+    let gone = || {
+        qemu_tests::poll("the kernel pod removed", Duration::from_secs(60), Duration::from_secs(1), || {
+            let o = cp.kubectl("-n lab-p1 get pods -l component=kernel -o name", "").map_err(|e| format!("{e:#}"))?;
+            if o.stdout.is_empty() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stdout).into_owned())
+            }
+        })
+    };
+    gone()?;
+
+    // A kernel whose pod never runs: the gateway gives up after the front's launch timeout
+    // (20 s here), not the hour the request asked for, says so, and removes the pod.
+    let began = std::time::Instant::now();
+    let out = client(&["start", alice, "python3", "p1"])?.output()?;
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(began.elapsed() < Duration::from_secs(120), "gave up after the front's timeout: {answer}");
+    assert_eq!(answer["status"].as_u64().map(|s| s >= 500), Some(true), "{answer}\n{}", logs());
+    gone()?;
     Ok(())
 }

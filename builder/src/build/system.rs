@@ -47,11 +47,15 @@ pub fn configure(spec: &Spec, root: &Path) -> Result<()> {
     check_security(root)
 }
 
+/// The disk's fstab. The state partition may take its time to show: systemd's default 90 s
+/// for a device is less than a slow PC (or four emulated ones booting at once after a power
+/// cut) needs to enumerate its disks, and a missed device means emergency mode, with no agent
+/// and a locked root, on a PC nobody is watching.
 fn fstab() -> String {
     format!(
         "# Written by labforge.\n\
          LABEL={ROOT_LABEL} / ext4 defaults,errors=remount-ro 0 1\n\
-         LABEL={STATE_LABEL} /var/lib/labforge ext4 defaults,x-systemd.growfs,x-systemd.after=systemd-repart.service 0 2\n"
+         LABEL={STATE_LABEL} /var/lib/labforge ext4 defaults,x-systemd.growfs,x-systemd.after=systemd-repart.service,x-systemd.device-timeout=10min 0 2\n"
     )
 }
 
