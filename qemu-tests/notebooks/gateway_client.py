@@ -106,7 +106,8 @@ report = {
     "alice_bobs_spec": call("GET", "/api/kernelspecs/env-bobs", alice),
     "alice_p2": call("POST", "/api/kernels", alice, {"name": "python3", "env": {"KERNEL_PROJECT": "p2"}}),
     "alice_bobs_env": call("POST", "/api/kernels", alice, {"name": "env-bobs", "env": {"KERNEL_PROJECT": "p1"}}),
-    "alice_kernels": call("GET", "/api/kernels", alice),
+    "query_token": call("GET", "/api/kernelspecs?token=" + alice),
+    "not_an_object": call("POST", "/api/kernels", alice, ["python3"]),
 }
 for spec in ("alice_specs", "bob_specs"):
     body = report[spec]["body"] or {}

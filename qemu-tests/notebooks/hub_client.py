@@ -6,7 +6,7 @@ one JSON object; the Rust test asserts on it (and on what the API server then ho
     hub_client.py spawn PUBLIC_URL USER PASSWORD PROJECT
     hub_client.py whoami PUBLIC_URL TOKEN
     hub_client.py login PUBLIC_URL USER PASSWORD
-    hub_client.py token PUBLIC_URL USER PASSWORD
+    hub_client.py token PUBLIC_URL USER PASSWORD [SCOPE,...]
 """
 import json
 import sys
@@ -41,13 +41,16 @@ def whoami(s):
     return r.status_code, (r.json() if r.status_code == 200 else None)
 
 
-def token(s, name):
+def token(s, name, scopes=None):
     # A page after login gives the session's own _xsrf cookie, which a cookie-authenticated
     # POST needs.
     s.get(url + "/hub/token", timeout=30)
+    body = {"note": "test", "expires_in": 600}
+    if scopes:
+        body["scopes"] = scopes
     r = s.post(
         url + "/hub/api/users/%s/tokens" % name,
-        json={"note": "test", "expires_in": 600},
+        json=body,
         headers={"X-XSRFToken": xsrf(s)},
         timeout=30,
     )
@@ -75,7 +78,7 @@ if command == "spawn":
 
 if command == "token":
     s, r = login(sys.argv[3], sys.argv[4])
-    status, tok = token(s, sys.argv[3])
+    status, tok = token(s, sys.argv[3], sys.argv[5].split(",") if len(sys.argv) > 5 else None)
     print(json.dumps({"status": status, "token": tok}))
     sys.exit(0)
 

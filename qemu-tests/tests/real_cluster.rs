@@ -371,7 +371,9 @@ impl Room {
     fn new(built: &KubeImage) -> Result<Room> {
         let lock = qemu_tests::exclusive()?;
         let dir = qemu_tests::vm::scenario_dir("real_room")?;
-        let mut lan = Lan::new("realroom", &dir)?;
+        // A bare switch, as in the lab this project follows: no DHCP server; the master serves
+        // the LAN (the image's lan-cidr) and kubeadm gets the addresses it pins.
+        let mut lan = Lan::bare("realroom", &dir)?;
         let mut pcs = Vec::new();
         // kubeadm's preflight wants 2 CPUs and 1.7 GB for a control plane: the first PC, alone
         // when it elects itself, is the master. The worker gets one vCPU: two cores cannot
@@ -551,6 +553,11 @@ fn scenario(room: &mut Room) -> Result<()> {
     eprintln!("real room: power-on after an interrupted init to node Ready in {to_ready:.0?}");
     assert_eq!(ready.role, Role::Master);
     assert_eq!(ready.cluster_uid.as_deref(), Some(uid.as_str()), "one cluster uid, ever");
+    assert_eq!(
+        ready.lan_address.as_deref(),
+        Some(format!("{}.1", lan::SUBNET).as_str()),
+        "the master took the LAN's first address, and again after the cut"
+    );
     assert!(room.journal_count(0, "did not finish; resetting")? >= 1, "the interrupted init was reset");
     assert_eq!(room.journal_count(0, "running kubeadm.* init --config")?, 1, "kubeadm init ran once on this boot");
     // The control plane's probes are the ones a slow PC passes (kubeadm patches).
@@ -701,15 +708,18 @@ fn scenario(room: &mut Room) -> Result<()> {
     room.keep_journals("formed");
     room.check_health()?;
 
-    // --- whole_room_power_cut: every PC at once, then power back.
+    // --- whole_room_power_cut: every PC at once, then power back: every PC has the address it
+    // had (the master its own, the worker the one pinned to its MAC), which kubeadm pinned.
+    let before: Vec<String> = room.pcs.iter().map(|p| p.addr.clone()).collect();
     room.power_cut(0)?;
     room.power_cut(1)?;
     let back_on = Instant::now();
     room.power_on(0)?;
     room.power_on(1)?;
-    for i in 0..2 {
+    for (i, had) in before.iter().enumerate() {
         let s = room.wait_ready(i, "phase ready after the whole-room power cut")?;
         assert_eq!(s.cluster_uid.as_deref(), Some(uid.as_str()), "same cluster after the power cut");
+        assert_eq!(&room.pcs[i].addr, had, "node{i} has its address again");
     }
     room.remote
         .wait_api_at(&room.pcs[0].addr, "both nodes Ready after the power cut", SETTLE, |s| nodes_ready(s, 2))?;
