@@ -204,7 +204,7 @@ impl Lab {
         for u in &self.users {
             let at = format!("[[lab.users]] {:?}", u.name);
             if !user_name(&u.name) {
-                bail!("{at}: a user name starts with a lowercase letter, then lowercase letters, digits and '-'; at most 32");
+                bail!("{at}: a user name starts with a lowercase letter, then lowercase letters, digits and single '-'s, not at the end; at most 32");
             }
             if !seen_names.insert(u.name.as_str()) {
                 bail!("{at} is listed twice");
@@ -263,10 +263,13 @@ fn project_name(s: &str) -> bool {
     s.len() <= 40 && crate::stack::valid_dns_label(s)
 }
 
+/// A user name the hub's KubeSpawner uses as it is in object names (`notebook-<name>`,
+/// `home-<name>`), as the gateway's front and launcher do: it would hash a name with "--".
 fn user_name(s: &str) -> bool {
     s.len() <= 32
         && s.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
         && !s.ends_with('-')
+        && !s.contains("--")
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
@@ -433,6 +436,8 @@ mod tests {
         assert!(e.contains("in no project"), "{e}");
         let e = refused(|l| l.users[0].name = "Alice".into());
         assert!(e.contains("lowercase"), "{e}");
+        let e = refused(|l| l.users[0].name = "ann--marie".into());
+        assert!(e.contains("single '-'s"), "{e}");
         let e = refused(|l| l.projects[1].name = "p1".into());
         assert!(e.contains("listed twice"), "{e}");
         let e = refused(|l| l.projects[0].name = "a_b".into());
