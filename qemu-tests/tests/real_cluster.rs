@@ -519,7 +519,10 @@ fn scenario(room: &mut Room) -> Result<()> {
     room.power_on(0)?;
     let s = room
         .vm(0)
-        .wait_status("the master initialising", UP, |s| s.phase == Phase::Initialising && s.lan_address.is_some())?;
+        // (On the bare switch it first reports its link-local address, then the LAN's.)
+        .wait_status("the master initialising on the LAN", UP, |s| {
+            s.phase == Phase::Initialising && s.lan_address.as_deref().is_some_and(|a| a.starts_with(lan::SUBNET))
+        })?;
     let uid = s.cluster_uid.clone().context("a master has a cluster uid")?;
     room.pcs[0].addr = s.lan_address.clone().context("a master has a LAN address")?;
     // The status says which phase kubeadm init is in while it runs.
