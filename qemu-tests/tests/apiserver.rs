@@ -58,6 +58,14 @@ admin = true
 
 const BUILT_IN: [&str; 5] = ["storage", "monitoring", "rook-ceph", "projects", "notebooks"];
 
+/// The ConfigMap `namespace/name` among a component's rendered objects.
+fn configmap<'a>(objects: &'a [Value], namespace: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("ConfigMap {namespace}/{name} in the rendered component"))
+}
+
 /// A List of `items` as kubectl reads it.
 fn list(items: &[&Value]) -> String {
     json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
@@ -219,11 +227,7 @@ impl Drop for Proc {
 fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponent, facts: &ClusterFacts) -> Result<()> {
     let programs = qemu_tests::notebooks::hub_programs()?;
     let rendered = labforge_core::stack::render(c, facts)?;
-    let config = rendered
-        .objects
-        .iter()
-        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "hub-config")
-        .expect("the hub's ConfigMap");
+    let config = configmap(&rendered.objects, "labforge-notebooks", "hub-config");
     let work = tempfile::tempdir()?;
     let conf_dir = work.path().join("config");
     let pw_dir = work.path().join("passwords");
@@ -417,7 +421,7 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     // visits: the gateway's front must not take it.
     let visitor = client(&["token", "alice", alice_pw, "read:users:name!user,access:servers!user"])?;
     let visitor = visitor["token"].as_str().expect("a token with fewer scopes").to_string();
-    gateway_serves_the_roster(cp, c, facts, public, &alice_token, &bob_token, &visitor)?;
+    gateway_serves_the_roster(cp, c, &rendered.objects, public, &alice_token, &bob_token, &visitor)?;
 
     // A new image takes alice off the roster and bob off the admins: the hub, restarted with it
     // (same database, same cookie secret), refuses the token alice had and gives bob no admin.
@@ -440,19 +444,14 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
 fn gateway_serves_the_roster(
     cp: &ControlPlane,
     c: &ResolvedComponent,
-    facts: &ClusterFacts,
+    rendered: &[Value],
     hub_public: u16,
     alice: &str,
     bob: &str,
     visitor: &str,
 ) -> Result<()> {
     let programs = qemu_tests::notebooks::gateway_programs()?;
-    let rendered = labforge_core::stack::render(c, facts)?;
-    let config = rendered
-        .objects
-        .iter()
-        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "gateway-config")
-        .expect("the gateway's ConfigMap");
+    let config = configmap(rendered, "labforge-notebooks", "gateway-config");
     let work = tempfile::tempdir()?;
     let dir = work.path().join("config");
     std::fs::create_dir_all(dir.join("jupyter/kernels/python3"))?;
@@ -526,13 +525,7 @@ fn gateway_serves_the_roster(
     // and her server's hub token in the environment), with the Python her image has.
     let alice_home = work.path().join("home-alice");
     std::fs::create_dir_all(&alice_home)?;
-    let tools = rendered
-        .objects
-        .iter()
-        .find(|o| {
-            o["kind"] == "ConfigMap" && o["metadata"]["name"] == "lab-tools" && o["metadata"]["namespace"] == "lab-p1"
-        })
-        .expect("lab-env's ConfigMap in p1's namespace");
+    let tools = configmap(rendered, "lab-p1", "lab-tools");
     let script = work.path().join("lab-env");
     std::fs::write(&script, tools["data"]["lab-env"].as_str().expect("lab-env"))?;
     // As the server mounts it (mode 0555), run as a command: its #! line must come first.
