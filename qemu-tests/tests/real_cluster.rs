@@ -371,9 +371,9 @@ impl Room {
     fn new(built: &KubeImage) -> Result<Room> {
         let lock = qemu_tests::exclusive()?;
         let dir = qemu_tests::vm::scenario_dir("real_room")?;
-        // The test's DHCP server on the LAN. (On a bare switch with no uplink, CoreDNS has no
-        // upstream resolver on the master and crash-loops: see the README's known gaps.)
-        let mut lan = Lan::new("realroom", &dir)?;
+        // A bare switch: no DHCP server, no uplink. The master serves the LAN (DHCP, DNS,
+        // time) and is CoreDNS's only resolver.
+        let mut lan = Lan::bare("realroom", &dir)?;
         let mut pcs = Vec::new();
         // kubeadm's preflight wants 2 CPUs and 1.7 GB for a control plane: the first PC, alone
         // when it elects itself, is the master. The worker gets one vCPU: two cores cannot

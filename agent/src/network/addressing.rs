@@ -260,12 +260,16 @@ pub fn dnsmasq_args(interface: &str, plan: &Plan, api_name: &str, files: &Files,
 
 /// The systemd-networkd unit that gives the master its LAN address on `interface`, probed
 /// by ARP first (`DuplicateAddressDetection=ipv4`): a host already using it keeps it, and
-/// the master reports the conflict instead of taking it.
+/// the master reports the conflict instead of taking it. The master names itself as the
+/// link's DNS server: its own resolver (and the kubelet's resolv.conf, which CoreDNS forwards
+/// to) then has the LAN's names and, through dnsmasq, the uplink's resolvers; with no uplink
+/// it still names a server, so CoreDNS starts. dnsmasq follows resolved's file but ignores a
+/// server that is one of its own addresses ("local interface"), so it never forwards to itself.
 pub fn networkd_unit(interface: &str, plan: &Plan) -> String {
     format!(
         "# labforge: this node is the master of a room with no DHCP server; it serves {net}.\n\
          [Match]\nName={interface}\n\n\
-         [Network]\nDHCP=no\nLinkLocalAddressing=ipv6\nConfigureWithoutCarrier=yes\n\n\
+         [Network]\nDHCP=no\nLinkLocalAddressing=ipv6\nConfigureWithoutCarrier=yes\nDNS={gw}\n\n\
          [Address]\nAddress={gw}/{prefix}\nDuplicateAddressDetection=ipv4\n",
         net = plan.net,
         gw = plan.gateway,
@@ -405,5 +409,6 @@ mod tests {
             "{unit}"
         );
         assert!(unit.contains("DHCP=no\n"), "the master does not ask itself for a lease");
+        assert!(unit.contains("\nDNS=10.83.0.1\n"), "the master resolves through its own dnsmasq: {unit}");
     }
 }
