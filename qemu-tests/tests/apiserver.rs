@@ -52,7 +52,7 @@ projects = ["p1"]
 [[users]]
 name = "bob"
 uid = 2002
-projects = ["p2"]
+projects = ["p2", "p1"]
 admin = true
 "#;
 
@@ -123,7 +123,9 @@ fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Resul
         let rendered = labforge_core::stack::render(c, &facts)?;
         // The hub's account and its Roles for real too: the hub below runs with that account's
         // token, so a verb its Roles lack fails the test.
-        let hub_rbac = ["ServiceAccount", "Role", "RoleBinding"];
+        // The homes' volumes and claims for real as well: the API server's volume controller
+        // binds them, and the hub's pods mount them.
+        let hub_rbac = ["ServiceAccount", "Role", "RoleBinding", "PersistentVolume", "PersistentVolumeClaim"];
         let real_kinds = |o: &&Value| {
             o["kind"] == "Namespace"
                 || o["kind"] == "CustomResourceDefinition"
@@ -208,7 +210,140 @@ fn the_api_server_accepts_the_stack_and_enforces_each_projects_limits() -> Resul
     cp.kubectl_ok("-n lab-p1 delete pod --all", "")?;
 
     let notebooks = components.iter().find(|c| c.name == "notebooks").expect("in the stack");
+    homes_are_the_rosters(&cp, notebooks, &facts)?;
     hub_serves_the_roster_in_its_projects(&cp, notebooks, &facts)
+}
+
+/// The PersistentVolumes among `objects` whose label `labforge.io/home-of` is `user`.
+fn home_volumes<'a>(objects: &'a [Value], user: &str) -> Vec<&'a Value> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == "PersistentVolume" && o["metadata"]["labels"]["labforge.io/home-of"] == user)
+        .collect()
+}
+
+/// One home per user, whatever project they work in: the claims the stack made (applied for
+/// real above) are bound by the API server's volume controller, each of bob's projects has
+/// one, all onto the same directory; on the shared filesystem (this stack runs rook-ceph) and
+/// on the master's disk (rendered without it, accepted by a dry run). The Job that makes the
+/// homes runs its script as the kubelet would run it, with nothing but CHOWN: each home made
+/// once, 0700, its user's, and never touched again.
+fn homes_are_the_rosters(cp: &ControlPlane, c: &ResolvedComponent, facts: &ClusterFacts) -> Result<()> {
+    let claims =
+        [("lab-p1", "home-alice"), ("lab-p2", "home-bob"), ("lab-p1", "home-bob"), ("labforge-notebooks", "homes")];
+    for (ns, claim) in claims {
+        qemu_tests::poll(
+            &format!("claim {ns}/{claim} bound"),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || {
+                let o = cp
+                    .kubectl(&format!("-n {ns} get pvc {claim} -o jsonpath={{.status.phase}}"), "")
+                    .map_err(|e| format!("{e:#}"))?;
+                match String::from_utf8_lossy(&o.stdout).trim() {
+                    "Bound" => Ok(()),
+                    other => Err(format!("{other:?} {}", String::from_utf8_lossy(&o.stderr))),
+                }
+            },
+        )?;
+    }
+    assert!(cp.kubectl_refused("-n lab-p2 get pvc home-alice", "")?.contains("NotFound"), "alice is not in p2");
+    let bobs: Value = serde_json::from_str(&cp.kubectl_ok("get pv -l labforge.io/home-of=bob -o json", "")?)?;
+    let bobs = bobs["items"].as_array().expect("items");
+    assert_eq!(bobs.len(), 2, "one volume per project of his: {bobs:?}");
+    let mut bound: Vec<String> =
+        bobs.iter().map(|v| v["spec"]["claimRef"]["namespace"].as_str().unwrap_or("").to_string()).collect();
+    bound.sort();
+    assert_eq!(bound, ["lab-p1", "lab-p2"]);
+    for v in bobs {
+        let csi = &v["spec"]["csi"];
+        assert_eq!(v["status"]["phase"], "Bound", "{v}");
+        assert_eq!(v["spec"]["persistentVolumeReclaimPolicy"], "Retain", "a deleted claim never deletes a home: {v}");
+        assert_eq!(csi["driver"], "rook-ceph.cephfs.csi.ceph.com", "{v}");
+        assert_eq!(csi["volumeAttributes"]["rootPath"], "/labforge-homes/bob", "the same home: {v}");
+        assert_eq!(csi["volumeAttributes"]["staticVolume"], "true", "{v}");
+    }
+    assert_ne!(
+        bobs[0]["spec"]["csi"]["volumeHandle"], bobs[1]["spec"]["csi"]["volumeHandle"],
+        "each volume its own handle"
+    );
+
+    // Without a shared filesystem: the master's disk, where the volumes' node affinity puts
+    // every server and kernel.
+    let mut local_facts = facts.clone();
+    local_facts.components.retain(|n| n != "rook-ceph");
+    let local = labforge_core::stack::render(c, &local_facts)?.objects;
+    // Under other names: the shared form's objects hold these, and a claim's volume cannot
+    // change.
+    let storage: Vec<Value> = local
+        .iter()
+        .filter(|o| o["kind"] == "PersistentVolume" || o["kind"] == "PersistentVolumeClaim")
+        .map(|o| {
+            let mut o = o.clone();
+            let renamed = |v: &Value| json!(format!("{}-local", v.as_str().unwrap_or("")));
+            o["metadata"]["name"] = renamed(&o["metadata"]["name"]);
+            if o["kind"] == "PersistentVolume" {
+                o["spec"]["claimRef"]["name"] = renamed(&o["spec"]["claimRef"]["name"]);
+            } else {
+                o["spec"]["volumeName"] = renamed(&o["spec"]["volumeName"]);
+            }
+            o
+        })
+        .collect();
+    let out = no_warnings(cp.kubectl_ok(DRY_RUN, &list(&storage.iter().collect::<Vec<_>>()))?)?;
+    assert_eq!(out.lines().filter(|l| l.ends_with("(server dry run)")).count(), storage.len(), "{out}");
+    let bobs = home_volumes(&local, "bob");
+    assert_eq!(bobs.len(), 2);
+    for v in &bobs {
+        assert_eq!(v["spec"]["hostPath"], json!({"path": "/var/lib/labforge/homes/bob", "type": "Directory"}), "{v}");
+        let term = &v["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+        assert_eq!(term, &json!({"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}), "{v}");
+    }
+
+    // The Job, as the kubelet would run it: root with CHOWN alone (setpriv's bounding set),
+    // the homes' root mounted where it says.
+    let job = local.iter().find(|o| o["kind"] == "Job").expect("the Job that makes the homes");
+    assert!(job["metadata"]["name"].as_str().unwrap_or("").starts_with("make-homes-"), "{job}");
+    let ctr = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(ctr["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["CHOWN"]}), "{ctr}");
+    assert_eq!(ctr["securityContext"]["allowPrivilegeEscalation"], false, "{ctr}");
+    assert_eq!(ctr["env"][0], json!({"name": "HOMES", "value": "/mnt/homes"}), "{ctr}");
+    let shared = labforge_core::stack::render(c, facts)?.objects;
+    let shared_job = shared.iter().find(|o| o["kind"] == "Job").expect("the Job");
+    assert_eq!(
+        shared_job["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"], "/mnt/homes/labforge-homes",
+        "on CephFS, under /labforge-homes"
+    );
+    let script = ctr["command"][2].as_str().expect("script");
+    let root = tempfile::tempdir()?;
+    let homes = root.path().join("homes");
+    let run = || -> Result<String> {
+        let out = Command::new("setpriv")
+            .args(["--bounding-set=-all,+chown", "--", "sh", "-c", script])
+            .env("HOMES", &homes)
+            .output()?;
+        assert!(out.status.success(), "the Job's script: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let out = run()?;
+    assert!(out.contains("2 new homes"), "{out}");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = |u: &str| std::fs::metadata(homes.join(u)).map(|m| (m.uid(), m.gid(), m.mode() & 0o7777));
+    assert_eq!(meta("alice")?, (2001, 2001, 0o700));
+    assert_eq!(meta("bob")?, (2002, 2002, 0o700));
+    // Never touched again: alice's own choice of mode stays, and so do her files; a make cut
+    // short (an empty `.new-bob`, no bob) is finished.
+    std::fs::set_permissions(homes.join("alice"), std::fs::Permissions::from_mode(0o750))?;
+    std::fs::write(homes.join("alice/notes.txt"), "mine")?;
+    std::fs::remove_dir(homes.join("bob"))?;
+    std::fs::create_dir(homes.join(".new-bob"))?;
+    let out = run()?;
+    assert!(out.contains("made the home of bob (2002:2002)") && out.contains("1 new homes"), "{out}");
+    assert_eq!(meta("alice")?, (2001, 2001, 0o750));
+    assert_eq!(std::fs::read_to_string(homes.join("alice/notes.txt"))?, "mine");
+    assert_eq!(meta("bob")?, (2002, 2002, 0o700));
+    assert!(!homes.join(".new-bob").exists());
+    Ok(())
 }
 
 /// A process killed when dropped.
@@ -333,8 +468,8 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
         "alice's token cannot start bob's server: {r}"
     );
 
-    // Her first server: the home gets its owner first, once. The test plays the kubelet for that
-    // pod (there is none on loopback): it checks what the pod would do, then reports it done.
+    // Her server: straight to its pod (her home is made and hers before anyone starts: see
+    // `homes_are_the_rosters`).
     let spawn = client(&["spawn", "alice", alice_pw, "p1"])?;
     assert!(spawn["status"] == 201 || spawn["status"] == 202, "{spawn}\nhub log:\n{}", hub_log());
     let get_json = |what: &str, args: &str| -> Result<Value> {
@@ -346,17 +481,6 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
             serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
         })
     };
-    let owner = get_json("the pod that sets alice's home's owner", "-n lab-p1 get pod home-owner-alice -o json")?;
-    let octr = &owner["spec"]["containers"][0];
-    assert_eq!(octr["securityContext"]["runAsUser"], 0, "{octr}");
-    assert_eq!(octr["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}), "{octr}");
-    assert_eq!(octr["env"][0], json!({"name": "OWNER", "value": "2001:2001"}), "{octr}");
-    assert!(octr["command"][2].as_str().unwrap_or("").contains("chmod 0700 /mnt/home"), "{octr}");
-    assert_eq!(owner["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], "home-alice", "{owner}");
-    cp.kubectl_ok(
-        "-n lab-p1 patch pod home-owner-alice --subresource=status --type=merge -p {\"status\":{\"phase\":\"Succeeded\"}}",
-        "",
-    )?;
     // Her server's pod: in p1's namespace, as her uid, within p1's limits, her home mounted.
     let pod = get_json("alice's server pod in lab-p1", "-n lab-p1 get pod notebook-alice -o json")?;
     let spec = &pod["spec"];
@@ -381,27 +505,30 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     assert_eq!(ctr["image"].as_str(), Some(c.images["singleuser"].as_str()), "{ctr}");
     let home = spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "home").expect("a home volume");
     assert_eq!(home["persistentVolumeClaim"]["claimName"], "home-alice", "{spec}");
-    let claim = cp.kubectl_ok("-n lab-p1 get persistentvolumeclaim home-alice -o json", "")?;
-    let claim: Value = serde_json::from_str(&claim)?;
-    assert_eq!(claim["metadata"]["annotations"]["labforge.io/home-owner"], "2001:2001", "{claim}");
-    assert!(cp.kubectl_refused("-n lab-p1 get pod home-owner-alice", "")?.contains("NotFound"), "removed once done");
-
-    // Her server never runs here (no kubelet): the hub gives up after its start timeout and
-    // removes the pod. The next start finds the home's owner set and goes straight to the server.
-    qemu_tests::poll("the hub to give up on the first start", Duration::from_secs(90), Duration::from_secs(1), || {
-        match cp.kubectl("-n lab-p1 get pod notebook-alice -o name", "") {
-            Ok(o) if !o.status.success() => Ok(()),
-            _ => Err("notebook-alice still there".to_string()),
-        }
-    })?;
-    let spawn = client(&["spawn", "alice", alice_pw, "p1"])?;
+    // bob works in p2 and p1: his server in p1 mounts the claim the stack made him there, on
+    // the same home as his claim in p2.
+    let spawn = client(&["spawn", "bob", bob_pw, "p1"])?;
     assert!(spawn["status"] == 201 || spawn["status"] == 202, "{spawn}\nhub log:\n{}", hub_log());
-    get_json("alice's second server pod", "-n lab-p1 get pod notebook-alice -o json")?;
+    let bob_pod = get_json("bob's server pod in lab-p1", "-n lab-p1 get pod notebook-bob -o json")?;
+    let home = bob_pod["spec"]["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "home");
+    assert_eq!(home.map(|h| h["persistentVolumeClaim"]["claimName"].clone()), Some(json!("home-bob")), "{bob_pod}");
+    // Their servers never run here (no kubelet): the hub gives up after its start timeout and
+    // removes the pods, which frees p1's quota for alice's kernel below. It never touched a
+    // claim (it has no right to: a refusal would be in its log).
+    qemu_tests::poll(
+        "the hub to give up on both servers",
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+        || match cp.kubectl("-n lab-p1 get pod -o name", "") {
+            Ok(o) if o.status.success() && o.stdout.is_empty() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    )?;
     let log = hub_log();
-    assert_eq!(log.matches("now belongs to alice").count(), 1, "the owner is set once:\n{log}");
+    assert!(!log.contains("persistentvolumeclaims"), "the hub touches no claim:\n{log}");
     // Her server talks to the gateway as her: its URL, her project, and her server's own hub
     // token (the kubelet expands $(JUPYTERHUB_API_TOKEN), which must come before it).
-    let pod: Value = serde_json::from_str(&cp.kubectl_ok("-n lab-p1 get pod notebook-alice -o json", "")?)?;
     let env: Vec<(String, String)> = pod["spec"]["containers"][0]["env"]
         .as_array()
         .into_iter()
