@@ -52,8 +52,16 @@ pub enum Command {
         addr: String,
         /// Instead: broadcast one DHCPDISCOVER on this interface and print every offer that
         /// answers within 3 s as JSON (needs root). Sends nothing else; leases nothing.
-        #[arg(long, value_name = "INTERFACE")]
+        #[arg(long, value_name = "INTERFACE", conflicts_with = "unpin")]
         probe: Option<String>,
+        /// Instead, on the master serving a bare switch: give back the address pinned to this
+        /// MAC, for a PC that left the room for good (needs root). Refused while that address
+        /// is a node of the cluster.
+        #[arg(long, value_name = "MAC")]
+        unpin: Option<String>,
+        /// Node config baked into the image (for the state directory, with --unpin).
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
     },
     /// Take the node inventory once and print it as JSON.
     Inventory,
@@ -146,7 +154,17 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Network { json, addr, probe: Some(interface) } => {
+        Command::Network { unpin: Some(mac), config, .. } => {
+            let cfg = config::NodeConfig::load(&config)?;
+            let line = crate::network::unpin::request(
+                std::path::Path::new(&cfg.state_dir),
+                &mac,
+                std::time::Duration::from_secs(30),
+            )?;
+            println!("{line}");
+            Ok(())
+        }
+        Command::Network { json, addr, probe: Some(interface), .. } => {
             let _ = (json, addr);
             let path = format!("/sys/class/net/{interface}/address");
             let mac =
@@ -161,7 +179,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        Command::Network { json, addr, probe: None } => {
+        Command::Network { json, addr, probe: None, unpin: None, .. } => {
             let s = status::fetch(&addr)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s.network)?);

@@ -1,10 +1,12 @@
 //! The node on its LAN beyond discovery: how it got its address (`addressing`), the master
-//! serving a bare switch its addresses, names and time (`serve`, `dhcp`, `time`).
+//! serving a bare switch its addresses, names and time (`serve`, `dhcp`, `time`), and giving
+//! a departed PC's pinned address back (`unpin`).
 
 pub mod addressing;
 pub mod dhcp;
 pub mod serve;
 pub mod time;
+pub mod unpin;
 pub mod uplink;
 
 use serde::{Deserialize, Serialize};

@@ -144,6 +144,10 @@ impl Task {
                 ServeState::Failed,
             );
         }
+        let requests = super::unpin::pending(&self.state_dir);
+        if !requests.is_empty() {
+            self.unpin(lan, &requests);
+        }
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
@@ -317,6 +321,39 @@ impl Task {
             info!(pinned = self.pins.as_ref().map_or(0, |p| p.leases.len()), "pinned new leases");
         }
         Ok(())
+    }
+
+    /// Answers `labforge-agent network --unpin` requests: frees the pins of PCs that left the
+    /// room (never a node of the cluster now), with dnsmasq stopped while its lease file is
+    /// rewritten; it starts again in this round, with the new hosts file.
+    fn unpin(&mut self, lan: &ServedLan, requests: &[String]) {
+        let Some(pins) = self.pins.as_mut() else { return };
+        let mut decisions: Vec<(String, Result<std::net::Ipv4Addr, String>)> =
+            requests.iter().map(|m| (m.clone(), super::unpin::decide(pins, m, &lan.members))).collect();
+        let freed: Vec<String> = decisions.iter().filter(|(_, d)| d.is_ok()).map(|(m, _)| m.clone()).collect();
+        if !freed.is_empty() {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            match super::unpin::apply(&self.state_dir, pins, &freed) {
+                Ok(()) => info!(macs = %freed.join(", "), "unpinned at an admin's request"),
+                Err(e) => {
+                    let why = format!("could not unpin: {e:#}");
+                    error!("{why}");
+                    for (m, d) in &mut decisions {
+                        if freed.contains(m) {
+                            *d = Err(why.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for (m, d) in &decisions {
+            if let Err(e) = super::unpin::answer(&self.state_dir, m, d) {
+                error!("answering the unpin request for {m}: {e:#}");
+            }
+        }
     }
 
     fn publish(&mut self) {
