@@ -7,18 +7,46 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use labforge::build::{self, BuildOptions};
 
-/// The agent binary baked into test images: `LABFORGE_AGENT`, else the release build.
+/// The agent binary baked into test images: `LABFORGE_AGENT`, else the release build, which
+/// must be newer than the agent's and core's sources (`cargo test -p qemu-tests` does not
+/// rebuild it: an image would silently carry the old agent).
 fn agent_binary() -> Result<PathBuf> {
-    let p = std::env::var_os("LABFORGE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target/release/labforge-agent"));
+    let given = std::env::var_os("LABFORGE_AGENT").map(PathBuf::from);
+    let p = given.clone().unwrap_or_else(|| crate::workspace_root().join("target/release/labforge-agent"));
     if !p.is_file() {
         anyhow::bail!(
             "agent binary {} is missing; build it with `cargo build --release -p labforge-agent` (make test does)",
             p.display()
         );
     }
+    if given.is_none() {
+        let built = fs::metadata(&p)?.modified()?;
+        let root = crate::workspace_root();
+        if let Some(newer) = [root.join("agent/src"), root.join("core/src")].iter().find_map(|d| newer_than(d, built)) {
+            anyhow::bail!(
+                "agent binary {} is older than {}; build it with `cargo build --release -p labforge-agent` (make test does)",
+                p.display(),
+                newer.display()
+            );
+        }
+    }
     Ok(p)
+}
+
+/// A file under `dir` modified after `t`, if any.
+fn newer_than(dir: &Path, t: std::time::SystemTime) -> Option<PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let path = e.path();
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            if let Some(p) = newer_than(&path, t) {
+                return Some(p);
+            }
+        } else if meta.modified().is_ok_and(|m| m > t) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// A built test image.
@@ -114,4 +142,20 @@ pub fn image_with_test_preloads(spec: &str) -> Result<TestImage> {
     let opts =
         labforge::registry::RegistryOptions { plain_http: vec![reg.addr.clone()], ca_files: vec![], parallel: 8 };
     image_with(spec, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_changed_after_the_build_is_found() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("a/b")).unwrap();
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        fs::write(d.path().join("a/b/lib.rs"), "").unwrap();
+        assert_eq!(newer_than(d.path(), before), Some(d.path().join("a/b/lib.rs")));
+        let after = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        assert_eq!(newer_than(d.path(), after), None);
+    }
 }
