@@ -192,7 +192,7 @@ pub fn parse_leases(text: &str) -> Vec<Lease> {
                 return None;
             }
             let mac = crate::network::dhcp::parse_mac(f[1])?;
-            let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            let mac = crate::network::dhcp::format_mac(&mac);
             let address: Ipv4Addr = f[2].parse().ok()?;
             let hostname =
                 if crate::cluster::discovery::beacon::is_hostname(f[3]) { f[3].to_string() } else { String::new() };

@@ -53,6 +53,11 @@ pub fn parse_offer(datagram: &[u8], xid: u32, from: Ipv4Addr) -> Option<Offer> {
     Some(Offer { server, address: msg.yiaddr() })
 }
 
+/// `aa:bb:cc:dd:ee:ff`, lowercase: how pins, leases and requests name a MAC.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];

@@ -327,15 +327,13 @@ impl Task {
     /// room (never a node of the cluster now), with dnsmasq stopped while its lease file is
     /// rewritten; it starts again in this round, with the new hosts file.
     fn unpin(&mut self, lan: &ServedLan, requests: &[String]) {
-        let Some(pins) = self.pins.as_mut() else { return };
+        let Some(pins) = self.pins.as_ref() else { return };
         let mut decisions: Vec<(String, Result<std::net::Ipv4Addr, String>)> =
             requests.iter().map(|m| (m.clone(), super::unpin::decide(pins, m, &lan.members))).collect();
         let freed: Vec<String> = decisions.iter().filter(|(_, d)| d.is_ok()).map(|(m, _)| m.clone()).collect();
         if !freed.is_empty() {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            self.kill_dnsmasq();
+            let pins = self.pins.as_mut().expect("pins loaded above");
             match super::unpin::apply(&self.state_dir, pins, &freed) {
                 Ok(()) => info!(macs = %freed.join(", "), "unpinned at an admin's request"),
                 Err(e) => {
@@ -383,10 +381,16 @@ impl Task {
         self.publish();
     }
 
+    /// Stops dnsmasq, if it runs; whether it did.
+    fn kill_dnsmasq(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let _ = c.kill();
+        let _ = c.wait();
+        true
+    }
+
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if self.kill_dnsmasq() {
             self.status.state = ServeState::Stopped;
             self.status.message = "not serving: this node no longer holds the LAN's first address as its master".into();
             self.publish();

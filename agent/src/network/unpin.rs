@@ -26,7 +26,7 @@ const MAX_REQUESTS: usize = 16;
 pub fn normalize_mac(s: &str) -> Result<String> {
     let mac = crate::network::dhcp::parse_mac(&s.trim().replace('-', ":"))
         .with_context(|| format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    Ok(mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"))
+    Ok(crate::network::dhcp::format_mac(&mac))
 }
 
 fn dir(state_dir: &Path) -> PathBuf {
