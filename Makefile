@@ -6,7 +6,8 @@ HOST_PACKAGES := mmdebstrap debian-archive-keyring e2fsprogs dosfstools mtools f
 # and a C toolchain with static glibc for the tiny test images.
 # iptables goes into the kube-proxy test image; ssh drives the real-Kubernetes scenarios.
 # busybox-static's /bin/busybox is the local-path provisioner's helper image (busybox:1.35.0).
-TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client busybox-static ca-certificates
+# The notebook test images are Debian's Python 3.11 (with venv and its pip wheel) and Node.js.
+TEST_PACKAGES := docker-registry skopeo gcc libc6-dev iptables openssh-client busybox-static ca-certificates python3-venv nodejs
 
 CARGO    ?= cargo
 OUT      ?= out

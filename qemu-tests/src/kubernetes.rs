@@ -147,25 +147,39 @@ pub fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
-/// A single-layer linux/amd64 OCI image, in memory.
+/// A linux/amd64 OCI image, in memory: its layers (uncompressed tars, shared between images
+/// that have one in common) and its config.
 pub struct OciImage {
     /// Name below the repository (`kube-apiserver`, `labforge-test/web`).
     pub name: String,
     pub tag: String,
-    pub layer: Vec<u8>,
+    pub layers: Vec<std::sync::Arc<Vec<u8>>>,
     pub config: Vec<u8>,
 }
 
 impl OciImage {
+    /// A single-layer image of `entries`.
     pub fn new(name: &str, tag: &str, entries: &[Entry], entrypoint: &[&str]) -> Result<OciImage> {
-        let layer = layer(entries)?;
+        OciImage::layered(name, tag, vec![std::sync::Arc::new(layer(entries)?)], entrypoint, &[])
+    }
+
+    /// An image of `layers` (bottom first); `env` comes after the standard `PATH`.
+    pub fn layered(
+        name: &str,
+        tag: &str,
+        layers: Vec<std::sync::Arc<Vec<u8>>>,
+        entrypoint: &[&str],
+        env: &[&str],
+    ) -> Result<OciImage> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| digest(l)).collect();
+        let env: Vec<&str> = [PATH_ENV].into_iter().chain(env.iter().copied()).collect();
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": { "Entrypoint": entrypoint, "Env": [PATH_ENV] },
-            "rootfs": { "type": "layers", "diff_ids": [digest(&layer)] },
+            "config": { "Entrypoint": entrypoint, "Env": env },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
         }))?;
-        Ok(OciImage { name: name.into(), tag: tag.into(), layer, config })
+        Ok(OciImage { name: name.into(), tag: tag.into(), layers, config })
     }
 
     pub fn manifest(&self) -> Vec<u8> {
@@ -173,7 +187,9 @@ impl OciImage {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": { "mediaType": OCI_CONFIG, "digest": digest(&self.config), "size": self.config.len() },
-            "layers": [{ "mediaType": OCI_LAYER, "digest": digest(&self.layer), "size": self.layer.len() }],
+            "layers": self.layers.iter()
+                .map(|l| serde_json::json!({ "mediaType": OCI_LAYER, "digest": digest(l), "size": l.len() }))
+                .collect::<Vec<_>>(),
         }))
         .expect("json")
     }
@@ -182,7 +198,9 @@ impl OciImage {
     pub fn push(&self, base: &str, prefix: &str) -> Result<String> {
         let p = Pusher::new(base);
         let repo = if prefix.is_empty() { self.name.clone() } else { format!("{prefix}/{}", self.name) };
-        p.blob(&repo, &self.layer)?;
+        for l in &self.layers {
+            p.blob(&repo, l)?;
+        }
         p.blob(&repo, &self.config)?;
         p.manifest(&repo, &self.tag, OCI_MANIFEST, &self.manifest())
     }
@@ -198,7 +216,8 @@ pub fn write_oci_layout(images: &[OciImage], dir: &Path, repository: &str) -> Re
     let mut manifests = Vec::new();
     for img in images {
         let manifest = img.manifest();
-        for blob in [&img.layer, &img.config, &manifest] {
+        let blobs_of = img.layers.iter().map(|l| l.as_slice()).chain([img.config.as_slice(), manifest.as_slice()]);
+        for blob in blobs_of {
             let path = blobs.join(&digest(blob)["sha256:".len()..]);
             if !path.exists() {
                 fs::write(&path, blob)?;
@@ -295,7 +314,7 @@ fn iptables_entries() -> Result<Vec<Entry>> {
 }
 
 /// The shared objects `ldd` says `object` loads (absolute paths).
-fn ldd(object: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn ldd(object: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(object).output().context("running ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
@@ -309,15 +328,20 @@ fn ldd(object: &Path) -> Result<Vec<PathBuf>> {
 
 /// Host files copied into an image under their merged-/usr names.
 #[derive(Default)]
-struct HostFiles {
+pub(crate) struct HostFiles {
     seen: std::collections::BTreeSet<String>,
     links: Vec<Entry>,
     files: BTreeMap<String, Entry>,
 }
 
 impl HostFiles {
+    /// The links first (their targets' directories come with the files).
+    pub(crate) fn into_entries(self) -> Vec<Entry> {
+        self.links.into_iter().chain(self.files.into_values()).collect()
+    }
+
     /// `path`, following symlinks (each kept as a link in the image).
-    fn add(&mut self, path: &Path) -> Result<()> {
+    pub(crate) fn add(&mut self, path: &Path) -> Result<()> {
         let mut p = path.to_path_buf();
         for _ in 0..16 {
             let s = p.to_string_lossy().into_owned();

@@ -5,6 +5,7 @@ pub mod disks;
 pub mod images;
 pub mod kubernetes;
 pub mod lan;
+pub mod notebook_images;
 pub mod notebooks;
 pub mod registry;
 pub mod rogue;

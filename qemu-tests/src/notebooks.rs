@@ -143,6 +143,34 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Installs (or reuses) the users' notebook server from `singleuser-requirements.txt`
+/// (JupyterHub's `jupyterhub-singleuser` with jupyter-server 2, every package with its sha256),
+/// like [`hub_programs`]; the venv's directory.
+pub fn singleuser_venv() -> Result<PathBuf> {
+    let src = crate::workspace_root().join("qemu-tests/notebooks/singleuser-requirements.txt");
+    let mut inputs = vec![("singleuser-requirements.txt".to_string(), fs::read(&src).context("reading the pins")?)];
+    let out = Command::new("python3").arg("--version").output().context("python3 is needed")?;
+    inputs.push(("python3".into(), out.stdout));
+    let (dir, _held) = fixture_dir("singleuser", &inputs)?;
+    let venv = dir.join("venv");
+    let works = || {
+        Command::new(venv.join("bin/jupyterhub-singleuser")).arg("--version").output().is_ok_and(|o| o.status.success())
+    };
+    if dir.join(".complete").is_file() && works() {
+        return Ok(venv);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let started = std::time::Instant::now();
+    venv_with(&dir, &src)?;
+    if !works() {
+        bail!("the single-user fixture in {} was installed but jupyterhub-singleuser does not run", dir.display());
+    }
+    fs::write(dir.join(".complete"), "")?;
+    eprintln!("single-user fixture installed in {:.0?}", started.elapsed());
+    Ok(venv)
+}
+
 /// Installs (or reuses) the hub's programs. Concurrent callers serialise on a lock file; a
 /// venv cannot be moved (its scripts name its path), so it is made in place and counts only
 /// once `.complete` is written: an interrupted install is removed and done again.
