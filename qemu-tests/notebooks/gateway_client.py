@@ -5,7 +5,7 @@ object; the Rust test asserts on it (and on what the API server then holds).
 
     gateway_client.py report FRONT_URL ALICE_TOKEN BOB_TOKEN
     gateway_client.py start FRONT_URL TOKEN KERNEL PROJECT
-    gateway_client.py call FRONT_URL TOKEN METHOD PATH
+    gateway_client.py call FRONT_URL TOKEN METHOD PATH [JSON_BODY]
     gateway_client.py run FRONT_URL TOKEN KERNEL_ID CODE
 """
 import asyncio
@@ -68,7 +68,8 @@ async def execute(token, kernel_id, code):
 
 if command == "call":
     token, method, path = sys.argv[3:6]
-    print(json.dumps(call(method, path, token)))
+    body = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    print(json.dumps(call(method, path, token, body, timeout=600)))
     sys.exit(0)
 
 if command == "run":

@@ -7,6 +7,7 @@ one JSON object; the Rust test asserts on it (and on what the API server then ho
     hub_client.py whoami PUBLIC_URL TOKEN
     hub_client.py login PUBLIC_URL USER PASSWORD
     hub_client.py token PUBLIC_URL USER PASSWORD [SCOPE,...]
+    hub_client.py api PUBLIC_URL TOKEN METHOD PATH [JSON_BODY]
 """
 import json
 import sys
@@ -80,6 +81,17 @@ if command == "token":
     s, r = login(sys.argv[3], sys.argv[4])
     status, tok = token(s, sys.argv[3], sys.argv[5].split(",") if len(sys.argv) > 5 else None)
     print(json.dumps({"status": status, "token": tok}))
+    sys.exit(0)
+
+if command == "api":
+    token, method, path = sys.argv[3:6]
+    body = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    r = requests.request(method, url + path, json=body, headers={"Authorization": "token " + token}, timeout=120)
+    try:
+        data = r.json()
+    except ValueError:
+        data = r.text[:2000]
+    print(json.dumps({"status": r.status_code, "body": data}))
     sys.exit(0)
 
 if command == "whoami":
