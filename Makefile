@@ -13,7 +13,7 @@ CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build lint demo test test-kubernetes bench e2e-kubernetes kubernetes-release clean
+.PHONY: all host-deps build lint demo test test-kubernetes test-notebooks bench e2e-kubernetes kubernetes-release clean
 
 all: build
 
@@ -43,6 +43,14 @@ test: host-deps build lint
 test-kubernetes: host-deps build
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	$(CARGO) test --release -p qemu-tests --test real_cluster -- --ignored --nocapture
+
+# The notebooks in a real cluster (qemu-tests/tests/notebooks_room.rs): one PC with the
+# notebooks stack and a roster; a student's login, server, environment and kernel within the
+# project's limits, homes that survive a server restart and a power cut. Not part of `make test`
+# either (see README, "CI time").
+test-notebooks: host-deps build
+	@scripts/install-host-deps.sh $(TEST_PACKAGES)
+	$(CARGO) test --release -p qemu-tests --test notebooks_room -- --ignored --nocapture
 
 # Formatting and lints are part of the suite.
 lint:
