@@ -164,14 +164,18 @@ impl Tree {
     }
 
     /// The venv's installed packages, without pip and setuptools (nothing installs into an
-    /// image at run time; `lab-env` has Debian's pip wheel).
+    /// image at run time; `lab-env` has Debian's pip wheel), the packages' own test suites, and
+    /// the Kubernetes client's asyncio copy (68 MB; Enterprise Gateway and the front use the
+    /// synchronous one): every megabyte is imported on the PC's first boot.
     fn venv_packages(&mut self, venv: &Path) -> Result<()> {
         let site = venv.join("lib/python3.11/site-packages");
         let skip = |rel: &str| {
             let top = rel.split('/').next().unwrap_or(rel);
-            ["pip", "setuptools", "_distutils_hack", "distutils-precedence.pth"]
+            let tooling = ["pip", "setuptools", "_distutils_hack", "distutils-precedence.pth"]
                 .iter()
-                .any(|p| top == *p || top.starts_with(&format!("{p}-")))
+                .any(|p| top == *p || top.starts_with(&format!("{p}-")));
+            let tests = rel.contains('/') && rel.rsplit('/').next().is_some_and(|n| n == "tests" || n == "test");
+            tooling || tests || rel == "kubernetes/aio"
         };
         self.host_tree(&site, DIST_PACKAGES, &skip)?;
         self.venv_commands(venv)
