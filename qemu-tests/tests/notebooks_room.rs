@@ -71,7 +71,10 @@ impl Room {
         // project's minimum): the scenario stops each kernel before the next.
         (cfg.memory_mib, cfg.cpus) = (6144, 2);
         cfg.net = Net::Tap { ns: lan.ns.clone(), tap, mac: "52:54:00:7a:00:01".into() };
-        let remote = Remote::new(lan, &built.ssh_key);
+        let mut remote = Remote::new(lan, &built.ssh_key);
+        // The master of a bare switch takes the first address of the spec's `lan-cidr`: known
+        // before it reports Ready, so a failed wait still gets its journal.
+        remote.addr = "10.77.0.1".into();
         let python = qemu_tests::notebooks::hub_programs()?.python;
         Ok(Room { vm: None, cfg, remote, dir, python, _one_at_a_time: lock })
     }
