@@ -114,37 +114,46 @@ pub enum Entry {
     },
 }
 
+/// The modification time of every entry [`layer`] writes.
+pub const LAYER_MTIME: u64 = 1_700_000_000;
+
 /// An uncompressed tar layer with fixed times and owners (the same entries, the same digest).
 pub fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        match e {
-            Entry::File { path, data, mode } => {
-                h.set_size(data.len() as u64);
-                h.set_mode(*mode);
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_cksum();
-                b.append_data(&mut h, path, data.as_slice())?;
-            }
-            Entry::Link { path, target } => {
-                h.set_size(0);
-                h.set_mode(0o777);
-                h.set_entry_type(tar::EntryType::Symlink);
-                b.append_link(&mut h, path, target)?;
-            }
-            Entry::Dir { path, mode } => {
-                h.set_size(0);
-                h.set_mode(*mode);
-                h.set_entry_type(tar::EntryType::Directory);
-                b.append_data(&mut h, path, std::io::empty())?;
-            }
-        }
+        append(&mut b, e, LAYER_MTIME)?;
     }
     Ok(b.into_inner()?)
+}
+
+/// Writes `e` into a layer: owned by root, modified at `mtime`.
+pub(crate) fn append(b: &mut tar::Builder<Vec<u8>>, e: &Entry, mtime: u64) -> Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_mtime(mtime);
+    h.set_uid(0);
+    h.set_gid(0);
+    match e {
+        Entry::File { path, data, mode } => {
+            h.set_size(data.len() as u64);
+            h.set_mode(*mode);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, path, data.as_slice())?;
+        }
+        Entry::Link { path, target } => {
+            h.set_size(0);
+            h.set_mode(0o777);
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, path, target)?;
+        }
+        Entry::Dir { path, mode } => {
+            h.set_size(0);
+            h.set_mode(*mode);
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, path, std::io::empty())?;
+        }
+    }
+    Ok(())
 }
 
 /// A linux/amd64 OCI image, in memory: its layers (uncompressed tars, shared between images

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::kubernetes::{Entry, HostFiles, OciImage};
+use crate::kubernetes::{append, Entry, HostFiles, OciImage, LAYER_MTIME};
 
 /// The images' tag, and the repository below the registry they are pushed to.
 pub const TAG: &str = "1";
@@ -62,24 +62,13 @@ impl Tree {
         Tree { tar: tar::Builder::new(Vec::new()), dirs: BTreeSet::new(), objects: Vec::new(), roots: Vec::new() }
     }
 
-    fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_mtime(mtime);
-        h.set_uid(0);
-        h.set_gid(0);
-        h
-    }
-
     /// `at`'s parent directories, 0755, each once.
     fn parents(&mut self, at: &str) -> Result<()> {
         let mut path = String::new();
         let parts: Vec<&str> = at.split('/').collect();
         for part in &parts[..parts.len() - 1] {
             path = if path.is_empty() { part.to_string() } else { format!("{path}/{part}") };
-            self.dir(&path, 0o755, 1_700_000_000)?;
+            self.dir(&path, 0o755, LAYER_MTIME)?;
         }
         Ok(())
     }
@@ -87,24 +76,19 @@ impl Tree {
     fn dir(&mut self, at: &str, mode: u32, mtime: u64) -> Result<()> {
         if self.dirs.insert(at.to_string()) {
             self.parents(at)?;
-            let mut h = Tree::header(tar::EntryType::Directory, mode, 0, mtime);
-            self.tar.append_data(&mut h, format!("{at}/"), std::io::empty())?;
+            append(&mut self.tar, &Entry::Dir { path: format!("{at}/"), mode }, mtime)?;
         }
         Ok(())
     }
 
-    fn data(&mut self, at: &str, data: &[u8], mode: u32, mtime: u64) -> Result<()> {
+    fn data(&mut self, at: &str, data: Vec<u8>, mode: u32, mtime: u64) -> Result<()> {
         self.parents(at)?;
-        let mut h = Tree::header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
-        self.tar.append_data(&mut h, at, data)?;
-        Ok(())
+        append(&mut self.tar, &Entry::File { path: at.into(), data, mode }, mtime)
     }
 
     fn link(&mut self, at: &str, target: &str) -> Result<()> {
         self.parents(at)?;
-        let mut h = Tree::header(tar::EntryType::Symlink, 0o777, 0, 1_700_000_000);
-        self.tar.append_link(&mut h, at, target)?;
-        Ok(())
+        append(&mut self.tar, &Entry::Link { path: at.into(), target: target.into() }, LAYER_MTIME)
     }
 
     /// One host file (not following a link) at `at`, with its mode and modification time.
@@ -124,7 +108,7 @@ impl Tree {
         }
         // Readable by the unprivileged users the pods run as.
         let mode = meta.permissions().mode() & 0o7777 | 0o444;
-        self.data(at, &fs::read(host).with_context(|| format!("reading {}", host.display()))?, mode, mtime)
+        self.data(at, fs::read(host).with_context(|| format!("reading {}", host.display()))?, mode, mtime)
     }
 
     /// The host directory `src` as `at`, without the entries `skip` names (by path below `src`).
@@ -158,7 +142,7 @@ impl Tree {
                 continue;
             }
             let script = format!("#!/usr/bin/python3\n{rest}");
-            self.data(&format!("usr/local/bin/{name}"), script.as_bytes(), 0o755, 1_700_000_000)?;
+            self.data(&format!("usr/local/bin/{name}"), script.into_bytes(), 0o755, LAYER_MTIME)?;
         }
         Ok(())
     }
@@ -194,11 +178,11 @@ impl Tree {
             }
         }
         for e in libs.into_entries() {
-            match e {
-                Entry::File { path, data, mode } => self.data(&path, &data, mode, 1_700_000_000)?,
-                Entry::Link { path, target } => self.link(&path, &target)?,
-                Entry::Dir { path, mode } => self.dir(&path, mode, 1_700_000_000)?,
-            }
+            let path = match &e {
+                Entry::File { path, .. } | Entry::Link { path, .. } | Entry::Dir { path, .. } => path.clone(),
+            };
+            self.parents(&path)?;
+            append(&mut self.tar, &e, LAYER_MTIME)?;
         }
         Ok(Arc::new(self.tar.into_inner()?))
     }
@@ -215,7 +199,7 @@ fn base_layer() -> Result<Arc<Vec<u8>>> {
     for d in ["bin", "sbin", "lib", "lib64"] {
         t.link(d, &format!("usr/{d}"))?;
     }
-    t.dir("tmp", 0o1777, 1_700_000_000)?;
+    t.dir("tmp", 0o1777, LAYER_MTIME)?;
     t.host_file(Path::new(PYTHON), "usr/bin/python3.11")?;
     t.objects.push(PathBuf::from(PYTHON));
     t.link("usr/bin/python3", "python3.11")?;
@@ -231,8 +215,8 @@ fn base_layer() -> Result<Arc<Vec<u8>>> {
         t.link(&format!("usr/bin/{applet}"), "busybox")?;
     }
     // Who the pods run as has no name here (the roster's uids): a passwd with root only.
-    t.data("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644, 1_700_000_000)?;
-    t.data("etc/group", b"root:x:0:\n", 0o644, 1_700_000_000)?;
+    t.data("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644, LAYER_MTIME)?;
+    t.data("etc/group", b"root:x:0:\n".to_vec(), 0o644, LAYER_MTIME)?;
     t.finish()
 }
 

@@ -58,49 +58,68 @@ pub fn gateway_programs() -> Result<GatewayPrograms> {
     }
     let out = Command::new("python3").arg("--version").output().context("python3 is needed")?;
     inputs.push(("python3".into(), out.stdout));
-    let (dir, _held) = fixture_dir("gateway", &inputs)?;
-    let programs = GatewayPrograms {
+    let programs = |dir: &Path| GatewayPrograms {
         bin: dir.join("venv/bin"),
         kernel_python: dir.join("kernel/venv/bin/python"),
         kernel_launcher: dir.join("launch_ipykernel.py"),
     };
-    let works = |p: &GatewayPrograms| {
+    let works = |dir: &Path| {
+        let p = programs(dir);
         let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
         ok(Command::new(p.bin.join("jupyter")).args(["enterprisegateway", "--version"]))
             && ok(Command::new(&p.kernel_python).args(["-c", "import ipykernel, Cryptodome"]))
             && p.kernel_launcher.is_file()
     };
-    if dir.join(".complete").is_file() && works(&programs) {
-        return Ok(programs);
+    let dir = installed("gateway", &inputs, works, |dir| {
+        fs::create_dir_all(dir.join("kernel"))?;
+        venv_with(dir, &src.join("gateway-requirements.txt"))?;
+        venv_with(&dir.join("kernel"), &src.join("kernel-requirements.txt"))?;
+        // The sdist, its bytes checked against the pin; only the launcher is taken from it.
+        run(Command::new(programs(dir).bin.join("pip"))
+            .args(["download", "--quiet", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:"])
+            .args(["--require-hashes", "-d"])
+            .arg(dir.join("sdist"))
+            .arg("-r")
+            .arg(src.join("gateway-sdist.txt")))?;
+        let launcher = Command::new("tar")
+            .arg("-xzOf")
+            .arg(dir.join("sdist/jupyter_enterprise_gateway-3.3.0.tar.gz"))
+            .arg(LAUNCHER_IN_SDIST)
+            .output()
+            .context("running tar")?;
+        if !launcher.status.success() || launcher.stdout.is_empty() {
+            bail!("{LAUNCHER_IN_SDIST} is not in the gateway's sdist: {}", String::from_utf8_lossy(&launcher.stderr));
+        }
+        Ok(fs::write(programs(dir).kernel_launcher, launcher.stdout)?)
+    })?;
+    Ok(programs(&dir))
+}
+
+/// The fixture `name` for `inputs`, installed into its directory by `install` unless a
+/// finished install that `works` is there. Concurrent callers serialise on a lock file; a venv
+/// cannot be moved (its scripts name its path), so it is made in place and counts only once
+/// `.complete` is written: an interrupted install is removed and done again, and one that
+/// stopped working (a Python upgraded under it) is done again too.
+fn installed(
+    name: &str,
+    inputs: &[(String, Vec<u8>)],
+    works: impl Fn(&Path) -> bool,
+    install: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let (dir, _held) = fixture_dir(name, inputs)?;
+    if dir.join(".complete").is_file() && works(&dir) {
+        return Ok(dir);
     }
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("kernel"))?;
+    fs::create_dir_all(&dir)?;
     let started = std::time::Instant::now();
-    venv_with(&dir, &src.join("gateway-requirements.txt"))?;
-    venv_with(&dir.join("kernel"), &src.join("kernel-requirements.txt"))?;
-    // The sdist, its bytes checked against the pin; only the launcher is taken from it.
-    run(Command::new(programs.bin.join("pip"))
-        .args(["download", "--quiet", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:"])
-        .args(["--require-hashes", "-d"])
-        .arg(dir.join("sdist"))
-        .arg("-r")
-        .arg(src.join("gateway-sdist.txt")))?;
-    let launcher = Command::new("tar")
-        .arg("-xzOf")
-        .arg(dir.join("sdist/jupyter_enterprise_gateway-3.3.0.tar.gz"))
-        .arg(LAUNCHER_IN_SDIST)
-        .output()
-        .context("running tar")?;
-    if !launcher.status.success() || launcher.stdout.is_empty() {
-        bail!("{LAUNCHER_IN_SDIST} is not in the gateway's sdist: {}", String::from_utf8_lossy(&launcher.stderr));
-    }
-    fs::write(&programs.kernel_launcher, launcher.stdout)?;
-    if !works(&programs) {
-        bail!("the gateway fixture in {} was installed but does not run", dir.display());
+    install(&dir)?;
+    if !works(&dir) {
+        bail!("the {name} fixture in {} was installed but does not run", dir.display());
     }
     fs::write(dir.join(".complete"), "")?;
-    eprintln!("gateway fixture installed in {:.0?}", started.elapsed());
-    Ok(programs)
+    eprintln!("{name} fixture installed in {:.0?}", started.elapsed());
+    Ok(dir)
 }
 
 /// The fixture's directory for `inputs` (keyed by their hash), held under a lock file: a venv
@@ -151,58 +170,33 @@ pub fn singleuser_venv() -> Result<PathBuf> {
     let mut inputs = vec![("singleuser-requirements.txt".to_string(), fs::read(&src).context("reading the pins")?)];
     let out = Command::new("python3").arg("--version").output().context("python3 is needed")?;
     inputs.push(("python3".into(), out.stdout));
-    let (dir, _held) = fixture_dir("singleuser", &inputs)?;
-    let venv = dir.join("venv");
-    let works = || {
-        Command::new(venv.join("bin/jupyterhub-singleuser")).arg("--version").output().is_ok_and(|o| o.status.success())
+    let works = |dir: &Path| {
+        Command::new(dir.join("venv/bin/jupyterhub-singleuser"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
     };
-    if dir.join(".complete").is_file() && works() {
-        return Ok(venv);
-    }
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    let started = std::time::Instant::now();
-    venv_with(&dir, &src)?;
-    if !works() {
-        bail!("the single-user fixture in {} was installed but jupyterhub-singleuser does not run", dir.display());
-    }
-    fs::write(dir.join(".complete"), "")?;
-    eprintln!("single-user fixture installed in {:.0?}", started.elapsed());
-    Ok(venv)
+    Ok(installed("singleuser", &inputs, works, |dir| venv_with(dir, &src))?.join("venv"))
 }
 
-/// Installs (or reuses) the hub's programs. Concurrent callers serialise on a lock file; a
-/// venv cannot be moved (its scripts name its path), so it is made in place and counts only
-/// once `.complete` is written: an interrupted install is removed and done again.
+/// Installs (or reuses) the hub's programs (see [`installed`]).
 pub fn hub_programs() -> Result<HubPrograms> {
-    let inputs = inputs()?;
-    let (dir, _held) = fixture_dir("notebooks", &inputs)?;
     let programs = |d: &Path| HubPrograms {
         python: d.join("venv/bin/python"),
         jupyterhub: d.join("venv/bin/jupyterhub"),
         proxy: d.join("proxy/node_modules/.bin/configurable-http-proxy"),
     };
-    // Trusted only if it was finished and still runs (a Python upgraded under it would not).
     let works =
-        |p: &HubPrograms| Command::new(&p.jupyterhub).arg("--version").output().is_ok_and(|o| o.status.success());
-    if dir.join(".complete").is_file() && works(&programs(&dir)) {
-        return Ok(programs(&dir));
-    }
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    let started = std::time::Instant::now();
-    let src = crate::workspace_root().join("qemu-tests/notebooks");
-    venv_with(&dir, &src.join("requirements.txt"))?;
-    fs::create_dir_all(dir.join("proxy"))?;
-    for f in ["package.json", "package-lock.json"] {
-        fs::copy(src.join("proxy").join(f), dir.join("proxy").join(f))?;
-    }
-    run(Command::new("npm").args(["ci", "--silent", "--no-audit", "--no-fund", "--prefix"]).arg(dir.join("proxy")))
-        .context("installing configurable-http-proxy (npm is needed)")?;
-    if !works(&programs(&dir)) {
-        bail!("the notebooks fixture in {} was installed but jupyterhub does not run", dir.display());
-    }
-    fs::write(dir.join(".complete"), "")?;
-    eprintln!("notebooks fixture installed in {:.0?}", started.elapsed());
+        |d: &Path| Command::new(programs(d).jupyterhub).arg("--version").output().is_ok_and(|o| o.status.success());
+    let dir = installed("notebooks", &inputs()?, works, |dir| {
+        let src = crate::workspace_root().join("qemu-tests/notebooks");
+        venv_with(dir, &src.join("requirements.txt"))?;
+        fs::create_dir_all(dir.join("proxy"))?;
+        for f in ["package.json", "package-lock.json"] {
+            fs::copy(src.join("proxy").join(f), dir.join("proxy").join(f))?;
+        }
+        run(Command::new("npm").args(["ci", "--silent", "--no-audit", "--no-fund", "--prefix"]).arg(dir.join("proxy")))
+            .context("installing configurable-http-proxy (npm is needed)")
+    })?;
     Ok(programs(&dir))
 }
