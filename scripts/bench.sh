@@ -27,6 +27,12 @@
 #                           and rollout status by hand on the other PC; after the power cut, the
 #                           stack ready again and the agent's no-op round (nothing applied)
 #                           against kubectl re-applying every object
+#   nb_*                    one PC of qemu-tests/images/notebooks.toml (real Kubernetes, the stack
+#                           storage + projects + notebooks): a student's login to her server
+#                           ready on a warm node, and a kernel's start to its first result,
+#                           through the hub's NodePort; against the same pods by hand (kubectl,
+#                           plain jupyter-server; the kernel pod's cell as `python3 -c`), and
+#                           their ratios (target/release/labforge-bench-notebooks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v jq >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq jq >/dev/null; }
@@ -144,6 +150,8 @@ echo "bench: netboot (one node, then three at once, then an install over the net
 target/release/labforge-bench-netboot > "$B/netboot.json"
 echo "bench: real Kubernetes on one PC, the agent against the same steps by hand" >&2
 target/release/labforge-bench-kubernetes > "$B/kubernetes.json"
-jq -s '.[0] + .[1] + .[2] + .[3]' "$B/results.json" "$B/flash.json" "$B/netboot.json" "$B/kubernetes.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
+echo "bench: notebooks on one PC, the hub and the gateway against the same pods by hand" >&2
+target/release/labforge-bench-notebooks > "$B/notebooks.json"
+jq -s 'add' "$B/results.json" "$B/flash.json" "$B/netboot.json" "$B/kubernetes.json" "$B/notebooks.json" > "$B/results.tmp" && mv "$B/results.tmp" "$B/results.json"
 rm -rf "$B/cache" "$B/out" "$B/out-warm" "$B/mm-tmp" "$B/pull-cache" "$B"/skopeo-*
 cat "$B/results.json"

@@ -7,6 +7,7 @@ pub mod kubernetes;
 pub mod lan;
 pub mod notebook_images;
 pub mod notebooks;
+pub mod notebooks_room;
 pub mod registry;
 pub mod rogue;
 pub mod vm;
