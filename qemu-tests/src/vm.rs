@@ -206,9 +206,11 @@ impl Vm {
         // A VM given several vCPUs (a control plane) gets a host thread for each, and every
         // CPU feature TCG emulates: Go's TLS and hashing use AES-NI, PCLMULQDQ, BMI2 and AVX2
         // when the CPU has them, and their generic code is far slower still under emulation.
+        // `LABFORGE_QEMU_CPU` overrides the model (e.g. `max,avx=off,avx2=off`).
+        let model = std::env::var("LABFORGE_QEMU_CPU").ok();
         let (accel, cpu) = match accel() {
-            "tcg,thread=single" if cfg.cpus > 1 => ("tcg,thread=multi", Some("max")),
-            a => (a, None),
+            "tcg,thread=single" if cfg.cpus > 1 => ("tcg,thread=multi", Some(model.as_deref().unwrap_or("max"))),
+            a => (a, model.as_deref()),
         };
         cmd.args(["-accel", accel, "-M", "q35", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(cpu.map(|c| ["-cpu", c]).into_iter().flatten())
