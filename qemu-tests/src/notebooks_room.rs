@@ -177,12 +177,30 @@ impl Room {
         self.kubectl(&format!("-n lab-{project} exec -i notebook-{user} -- sh -c '{quoted}'"), stdin)
     }
 
+    /// Keeps the node's journal (agent, kubelet, containerd) and the notebooks pods' logs
+    /// beside the console log.
     pub fn journal(&self) {
         let cmd = "sudo journalctl -b -o short-monotonic --no-pager -u labforge-agent -u kubelet -u containerd";
         if let Ok(text) = self.remote.run(cmd, "") {
             let _ = std::fs::write(self.dir.join("node0-journal.log"), text);
         }
+        let pods = "-n labforge-notebooks logs --all-containers --prefix --tail=400 -l 'app.kubernetes.io/name in (hub,proxy,gateway)'";
+        if let Ok(text) = self.kubectl(pods, "") {
+            let _ = std::fs::write(self.dir.join("node0-notebooks.log"), text);
+        }
     }
+}
+
+/// Builds the notebooks image, brings up its room and runs `f` in it; on failure the node's
+/// journal and the notebooks pods' logs are kept (see [`Room::journal`]).
+pub fn in_room<T>(f: impl FnOnce(&mut Room) -> Result<T>) -> Result<T> {
+    let built = crate::kubernetes::notebooks_test_image()?;
+    let mut room = Room::new(&built)?;
+    let result = f(&mut room);
+    if result.is_err() {
+        room.journal();
+    }
+    result
 }
 
 /// The master's stack: every component ready.

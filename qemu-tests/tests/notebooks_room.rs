@@ -23,7 +23,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use qemu_tests::kubernetes;
 use qemu_tests::notebooks_room::{spec_names, stack_ready, Room, CODE, HOMES, SETTLE};
 use qemu_tests::poll;
 use serde_json::{json, Value};
@@ -31,13 +30,7 @@ use serde_json::{json, Value};
 #[test]
 #[ignore = "a real cluster under TCG (about 40 minutes): cargo test -p qemu-tests --test notebooks_room -- --ignored"]
 fn student_runs_code_within_project_limits() -> Result<()> {
-    let built = kubernetes::notebooks_test_image()?;
-    let mut room = Room::new(&built)?;
-    let result = scenario(&mut room);
-    if result.is_err() {
-        room.journal();
-    }
-    result
+    qemu_tests::notebooks_room::in_room(scenario)
 }
 
 fn scenario(room: &mut Room) -> Result<()> {

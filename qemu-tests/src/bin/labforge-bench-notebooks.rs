@@ -24,8 +24,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::kubernetes;
-use qemu_tests::notebooks_room::{stack_ready, Room, SETTLE};
+use qemu_tests::notebooks_room::{self, stack_ready, Room, SETTLE};
 use qemu_tests::poll;
 use serde_json::{json, Value};
 
@@ -68,13 +67,7 @@ fn seconds(d: Duration) -> f64 {
 }
 
 fn run() -> Result<()> {
-    let built = kubernetes::notebooks_test_image()?;
-    let mut room = Room::new(&built)?;
-    let result = bench(&mut room);
-    if result.is_err() {
-        room.journal();
-    }
-    let figures = result?;
+    let figures = notebooks_room::in_room(bench)?;
     println!("{}", serde_json::to_string_pretty(&figures)?);
     Ok(())
 }
@@ -139,15 +132,13 @@ fn bench(room: &mut Room) -> Result<Value> {
     let t = Instant::now();
     room.kubectl("create -f -", &server.to_string())?;
     poll("the server by hand answering", SETTLE, Duration::from_secs(1), || {
-        let ip = room
-            .kubectl("-n lab-p1 get pod bench-server -o jsonpath='{.status.podIP}'", "")
-            .map_err(|e| format!("{e:#}"))?;
-        if ip.trim().is_empty() {
+        let ip = pod_field(room, "bench-server", "{.status.podIP}")?;
+        if ip.is_empty() {
             return Err("no address yet".into());
         }
         let code = room
             .remote
-            .run(&format!("curl -s -o /dev/null -w '%{{http_code}}' http://{}:8888/api", ip.trim()), "")
+            .run(&format!("curl -s -o /dev/null -w '%{{http_code}}' http://{ip}:8888/api"), "")
             .unwrap_or_default();
         if code.trim() == "200" {
             Ok(())
@@ -162,10 +153,7 @@ fn bench(room: &mut Room) -> Result<Value> {
     let t = Instant::now();
     room.kubectl("create -f -", &kernel.to_string())?;
     poll("the kernel pod by hand done", SETTLE, Duration::from_secs(1), || {
-        let phase = room
-            .kubectl("-n lab-p1 get pod bench-kernel -o jsonpath='{.status.phase}'", "")
-            .map_err(|e| format!("{e:#}"))?;
-        match phase.trim() {
+        match pod_field(room, "bench-kernel", "{.status.phase}")?.as_str() {
             // A failed pod is done too: its output below says why.
             "Succeeded" | "Failed" => Ok(()),
             p => Err(p.to_string()),
@@ -204,14 +192,17 @@ fn stop_server(room: &Room, token: &str) -> Result<()> {
     gone(room, "notebook-alice")
 }
 
-/// Waits until `lab-p1` has no pod matching `what` (a name or a `-l` selector).
+/// One field (a kubectl jsonpath) of `pod` in `lab-p1`, trimmed; an error as a poll's "not yet".
+fn pod_field(room: &Room, pod: &str, path: &str) -> Result<String, String> {
+    let got =
+        room.kubectl(&format!("-n lab-p1 get pod {pod} -o jsonpath='{path}'"), "").map_err(|e| format!("{e:#}"))?;
+    Ok(got.trim().to_string())
+}
+
+/// Waits until `lab-p1` has no pod matching `what` (kubectl's words: a name or `-l SELECTOR`).
 fn gone(room: &Room, what: &str) -> Result<()> {
-    let (name, selector) = match what.strip_prefix("-l ") {
-        Some(sel) => (String::new(), format!("-l {sel}")),
-        None => (what.to_string(), String::new()),
-    };
     poll(&format!("{what} gone"), SETTLE, Duration::from_secs(2), || {
-        match room.kubectl(&format!("-n lab-p1 get pods {name} {selector} -o name --ignore-not-found"), "") {
+        match room.kubectl(&format!("-n lab-p1 get pods {what} -o name --ignore-not-found"), "") {
             Ok(o) if o.trim().is_empty() => Ok(()),
             Ok(o) => Err(o),
             Err(e) => Err(format!("{e:#}")),
