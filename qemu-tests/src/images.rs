@@ -102,7 +102,9 @@ fn build_image(spec: &str, registry: labforge::registry::RegistryOptions, update
         update_lock,
         offline: false,
     };
+    let started = std::time::Instant::now();
     let outcome = build::build(&opts).with_context(|| format!("building test image {spec}"))?;
+    eprintln!("qemu-tests: image {spec} ready in {} s", started.elapsed().as_secs());
     let name = outcome.manifest.name.clone();
     let by_hash = out.join("by-hash");
     fs::create_dir_all(&by_hash)?;

@@ -175,6 +175,8 @@ pub struct Vm {
     seen: Vec<String>,
     pub log: PathBuf,
     scratch: Vec<PathBuf>,
+    name: String,
+    powered_on: Instant,
 }
 
 impl Vm {
@@ -310,7 +312,16 @@ impl Vm {
         let (tx, rx) = mpsc::channel();
         forward_lines(child.stdout.take().expect("piped"), tx.clone(), "", Some(logfile));
         forward_lines(child.stderr.take().expect("piped"), tx, "qemu: ", None);
-        Ok(Vm { child, lines: rx, recent: VecDeque::new(), seen: Vec::new(), log, scratch })
+        Ok(Vm {
+            child,
+            lines: rx,
+            recent: VecDeque::new(),
+            seen: Vec::new(),
+            log,
+            scratch,
+            name: cfg.name.clone(),
+            powered_on: Instant::now(),
+        })
     }
 
     /// Waits until the console has shown a line containing `needle` (lines already seen count)
@@ -330,6 +341,9 @@ impl Vm {
                 Ok(line) => {
                     self.keep(line.clone());
                     if pred(&line) {
+                        // Where a scenario's time goes, in its output (CI keeps it on failure).
+                        let after = self.powered_on.elapsed().as_secs();
+                        eprintln!("qemu-tests: {}: {what} ({after} s after power-on)", self.name);
                         return Ok(line);
                     }
                     // A panicked guest prints nothing more: say so now, not at the deadline.

@@ -33,7 +33,7 @@ use super::write::{existing, partition, with_mount, InstallState, InstallStatus}
 use super::{choose, name, Choice, InstallConfig, InstallRecord, RECORD_FILE};
 use crate::disks::probe;
 use crate::preload;
-use crate::sys::fs::sha256_file;
+use crate::sys::fs::{same_content, sha256_file};
 
 pub use labforge_core::manifest::{Ext4Format, NetManifest, VfatFormat, NET_MANIFEST, NET_SCHEMA_VERSION};
 
@@ -329,7 +329,7 @@ fn verify_root(manifest: &NetManifest, live: &LiveRoot, dir: &Path) -> Result<()
             bail!("{} read back from the new root does not match its sha256", file);
         }
     }
-    if sha256_file(&pxe_dir.join(format!("{}.squashfs", manifest.image)))? != sha256_file(&live.file)? {
+    if !same_content(&pxe_dir.join(format!("{}.squashfs", manifest.image)), &live.file)? {
         bail!("the squashfs read back from the new root is not the one this node booted");
     }
     let layout = dir.join(preload::LAYOUT_DIR.trim_start_matches('/'));
@@ -381,7 +381,7 @@ pub fn compare_tree(a: &Path, b: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<
                 bail!("/{}: the copy's link target differs", rel.display());
             }
         } else if ft.is_file() {
-            if ma.len() != mb.len() || sha256_file(e.path())? != sha256_file(&pb)? {
+            if ma.len() != mb.len() || !same_content(e.path(), &pb)? {
                 bail!("/{}: the copy's content differs from the image's", rel.display());
             }
         } else if !ft.is_dir() && ma.rdev() != mb.rdev() {

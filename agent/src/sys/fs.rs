@@ -73,6 +73,39 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Whether the files at `a` and `b` hold the same bytes, read side by side: a copy checked
+/// against its original without hashing either (on a slow CPU, hashing both costs more than
+/// the reading).
+pub fn same_content(a: &Path, b: &Path) -> Result<bool> {
+    let open = |p: &Path| fs::File::open(p).with_context(|| format!("opening {}", p.display()));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = fill(&mut fa, &mut ba).with_context(|| format!("reading {}", a.display()))?;
+        let nb = fill(&mut fb, &mut bb).with_context(|| format!("reading {}", b.display()))?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; the bytes read.
+fn fill(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// The kernel command line this boot was started with (empty if it cannot be read).
 pub fn kernel_cmdline() -> String {
     fs::read_to_string("/proc/cmdline").unwrap_or_default()
@@ -101,5 +134,24 @@ mod tests {
         let p = d.path().join("f");
         fs::write(&p, b"abc").unwrap();
         assert_eq!(sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn compares_files_byte_for_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        let w = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            fs::write(&p, bytes).unwrap();
+            p
+        };
+        let a = w("a", &big);
+        assert!(same_content(&a, &w("b", &big)).unwrap());
+        let mut flipped = big.clone();
+        flipped[(2 << 20) + 5] ^= 1;
+        assert!(!same_content(&a, &w("c", &flipped)).unwrap(), "one bit differs past the first chunk");
+        assert!(!same_content(&a, &w("d", &big[..big.len() - 1])).unwrap(), "one byte shorter");
+        assert!(same_content(&w("e", b""), &w("f", b"")).unwrap());
+        assert!(same_content(&a, &d.path().join("missing")).is_err());
     }
 }
