@@ -141,8 +141,10 @@ fn run_inner(
     // before the disk is touched.
     let uki = work.path().join("uki.efi");
     fetcher.fetch_to(&format!("{}.efi", manifest.image), &manifest.uki_sha256, &uki)?;
+    // What the copy adds to the image's tree and squashfs, for its progress.
+    let mut added = fs::metadata(&uki)?.len();
     for file in manifest.files.keys().filter(|f| !f.ends_with(".efi")) {
-        fetcher.check(file, None)?;
+        added += fetcher.check(file, None)?.unwrap_or(0);
     }
     let served_layout = preload::Source {
         layout: PathBuf::from(preload::LAYOUT_DIR),
@@ -151,6 +153,7 @@ fn run_inner(
     let blobs = preload::blobs(&served_layout, &preload::read_layout(Path::new(preload::LAYOUT_DIR))?)?;
     for (hex, size) in &blobs {
         fetcher.check(&format!("{}/blobs/sha256/{hex}", preload::REMOTE_DIR), Some(*size))?;
+        added += size;
     }
 
     let partly = |e: anyhow::Error| {
@@ -183,7 +186,7 @@ fn run_inner(
 
     mkfs_ext4(&root, &manifest.root).map_err(partly)?;
     let copied = with_mount(&root, "ext4", false, |dir| {
-        fill_root(&manifest, &live, &fetcher, &uki, &blobs, dir, status, publish)
+        fill_root(&manifest, &live, &fetcher, &uki, &blobs, added, dir, status, publish)
     })
     .map_err(partly)?;
 
@@ -237,11 +240,12 @@ fn fill_root(
     fetcher: &Fetcher,
     uki: &Path,
     blobs: &[(String, u64)],
+    added: u64,
     dir: &Path,
     status: &mut InstallStatus,
     publish: &mut dyn FnMut(&InstallStatus),
 ) -> Result<u64> {
-    status.bytes_total = tree_bytes(&live.tree)? + fs::metadata(&live.file)?.len();
+    status.bytes_total = tree_bytes(&live.tree)? + fs::metadata(&live.file)?.len() + added;
     publish(status);
     // cp -a keeps owners, modes, times, hard links, special files and extended attributes
     // (file capabilities among them).
@@ -440,8 +444,9 @@ impl Fetcher {
         Fetcher { base: base.trim_end_matches('/').to_string(), agent }
     }
 
-    /// Whether the master serves `<base>/<rel>` (of `size` bytes, if given), without fetching it.
-    fn check(&self, rel: &str, size: Option<u64>) -> Result<()> {
+    /// Whether the master serves `<base>/<rel>` (of `size` bytes, if given), without fetching
+    /// it; its length, if the master said.
+    fn check(&self, rel: &str, size: Option<u64>) -> Result<Option<u64>> {
         let url = format!("{}/{rel}", self.base);
         let len = self
             .agent
@@ -453,7 +458,7 @@ impl Fetcher {
                 bail!("{url} is {got} bytes, the image's index says {want}; is the master serving another build? Nothing was written");
             }
         }
-        Ok(())
+        Ok(len)
     }
 
     /// `<base>/<rel>` into `to`, checked against `sha256`; nothing is left at `to` on failure.
@@ -552,7 +557,7 @@ mod tests {
         assert!(err.contains("does not match") && err.contains("another build"), "{err}");
         let err = format!("{:#}", f.fetch_to("missing.efi", &good, &to.path().join("missing.efi")).unwrap_err());
         assert!(err.contains("missing.efi") && err.contains("404"), "{err}");
-        f.check("demo.efi", Some(14)).unwrap();
+        assert_eq!(f.check("demo.efi", Some(14)).unwrap(), Some(14), "its length, as the master said");
         assert!(f.check("demo.efi", Some(15)).unwrap_err().to_string().contains("another build"));
         assert!(f.check("missing.efi", None).unwrap_err().to_string().contains("nothing was written"));
         let left: Vec<_> = fs::read_dir(to.path()).unwrap().map(|e| e.unwrap().file_name()).collect();

@@ -280,8 +280,55 @@ pub(super) fn with_mount<T>(
     mount(Some(dev), dir.path(), Some(fstype), flags, data)
         .with_context(|| format!("mounting {} ({fstype})", dev.display()))?;
     let out = f(dir.path());
-    umount(dir.path()).with_context(|| format!("unmounting {}", dev.display()))?;
+    // Something that looked at a filesystem the moment it appeared can hold it for a moment
+    // (seen once, on a state partition just made): try again for a while before failing.
+    let mut tries = 0;
+    loop {
+        match umount(dir.path()) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EBUSY) if tries < 40 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Err(e) => {
+                let held = holders(dir.path());
+                // Still mounted: the directory must not be emptied by its cleanup, which would
+                // reach into the filesystem.
+                let _ = dir.keep();
+                return Err(e).with_context(|| format!("unmounting {} ({held})", dev.display()));
+            }
+        }
+    }
+    if tries > 0 {
+        info!(device = %dev.display(), tries, "unmounted after it was busy for a moment");
+    }
     out
+}
+
+/// Which processes have a file, a working directory or a root under `dir`, as
+/// "held by PID (COMM), ..." or "no process holds a file in it".
+fn holders(dir: &Path) -> String {
+    let mut found = Vec::new();
+    for proc in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let p = proc.path();
+        let links = ["cwd", "root"]
+            .iter()
+            .map(|l| p.join(l))
+            .chain(fs::read_dir(p.join("fd")).into_iter().flatten().flatten().map(|e| e.path()));
+        if links.filter_map(|l| fs::read_link(l).ok()).any(|t| t.starts_with(dir)) {
+            let comm = fs::read_to_string(p.join("comm")).unwrap_or_default();
+            found.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    if found.is_empty() {
+        "no process holds a file in it".into()
+    } else {
+        format!("held by {}", found.join(", "))
+    }
 }
 
 #[cfg(test)]
