@@ -27,7 +27,10 @@ def xsrf(s):
 
 def login(name, password):
     s = requests.Session()
-    s.get(url + "/hub/login", timeout=30).raise_for_status()
+    page = s.get(url + "/hub/login", timeout=30)
+    if page.status_code != 200:
+        # What the hub (or the proxy) said, for the test's failure message.
+        sys.exit("GET /hub/login answered %d: %s" % (page.status_code, page.text[:2000]))
     r = s.post(
         url + "/hub/login",
         data={"username": name, "password": password, "_xsrf": xsrf(s)},
