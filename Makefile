@@ -13,7 +13,7 @@ CARGO    ?= cargo
 OUT      ?= out
 LABFORGE := target/release/labforge
 
-.PHONY: all host-deps build lint demo test test-kubernetes test-notebooks bench e2e-kubernetes kubernetes-release clean
+.PHONY: all host-deps build lint demo test test-deps test-kubernetes test-notebooks bench e2e-kubernetes kubernetes-release clean
 
 all: build
 
@@ -30,10 +30,15 @@ demo: host-deps build
 	$(LABFORGE) build images/demo.toml --out $(OUT)
 	target/release/labforge-vm $(OUT)/demo.img
 
-# The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests.
-test: host-deps build lint
-	@scripts/install-host-deps.sh $(TEST_PACKAGES)
+# The whole suite (what .ci/run calls): unit, property, CLI and QEMU scenario tests. The loopback
+# API server's Go fixture starts building in the background first (lowest CPU priority), beside
+# the Rust compile; the test that needs it waits for it.
+test: host-deps test-deps build lint
 	$(CARGO) test --release --workspace --no-fail-fast
+
+test-deps:
+	@scripts/install-host-deps.sh $(TEST_PACKAGES)
+	@scripts/fixture-early.sh
 
 # The real-Kubernetes room (qemu-tests/tests/real_cluster.rs): upstream Kubernetes built from
 # its Go modules (once per machine, cached by its inputs), then two PCs: an interrupted init, a
