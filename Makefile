@@ -36,7 +36,7 @@ demo: host-deps build
 test: host-deps test-deps build lint
 	$(CARGO) test --release --workspace --no-fail-fast
 
-test-deps:
+test-deps: host-deps
 	@scripts/install-host-deps.sh $(TEST_PACKAGES)
 	@scripts/fixture-early.sh
 

@@ -279,34 +279,38 @@ pub(super) fn with_mount<T>(
     }
     mount(Some(dev), dir.path(), Some(fstype), flags, data)
         .with_context(|| format!("mounting {} ({fstype})", dev.display()))?;
-    let out = f(dir.path());
+    // From here the directory is a mount point: its cleanup must never recurse into it (a
+    // panic in `f` unwinds past here), so it is removed by hand, and only once unmounted.
+    let dir = dir.keep();
+    let out = f(&dir);
     // Something that looked at a filesystem the moment it appeared can hold it for a moment
     // (seen once, on a state partition just made): try again for a while before failing.
     let mut tries = 0;
     loop {
-        match umount(dir.path()) {
+        match umount(&dir) {
             Ok(()) => break,
             Err(nix::errno::Errno::EBUSY) if tries < 40 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(250));
             }
             Err(e) => {
-                let held = holders(dir.path());
-                // Still mounted: the directory must not be emptied by its cleanup, which would
-                // reach into the filesystem.
-                let _ = dir.keep();
-                return Err(e).with_context(|| format!("unmounting {} ({held})", dev.display()));
+                let why = format!("unmounting {} ({})", dev.display(), holders(&dir));
+                return Err(match out {
+                    Ok(_) => anyhow::Error::new(e).context(why),
+                    Err(first) => first.context(why),
+                });
             }
         }
     }
     if tries > 0 {
         info!(device = %dev.display(), tries, "unmounted after it was busy for a moment");
     }
+    let _ = fs::remove_dir(&dir);
     out
 }
 
-/// Which processes have a file, a working directory or a root under `dir`, as
-/// "held by PID (COMM), ..." or "no process holds a file in it".
+/// Which processes have an open file, a working directory or a root under `dir`, as
+/// "held by PID (COMM), ..." (what it cannot see: memory maps, other mount namespaces).
 fn holders(dir: &Path) -> String {
     let mut found = Vec::new();
     for proc in fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -325,7 +329,7 @@ fn holders(dir: &Path) -> String {
         }
     }
     if found.is_empty() {
-        "no process holds a file in it".into()
+        "no open file, working directory or root of a process found in it".into()
     } else {
         format!("held by {}", found.join(", "))
     }
@@ -335,6 +339,56 @@ fn holders(dir: &Path) -> String {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// Mount points of `with_mount` still mounted (a tmpfs stands in for a new filesystem:
+    /// mounting needs root, as `make test` runs).
+    fn still_mounted() -> Vec<String> {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with("/run/labforge-install-"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_mount_is_undone_after_a_busy_moment_and_never_emptied_by_cleanup() {
+        assert!(nix::unistd::geteuid().is_root(), "this test mounts a tmpfs: run it as root (make test does)");
+        let before = still_mounted();
+        // Busy for a second when `f` returns (a file open in it): unmounted once it is closed,
+        // and the mount point removed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let used = with_mount(Path::new("tmpfs"), "tmpfs", false, |dir| {
+            let f = File::create(dir.join("held"))?;
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                drop(f);
+                tx.send(()).unwrap();
+            });
+            Ok(dir.to_path_buf())
+        })
+        .unwrap();
+        rx.recv().unwrap();
+        assert!(!used.exists(), "the mount point is removed");
+        assert_eq!(still_mounted(), before);
+        // A panic inside leaves the filesystem mounted with its files, never emptied.
+        let mut inside = None;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_mount(Path::new("tmpfs"), "tmpfs", false, |dir| {
+                fs::write(dir.join("written"), b"kept")?;
+                inside = Some(dir.to_path_buf());
+                panic!("a bug while the filesystem is mounted");
+                #[allow(unreachable_code)]
+                Ok(())
+            })
+        }));
+        assert!(caught.is_err());
+        let dir = inside.expect("mounted");
+        assert_eq!(fs::read(dir.join("written")).unwrap(), b"kept", "the cleanup did not reach into it");
+        nix::mount::umount(&dir).unwrap();
+        fs::remove_dir(&dir).unwrap();
+    }
 
     #[test]
     fn reads_the_gpt_disk_guid_as_sfdisk_wrote_it() {
