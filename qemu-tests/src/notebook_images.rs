@@ -6,7 +6,7 @@
 //!   Debian's `ensurepip` installs from, for `lab-env`), the shared objects they load, and the
 //!   host's static busybox as `sh` and the few tools the component's scripts use (and `ip`,
 //!   which jupyter-client runs to find the pod's address);
-//! - `jupyterhub`: JupyterHub with KubeSpawner; `configurable-http-proxy`: Node.js and the proxy;
+//! - `jupyterhub`: JupyterHub with KubeSpawner and its pages (`share/jupyterhub`); `configurable-http-proxy`: Node.js and the proxy;
 //! - `singleuser`: `jupyterhub-singleuser` with jupyter-server 2 (`HOME` is the mounted home;
 //!   the hub's is its database volume, the others' `/tmp`: the roster's uids have no name);
 //! - `enterprise-gateway`: Enterprise Gateway 3.3.0 (jupyter-server 1), which also runs the
@@ -234,7 +234,15 @@ pub fn notebook_images() -> Result<Vec<OciImage>> {
     let lang = "LANG=C.UTF-8";
 
     let mut t = Tree::new();
-    t.venv_packages(&venv_of(&hub.python)?)?;
+    let hub_venv = venv_of(&hub.python)?;
+    t.venv_packages(&hub_venv)?;
+    // The hub's pages and their static files: JupyterHub looks for `share/jupyterhub` above its
+    // package, so `/usr/local/share/jupyterhub` (without them every page is a 500).
+    let share = hub_venv.join("share/jupyterhub");
+    if !share.join("templates/login.html").is_file() {
+        bail!("{} has no templates/login.html: the hub fixture's venv is incomplete", share.display());
+    }
+    t.host_tree(&share, "usr/local/share/jupyterhub", &|_| false)?;
     let hub_image = image("jupyterhub", t.finish()?, &["jupyterhub"], &[lang, "HOME=/srv/jupyterhub"])?;
 
     let mut t = Tree::new();

@@ -56,6 +56,11 @@ fn the_notebook_images_run_on_their_own() -> Result<()> {
         &[
             ("jupyterhub --version", "5.3.0"),
             ("python3 -c 'import kubespawner, kubernetes_asyncio, sqlalchemy; print(\"hub-ok\")'", "hub-ok"),
+            // The hub finds its pages where it looks for them (a missing template is a 500).
+            (
+                "python3 -c 'from jupyterhub._data import DATA_FILES_PATH as d; import os; print(d, os.path.isfile(d + \"/templates/login.html\"))'",
+                "/usr/local/share/jupyterhub True",
+            ),
         ],
         &[("configurable-http-proxy --version", "4.6.3")],
         &[
