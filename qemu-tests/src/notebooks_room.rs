@@ -192,13 +192,28 @@ impl Room {
 }
 
 /// Builds the notebooks image, brings up its room and runs `f` in it; on failure the node's
-/// journal and the notebooks pods' logs are kept (see [`Room::journal`]).
+/// journal and the notebooks pods' logs are kept (see [`Room::journal`]). With
+/// `LABFORGE_KEEP_ROOM` set, a failed room stays up (its VM and LAN) until the file `release`
+/// appears in its directory, so the rest of a 40-minute boot can be looked at by hand.
 pub fn in_room<T>(f: impl FnOnce(&mut Room) -> Result<T>) -> Result<T> {
     let built = crate::kubernetes::notebooks_test_image()?;
     let mut room = Room::new(&built)?;
     let result = f(&mut room);
-    if result.is_err() {
+    if let Err(e) = &result {
         room.journal();
+        if std::env::var_os("LABFORGE_KEEP_ROOM").is_some() && room.vm.is_some() {
+            let release = room.dir.join("release");
+            eprintln!(
+                "notebooks room: failed ({e:#}); kept up at {} in netns {} until {} exists",
+                room.remote.addr,
+                room.remote.lan.ns,
+                release.display()
+            );
+            while !release.exists() {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            let _ = std::fs::remove_file(release);
+        }
     }
     result
 }
