@@ -80,7 +80,7 @@ impl Cluster {
 
     /// True (and reported in `phase`) while the preloaded images are still being imported.
     fn images_pending(&mut self, phase: Phase) -> bool {
-        match plan::awaiting_images(&self.links.report.snapshot().preload) {
+        match plan::awaiting_images(&self.links.report.snapshot().preload, phase == Phase::Initialising) {
             Some(message) => {
                 self.set_phase(phase, &message);
                 true

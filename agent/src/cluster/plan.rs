@@ -167,12 +167,21 @@ pub fn ready_message(leading: bool, kubernetes: bool) -> &'static str {
 
 /// Why kubeadm must wait for the preloaded images, if it must: they are still going into
 /// containerd (kubeadm would try to pull what is missing, and a lab node has no registry).
-/// Failed imports do not hold kubeadm back: it then names the missing image itself.
-pub fn awaiting_images(p: &crate::preload::PreloadStatus) -> Option<String> {
+/// `kubeadm init` waits only for the ones it needs (the control plane's and the sandbox, first
+/// in the layout): the stack's keep coming in while it runs, and the stack waits for them. A
+/// join waits for every image: once its node is Ready, the scheduler sends it pods whose images
+/// must be there. Failed imports do not hold kubeadm back: it then names the missing image itself.
+pub fn awaiting_images(p: &crate::preload::PreloadStatus, init: bool) -> Option<String> {
     use crate::preload::PreloadState;
-    matches!(p.state, PreloadState::Waiting | PreloadState::Importing).then(|| {
+    let busy = match p.state {
+        PreloadState::Waiting => true,
+        PreloadState::Importing => !(init && p.kubeadm_ready),
+        _ => false,
+    };
+    busy.then(|| {
+        let which = if init { "the preloaded images kubeadm needs" } else { "the preloaded images" };
         format!(
-            "waiting for the preloaded images to be in containerd ({} of {}) before kubeadm runs",
+            "waiting for {which} to be in containerd ({} of {} images in) before kubeadm runs",
             p.imported + p.present,
             p.total
         )
@@ -227,11 +236,20 @@ mod tests {
     fn kubeadm_waits_for_the_preloaded_images() {
         use crate::preload::{PreloadState, PreloadStatus};
         let p = |state| PreloadStatus { state, total: 8, imported: 3, present: 1, ..Default::default() };
-        assert!(awaiting_images(&p(PreloadState::Importing)).is_some_and(|m| m.contains("4 of 8")));
-        assert!(awaiting_images(&p(PreloadState::Waiting)).is_some());
-        for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
-            assert_eq!(awaiting_images(&p(go)), None, "{go:?}");
+        for init in [true, false] {
+            assert!(awaiting_images(&p(PreloadState::Importing), init).is_some_and(|m| m.contains("4 of 8")));
+            assert!(awaiting_images(&p(PreloadState::Waiting), init).is_some());
+            for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
+                assert_eq!(awaiting_images(&p(go), init), None, "{go:?}");
+            }
         }
+        // Once kubeadm's own images are through, init goes while the stack's keep coming in;
+        // a join still waits for every image (its node would be sent pods at once).
+        let through = PreloadStatus { kubeadm_ready: true, ..p(PreloadState::Importing) };
+        assert_eq!(awaiting_images(&through, true), None);
+        assert!(awaiting_images(&through, false).is_some());
+        let containerd_down = PreloadStatus { kubeadm_ready: true, ..p(PreloadState::Waiting) };
+        assert!(awaiting_images(&containerd_down, true).is_some());
     }
 
     #[test]

@@ -140,6 +140,12 @@ pub struct PreloadStatus {
     /// Blobs fetched from `source` this boot (each checked against its digest).
     #[serde(default)]
     pub fetched: u64,
+    /// The images kubeadm needs (the layout's first `kubeadm_images`) are through this round:
+    /// kubeadm may start while the rest are imported.
+    #[serde(default)]
+    pub kubeadm_images: usize,
+    #[serde(default)]
+    pub kubeadm_ready: bool,
 }
 
 crate::wire_enum! {
@@ -169,6 +175,8 @@ impl Default for PreloadStatus {
             rounds: 0,
             source: None,
             fetched: 0,
+            kubeadm_images: 0,
+            kubeadm_ready: false,
         }
     }
 }
@@ -186,6 +194,15 @@ pub struct Entry {
     pub digest: String,
     media_type: String,
     size: u64,
+    /// Needed before kubeadm runs (the builder marks the sandbox image and kubeadm's list).
+    pub cluster: bool,
+}
+
+/// How many of the layout's first entries kubeadm needs: up to the last one marked, or all of
+/// them when none is (a layout from a builder that did not mark them, or without kubeadm's
+/// list: kubeadm would pull whatever is missing, and a lab has no registry).
+pub fn kubeadm_needs(entries: &[Entry]) -> usize {
+    entries.iter().rposition(|e| e.cluster).map_or(entries.len(), |i| i + 1)
 }
 
 /// The layout's images in import order (the builder puts the sandbox image first).
@@ -206,6 +223,7 @@ pub fn read_layout(dir: &Path) -> Result<Vec<Entry>> {
             digest: m["digest"].as_str().context("a preloaded image without a digest")?.to_string(),
             media_type: m["mediaType"].as_str().unwrap_or("application/vnd.oci.image.manifest.v1+json").to_string(),
             size: m["size"].as_u64().unwrap_or(0),
+            cluster: m["annotations"][labforge_core::layout::PRELOAD_CLUSTER_ANNOTATION].as_str() == Some("true"),
         });
     }
     Ok(out)
@@ -453,6 +471,8 @@ pub fn round(
 ) -> PreloadStatus {
     status.rounds += 1;
     status.total = entries.len();
+    status.kubeadm_images = kubeadm_needs(entries);
+    status.kubeadm_ready = status.kubeadm_images == 0;
     status.source = source.remote.clone();
     status.failed.clear();
     status.present = 0;
@@ -478,7 +498,9 @@ pub fn round(
         }
     }
     status.state = PreloadState::Importing;
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
+        // Every image kubeadm needs went through (in, or failed: kubeadm then names it).
+        status.kubeadm_ready |= i >= status.kubeadm_images;
         if have.get(&e.name) == Some(&e.digest) {
             status.present += 1;
             continue;
@@ -508,6 +530,7 @@ pub fn round(
             }
         }
     }
+    status.kubeadm_ready = true;
     status.state = if status.failed.is_empty() { PreloadState::Done } else { PreloadState::Retrying };
     status
 }
@@ -547,7 +570,13 @@ mod tests {
         let pending = d.path().join(PENDING_FILE);
         let durable = Durability { pending: &pending, containerd_root: d.path() };
         assert_eq!(durable.interrupted(), None, "nothing pending on a fresh node");
-        let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
+        let e = Entry {
+            name: "r/app:1".into(),
+            digest: "sha256:01".into(),
+            media_type: "m".into(),
+            size: 1,
+            cluster: false,
+        };
         durable.start(&e).unwrap();
         // A power cut here: the next boot finds the import it must not trust.
         assert_eq!(durable.interrupted(), Some(Pending { name: "r/app:1".into(), digest: "sha256:01".into() }));
@@ -562,7 +591,13 @@ mod tests {
     fn an_unreachable_containerd_is_reported_and_retried_not_skipped() {
         let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
         assert!(!c.ready());
-        let e = Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1 };
+        let e = Entry {
+            name: "r/app:1".into(),
+            digest: "sha256:01".into(),
+            media_type: "m".into(),
+            size: 1,
+            cluster: false,
+        };
         let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), None, &mut |_| {});
         assert_eq!(s.state, PreloadState::Retrying);
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
@@ -583,6 +618,29 @@ mod tests {
         .unwrap();
         let v = read_layout(d.path()).unwrap();
         assert_eq!(v.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["r/pause:3", "r/app:1"]);
+        assert_eq!(kubeadm_needs(&v), 2, "nothing marked: kubeadm waits for every image");
+    }
+
+    #[test]
+    fn kubeadm_needs_the_marked_images_at_the_front() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(
+            d.path().join("index.json"),
+            r#"{"schemaVersion":2,"manifests":[
+                {"mediaType":"m","digest":"sha256:01","size":3,"annotations":{"io.containerd.image.name":"r/pause:3","dev.labforge.preload.cluster":"true"}},
+                {"mediaType":"m","digest":"sha256:02","size":3,"annotations":{"io.containerd.image.name":"r/etcd:3","dev.labforge.preload.cluster":"true"}},
+                {"mediaType":"m","digest":"sha256:03","size":4,"annotations":{"io.containerd.image.name":"r/hub:1"}},
+                {"mediaType":"m","digest":"sha256:04","size":4,"annotations":{"io.containerd.image.name":"r/lab:1","dev.labforge.preload.cluster":"false"}}]}"#,
+        )
+        .unwrap();
+        let v = read_layout(d.path()).unwrap();
+        assert_eq!(v.iter().map(|e| e.cluster).collect::<Vec<_>>(), [true, true, false, false]);
+        assert_eq!(kubeadm_needs(&v), 2);
+        // One marked late (a hand-made layout) holds kubeadm back until it is through.
+        let mut late = v.clone();
+        late[3].cluster = true;
+        assert_eq!(kubeadm_needs(&late), 4);
+        assert_eq!(kubeadm_needs(&[]), 0);
     }
 
     /// A layout with one image (config `{}`, one layer with a hole, as blobs in the image's
@@ -610,7 +668,16 @@ mod tests {
         )
         .as_bytes());
         put(b"not this");
-        (Entry { name: "r/app:1".into(), digest: format!("sha256:{m}"), media_type: "m".into(), size: 10 }, l)
+        (
+            Entry {
+                name: "r/app:1".into(),
+                digest: format!("sha256:{m}"),
+                media_type: "m".into(),
+                size: 10,
+                cluster: false,
+            },
+            l,
+        )
     }
 
     fn archive_names(buf: &[u8]) -> Vec<String> {

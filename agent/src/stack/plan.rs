@@ -80,6 +80,21 @@ pub fn step(c: &Input, memory: &Memory, ready: &BTreeMap<String, bool>) -> Step 
     }
 }
 
+/// Why the stack waits for the preloaded images, if it does: they are still going into
+/// containerd (kubeadm starts once its own are in; the components' come after). Failed imports
+/// do not hold it back: the component's readiness then shows the pod that cannot start, and
+/// the preload section names the image.
+pub fn images_pending(p: &crate::preload::PreloadStatus) -> Option<String> {
+    use crate::preload::PreloadState;
+    matches!(p.state, PreloadState::Waiting | PreloadState::Importing).then(|| {
+        format!(
+            "waiting for the preloaded images to be in containerd ({} of {} in) before applying the stack",
+            p.imported + p.present,
+            p.total
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +131,23 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_secs(10));
         assert_eq!(backoff(2), Duration::from_secs(20));
         assert_eq!(backoff(30), Duration::from_secs(600), "never more than 10 minutes");
+    }
+
+    #[test]
+    fn the_stack_waits_for_its_images_not_for_failed_ones() {
+        use crate::preload::{PreloadState, PreloadStatus};
+        let p = |state| PreloadStatus {
+            state,
+            total: 9,
+            imported: 5,
+            present: 1,
+            kubeadm_ready: true,
+            ..Default::default()
+        };
+        assert!(images_pending(&p(PreloadState::Importing)).is_some_and(|m| m.contains("6 of 9")));
+        assert!(images_pending(&p(PreloadState::Waiting)).is_some());
+        for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
+            assert_eq!(images_pending(&p(go)), None, "{go:?}");
+        }
     }
 }

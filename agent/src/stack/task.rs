@@ -79,15 +79,16 @@ pub async fn run(report: Report, settings: Settings, mut view: watch::Receiver<C
         let ready = report.snapshot().kube_api.is_some_and(|k| {
             k.node_ready == Some(true) && !k.control_plane.is_empty() && k.control_plane.iter().all(|p| p.ready)
         });
-        if !(leading && ready) {
+        // kubeadm starts once its own images are in; the components' keep coming in meanwhile,
+        // and a pod whose image is not in yet would go to a registry the lab does not have.
+        let images = plan::images_pending(&report.snapshot().preload);
+        if !(leading && ready && images.is_none()) {
             kube = None;
             if leading {
-                publish(
-                    &report,
-                    "waiting",
-                    "waiting for the API server to report this node and its kube-system pods Ready",
-                    &statuses,
-                );
+                let why = images.filter(|_| ready).unwrap_or_else(|| {
+                    "waiting for the API server to report this node and its kube-system pods Ready".into()
+                });
+                publish(&report, "waiting", &why, &statuses);
             } else {
                 // Only the master applies a stack: on any other node there is none to report
                 // (a worker's metrics would otherwise say every component is not ready).

@@ -101,6 +101,9 @@ pub struct Plan {
     pub binaries: Vec<kubebin::Pinned>,
     /// The stack's components in the order the master applies them, rendered and checked.
     pub stack: Vec<labforge_core::stack::ResolvedComponent>,
+    /// The preloaded images kubeadm itself named (`kubeadm config images list`): a node
+    /// imports them first and starts kubeadm once they are in (see `preload::import_order`).
+    pub cluster_images: Vec<String>,
 }
 
 impl Plan {
@@ -136,12 +139,14 @@ impl Plan {
                 spec.kubernetes.version
             );
         }
+        let mut cluster_images = Vec::new();
         if spec.kubernetes.enabled && ask_kubeadm {
             // The control plane's images, as the image's own kubeadm names them, join the
             // preload set (after the spec's own, without repeats).
-            for r in kubebin::control_plane_images(&spec.kubernetes, &binaries, &opts.cache_dir)? {
-                if !spec.preload.iter().any(|p| p.reference == r) {
-                    spec.preload.push(spec::Preload { reference: r });
+            cluster_images = kubebin::control_plane_images(&spec.kubernetes, &binaries, &opts.cache_dir)?;
+            for r in &cluster_images {
+                if !spec.preload.iter().any(|p| &p.reference == r) {
+                    spec.preload.push(spec::Preload { reference: r.clone() });
                 }
             }
         }
@@ -199,6 +204,9 @@ impl Plan {
         for (r, d) in &preload {
             h.update(format!("preload\0{r}\0{d}\0"));
         }
+        for r in &cluster_images {
+            h.update(format!("cluster-image\0{r}\0"));
+        }
         for b in &binaries {
             h.update(format!("binary\0{}\0{}\0", b.url, b.sha256));
         }
@@ -219,6 +227,7 @@ impl Plan {
             registry,
             binaries,
             stack: stack_components,
+            cluster_images,
         })
     }
 
@@ -396,7 +405,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     if !plan.stack.is_empty() {
         stages.run("stack", "writing the stack's components", || stack::install(&root, &plan.stack, &spec.lab))?;
     }
-    let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root));
+    let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root), &plan.cluster_images);
     if let Some(reg) = &plan.registry {
         stages
             .run("preload", "writing the preloaded images", || preload::write_layout(&root, &preloaded, reg.cache()))?;
@@ -474,7 +483,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
         stages.timings.clone(),
         started.elapsed().as_secs_f64(),
     );
-    manifest.preload = preloaded.iter().map(Into::into).collect();
+    manifest.preload = preloaded.iter().map(|p| (&p.image).into()).collect();
     manifest.stack = plan.stack.iter().map(Into::into).collect();
     let staged_manifest = staging.path().join(plan.manifest_file());
     fs::write(&staged_manifest, serde_json::to_vec_pretty(&manifest)?)?;
