@@ -370,12 +370,14 @@ impl std::fmt::Display for Status {
         let p = &self.preload;
         writeln!(
             f,
-            "preload  {} ({} of {} imported this boot, {} already present, {} failed)",
+            "preload  {} ({} of {} imported this boot, {} already present, {} failed; kubeadm's {}: {})",
             p.state,
             p.imported,
             p.total,
             p.present,
-            p.failed.len()
+            p.failed.len(),
+            p.kubeadm_images,
+            if p.kubeadm_ready { "through" } else { "not yet" }
         )?;
         if let Some(src) = &p.source {
             writeln!(f, "         {} blobs fetched from {src}", p.fetched)?;

@@ -45,7 +45,9 @@ const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 /// Where the fixture is built: `<cache>/fixtures/kubernetes-<version>` (`LABFORGE_CACHE_DIR`,
 /// else labforge's default cache dir), shared by every checkout on the machine.
 pub fn fixture_dir() -> PathBuf {
+    // Set but empty counts as unset, as `scripts/fixture-early.sh` reads it.
     std::env::var_os("LABFORGE_CACHE_DIR")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(labforge::build::default_cache_dir)
         .join("fixtures")
@@ -1001,4 +1003,29 @@ pub fn rook_examples() -> Result<PathBuf> {
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("go mod download -json")?;
     let dir = info["Dir"].as_str().context("go mod download named no Dir")?;
     Ok(Path::new(dir).join("deploy/examples"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// `build.sh` builds what these constants name (the fixture's directory, the images'
+    /// tags): one changed without the other would build one version and look for another.
+    #[test]
+    fn build_sh_pins_the_versions_this_module_names() {
+        let script = std::fs::read_to_string(crate::workspace_root().join("qemu-tests/fixtures/kubernetes/build.sh"))
+            .expect("reading build.sh");
+        let pin = |name: &str| {
+            script
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("build.sh sets no {name}"))
+                .trim()
+                .to_string()
+        };
+        assert_eq!(pin("K8S_VERSION"), super::VERSION);
+        assert_eq!(pin("CNI_PLUGINS_VERSION"), super::CNI_VERSION);
+        assert_eq!(format!("{}-0", pin("ETCD_VERSION").trim_start_matches('v')), super::ETCD_TAG);
+        assert_eq!(pin("COREDNS_VERSION"), super::COREDNS_TAG);
+        assert_eq!(pin("LOCAL_PATH_PROVISIONER_VERSION"), super::LOCAL_PATH_PROVISIONER_TAG);
+        assert_eq!(pin("KUBE_STATE_METRICS_VERSION"), super::KUBE_STATE_METRICS_TAG);
+    }
 }

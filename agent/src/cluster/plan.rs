@@ -170,21 +170,23 @@ pub fn ready_message(leading: bool, kubernetes: bool) -> &'static str {
 /// `kubeadm init` waits only for the ones it needs (the control plane's and the sandbox, first
 /// in the layout): the stack's keep coming in while it runs, and the stack waits for them. A
 /// join waits for every image: once its node is Ready, the scheduler sends it pods whose images
-/// must be there. Failed imports do not hold kubeadm back: it then names the missing image itself.
+/// must be there. Failed imports do not hold kubeadm back (it then names the missing image
+/// itself); a round that could not even ask containerd what it holds does.
 pub fn awaiting_images(p: &crate::preload::PreloadStatus, init: bool) -> Option<String> {
     use crate::preload::PreloadState;
     let busy = match p.state {
         PreloadState::Waiting => true,
-        PreloadState::Importing => !(init && p.kubeadm_ready),
+        PreloadState::Importing if !init => true,
+        PreloadState::Importing | PreloadState::Retrying if init => !p.kubeadm_ready,
         _ => false,
     };
     busy.then(|| {
-        let which = if init { "the preloaded images kubeadm needs" } else { "the preloaded images" };
-        format!(
-            "waiting for {which} to be in containerd ({} of {} images in) before kubeadm runs",
-            p.imported + p.present,
-            p.total
-        )
+        let (which, done, of) = if init {
+            ("the preloaded images kubeadm needs", (p.imported + p.present).min(p.kubeadm_images), p.kubeadm_images)
+        } else {
+            ("the preloaded images", p.imported + p.present, p.total)
+        };
+        format!("waiting for {which} to be in containerd ({done} of {of} in) before kubeadm runs")
     })
 }
 
@@ -235,21 +237,26 @@ mod tests {
     #[test]
     fn kubeadm_waits_for_the_preloaded_images() {
         use crate::preload::{PreloadState, PreloadStatus};
-        let p = |state| PreloadStatus { state, total: 8, imported: 3, present: 1, ..Default::default() };
+        let p =
+            |state| PreloadStatus { state, total: 8, imported: 3, present: 1, kubeadm_images: 5, ..Default::default() };
+        assert!(awaiting_images(&p(PreloadState::Importing), true).is_some_and(|m| m.contains("(4 of 5 in)")));
+        assert!(awaiting_images(&p(PreloadState::Importing), false).is_some_and(|m| m.contains("(4 of 8 in)")));
         for init in [true, false] {
-            assert!(awaiting_images(&p(PreloadState::Importing), init).is_some_and(|m| m.contains("4 of 8")));
             assert!(awaiting_images(&p(PreloadState::Waiting), init).is_some());
-            for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
+            for go in [PreloadState::None, PreloadState::Done, PreloadState::Failed] {
                 assert_eq!(awaiting_images(&p(go), init), None, "{go:?}");
             }
         }
         // Once kubeadm's own images are through, init goes while the stack's keep coming in;
         // a join still waits for every image (its node would be sent pods at once).
-        let through = PreloadStatus { kubeadm_ready: true, ..p(PreloadState::Importing) };
-        assert_eq!(awaiting_images(&through, true), None);
-        assert!(awaiting_images(&through, false).is_some());
-        let containerd_down = PreloadStatus { kubeadm_ready: true, ..p(PreloadState::Waiting) };
-        assert!(awaiting_images(&containerd_down, true).is_some());
+        let through = |state| PreloadStatus { kubeadm_ready: true, ..p(state) };
+        assert_eq!(awaiting_images(&through(PreloadState::Importing), true), None);
+        assert!(awaiting_images(&through(PreloadState::Importing), false).is_some());
+        assert!(awaiting_images(&through(PreloadState::Waiting), true).is_some(), "containerd is down");
+        // A failed import does not hold kubeadm back; a round that never got to the images does.
+        assert_eq!(awaiting_images(&through(PreloadState::Retrying), true), None);
+        assert_eq!(awaiting_images(&through(PreloadState::Retrying), false), None);
+        assert!(awaiting_images(&p(PreloadState::Retrying), true).is_some());
     }
 
     #[test]

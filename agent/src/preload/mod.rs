@@ -140,10 +140,11 @@ pub struct PreloadStatus {
     /// Blobs fetched from `source` this boot (each checked against its digest).
     #[serde(default)]
     pub fetched: u64,
-    /// The images kubeadm needs (the layout's first `kubeadm_images`) are through this round:
-    /// kubeadm may start while the rest are imported.
+    /// How many of the layout's first images kubeadm needs (see [`kubeadm_needs`]).
     #[serde(default)]
     pub kubeadm_images: usize,
+    /// This round went past them (each in, or failed: kubeadm then names it): `kubeadm init`
+    /// may start while the rest are imported.
     #[serde(default)]
     pub kubeadm_ready: bool,
 }

@@ -33,7 +33,12 @@ pub async fn run(report: Report, state_dir: PathBuf, cmdline: String) -> Result<
         }
     };
     super::link_layout(&state_dir);
-    let mut status = PreloadStatus { state: PreloadState::Waiting, total: entries.len(), ..Default::default() };
+    let mut status = PreloadStatus {
+        state: PreloadState::Waiting,
+        total: entries.len(),
+        kubeadm_images: super::kubeadm_needs(&entries),
+        ..Default::default()
+    };
     report.update(|s| s.preload = status.clone());
     let mut failed_rounds = 0;
     loop {

@@ -80,13 +80,19 @@ pub fn step(c: &Input, memory: &Memory, ready: &BTreeMap<String, bool>) -> Step 
     }
 }
 
-/// Why the stack waits for the preloaded images, if it does: they are still going into
-/// containerd (kubeadm starts once its own are in; the components' come after). Failed imports
-/// do not hold it back: the component's readiness then shows the pod that cannot start, and
-/// the preload section names the image.
+/// Why the stack waits for the preloaded images, if it does: this boot's first round is still
+/// putting them into containerd (kubeadm starts once its own are in; the components' come
+/// after, and a pod whose image is missing would go to a registry the lab does not have).
+/// Failed imports do not hold it back, nor do the rounds that retry them: the component's
+/// readiness then shows the pod that cannot start, and the preload section names the image.
 pub fn images_pending(p: &crate::preload::PreloadStatus) -> Option<String> {
     use crate::preload::PreloadState;
-    matches!(p.state, PreloadState::Waiting | PreloadState::Importing).then(|| {
+    let first_round = match p.state {
+        PreloadState::Waiting => true,
+        PreloadState::Importing => p.rounds <= 1,
+        _ => false,
+    };
+    first_round.then(|| {
         format!(
             "waiting for the preloaded images to be in containerd ({} of {} in) before applying the stack",
             p.imported + p.present,
@@ -136,18 +142,14 @@ mod tests {
     #[test]
     fn the_stack_waits_for_its_images_not_for_failed_ones() {
         use crate::preload::{PreloadState, PreloadStatus};
-        let p = |state| PreloadStatus {
-            state,
-            total: 9,
-            imported: 5,
-            present: 1,
-            kubeadm_ready: true,
-            ..Default::default()
-        };
-        assert!(images_pending(&p(PreloadState::Importing)).is_some_and(|m| m.contains("6 of 9")));
-        assert!(images_pending(&p(PreloadState::Waiting)).is_some());
+        let p =
+            |state, rounds| PreloadStatus { state, rounds, total: 9, imported: 5, present: 1, ..Default::default() };
+        assert!(images_pending(&p(PreloadState::Importing, 1)).is_some_and(|m| m.contains("6 of 9")));
+        assert!(images_pending(&p(PreloadState::Waiting, 0)).is_some());
         for go in [PreloadState::None, PreloadState::Done, PreloadState::Retrying, PreloadState::Failed] {
-            assert_eq!(images_pending(&p(go)), None, "{go:?}");
+            assert_eq!(images_pending(&p(go, 1)), None, "{go:?}");
         }
+        // The rounds retrying a failed image do not take the stack down each time.
+        assert_eq!(images_pending(&p(PreloadState::Importing, 2)), None);
     }
 }

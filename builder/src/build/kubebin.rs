@@ -210,10 +210,26 @@ fn fetch(http: &reqwest::blocking::Client, p: &Pinned, to: &Path) -> Result<()> 
 pub fn control_plane_images(k: &KubernetesSpec, pins: &[Pinned], cache: &Path) -> Result<Vec<String>> {
     let Some(kubeadm) = pins.iter().find(|p| p.name == "kubeadm") else { return Ok(Vec::new()) };
     let cached = fetch_all(std::slice::from_ref(kubeadm), cache)?.remove(0);
-    // The cache keeps files 0600; run a private executable copy.
+    list_images(&cached, k)
+}
+
+/// The same list from the kubeadm a root filesystem carries (`[kubernetes] source =
+/// "packages"`: the distribution's or the apt repository's kubeadm), or none when it has no
+/// kubeadm. The build uses it to mark the control plane's images in the layout.
+pub fn images_of_root(root: &Path, k: &KubernetesSpec) -> Result<Vec<String>> {
+    let kubeadm = root.join("usr/bin/kubeadm");
+    if !kubeadm.is_file() {
+        return Ok(Vec::new());
+    }
+    list_images(&kubeadm, k)
+}
+
+/// Runs a private executable copy of `kubeadm` (the cache keeps files 0600; a root
+/// filesystem's is not ours to run in place) as `config images list`.
+fn list_images(kubeadm: &Path, k: &KubernetesSpec) -> Result<Vec<String>> {
     let dir = tempfile::tempdir().context("making a directory to run kubeadm from")?;
     let exe = dir.path().join("kubeadm");
-    fs::copy(&cached, &exe).with_context(|| format!("copying {}", cached.display()))?;
+    fs::copy(kubeadm, &exe).with_context(|| format!("copying {}", kubeadm.display()))?;
     fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let exe_path = exe.to_str().context("a temporary path that is not UTF-8")?;
     let mut cmd = Cmd::new(exe_path).args(["config", "images", "list", "--kubernetes-version", &k.version]);

@@ -65,9 +65,11 @@ pub fn secret_file_name(image: &str) -> String {
 
 /// Default cache dir: `$XDG_CACHE_HOME/labforge` or `~/.cache/labforge`.
 pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
+    // Set but empty counts as unset (the XDG base directory rule).
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    set("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .or_else(|| set("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"))
         .join("labforge")
 }
@@ -405,7 +407,19 @@ pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     if !plan.stack.is_empty() {
         stages.run("stack", "writing the stack's components", || stack::install(&root, &plan.stack, &spec.lab))?;
     }
-    let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root), &plan.cluster_images);
+    // Packages: the list comes from the kubeadm the packages installed (the pinned one's was
+    // asked at plan time). Without one, nothing is marked and kubeadm waits for every image.
+    let cluster_images = if plan.cluster_images.is_empty() && spec.kubernetes.enabled && !pulled.is_empty() {
+        kubebin::images_of_root(&root, &spec.kubernetes).unwrap_or_else(|e| {
+            tracing::warn!(
+                "the image's kubeadm did not list its images ({e:#}): kubeadm will wait for every preloaded image"
+            );
+            Vec::new()
+        })
+    } else {
+        plan.cluster_images.clone()
+    };
+    let preloaded = preload::import_order(&pulled, &preload::sandbox_image(&root), &cluster_images);
     if let Some(reg) = &plan.registry {
         stages
             .run("preload", "writing the preloaded images", || preload::write_layout(&root, &preloaded, reg.cache()))?;

@@ -202,3 +202,27 @@ fn the_control_plane_images_are_what_the_pinned_kubeadm_lists() {
     assert!(parse_image_list("\n").is_err(), "an empty list is an error");
     assert!(parse_image_list("registry.k8s.io/pause:3.10.2\nW1202 warning: something\n").is_err());
 }
+
+#[test]
+fn a_root_filesystems_kubeadm_names_the_control_plane_images() {
+    let root = tempfile::tempdir().unwrap();
+    let k = KubernetesSpec { enabled: true, version: "v1.36.5".into(), ..Default::default() };
+    assert!(images_of_root(root.path(), &k).unwrap().is_empty(), "no kubeadm in the image: nothing to mark");
+    let bin = root.path().join("usr/bin");
+    fs::create_dir_all(&bin).unwrap();
+    let script = "#!/bin/sh\n[ \"$1 $2 $3 $4 $5\" = \"config images list --kubernetes-version v1.36.5\" ] || exit 3\n\
+                  repo=registry.k8s.io; [ \"$6\" = --image-repository ] && repo=$7\n\
+                  echo $repo/kube-apiserver:$5; echo $repo/pause:3.10.2\n";
+    fs::write(bin.join("kubeadm"), script).unwrap();
+    // Installed as the package left it (not ours to chmod): a private copy runs.
+    fs::set_permissions(bin.join("kubeadm"), fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        images_of_root(root.path(), &k).unwrap(),
+        ["registry.k8s.io/kube-apiserver:v1.36.5", "registry.k8s.io/pause:3.10.2"]
+    );
+    let site = KubernetesSpec { image_repository: "registry.lab:5000/k8s".into(), ..k.clone() };
+    assert_eq!(images_of_root(root.path(), &site).unwrap()[0], "registry.lab:5000/k8s/kube-apiserver:v1.36.5");
+    let other = KubernetesSpec { version: "v1.35.0".into(), ..k };
+    let err = format!("{:#}", images_of_root(root.path(), &other).unwrap_err());
+    assert!(err.contains("v1.35.0"), "{err}");
+}
