@@ -152,16 +152,25 @@ impl Room {
             let r = self.hub_api(token, "POST", &format!("{path}/server"), Some(&json!({"profile": project})))?;
             assert!(r["status"] == 201 || r["status"] == 202, "{user}'s server in {project}: {r}");
         }
-        // Every second: the benchmark's login figure is taken here.
-        poll(&format!("{user}'s server ready"), SETTLE, Duration::from_secs(1), || {
+        // Every second: the benchmark's login figure is taken here. A server that was pending
+        // and is gone failed to start (the hub gave up and deleted its pod): said at once.
+        let mut seen = false;
+        let gone = poll(&format!("{user}'s server ready"), SETTLE, Duration::from_secs(1), || {
             let m = self.hub_api(token, "GET", &path, None).map_err(|e| format!("{e:#}"))?;
             match &m["body"]["servers"][""] {
-                s if s["ready"] == true => Ok(()),
-                Value::Null => Err(format!("no server (it failed?): {m}")),
-                s => Err(format!("pending: {s}")),
+                s if s["ready"] == true => Ok(None),
+                Value::Null if seen => Ok(Some(format!("{user}'s server stopped before it was ready: {m}"))),
+                Value::Null => Err(format!("no server yet: {m}")),
+                s => {
+                    seen = true;
+                    Err(format!("pending: {s}"))
+                }
             }
         })
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.pods_of(project)))?;
+        if let Some(why) = gone {
+            bail!("{why}\n{}", self.pods_of(project));
+        }
         Ok(started.elapsed())
     }
 
