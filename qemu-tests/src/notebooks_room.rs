@@ -207,7 +207,15 @@ impl Room {
 pub fn in_room<T>(f: impl FnOnce(&mut Room) -> Result<T>) -> Result<T> {
     let built = crate::kubernetes::notebooks_test_image()?;
     let mut room = Room::new(&built)?;
-    let result = f(&mut room);
+    // A failed assertion counts as a failure too (the room's logs kept, the room kept up).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut room))).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(anyhow::anyhow!("{what}"))
+    });
     if let Err(e) = &result {
         room.journal();
         if std::env::var_os("LABFORGE_KEEP_ROOM").is_some() && room.vm.is_some() {

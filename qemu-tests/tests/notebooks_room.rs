@@ -70,8 +70,10 @@ fn scenario(room: &mut Room) -> Result<()> {
     eprintln!("notebooks room: login to alice's server ready in {:.0?} (first start)", login.elapsed());
     eprintln!("notebooks room: (the server's start alone: {to_ready:.0?})");
     let pod: Value = serde_json::from_str(&room.kubectl("-n lab-p1 get pod notebook-alice -o json", "")?)?;
-    let sc = &pod["spec"]["securityContext"];
+    // KubeSpawner sets the user on the container (as the loopback test checks).
+    let sc = &pod["spec"]["containers"][0]["securityContext"];
     assert_eq!((sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()), (Some(2001), Some(2001)), "{sc}");
+    assert_eq!(sc["runAsNonRoot"], true, "{sc}");
     let res = &pod["spec"]["containers"][0]["resources"];
     let cpu = |v: &Value| labforge_core::lab::cpu(v.as_str().unwrap_or("")).unwrap_or(0);
     let mem = |v: &Value| labforge_core::lab::memory(v.as_str().unwrap_or("")).unwrap_or(0);
@@ -139,7 +141,11 @@ fn scenario(room: &mut Room) -> Result<()> {
     let greedy: Value = serde_json::from_str(greedy.trim())?;
     assert_eq!(greedy["status"], 201, "{greedy}\n{}", room.pods_of("p1"));
     let gid = greedy["body"]["id"].as_str().context("a kernel id")?;
-    let gpod: Value = serde_json::from_str(&room.kubectl(&format!("-n lab-p1 get pod kernel-{gid} -o json"), "")?)?;
+    let gpods: Value = serde_json::from_str(
+        &room.kubectl(&format!("-n lab-p1 get pods -l component=kernel,kernel_id={gid} -o json"), "")?,
+    )?;
+    assert_eq!(gpods["items"].as_array().map(Vec::len), Some(1), "{gpods}");
+    let gpod = &gpods["items"][0];
     let gsc = &gpod["spec"]["securityContext"];
     assert_eq!((gsc["runAsUser"].as_u64(), gsc["runAsGroup"].as_u64()), (Some(2001), Some(2001)), "{gsc}");
     let gres = &gpod["spec"]["containers"][0]["resources"];
@@ -169,7 +175,7 @@ fn scenario(room: &mut Room) -> Result<()> {
     let bob = room.token("bob", &bob_pw)?;
     room.server_up("bob", &bob, "p2")?;
     let pod: Value = serde_json::from_str(&room.kubectl("-n lab-p2 get pod notebook-bob -o json", "")?)?;
-    assert_eq!(pod["spec"]["securityContext"]["runAsUser"], 2002, "{pod}");
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["runAsUser"], 2002, "{pod}");
     let made = room.in_server("p2", "bob", "lab-env create bobs", "")?;
     assert!(made.contains("bobs is ready"), "{made}");
     let listed = room.in_server("p2", "bob", "ls -A /home/jovyan; id -u", "")?;
