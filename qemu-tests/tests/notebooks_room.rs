@@ -151,7 +151,14 @@ fn scenario(room: &mut Room) -> Result<()> {
     let gres = &gpod["spec"]["containers"][0]["resources"];
     assert_eq!((cpu(&gres["limits"]["cpu"]), mem(&gres["limits"]["memory"])), (1000, 512 << 20), "{gres}");
     assert_eq!(gpod["metadata"]["labels"]["labforge.io/user"], "alice", "{gpod}");
-    let stop = room.server_api("alice", &alice, "DELETE", &format!("/api/kernels/{gid}"), None)?;
+    // Started past her server, so stopped the same way (her server never knew it).
+    let stop = room.in_server(
+        "p1",
+        "alice",
+        &format!("python3 - call \"$JUPYTER_GATEWAY_URL\" \"$JUPYTERHUB_API_TOKEN\" DELETE /api/kernels/{gid}"),
+        &script,
+    )?;
+    let stop: Value = serde_json::from_str(stop.trim())?;
     assert_eq!(stop["status"], 204, "{stop}");
 
     // --- her server restarts: her file is in her home.
