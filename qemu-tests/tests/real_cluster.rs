@@ -211,12 +211,17 @@ fn monitoring(room: &Room) -> Result<()> {
     // One door for people: the master's port 80 lists the components, ready, with the link to
     // Prometheus at the address the browser used.
     let addr = room.pcs[0].addr.clone();
-    let portal = room.remote.http_get_at(&addr, 80, SETTLE)?;
-    for needle in
-        ["<td>storage</td><td class=\"ready\">ready</td>", "<td>monitoring</td><td class=\"ready\">ready</td>"]
-    {
-        assert!(portal.contains(needle), "portal shows {needle}: {portal}");
-    }
+    // node-exporter was just put back: monitoring is ready again once its pods are.
+    let needles =
+        ["<td>storage</td><td class=\"ready\">ready</td>", "<td>monitoring</td><td class=\"ready\">ready</td>"];
+    let portal = poll("the portal showing storage and monitoring ready", SETTLE, EVERY, || {
+        let page = room.remote.http_get_at(&addr, 80, SETTLE).map_err(|e| format!("{e:#}"))?;
+        if needles.iter().all(|n| page.contains(n)) {
+            Ok(page)
+        } else {
+            Err(page)
+        }
+    })?;
     assert!(portal.contains(&format!("<a href=\"http://{addr}:{PROMETHEUS_PORT}/\">Prometheus</a>")), "{portal}");
     for o in [
         "configmap/grafana-provisioning",
