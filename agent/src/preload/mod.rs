@@ -565,19 +565,18 @@ mod tests {
         assert!(parse_image_check("REF TYPE DIGEST STATUS SIZE UNPACKED\n").is_empty());
     }
 
+    /// An image of no layout in particular: `r/app:1`.
+    fn app_entry() -> Entry {
+        Entry { name: "r/app:1".into(), digest: "sha256:01".into(), media_type: "m".into(), size: 1, cluster: false }
+    }
+
     #[test]
     fn an_import_stays_pending_until_flushed() {
         let d = tempfile::tempdir().unwrap();
         let pending = d.path().join(PENDING_FILE);
         let durable = Durability { pending: &pending, containerd_root: d.path() };
         assert_eq!(durable.interrupted(), None, "nothing pending on a fresh node");
-        let e = Entry {
-            name: "r/app:1".into(),
-            digest: "sha256:01".into(),
-            media_type: "m".into(),
-            size: 1,
-            cluster: false,
-        };
+        let e = app_entry();
         durable.start(&e).unwrap();
         // A power cut here: the next boot finds the import it must not trust.
         assert_eq!(durable.interrupted(), Some(Pending { name: "r/app:1".into(), digest: "sha256:01".into() }));
@@ -592,13 +591,7 @@ mod tests {
     fn an_unreachable_containerd_is_reported_and_retried_not_skipped() {
         let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
         assert!(!c.ready());
-        let e = Entry {
-            name: "r/app:1".into(),
-            digest: "sha256:01".into(),
-            media_type: "m".into(),
-            size: 1,
-            cluster: false,
-        };
+        let e = app_entry();
         let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), None, &mut |_| {});
         assert_eq!(s.state, PreloadState::Retrying);
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
