@@ -26,7 +26,8 @@
 #                           the stack ready with the agent, against kubectl apply --server-side
 #                           and rollout status by hand on the other PC; after the power cut, the
 #                           stack ready again and the agent's no-op round (nothing applied)
-#                           against kubectl re-applying every object
+#                           against kubectl re-applying every object; power-on to the stack
+#                           ready both ways (stack_*_power_on_s) and their ratio
 #   nb_*                    one PC of qemu-tests/images/notebooks.toml (real Kubernetes, the stack
 #                           storage + projects + notebooks): a student's login to her server
 #                           ready on a warm node, and a kernel's start to its first result,
