@@ -256,7 +256,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::ImportImages { layout, address, namespace, from } => {
             let entries = crate::preload::read_layout(&layout)?;
-            let containerd = crate::preload::Containerd { address, namespace };
+            let containerd = crate::preload::Containerd::new(address, namespace);
             let source = match from {
                 Some(url) => crate::preload::Source {
                     layout: layout.clone(),

@@ -245,21 +245,39 @@ pub fn parse_image_check(out: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// How long `ctr images import` may go without taking a byte of the archive before it is
+/// taken as hung (containerd stuck, a disk that stopped answering) and stopped: the image is
+/// then a failure of this round, tried again in the next, and kubeadm and the stack are never
+/// held back for good by one import. Under emulation a healthy import takes several MB/s.
+pub const IMPORT_STALL: Duration = Duration::from_secs(10 * 60);
+/// How long `ctr` may take after the whole archive is in (unpacking its layers) before it is
+/// stopped the same way: a 700 MiB image unpacks in a few minutes on an emulated CPU.
+pub const IMPORT_UNPACK: Duration = Duration::from_secs(30 * 60);
+
 /// Talks to containerd through its `ctr` client.
 pub struct Containerd {
     pub address: PathBuf,
     pub namespace: String,
+    /// The client program (`ctr`, found on PATH).
+    pub ctr: PathBuf,
+    /// See [`IMPORT_STALL`] and [`IMPORT_UNPACK`].
+    pub stall: Duration,
+    pub unpack: Duration,
 }
 
 impl Default for Containerd {
     fn default() -> Self {
-        Containerd { address: PathBuf::from(CONTAINERD_SOCKET), namespace: NAMESPACE.to_string() }
+        Containerd::new(PathBuf::from(CONTAINERD_SOCKET), NAMESPACE.to_string())
     }
 }
 
 impl Containerd {
+    pub fn new(address: PathBuf, namespace: String) -> Self {
+        Containerd { address, namespace, ctr: PathBuf::from("ctr"), stall: IMPORT_STALL, unpack: IMPORT_UNPACK }
+    }
+
     fn ctr(&self) -> Cmd {
-        Cmd::new("ctr").arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace)
+        Cmd::new(self.ctr.to_string_lossy()).arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace)
     }
 
     pub fn ready(&self) -> bool {
@@ -280,25 +298,158 @@ impl Containerd {
 
     /// Streams `entry` (and only it) as an OCI archive into `ctr images import`; returns how
     /// many of its blobs came from the source's server.
+    ///
+    /// A watchdog stops `ctr` when it takes no byte for [`Containerd::stall`], or is still
+    /// unpacking [`Containerd::unpack`] after the archive is in; the error says which.
     pub fn import(&self, source: &Source, entry: &Entry) -> Result<u64> {
         let mut child = self
             .ctr()
             .args(["images", "import", "-"])
             .streaming()
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("running ctr images import")?;
         let stdin = child.stdin.take().expect("piped");
-        let written = write_archive(source, entry, stdin);
-        let out = child.wait_with_output()?;
+        let mut stderr = child.stderr.take().expect("piped");
+        // Its stderr is drained as it comes (a full pipe would stall ctr); the tail is kept.
+        let errors = std::thread::spawn(move || {
+            let mut tail = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 16 * 1024 {
+                    tail.drain(..tail.len() - 16 * 1024);
+                }
+            }
+            String::from_utf8_lossy(&tail).trim().to_string()
+        });
+        let watch = Watchdog::start(child, self.stall, self.unpack);
+        let written = write_archive(source, entry, Counted { inner: stdin, watch: &watch });
+        let (status, stopped) = watch.finish();
+        let stderr = errors.join().unwrap_or_default();
+        if let Some(why) = stopped {
+            bail!("ctr images import {why}: stopped it (tried again in the next round)");
+        }
         // A blob that failed its digest is the cause even when ctr saw the stream cut short.
         let fetched = written?;
-        if !out.status.success() {
-            bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr).trim());
+        if !status?.success() {
+            bail!("ctr images import: {stderr}");
         }
         Ok(fetched)
+    }
+}
+
+/// The import's `ctr`, watched from a thread of its own: progress is the bytes it took.
+struct Watchdog {
+    child: std::sync::Arc<std::sync::Mutex<std::process::Child>>,
+    shared: std::sync::Arc<(std::sync::Mutex<Watch>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// Bytes ctr took so far.
+    taken: u64,
+    /// When the whole archive was in.
+    written: Option<std::time::Instant>,
+    /// The import ended (or was stopped): the thread leaves.
+    done: bool,
+    /// Why the watchdog stopped ctr.
+    stopped: Option<String>,
+}
+
+impl Watchdog {
+    fn start(child: std::process::Child, stall: Duration, unpack: Duration) -> Self {
+        use std::sync::{Arc, Condvar, Mutex};
+        use std::time::Instant;
+        let child = Arc::new(Mutex::new(child));
+        let shared = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+        let (c, sh) = (child.clone(), shared.clone());
+        let thread = std::thread::spawn(move || {
+            let (lock, cvar) = &*sh;
+            let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut seen, mut since) = (w.taken, Instant::now());
+            loop {
+                if w.done {
+                    return;
+                }
+                let why = match w.written {
+                    Some(at) if at.elapsed() >= unpack => {
+                        Some(format!("was still unpacking {} s after the whole image was in", unpack.as_secs()))
+                    }
+                    None if since.elapsed() >= stall => {
+                        Some(format!("took no byte for {} s (after {} bytes)", stall.as_secs(), w.taken))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    // std never signals a child it has already reaped, so this cannot reach a
+                    // process that took over a recycled pid.
+                    let _ = c.lock().unwrap_or_else(|e| e.into_inner()).kill();
+                    w.stopped = Some(why);
+                    return;
+                }
+                let wait = (stall / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
+                w = cvar.wait_timeout(w, wait).unwrap_or_else(|e| e.into_inner()).0;
+                if w.taken != seen {
+                    (seen, since) = (w.taken, Instant::now());
+                }
+            }
+        });
+        Watchdog { child, shared, thread: Some(thread) }
+    }
+
+    fn took(&self, n: usize) {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).taken += n as u64;
+    }
+
+    /// Waits for ctr to exit (the archive's writer is gone, so its stdin is closed); its exit
+    /// status, and why the watchdog stopped it if it did.
+    fn finish(mut self) -> (std::io::Result<std::process::ExitStatus>, Option<String>) {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner()).written = Some(std::time::Instant::now());
+        self.shared.1.notify_all();
+        let status = loop {
+            // Polled, so the watchdog can take the child to stop it meanwhile.
+            match self.child.lock().unwrap_or_else(|e| e.into_inner()).try_wait() {
+                Ok(Some(s)) => break Ok(s),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let stopped = {
+            let mut w = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            w.done = true;
+            w.stopped.take()
+        };
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (status, stopped)
+    }
+}
+
+/// The archive's way into ctr's stdin, counting what it takes for the watchdog.
+struct Counted<'a, W: Write> {
+    inner: W,
+    watch: &'a Watchdog,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.watch.took(n);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -589,7 +740,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_containerd_is_reported_and_retried_not_skipped() {
-        let c = Containerd { address: PathBuf::from("/nonexistent/containerd.sock"), namespace: NAMESPACE.into() };
+        let c = Containerd::new(PathBuf::from("/nonexistent/containerd.sock"), NAMESPACE.into());
         assert!(!c.ready());
         let e = app_entry();
         let s = round(&c, &Source::local(Path::new("/nonexistent")), &[e], PreloadStatus::default(), None, &mut |_| {});
@@ -597,6 +748,57 @@ mod tests {
         assert_eq!((s.total, s.imported, s.present, s.rounds), (1, 0, 0, 1));
         assert_eq!(s.failed.len(), 1, "{s:?}");
         assert!(s.failed[0].error.contains("ctr"), "{s:?}");
+    }
+
+    /// A `ctr` stand-in: a script that does `body` (with the image's archive on its stdin).
+    fn fake_ctr(dir: &Path, body: &str) -> Containerd {
+        use std::os::unix::fs::PermissionsExt;
+        let ctr = dir.join("ctr");
+        fs::write(&ctr, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&ctr, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = Containerd::new(dir.join("containerd.sock"), NAMESPACE.into());
+        c.ctr = ctr;
+        (c.stall, c.unpack) = (Duration::from_millis(500), Duration::from_millis(500));
+        c
+    }
+
+    #[test]
+    fn a_hung_import_is_stopped_not_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let (e, _) = layout_with_one_image(d.path());
+        let source = Source::local(d.path());
+        // Takes nothing: the archive (over 1 MiB) fills the pipe and the writer waits.
+        let c = fake_ctr(d.path(), "exec sleep 60");
+        let t = std::time::Instant::now();
+        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        assert!(err.contains("took no byte for 0 s"), "{err}");
+        assert!(err.contains("tried again in the next round"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(20), "stopped, not waited for: {:?}", t.elapsed());
+        // Takes everything, then never finishes unpacking.
+        let c = fake_ctr(d.path(), "cat >/dev/null; exec sleep 60");
+        let t = std::time::Instant::now();
+        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        assert!(err.contains("still unpacking"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn an_import_that_keeps_going_is_not_stopped_and_its_failure_is_ctrs() {
+        let d = tempfile::tempdir().unwrap();
+        let (e, _) = layout_with_one_image(d.path());
+        let source = Source::local(d.path());
+        // Slow but moving: a chunk every 0.3 s for about 3 s, each pause under the stall limit,
+        // all of them together well over it.
+        let mut c = fake_ctr(
+            d.path(),
+            "i=0; while [ $i -lt 10 ]; do head -c 131072 >/dev/null; sleep 0.3; i=$((i+1)); done; cat >/dev/null",
+        );
+        (c.stall, c.unpack) = (Duration::from_millis(1500), Duration::from_secs(60));
+        assert_eq!(c.import(&source, &e).unwrap(), 0, "a slow import that moves finishes");
+        // ctr's own failure is reported with its words.
+        let c = fake_ctr(d.path(), "cat >/dev/null; echo 'ctr: content digest mismatch' >&2; exit 1");
+        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        assert!(err.contains("ctr images import: ctr: content digest mismatch"), "{err}");
     }
 
     #[test]

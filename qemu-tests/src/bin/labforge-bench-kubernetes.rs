@@ -84,7 +84,9 @@ fn run() -> Result<()> {
     agent.wait_api("the stack ready", UP, stack_ready)?;
     let stack_agent_s = t0.elapsed().as_secs_f64();
     let stack_agent_on_s = agent_on.elapsed().as_secs_f64();
-    eprintln!("bench: agent: node Ready to stack ready in {stack_agent_s:.0} s ({stack_agent_on_s:.0} s after power-on)");
+    eprintln!(
+        "bench: agent: node Ready to stack ready in {stack_agent_s:.0} s ({stack_agent_on_s:.0} s after power-on)"
+    );
     node.power_cut()?;
     let t0 = Instant::now();
     let mut node = Vm::restart(&cfg, &dir)?;
