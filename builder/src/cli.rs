@@ -365,13 +365,20 @@ pub fn run(cli: Cli) -> Result<()> {
             } else if list.is_empty() {
                 eprintln!("{} carries no preloaded images", image.display());
             } else {
-                println!("{:<56} {:<19} {:>10}", "REF", "DIGEST", "SIZE");
+                println!("{:<56} {:<19} {:>10}  ORDER", "REF", "DIGEST", "SIZE");
                 for i in &list {
-                    println!(
-                        "{:<56} {:<19} {:>10}",
+                    let line = format!(
+                        "{:<56} {:<19} {:>10}  {}",
                         i.name,
                         &i.digest[..19.min(i.digest.len())],
-                        bytesize::ByteSize(i.size_bytes).to_string()
+                        bytesize::ByteSize(i.size_bytes).to_string(),
+                        if i.cluster { "first" } else { "" }
+                    );
+                    println!("{}", line.trim_end());
+                }
+                if list.iter().any(|i| i.cluster) {
+                    eprintln!(
+                        "first: containerd's sandbox image and the images kubeadm listed, imported before the rest; kubeadm starts once they are in"
                     );
                 }
             }

@@ -58,6 +58,9 @@ pub struct ImageEntry {
     pub digest: String,
     /// Manifest, config and layers.
     pub size_bytes: u64,
+    /// Marked for the cluster (containerd's sandbox image or one kubeadm listed): the agent
+    /// imports these first and starts kubeadm once they are in.
+    pub cluster: bool,
 }
 
 /// Reads the preload layout out of a raw image's root filesystem (debugfs at the partition's
@@ -111,6 +114,7 @@ pub fn preloaded_images(image: &Path) -> Result<Vec<ImageEntry>> {
             reference: ann["dev.labforge.preload.ref"].as_str().map(str::to_string),
             digest,
             size_bytes: size,
+            cluster: ann[labforge_core::layout::PRELOAD_CLUSTER_ANNOTATION].as_str() == Some("true"),
         });
     }
     Ok(list)

@@ -33,6 +33,7 @@ fn preloaded_images_run_offline() -> Result<()> {
     for i in listed.as_array().unwrap() {
         assert!(lock.contains(i["digest"].as_str().unwrap()), "{i} pinned in the lock file:\n{lock}");
         assert!(i["size_bytes"].as_u64().unwrap() > 100_000, "{i}: a static binary inside");
+        assert_eq!(i["cluster"], false, "{i}: an image without Kubernetes marks nothing for kubeadm");
     }
 
     let dir = vm::scenario_dir("preload_offline")?;

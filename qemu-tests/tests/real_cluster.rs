@@ -506,10 +506,34 @@ fn web_pods(room: &Room, m: usize) -> Result<Vec<(String, String, String)>> {
         .collect())
 }
 
+/// `labforge images ls` of the built image: the sandbox image and every image kubeadm listed
+/// come first, marked for the cluster; the stack's and the workload's follow, unmarked.
+fn preload_order(img: &std::path::Path) -> Result<()> {
+    let out = std::process::Command::new(qemu_tests::workspace_root().join("target/release/labforge"))
+        .args(["images", "ls", "--json"])
+        .arg(img)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "labforge images ls: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let marked: Vec<&str> =
+        listed.iter().take_while(|i| i["cluster"] == true).map(|i| i["name"].as_str().unwrap_or("?")).collect();
+    assert!(listed[marked.len()..].iter().all(|i| i["cluster"] == false), "the marked images come first: {listed:?}");
+    assert!(marked.len() < listed.len(), "the stack's images are not kubeadm's: {listed:?}");
+    let repo = kubernetes::IMAGE_REPOSITORY;
+    let pause = format!("{repo}/pause:{}", kubernetes::PAUSE_TAG);
+    assert!(marked.contains(&pause.as_str()), "the sandbox image {pause} in {marked:?}");
+    for name in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "etcd", "coredns"] {
+        assert!(marked.iter().any(|m| m.starts_with(&format!("{repo}/{name}:"))), "{name} in {marked:?}");
+    }
+    eprintln!("real room: {} of {} preloaded images marked for kubeadm, first", marked.len(), listed.len());
+    Ok(())
+}
+
 #[test]
 #[ignore = "about 45 minutes of TCG on two cores: `make test-kubernetes` runs it (see README, Tests)"]
 fn real_room() -> Result<()> {
     let built = kubernetes::test_image()?;
+    preload_order(&built.image.out.join(format!("{}.img", built.image.name)))?;
     let mut room = Room::new(&built)?;
     let result = scenario(&mut room);
     if result.is_err() {
