@@ -530,7 +530,7 @@ fn preload_order(img: &std::path::Path) -> Result<()> {
 }
 
 #[test]
-#[ignore = "about 45 minutes of TCG on two cores: `make test-kubernetes` runs it (see README, Tests)"]
+#[ignore = "about 25 minutes of TCG on two cores: `make test-kubernetes` runs it (see README, CI time)"]
 fn real_room() -> Result<()> {
     let built = kubernetes::test_image()?;
     preload_order(&built.image.out.join(format!("{}.img", built.image.name)))?;
