@@ -527,6 +527,7 @@ fn hub_serves_the_roster_in_its_projects(cp: &ControlPlane, c: &ResolvedComponen
     )?;
     let log = hub_log();
     assert!(!log.contains("persistentvolumeclaims"), "the hub touches no claim:\n{log}");
+    assert!(!log.contains("unhandled user_options"), "the hub knows the project choice was checked:\n{log}");
     // Her server talks to the gateway as her: its URL, her project, and her server's own hub
     // token (the kubelet expands $(JUPYTERHUB_API_TOKEN), which must come before it).
     let env: Vec<(String, String)> = pod["spec"]["containers"][0]["env"]
