@@ -25,6 +25,9 @@ impl Cluster {
         let uid = self.state.allegiance.uid().context("a committed master has a cluster uid")?.to_string();
         self.hosts_entry(&lan.address.to_string())?;
         let kubernetes = self.cfg.kubernetes.enabled;
+        if kubernetes {
+            self.refresh_resolv(&lan.address.to_string());
+        }
         match plan::lead(&self.state, kubernetes, now_secs()) {
             Lead::Init { token } => {
                 if self.kubeadm_waits() || (kubernetes && self.images_pending(Phase::Initialising)) {
@@ -123,6 +126,7 @@ impl Cluster {
             crate::sys::fs::write_durable(&patches.join(name), text.as_bytes())?;
         }
         let patches_dir = patches.display().to_string();
+        let resolv = self.kubelet_resolv();
         let text = kubeadm::init_config(&kubeadm::InitParams {
             cluster: &self.cfg.cluster,
             kubernetes_version: &self.cfg.kubernetes.version,
@@ -132,6 +136,7 @@ impl Cluster {
             token,
             schedule_on_master: self.cfg.kubernetes.schedule_on_master,
             patches_dir: Some(&patches_dir),
+            resolv_conf: Some(&resolv),
         });
         self.reset_if_interrupted("init").await?;
         let config = self.kubeadm_file("init.yaml", &text)?;
@@ -172,6 +177,26 @@ impl Cluster {
         }
     }
 
+    /// Where this node keeps the kubelet's resolv.conf (the same path on every node).
+    fn kubelet_resolv(&self) -> String {
+        PathBuf::from(&self.cfg.state_dir).join(super::resolv::FILE).display().to_string()
+    }
+
+    /// Brings the kubelet's resolv.conf up to date with the node's resolvers (every round: a
+    /// LAN's DHCP may name a DNS server later); `own` is this node's LAN address.
+    fn refresh_resolv(&self, own: &str) {
+        if own.is_empty() {
+            return;
+        }
+        let path = PathBuf::from(self.kubelet_resolv());
+        let upstream = Path::new(crate::network::uplink::UPSTREAM_RESOLV);
+        match super::resolv::refresh(&path, upstream, own) {
+            Ok(true) => info!(file = %path.display(), "the kubelet's resolv.conf follows the node's DNS servers"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+
     /// True (and the wait reported) while a failed kubeadm step's pause runs.
     pub(super) fn kubeadm_waits(&mut self) -> bool {
         match self.backoff.wait(Instant::now()).map(|(_, m)| m.to_string()) {
@@ -200,6 +225,7 @@ impl Cluster {
                 token: &token,
                 schedule_on_master: self.cfg.kubernetes.schedule_on_master,
                 patches_dir: None,
+                resolv_conf: None,
             }),
         )?;
         let ran = self.run_kubeadm(kubeadm::token_create_argv(&config), &token).await;
@@ -224,6 +250,10 @@ impl Cluster {
             if let Some(info) = self.state.join_info.clone() {
                 self.hosts_entry(&info.master_address)?;
                 self.set_join_info(&info);
+            }
+            if kubernetes {
+                let own = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
+                self.refresh_resolv(&own);
             }
             self.settle(false);
             return Ok(());
@@ -253,6 +283,8 @@ impl Cluster {
         if kubernetes {
             self.reset_if_interrupted("join").await?;
             let node_ip = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
+            // The cluster's kubelet configuration names this file: it exists before the kubelet.
+            self.refresh_resolv(&node_ip);
             let config = self.kubeadm_file(
                 "join.yaml",
                 &kubeadm::join_config(&kubeadm::JoinParams {

@@ -46,6 +46,9 @@ pub struct InitParams<'a> {
     pub schedule_on_master: bool,
     /// kubeadm's `patches.directory`: where [`probe_patches`] were written.
     pub patches_dir: Option<&'a str>,
+    /// The kubelet's `resolvConf` on every node (see [`super::resolv`]); kubeadm's choice
+    /// (systemd-resolved's file) when `None`.
+    pub resolv_conf: Option<&'a str>,
 }
 
 /// Patches (kubeadm's `<target>+strategic.json` files) that give the control plane's static
@@ -142,11 +145,14 @@ pub fn init_config(p: &InitParams) -> String {
     if !p.image_repository.is_empty() {
         cluster["imageRepository"] = Value::from(p.image_repository);
     }
-    let kubelet = json!({
+    let mut kubelet = json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "cgroupDriver": "systemd",
     });
+    if let Some(r) = p.resolv_conf {
+        kubelet["resolvConf"] = Value::from(r);
+    }
     [init, cluster, kubelet]
         .iter()
         .map(|d| serde_json::to_string_pretty(d).expect("json"))
@@ -327,6 +333,7 @@ mod tests {
             token: "abcdef.0123456789abcdef",
             schedule_on_master: true,
             patches_dir: Some("/var/lib/labforge/kubeadm/patches"),
+            resolv_conf: Some("/var/lib/labforge/kubelet-resolv.conf"),
         });
         let d = docs(&text);
         assert_eq!(d.len(), 3);
@@ -359,6 +366,7 @@ mod tests {
         assert_eq!(cc["scheduler"]["extraArgs"][0]["name"], "leader-elect-lease-duration");
         assert_eq!(d[2]["kind"], "KubeletConfiguration");
         assert_eq!(d[2]["cgroupDriver"], "systemd");
+        assert_eq!(d[2]["resolvConf"], "/var/lib/labforge/kubelet-resolv.conf");
         let mirrored = init_config(&InitParams {
             cluster: &cluster,
             kubernetes_version: "v1.36.5",
@@ -368,10 +376,12 @@ mod tests {
             token: "abcdef.0123456789abcdef",
             schedule_on_master: false,
             patches_dir: None,
+            resolv_conf: None,
         });
         assert_eq!(docs(&mirrored)[1]["imageRepository"], "registry.lab:5000/k8s");
         assert!(docs(&mirrored)[0]["nodeRegistration"].get("taints").is_none(), "kubeadm's default taint");
         assert!(docs(&mirrored)[0].get("patches").is_none());
+        assert!(docs(&mirrored)[2].get("resolvConf").is_none(), "kubeadm's choice");
     }
 
     #[test]

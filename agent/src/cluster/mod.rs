@@ -16,6 +16,7 @@ pub mod lan;
 mod own_lan;
 pub mod plan;
 pub mod podnet;
+pub mod resolv;
 pub mod state;
 
 use std::net::SocketAddr;

@@ -129,8 +129,9 @@ fn run() -> Result<()> {
         node_ip: &node.addr,
         token: &kubeadm::new_token(),
         schedule_on_master: true,
-        // What an administrator types: kubeadm's own probes.
+        // What an administrator types: kubeadm's own probes and resolv.conf.
         patches_dir: None,
+        resolv_conf: None,
     });
     node.run(
         &format!("echo '{} {}' | sudo tee -a /etc/hosts >/dev/null", node.addr, kubeadm::endpoint_host(&cluster)),
