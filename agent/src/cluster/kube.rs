@@ -26,7 +26,7 @@ impl Cluster {
         self.hosts_entry(&lan.address.to_string())?;
         let kubernetes = self.cfg.kubernetes.enabled;
         if kubernetes {
-            self.refresh_resolv(&lan.address.to_string());
+            self.refresh_resolv(&lan.address.to_string())?;
         }
         match plan::lead(&self.state, kubernetes, now_secs()) {
             Lead::Init { token } => {
@@ -183,18 +183,17 @@ impl Cluster {
     }
 
     /// Brings the kubelet's resolv.conf up to date with the node's resolvers (every round: a
-    /// LAN's DHCP may name a DNS server later); `own` is this node's LAN address.
-    fn refresh_resolv(&self, own: &str) {
-        if own.is_empty() {
-            return;
-        }
+    /// LAN's DHCP may name a DNS server later); `own` is this node's LAN address. An error
+    /// stops the round before kubeadm runs: a kubelet told to use a file it cannot open
+    /// starts no pod at all.
+    fn refresh_resolv(&self, own: &str) -> Result<()> {
+        anyhow::ensure!(!own.is_empty(), "no LAN address yet for the kubelet's resolv.conf");
         let path = PathBuf::from(self.kubelet_resolv());
         let upstream = Path::new(crate::network::uplink::UPSTREAM_RESOLV);
-        match super::resolv::refresh(&path, upstream, own) {
-            Ok(true) => info!(file = %path.display(), "the kubelet's resolv.conf follows the node's DNS servers"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!("{e:#}"),
+        if super::resolv::refresh(&path, upstream, own)? {
+            info!(file = %path.display(), "the kubelet's resolv.conf follows the node's DNS servers (pods started before keep the servers they had)");
         }
+        Ok(())
     }
 
     /// True (and the wait reported) while a failed kubeadm step's pause runs.
@@ -253,7 +252,7 @@ impl Cluster {
             }
             if kubernetes {
                 let own = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
-                self.refresh_resolv(&own);
+                self.refresh_resolv(&own)?;
             }
             self.settle(false);
             return Ok(());
@@ -284,7 +283,7 @@ impl Cluster {
             self.reset_if_interrupted("join").await?;
             let node_ip = self.lan.as_ref().map(|l| l.address.to_string()).unwrap_or_default();
             // The cluster's kubelet configuration names this file: it exists before the kubelet.
-            self.refresh_resolv(&node_ip);
+            self.refresh_resolv(&node_ip)?;
             let config = self.kubeadm_file(
                 "join.yaml",
                 &kubeadm::join_config(&kubeadm::JoinParams {

@@ -335,13 +335,24 @@ impl Containerd {
         if let Some(why) = stopped {
             bail!("ctr images import {why}: stopped it (tried again in the next round)");
         }
-        // A blob that failed its digest is the cause even when ctr saw the stream cut short.
-        let fetched = written?;
-        if !status?.success() {
+        let failed = !status?.success();
+        let fetched = match written {
+            Ok(n) => n,
+            // ctr gave up first (its stderr says why), and the archive's writer found the pipe
+            // closed: ctr's words are the cause.
+            Err(e) if failed && broken_pipe(&e) => bail!("ctr images import: {stderr}"),
+            // A blob that failed its digest is the cause even when ctr saw the stream cut short.
+            Err(e) => return Err(e),
+        };
+        if failed {
             bail!("ctr images import: {stderr}");
         }
         Ok(fetched)
     }
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// The import's `ctr`, watched from a thread of its own: progress is the bytes it took.
@@ -388,10 +399,14 @@ impl Watchdog {
                     _ => None,
                 };
                 if let Some(why) = why {
-                    // std never signals a child it has already reaped, so this cannot reach a
-                    // process that took over a recycled pid.
-                    let _ = c.lock().unwrap_or_else(|e| e.into_inner()).kill();
-                    w.stopped = Some(why);
+                    // Only a ctr still running is stopped: one that finished just now (its
+                    // exit not yet seen by `finish`) did its work. std never signals a child
+                    // it has reaped, so this cannot reach a process with a recycled pid.
+                    let mut child = c.lock().unwrap_or_else(|e| e.into_inner());
+                    if matches!(child.try_wait(), Ok(None)) {
+                        let _ = child.kill();
+                        w.stopped = Some(why);
+                    }
                     return;
                 }
                 let wait = (stall / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
@@ -758,8 +773,23 @@ mod tests {
         fs::set_permissions(&ctr, fs::Permissions::from_mode(0o755)).unwrap();
         let mut c = Containerd::new(dir.join("containerd.sock"), NAMESPACE.into());
         c.ctr = ctr;
-        (c.stall, c.unpack) = (Duration::from_millis(500), Duration::from_millis(500));
+        // Generous: each test sets the limit it means to hit.
+        (c.stall, c.unpack) = (Duration::from_secs(60), Duration::from_secs(60));
         c
+    }
+
+    /// `c.import`, tried again if the script just written was still open for writing in a
+    /// process another test forked meanwhile ("Text file busy", rust-lang/rust#114554).
+    fn import(c: &Containerd, source: &Source, e: &Entry) -> Result<u64> {
+        for _ in 0..20 {
+            match c.import(source, e) {
+                Err(err) if format!("{err:#}").contains("Text file busy") => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                done => return done,
+            }
+        }
+        c.import(source, e)
     }
 
     #[test]
@@ -768,16 +798,18 @@ mod tests {
         let (e, _) = layout_with_one_image(d.path());
         let source = Source::local(d.path());
         // Takes nothing: the archive (over 1 MiB) fills the pipe and the writer waits.
-        let c = fake_ctr(d.path(), "exec sleep 60");
+        let mut c = fake_ctr(d.path(), "exec sleep 60");
+        c.stall = Duration::from_millis(500);
         let t = std::time::Instant::now();
-        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        let err = format!("{:#}", import(&c, &source, &e).unwrap_err());
         assert!(err.contains("took no byte for 0 s"), "{err}");
         assert!(err.contains("tried again in the next round"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(20), "stopped, not waited for: {:?}", t.elapsed());
         // Takes everything, then never finishes unpacking.
-        let c = fake_ctr(d.path(), "cat >/dev/null; exec sleep 60");
+        let mut c = fake_ctr(d.path(), "cat >/dev/null; exec sleep 60");
+        c.unpack = Duration::from_millis(500);
         let t = std::time::Instant::now();
-        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        let err = format!("{:#}", import(&c, &source, &e).unwrap_err());
         assert!(err.contains("still unpacking"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     }
@@ -793,12 +825,16 @@ mod tests {
             d.path(),
             "i=0; while [ $i -lt 10 ]; do head -c 131072 >/dev/null; sleep 0.3; i=$((i+1)); done; cat >/dev/null",
         );
-        (c.stall, c.unpack) = (Duration::from_millis(1500), Duration::from_secs(60));
-        assert_eq!(c.import(&source, &e).unwrap(), 0, "a slow import that moves finishes");
+        c.stall = Duration::from_millis(1500);
+        assert_eq!(import(&c, &source, &e).unwrap(), 0, "a slow import that moves finishes");
         // ctr's own failure is reported with its words.
         let c = fake_ctr(d.path(), "cat >/dev/null; echo 'ctr: content digest mismatch' >&2; exit 1");
-        let err = format!("{:#}", c.import(&source, &e).unwrap_err());
+        let err = format!("{:#}", import(&c, &source, &e).unwrap_err());
         assert!(err.contains("ctr images import: ctr: content digest mismatch"), "{err}");
+        // ctr giving up before the archive is in: its words, not the writer's broken pipe.
+        let c = fake_ctr(d.path(), "echo 'ctr: unexpected EOF reading the index' >&2; exit 1");
+        let err = format!("{:#}", import(&c, &source, &e).unwrap_err());
+        assert!(err.contains("ctr images import: ctr: unexpected EOF reading the index"), "{err}");
     }
 
     #[test]
