@@ -456,6 +456,25 @@ impl Room {
         }
     }
 
+    /// A guest kernel oops on the console of this boot of any PC, named for the failure's
+    /// message: a task that oopses while holding a lock (a udev worker creating a `/dev`
+    /// link, seen once under TCG) leaves everything that reads that directory hung without
+    /// a panic, so the scenario only times out later, on something that looks unrelated.
+    fn guest_oops(&self) -> Option<String> {
+        self.pcs.iter().enumerate().find_map(|(i, pc)| {
+            let vm = pc.vm.as_ref()?;
+            // The log file: it has every line, drained by a wait or not.
+            let text = std::fs::read_to_string(&vm.log).ok()?;
+            let console: Vec<&str> = text.lines().collect();
+            let at = console.iter().position(|l| l.contains("Oops:") || l.contains("BUG: kernel"))?;
+            let lines = console[at.saturating_sub(1)..(at + 8).min(console.len())].join("\n");
+            Some(format!(
+                "node{i}'s guest kernel oopsed during this boot (an emulator or guest kernel fault, and the likely cause of what follows):\n{lines}\n(full log: {})",
+                vm.log.display()
+            ))
+        })
+    }
+
     /// Every console so far: no oops, no failed unit.
     fn check_health(&mut self) -> Result<()> {
         for pc in &mut self.pcs {
@@ -541,7 +560,10 @@ fn real_room() -> Result<()> {
     if result.is_err() {
         room.keep_journals("failed");
     }
-    result
+    result.map_err(|e| match room.guest_oops() {
+        Some(oops) => e.context(oops),
+        None => e,
+    })
 }
 
 fn scenario(room: &mut Room) -> Result<()> {
